@@ -1,0 +1,230 @@
+"""Typed configuration of the local stack.
+
+One YAML file describes a run; each section maps onto one dataclass here, and every
+CLI flag maps onto a field. Unknown keys are an error, never silently ignored.
+
+Resolution order for a field: dataclass default < YAML file < ``RECLOOP_*`` env var
+(for the few fields that have one) < explicit override (CLI flag).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class KafkaConfig:
+    """Kafka: either the broker recloop provisions, or one you already run.
+
+    Set ``bootstrap_servers`` to use your own Kafka; recloop then provisions nothing and
+    only creates the declared topics there.
+    """
+
+    bootstrap_servers: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 9092
+    controller_port: int = 9093
+    heap_mb: int = 512
+    java: str = "java"
+    mvn: str = "mvn"
+    start_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 64 <= self.heap_mb <= 512:
+            raise ConfigError(f"kafka.heap_mb must be within 64..512, got {self.heap_mb}")
+        if self.port == self.controller_port:
+            raise ConfigError("kafka.port and kafka.controller_port must differ")
+
+    @property
+    def provisioned(self) -> bool:
+        """True when recloop runs the broker itself."""
+        return self.bootstrap_servers is None
+
+    @property
+    def bootstrap(self) -> str:
+        return self.bootstrap_servers or f"{self.host}:{self.port}"
+
+
+@dataclass
+class RayConfig:
+    """Ray: a local head started by ``recloop up``, or an existing cluster's address."""
+
+    address: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 6380
+    dashboard_port: int = 8265
+    num_cpus: int | None = None
+    object_store_mb: int = 512
+    serve_port: int = 8000
+    start_timeout_s: float = 90.0
+
+    @property
+    def provisioned(self) -> bool:
+        return self.address is None
+
+    @property
+    def gcs_address(self) -> str:
+        return self.address or f"{self.host}:{self.port}"
+
+
+@dataclass
+class FeastConfig:
+    """Feast: ``sqlite`` (embedded default) or ``redis`` online store."""
+
+    online_store: str = "sqlite"
+    redis_connection: str = "127.0.0.1:6379"
+    repo_dir: Path = PROJECT_ROOT / "features"
+
+    def __post_init__(self) -> None:
+        if self.online_store not in ("sqlite", "redis"):
+            raise ConfigError(
+                f"feast.online_store must be 'sqlite' or 'redis', got {self.online_store!r}"
+            )
+        self.repo_dir = Path(self.repo_dir)
+
+
+@dataclass
+class DataConfig:
+    """Where the interaction data comes from.
+
+    ``movielens_dir`` is read in place (its terms forbid copying it into the repo). When
+    it is absent, or ``synthetic`` is set, recloop generates MovieLens-shaped data.
+    """
+
+    movielens_dir: Path = PROJECT_ROOT.parent / "shared" / "data" / "ml-100k"
+    synthetic: bool = False
+    synthetic_users: int = 200
+    synthetic_items: int = 300
+    synthetic_ratings: int = 6000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.movielens_dir = Path(self.movielens_dir)
+
+    @property
+    def use_synthetic(self) -> bool:
+        return self.synthetic or not (self.movielens_dir / "u.data").exists()
+
+
+@dataclass
+class StackConfig:
+    """The whole local stack. ``home`` holds all state: broker data, logs, pid files,
+    Feast registry and online store. ``cache_dir`` holds what is expensive to fetch
+    (the Maven repository and the broker's jars) and may be shared between homes."""
+
+    home: Path = PROJECT_ROOT / ".recloop"
+    cache_dir: Path | None = None
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    feast: FeastConfig = field(default_factory=FeastConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).absolute()
+        self.cache_dir = Path(self.cache_dir).absolute() if self.cache_dir else self.home / "cache"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def feast_dir(self) -> Path:
+        return self.home / "feast"
+
+
+_ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "RECLOOP_HOME": ("home",),
+    "RECLOOP_CACHE": ("cache_dir",),
+    "RECLOOP_KAFKA_BOOTSTRAP": ("kafka", "bootstrap_servers"),
+    "RECLOOP_KAFKA_PORT": ("kafka", "port"),
+    "RECLOOP_RAY_ADDRESS": ("ray", "address"),
+    "RECLOOP_SERVE_PORT": ("ray", "serve_port"),
+    "RECLOOP_FEAST_ONLINE_STORE": ("feast", "online_store"),
+    "RECLOOP_MOVIELENS_DIR": ("data", "movielens_dir"),
+}
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate a (nested) dataclass from a mapping, rejecting unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where or 'config'}: {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        sub = fields[name].default_factory  # type: ignore[misc]
+        if dataclasses.is_dataclass(sub) and isinstance(sub, type):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name} must be a mapping")
+            value = _build(sub, value, f"{where}{name}.")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad value in {where or 'config'}: {exc}") from exc
+
+
+def _coerce(value: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        return value.lower() in ("1", "true", "yes")
+    if isinstance(current, int):
+        return int(value)
+    return value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> StackConfig:
+    """Load the stack configuration.
+
+    ``path`` is a YAML file whose top level may hold a ``stack:`` section (the rest of a
+    run file belongs to other components) or the stack keys themselves. ``overrides`` use
+    dotted keys (``{"kafka.port": 19092}``).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        raw = loaded.get("stack", loaded) if "stack" in loaded else loaded
+
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    defaults = StackConfig()
+    for var, keys in _ENV_OVERRIDES.items():
+        if env.get(var):
+            current: Any = defaults
+            for k in keys:
+                current = getattr(current, k)
+            _set(merged, keys, _coerce(env[var], current))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set(merged, tuple(dotted.split(".")), value)
+    return _build(StackConfig, merged, "")
+
+
+def _set(tree: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value

@@ -1,0 +1,205 @@
+"""Event contracts of the four topics.
+
+Every event is a frozen pydantic model, encoded as UTF-8 JSON and validated on both
+sides: the producer refuses to send an invalid event, the consumer turns an invalid
+record into a dead letter with the reason. Keys are the user id, so one user's events
+stay ordered within a partition. Event time is milliseconds since the Unix epoch on the
+clock of whoever produced the event (the simulator may run a virtual clock).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+
+NonNegInt = Annotated[int, Field(ge=0)]
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+class EventError(ValueError):
+    """A record that does not satisfy its topic's contract; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Event(BaseModel):
+    """Fields every event carries."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    topic: ClassVar[str]
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: Id = Field(default_factory=new_event_id)
+    event_time_ms: NonNegInt
+    request_id: Id
+    user_id: NonNegInt
+
+    @property
+    def key(self) -> bytes:
+        return str(self.user_id).encode()
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class ServedItem(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    item_id: NonNegInt
+    position: NonNegInt
+    score: float = Field(allow_inf_nan=False)
+
+
+class Impression(Event):
+    """A session served to a user: which arm, which model version, which items."""
+
+    topic: ClassVar[str] = "recloop.impressions"
+
+    arm: Id
+    model_version: Id
+    items: Annotated[list[ServedItem], Field(min_length=1, max_length=256)]
+    context: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _positions_are_a_ranking(self) -> Impression:
+        positions = [it.position for it in self.items]
+        if sorted(positions) != list(range(len(positions))):
+            raise ValueError(f"item positions must be 0..{len(positions) - 1}, got {positions}")
+        ids = [it.item_id for it in self.items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("an item appears twice in one session")
+        return self
+
+
+class Interaction(Event):
+    """What a user did with one served item."""
+
+    topic: ClassVar[str] = "recloop.interactions"
+
+    item_id: NonNegInt
+    position: NonNegInt
+    arm: Id
+    model_version: Id
+    clicked: bool
+    watch_time_s: float = Field(ge=0.0, le=24 * 3600.0, allow_inf_nan=False)
+    liked: bool = False
+    followed: bool = False
+
+    @model_validator(mode="after")
+    def _watch_needs_click(self) -> Interaction:
+        if not self.clicked and (self.watch_time_s > 0 or self.liked or self.followed):
+            raise ValueError("watch time, like and follow require clicked=true")
+        return self
+
+
+class Preference(Event):
+    """A DPO pair mined from a mirrored request: chosen beats rejected."""
+
+    topic: ClassVar[str] = "recloop.preferences"
+
+    model_version: Id
+    history: Annotated[list[NonNegInt], Field(max_length=4096)]
+    chosen: Annotated[list[NonNegInt], Field(min_length=1, max_length=256)]
+    rejected: Annotated[list[NonNegInt], Field(min_length=1, max_length=256)]
+    chosen_reward: float = Field(allow_inf_nan=False)
+    rejected_reward: float = Field(allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Preference:
+        if self.chosen_reward < self.rejected_reward:
+            raise ValueError("chosen_reward must be >= rejected_reward")
+        return self
+
+
+class DeadLetter(BaseModel):
+    """A record that could not be processed, kept whole (raw bytes, base64) with why."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    topic: ClassVar[str] = "recloop.dlq"
+
+    event_id: Id = Field(default_factory=new_event_id)
+    event_time_ms: NonNegInt
+    reason: Annotated[str, Field(min_length=1)]
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key_b64: str | None = None
+    value_b64: str
+
+    @field_validator("value_b64", "key_b64")
+    @classmethod
+    def _is_base64(cls, v: str | None) -> str | None:
+        if v is not None:
+            base64.b64decode(v, validate=True)
+        return v
+
+    @property
+    def key(self) -> bytes:
+        return self.source_topic.encode()
+
+    @property
+    def raw_value(self) -> bytes:
+        return base64.b64decode(self.value_b64)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+EVENT_TYPES: dict[str, type[BaseModel]] = {
+    cls.topic: cls for cls in (Impression, Interaction, Preference, DeadLetter)
+}
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "(event)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def decode(model: type[BaseModel], value: bytes | None) -> Any:
+    """Parse and validate one record's value; raise EventError with the reason."""
+    if value is None:
+        raise EventError("empty record (null value)")
+    try:
+        data = json.loads(value)
+    except UnicodeDecodeError as exc:
+        raise EventError(f"not UTF-8: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise EventError(f"not JSON: {exc.msg} at char {exc.pos}") from exc
+    if not isinstance(data, dict):
+        raise EventError(f"expected a JSON object, got {type(data).__name__}")
+    try:
+        # JSON mode: strict types, but JSON's own number/string forms are accepted.
+        return model.model_validate_json(value)
+    except ValidationError as exc:
+        raise EventError(f"invalid {model.__name__}: {_describe(exc)}") from exc
+
+
+def encode(event: BaseModel) -> bytes:
+    """The JSON bytes of an event, checked against its own contract first (this also
+    catches events built with ``model_construct``, which skips validation)."""
+    data = event.model_dump_json().encode()
+    decode(type(event), data)
+    return data
