@@ -1,0 +1,135 @@
+"""Opening recloop's Feast store and applying its definitions.
+
+The Feast repo is this folder (definitions + ``feature_store.yaml``); its state (registry,
+SQLite online store, offline Parquet files) lives under the stack's home. ``apply`` is run
+by ``recloop up`` only, so the registry has a single writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from feast import FeatureStore
+from feast.data_source import PushMode
+
+from features import definitions
+from recloop.config import StackConfig
+
+HERE = Path(__file__).resolve().parent
+
+_TS = pa.timestamp("us", tz="UTC")
+_STATS_COLS = [
+    ("impressions", pa.int64()),
+    ("clicks", pa.int64()),
+    ("watch_time_s", pa.float64()),
+    ("likes", pa.int64()),
+    ("follows", pa.int64()),
+]
+
+# Offline (Parquet) layout of every source; pushes are cast to these column orders,
+# because the file offline store appends only tables of the exact same schema.
+SCHEMAS: dict[str, pa.Schema] = {
+    "user_profile": pa.schema([
+        ("user_id", pa.int64()), ("age", pa.int64()), ("gender", pa.string()),
+        ("occupation", pa.string()), ("event_timestamp", _TS),
+    ]),
+    "user_history_push": pa.schema([
+        ("user_id", pa.int64()), ("item_ids", pa.list_(pa.int64())),
+        ("history_len", pa.int64()), ("event_timestamp", _TS),
+    ]),
+    "user_stats_push": pa.schema(
+        [("user_id", pa.int64()), *_STATS_COLS, ("event_timestamp", _TS)]
+    ),
+    "item_stats_push": pa.schema(
+        [("item_id", pa.int64()), *_STATS_COLS, ("event_timestamp", _TS)]
+    ),
+}
+_FILES = {
+    "user_profile": "data/user_profile.parquet",
+    "user_history_push": "data/user_history.parquet",
+    "user_stats_push": "data/user_stats.parquet",
+    "item_stats_push": "data/item_stats.parquet",
+}
+
+
+def yaml_path(cfg: StackConfig) -> Path:
+    name = "feature_store.yaml" if cfg.feast.online_store == "sqlite" else "feature_store.redis.yaml"
+    return cfg.feast.repo_dir / name
+
+
+def open_store(cfg: StackConfig) -> FeatureStore:
+    """The Feast store of this stack (definitions must have been applied by ``up``)."""
+    cfg.feast_dir.mkdir(parents=True, exist_ok=True)
+    return FeatureStore(repo_path=str(cfg.feast_dir), fs_yaml_file=yaml_path(cfg))
+
+
+def feast_objects() -> list:
+    """Every Feast object declared in ``features/definitions.py``."""
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
+    kinds = (Entity, FeatureView, FeatureService, DataSource)
+    return [v for v in vars(definitions).values() if isinstance(v, kinds)]
+
+
+def to_table(source: str, df: pd.DataFrame) -> pa.Table:
+    """Cast a DataFrame to the declared layout of ``source`` (column order included)."""
+    schema = SCHEMAS[source]
+    missing = [n for n in schema.names if n not in df.columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing}")
+    return pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+
+
+def profile_frame(users: pd.DataFrame, as_of: datetime) -> pd.DataFrame:
+    return pd.DataFrame({
+        "user_id": users["user_id"].astype("int64"),
+        "age": users["age"].astype("int64"),
+        "gender": users["gender"].astype(str),
+        "occupation": users["occupation"].astype(str),
+        "event_timestamp": pd.Timestamp(as_of),
+    })
+
+
+def apply(
+    cfg: StackConfig, users: pd.DataFrame, progress: Callable[[str], None] = lambda _: None
+) -> FeatureStore:
+    """Create the offline files, register the definitions and load the user profiles
+    into the online store. Idempotent; pushed data already there is kept."""
+    data_dir = cfg.feast_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for source, rel in _FILES.items():
+        path = cfg.feast_dir / rel
+        if source != "user_profile" and not path.exists():
+            pq.write_table(SCHEMAS[source].empty_table(), path)
+    # Profiles are a snapshot of the data set, valid since the epoch of its ratings.
+    as_of = datetime(1970, 1, 2, tzinfo=UTC)
+    profiles = profile_frame(users, as_of)
+    pq.write_table(to_table("user_profile", profiles), cfg.feast_dir / _FILES["user_profile"])
+
+    store = open_store(cfg)
+    store.apply(feast_objects())
+    store.write_to_online_store("user_profile", profiles)
+    progress(
+        f"Feast: {len(feast_objects())} objects applied, {len(profiles)} user profiles online "
+        f"({cfg.feast.online_store} online store under {cfg.feast_dir})"
+    )
+    return store
+
+
+def push(
+    store: FeatureStore, source: str, df: pd.DataFrame, offline: bool = True
+) -> None:
+    """Push rows to a push source: online store, plus the offline store unless
+    ``offline`` is false. ``df`` must carry an ``event_timestamp`` column."""
+    table = to_table(source, df)
+    store.push(
+        source,
+        table.to_pandas(),
+        to=PushMode.ONLINE_AND_OFFLINE if offline else PushMode.ONLINE,
+    )

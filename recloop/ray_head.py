@@ -1,0 +1,135 @@
+"""The local Ray head of the stack.
+
+Run as ``ray start --head --block`` in its own session: on SIGTERM that command stops
+every process it started (GCS, raylet, dashboard, workers), so ``stop`` ends exactly this
+head and never a Ray the user runs elsewhere on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from recloop.config import ConfigError, StackConfig
+from recloop.procs import (
+    log_tail,
+    port_open,
+    processes_matching,
+    read_pid,
+    spawn,
+    terminate,
+)
+
+READY_LINE = "Ray runtime started"
+
+
+class RayHead:
+    def __init__(self, cfg: StackConfig) -> None:
+        if not cfg.ray.provisioned:
+            raise ConfigError("ray.address is set: recloop does not start a Ray head")
+        self.cfg = cfg
+        self.rcfg = cfg.ray
+        # Ray's socket paths must stay under ~107 characters: keep the temp dir short.
+        self.temp_dir = cfg.home / "ray"
+        self.pid_file = cfg.run_dir / "ray.pid"
+        self.log_file = cfg.logs_dir / "ray-head.log"
+
+    @property
+    def marker(self) -> str:
+        return str(self.temp_dir)
+
+    def pid(self) -> int | None:
+        return read_pid(self.pid_file, self.marker)
+
+    def _ray_cli(self) -> str:
+        exe = Path(sys.executable).parent / "ray"
+        return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+    def start(self, progress: Callable[[str], None] = lambda _: None) -> str:
+        pid = self.pid()
+        if pid is not None:
+            return f"already running (pid {pid})"
+        r = self.rcfg
+        for port in (r.port, r.dashboard_port):
+            if port_open(r.host, port):
+                raise ConfigError(
+                    f"{r.host}:{port} is taken by another process; stop it or set "
+                    "ray.port / ray.dashboard_port"
+                )
+        if len(str(self.temp_dir)) > 60:
+            raise ConfigError(
+                f"Ray's temp dir {self.temp_dir} is too long for its Unix sockets; "
+                "use a shorter home (RECLOOP_HOME)"
+            )
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        num_cpus = r.num_cpus or os.cpu_count() or 1
+        argv = [
+            self._ray_cli(), "start", "--head", "--block",
+            f"--node-ip-address={r.host}",
+            f"--port={r.port}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--object-store-memory={r.object_store_mb * 1024 * 1024}",
+            f"--temp-dir={self.temp_dir}",
+            "--include-dashboard=true",
+            f"--dashboard-host={r.host}",
+            f"--dashboard-port={r.dashboard_port}",
+            "--disable-usage-stats",
+        ]
+        env = dict(os.environ)
+        env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # On SIGTERM Ray drains the node for up to 30 s so Serve can move replicas to
+        # other nodes; a single local head has none, so it stops at once.
+        env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+        # The log file is appended across runs; readiness is judged on new lines only.
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        started = time.monotonic()
+        proc = spawn(argv, self.log_file, self.pid_file, env=env)
+        progress(f"starting a Ray head on {r.host}:{r.port} with {num_cpus} CPUs (pid {proc.pid})")
+        deadline = started + r.start_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise RuntimeError(
+                    f"the Ray head exited during start (code {proc.returncode}); last lines of "
+                    f"{self.log_file}:\n{log_tail(self.log_file)}"
+                )
+            with open(self.log_file, "rb") as fh:
+                fh.seek(offset)
+                if READY_LINE.encode() in fh.read() and port_open(r.host, r.port):
+                    return f"started (pid {proc.pid}) in {time.monotonic() - started:.1f} s"
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"Ray did not start within {r.start_timeout_s} s; see {self.log_file}")
+
+    def stop(self) -> str:
+        pid = self.pid()
+        leftovers = processes_matching(self.marker)
+        if pid is None and not leftovers:
+            return "not running"
+        graceful = True
+        if pid is not None:
+            # Only `ray start --block` itself: it stops its children in order.
+            graceful = terminate(pid, timeout_s=30.0, group=False)
+        # Anything of this head still alive (a worker that ignored SIGTERM) goes now.
+        for proc in processes_matching(self.marker):
+            terminate(proc.pid, timeout_s=5.0, group=False)
+        self.pid_file.unlink(missing_ok=True)
+        return "stopped" if graceful else "killed (did not stop within 30 s)"
+
+    def status(self) -> tuple[bool, str]:
+        pid = self.pid()
+        r = self.rcfg
+        if pid is None:
+            return False, "not running"
+        if not port_open(r.host, r.port):
+            return False, f"pid {pid} alive but GCS {r.gcs_address} does not answer"
+        serve = "Serve HTTP up" if port_open(r.host, r.serve_port) else "Serve HTTP down"
+        return True, (
+            f"head on {r.gcs_address}, pid {pid}, dashboard http://{r.host}:{r.dashboard_port}, "
+            f"{serve} on port {r.serve_port}"
+        )

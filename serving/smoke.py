@@ -1,0 +1,33 @@
+"""A minimal Serve application that proves the stack can serve HTTP: ``GET /ping``
+answers with the replica and node that handled it. Used by ``recloop smoke`` and the
+stack's integration tests."""
+
+from __future__ import annotations
+
+import ray
+from ray import serve
+from starlette.requests import Request
+
+APP_NAME = "recloop-smoke"
+ROUTE = "/ping"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=32)
+class Ping:
+    def __call__(self, request: Request) -> dict:
+        ctx = serve.get_replica_context()
+        return {
+            "ok": True,
+            "echo": request.query_params.get("echo", ""),
+            "replica": ctx.replica_tag if hasattr(ctx, "replica_tag") else str(ctx.replica_id),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+
+def deploy() -> None:
+    """Deploy the app on the Ray cluster this driver is connected to."""
+    serve.run(Ping.bind(), name=APP_NAME, route_prefix=ROUTE, blocking=False)
+
+
+def delete() -> None:
+    serve.delete(APP_NAME)
