@@ -16,12 +16,8 @@ from feast.value_type import ValueType
 
 HISTORY_LEN = 50  # items kept in user_history.item_ids (most recent last)
 
-user = Entity(
-    name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="a user"
-)
-item = Entity(
-    name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="an item"
-)
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="a user")
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="an item")
 
 user_profile_source = FileSource(
     name="user_profile_source",

@@ -34,20 +34,25 @@ _STATS_COLS = [
 # Offline (Parquet) layout of every source; pushes are cast to these column orders,
 # because the file offline store appends only tables of the exact same schema.
 SCHEMAS: dict[str, pa.Schema] = {
-    "user_profile": pa.schema([
-        ("user_id", pa.int64()), ("age", pa.int64()), ("gender", pa.string()),
-        ("occupation", pa.string()), ("event_timestamp", _TS),
-    ]),
-    "user_history_push": pa.schema([
-        ("user_id", pa.int64()), ("item_ids", pa.list_(pa.int64())),
-        ("history_len", pa.int64()), ("event_timestamp", _TS),
-    ]),
-    "user_stats_push": pa.schema(
-        [("user_id", pa.int64()), *_STATS_COLS, ("event_timestamp", _TS)]
+    "user_profile": pa.schema(
+        [
+            ("user_id", pa.int64()),
+            ("age", pa.int64()),
+            ("gender", pa.string()),
+            ("occupation", pa.string()),
+            ("event_timestamp", _TS),
+        ]
     ),
-    "item_stats_push": pa.schema(
-        [("item_id", pa.int64()), *_STATS_COLS, ("event_timestamp", _TS)]
+    "user_history_push": pa.schema(
+        [
+            ("user_id", pa.int64()),
+            ("item_ids", pa.list_(pa.int64())),
+            ("history_len", pa.int64()),
+            ("event_timestamp", _TS),
+        ]
     ),
+    "user_stats_push": pa.schema([("user_id", pa.int64()), *_STATS_COLS, ("event_timestamp", _TS)]),
+    "item_stats_push": pa.schema([("item_id", pa.int64()), *_STATS_COLS, ("event_timestamp", _TS)]),
 }
 _FILES = {
     "user_profile": "data/user_profile.parquet",
@@ -58,7 +63,9 @@ _FILES = {
 
 
 def yaml_path(cfg: StackConfig) -> Path:
-    name = "feature_store.yaml" if cfg.feast.online_store == "sqlite" else "feature_store.redis.yaml"
+    name = (
+        "feature_store.yaml" if cfg.feast.online_store == "sqlite" else "feature_store.redis.yaml"
+    )
     return cfg.feast.repo_dir / name
 
 
@@ -87,13 +94,15 @@ def to_table(source: str, df: pd.DataFrame) -> pa.Table:
 
 
 def profile_frame(users: pd.DataFrame, as_of: datetime) -> pd.DataFrame:
-    return pd.DataFrame({
-        "user_id": users["user_id"].astype("int64"),
-        "age": users["age"].astype("int64"),
-        "gender": users["gender"].astype(str),
-        "occupation": users["occupation"].astype(str),
-        "event_timestamp": pd.Timestamp(as_of),
-    })
+    return pd.DataFrame(
+        {
+            "user_id": users["user_id"].astype("int64"),
+            "age": users["age"].astype("int64"),
+            "gender": users["gender"].astype(str),
+            "occupation": users["occupation"].astype(str),
+            "event_timestamp": pd.Timestamp(as_of),
+        }
+    )
 
 
 def apply(
@@ -122,9 +131,7 @@ def apply(
     return store
 
 
-def push(
-    store: FeatureStore, source: str, df: pd.DataFrame, offline: bool = True
-) -> None:
+def push(store: FeatureStore, source: str, df: pd.DataFrame, offline: bool = True) -> None:
     """Push rows to a push source: online store, plus the offline store unless
     ``offline`` is false. ``df`` must carry an ``event_timestamp`` column."""
     table = to_table(source, df)

@@ -14,14 +14,47 @@ import numpy as np
 import pandas as pd
 
 ML100K_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 OCCUPATIONS = [
-    "administrator", "artist", "doctor", "educator", "engineer", "entertainment",
-    "executive", "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none",
-    "other", "programmer", "retired", "salesman", "scientist", "student", "technician",
+    "administrator",
+    "artist",
+    "doctor",
+    "educator",
+    "engineer",
+    "entertainment",
+    "executive",
+    "healthcare",
+    "homemaker",
+    "lawyer",
+    "librarian",
+    "marketing",
+    "none",
+    "other",
+    "programmer",
+    "retired",
+    "salesman",
+    "scientist",
+    "student",
+    "technician",
     "writer",
 ]
 
@@ -55,21 +88,27 @@ def load_movielens(path: str | Path) -> InteractionData:
             "data.movielens_dir (or RECLOOP_MOVIELENS_DIR), or use synthetic data"
         )
     ratings = pd.read_csv(
-        root / "u.data", sep="\t", names=["user_id", "item_id", "rating", "timestamp"],
+        root / "u.data",
+        sep="\t",
+        names=["user_id", "item_id", "rating", "timestamp"],
         dtype="int64",
     )
     users = pd.read_csv(
-        root / "u.user", sep="|", names=["user_id", "age", "gender", "occupation", "zip_code"],
+        root / "u.user",
+        sep="|",
+        names=["user_id", "age", "gender", "occupation", "zip_code"],
         dtype={"user_id": "int64", "age": "int64", "zip_code": str},
     )
     item_cols = ["item_id", "title", "release_date", "video_release_date", "url"] + ML100K_GENRES
     raw = pd.read_csv(root / "u.item", sep="|", names=item_cols, encoding="latin-1")
     flags = raw[ML100K_GENRES].to_numpy(dtype=bool)
-    items = pd.DataFrame({
-        "item_id": raw["item_id"].astype("int64"),
-        "title": raw["title"].astype(str),
-        "genres": [[g for g, f in zip(ML100K_GENRES, row, strict=True) if f] for row in flags],
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": raw["item_id"].astype("int64"),
+            "title": raw["title"].astype(str),
+            "genres": [[g for g, f in zip(ML100K_GENRES, row, strict=True) if f] for row in flags],
+        }
+    )
     return InteractionData(ratings, users, items, list(ML100K_GENRES), f"movielens:{root}")
 
 
@@ -114,24 +153,30 @@ def synthetic(
         item_ids.append(chosen + 1)
         stars.append(score.astype(np.int64))
         stamps.append(ts)
-    ratings = pd.DataFrame({
-        "user_id": np.concatenate(user_ids).astype("int64"),
-        "item_id": np.concatenate(item_ids).astype("int64"),
-        "rating": np.concatenate(stars).astype("int64"),
-        "timestamp": np.concatenate(stamps).astype("int64"),
-    })
-    users = pd.DataFrame({
-        "user_id": np.arange(1, n_users + 1, dtype="int64"),
-        "age": rng.integers(15, 70, size=n_users).astype("int64"),
-        "gender": rng.choice(["M", "F"], size=n_users),
-        "occupation": rng.choice(OCCUPATIONS, size=n_users),
-        "zip_code": [f"{z:05d}" for z in rng.integers(0, 100_000, size=n_users)],
-    })
-    items = pd.DataFrame({
-        "item_id": np.arange(1, n_items + 1, dtype="int64"),
-        "title": [f"item {i}" for i in range(1, n_items + 1)],
-        "genres": item_genres,
-    })
+    ratings = pd.DataFrame(
+        {
+            "user_id": np.concatenate(user_ids).astype("int64"),
+            "item_id": np.concatenate(item_ids).astype("int64"),
+            "rating": np.concatenate(stars).astype("int64"),
+            "timestamp": np.concatenate(stamps).astype("int64"),
+        }
+    )
+    users = pd.DataFrame(
+        {
+            "user_id": np.arange(1, n_users + 1, dtype="int64"),
+            "age": rng.integers(15, 70, size=n_users).astype("int64"),
+            "gender": rng.choice(["M", "F"], size=n_users),
+            "occupation": rng.choice(OCCUPATIONS, size=n_users),
+            "zip_code": [f"{z:05d}" for z in rng.integers(0, 100_000, size=n_users)],
+        }
+    )
+    items = pd.DataFrame(
+        {
+            "item_id": np.arange(1, n_items + 1, dtype="int64"),
+            "title": [f"item {i}" for i in range(1, n_items + 1)],
+            "genres": item_genres,
+        }
+    )
     return InteractionData(ratings, users, items, genres, f"synthetic:seed={seed}")
 
 

@@ -2,6 +2,7 @@
 
     recloop up        start Kafka, a Ray head (with Serve HTTP) and apply the Feast repo
     recloop status    one line per part
+    recloop fetch     fetch the Kafka broker's jars with Maven (once; `up` does it too)
     recloop smoke     a round trip through every part (Kafka, Feast, Serve over HTTP)
     recloop down      stop what `up` started (--purge also deletes the stack's data)
 
@@ -68,6 +69,15 @@ def cmd_down(cfg: StackConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(cfg: StackConfig, args: argparse.Namespace) -> int:
+    from infra.kafka.broker import KafkaBroker
+
+    broker = KafkaBroker(cfg)
+    broker.check_java()
+    _say(f"Kafka jars in {broker.ensure_jars(_say)}")
+    return 0
+
+
 def cmd_smoke(cfg: StackConfig, args: argparse.Namespace) -> int:
     from recloop.smoke import run_smoke
 
@@ -93,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("smoke", parents=[common], help="round trip through every part").set_defaults(
         fn=cmd_smoke
     )
+    sub.add_parser(
+        "fetch", parents=[common], help="fetch the Kafka broker's jars (Maven, once)"
+    ).set_defaults(fn=cmd_fetch)
     down = sub.add_parser("down", parents=[common], help="stop the local stack")
     down.add_argument("--purge", action="store_true", help="also delete broker and Feast data")
     down.set_defaults(fn=cmd_down)

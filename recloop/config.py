@@ -65,6 +65,8 @@ class RayConfig:
     host: str = "127.0.0.1"
     port: int = 6380
     dashboard_port: int = 8265
+    client_port: int = 10001
+    agent_listen_port: int = 52365
     num_cpus: int | None = None
     object_store_mb: int = 512
     serve_port: int = 8000

@@ -61,7 +61,9 @@ class EventProducer:
         """Validate and send ``event`` to ``topic`` (default: its contract's topic)."""
         value = encode(event)
         return self.producer.send(
-            topic or type(event).topic, key=event.key, value=value  # type: ignore[attr-defined]
+            topic or type(event).topic,
+            key=event.key,
+            value=value,  # type: ignore[attr-defined]
         )
 
     def send_raw(self, topic: str, value: bytes | None, key: bytes | None = None):
@@ -187,9 +189,7 @@ class EventConsumer:
         self.stats.dead_lettered += 1
         short = reason.split(":", 1)[0]
         self.stats.reasons[short] = self.stats.reasons.get(short, 0) + 1
-        log.warning(
-            "dead-lettered %s[%d]@%d: %s", raw.topic, raw.partition, raw.offset, reason
-        )
+        log.warning("dead-lettered %s[%d]@%d: %s", raw.topic, raw.partition, raw.offset, reason)
         return self._dlq.send(letter, topic=self.dlq_topic)
 
     def commit(self) -> None:

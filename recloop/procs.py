@@ -77,6 +77,7 @@ def terminate(pid: int, timeout_s: float = 30.0, group: bool = True) -> bool:
     """SIGTERM the process (and its process group), SIGKILL after ``timeout_s``.
 
     Returns True when it stopped gracefully."""
+
     def _signal(sig: int) -> None:
         try:
             if group:
@@ -113,6 +114,30 @@ def processes_matching(marker: str) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
+
+
+def session_members(sid: int) -> list[psutil.Process]:
+    """Live processes of the session ``sid`` (what a process started with
+    ``start_new_session`` and everything it spawned, unless they left the session)."""
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) == sid:
+                members.append(proc)
+        except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
+def reap(procs: list[psutil.Process], timeout_s: float) -> None:
+    """Wait for ``procs`` to exit; SIGKILL whatever is still alive after ``timeout_s``."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def log_tail(path: Path, lines: int = 20) -> str:

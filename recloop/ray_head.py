@@ -20,11 +20,22 @@ from recloop.procs import (
     port_open,
     processes_matching,
     read_pid,
+    reap,
+    session_members,
     spawn,
     terminate,
 )
 
 READY_LINE = "Ray runtime started"
+NAMESPACE = "recloop"
+
+
+def connect(cfg: StackConfig) -> None:
+    """Connect this process as a driver to the stack's Ray (local head or cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.gcs_address, namespace=NAMESPACE, log_to_driver=False)
 
 
 class RayHead:
@@ -54,11 +65,11 @@ class RayHead:
         if pid is not None:
             return f"already running (pid {pid})"
         r = self.rcfg
-        for port in (r.port, r.dashboard_port):
+        for port in (r.port, r.dashboard_port, r.client_port, r.agent_listen_port):
             if port_open(r.host, port):
                 raise ConfigError(
                     f"{r.host}:{port} is taken by another process; stop it or set "
-                    "ray.port / ray.dashboard_port"
+                    "ray.port / ray.dashboard_port / ray.client_port / ray.agent_listen_port"
                 )
         if len(str(self.temp_dir)) > 60:
             raise ConfigError(
@@ -68,7 +79,10 @@ class RayHead:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         num_cpus = r.num_cpus or os.cpu_count() or 1
         argv = [
-            self._ray_cli(), "start", "--head", "--block",
+            self._ray_cli(),
+            "start",
+            "--head",
+            "--block",
             f"--node-ip-address={r.host}",
             f"--port={r.port}",
             f"--num-cpus={num_cpus}",
@@ -78,6 +92,8 @@ class RayHead:
             "--include-dashboard=true",
             f"--dashboard-host={r.host}",
             f"--dashboard-port={r.dashboard_port}",
+            f"--ray-client-server-port={r.client_port}",
+            f"--dashboard-agent-listen-port={r.agent_listen_port}",
             "--disable-usage-stats",
         ]
         env = dict(os.environ)
@@ -108,16 +124,16 @@ class RayHead:
 
     def stop(self) -> str:
         pid = self.pid()
-        leftovers = processes_matching(self.marker)
-        if pid is None and not leftovers:
+        if pid is None and not processes_matching(self.marker):
             return "not running"
         graceful = True
         if pid is not None:
-            # Only `ray start --block` itself: it stops its children in order.
+            # Only `ray start --block` itself: it stops its children in order. Then wait
+            # for the rest of its session (dashboard forkservers linger a few seconds).
             graceful = terminate(pid, timeout_s=30.0, group=False)
-        # Anything of this head still alive (a worker that ignored SIGTERM) goes now.
-        for proc in processes_matching(self.marker):
-            terminate(proc.pid, timeout_s=5.0, group=False)
+            reap(session_members(pid), timeout_s=10.0)
+        # Anything of this head still alive outside that session goes now.
+        reap(processes_matching(self.marker), timeout_s=5.0)
         self.pid_file.unlink(missing_ok=True)
         return "stopped" if graceful else "killed (did not stop within 30 s)"
 

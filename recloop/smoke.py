@@ -20,6 +20,7 @@ from infra.kafka.topics import DLQ, IMPRESSIONS, INTERACTIONS
 from recloop.config import StackConfig
 from recloop.events import DeadLetter, Impression, Interaction, ServedItem, decode
 from recloop.kafka_io import EventConsumer, EventProducer
+from recloop.ray_head import connect
 
 SMOKE_USER = 1
 
@@ -28,25 +29,42 @@ def _kafka_round_trip(cfg: StackConfig) -> str:
     request_id = f"smoke-{uuid.uuid4().hex[:12]}"
     now = int(time.time() * 1000)
     impression = Impression(
-        event_time_ms=now, request_id=request_id, user_id=SMOKE_USER, arm="smoke",
+        event_time_ms=now,
+        request_id=request_id,
+        user_id=SMOKE_USER,
+        arm="smoke",
         model_version="none",
-        items=[ServedItem(item_id=i, position=p, score=1.0 / (p + 1)) for p, i in enumerate([3, 1, 2])],
+        items=[
+            ServedItem(item_id=i, position=p, score=1.0 / (p + 1)) for p, i in enumerate([3, 1, 2])
+        ],
     )
     interaction = Interaction(
-        event_time_ms=now + 1, request_id=request_id, user_id=SMOKE_USER, item_id=3, position=0,
-        arm="smoke", model_version="none", clicked=True, watch_time_s=42.0, liked=True,
+        event_time_ms=now + 1,
+        request_id=request_id,
+        user_id=SMOKE_USER,
+        item_id=3,
+        position=0,
+        arm="smoke",
+        model_version="none",
+        clicked=True,
+        watch_time_s=42.0,
+        liked=True,
     )
     with EventProducer(cfg.kafka.bootstrap, client_id="recloop-smoke") as producer:
         producer.send(impression).get(timeout=30)
         producer.send(interaction).get(timeout=30)
-        bad = producer.send_raw(INTERACTIONS.name, b'{"request_id": "' + request_id.encode() + b'"}')
+        bad = producer.send_raw(
+            INTERACTIONS.name, b'{"request_id": "' + request_id.encode() + b'"}'
+        )
         bad.get(timeout=30)
 
     # A fresh group reads the topics from the start; stop once our request is seen.
     seen: dict[str, object] = {}
     with EventConsumer(
-        cfg.kafka.bootstrap, [IMPRESSIONS.name, INTERACTIONS.name],
-        group_id=f"recloop-smoke-{uuid.uuid4().hex[:8]}", client_id="recloop-smoke",
+        cfg.kafka.bootstrap,
+        [IMPRESSIONS.name, INTERACTIONS.name],
+        group_id=f"recloop-smoke-{uuid.uuid4().hex[:8]}",
+        client_id="recloop-smoke",
     ) as consumer:
         deadline = time.monotonic() + 60
         while len(seen) < 2 and time.monotonic() < deadline:
@@ -61,8 +79,12 @@ def _kafka_round_trip(cfg: StackConfig) -> str:
     from kafka import KafkaConsumer
 
     dlq = KafkaConsumer(
-        DLQ.name, bootstrap_servers=cfg.kafka.bootstrap, auto_offset_reset="earliest",
-        enable_auto_commit=False, consumer_timeout_ms=5000, client_id="recloop-smoke-dlq",
+        DLQ.name,
+        bootstrap_servers=cfg.kafka.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=5000,
+        client_id="recloop-smoke-dlq",
     )
     try:
         letters = [decode(DeadLetter, m.value) for m in dlq]
@@ -80,11 +102,16 @@ def _feast_round_trip(cfg: StackConfig) -> str:
     fs = feature_store.open_store(cfg)
     history = [5, 7, int(time.time()) % 1000 + 1]
     feature_store.push(
-        fs, "user_history_push",
-        pd.DataFrame({
-            "user_id": [SMOKE_USER], "item_ids": [history], "history_len": [len(history)],
-            "event_timestamp": [datetime.now(UTC)],
-        }),
+        fs,
+        "user_history_push",
+        pd.DataFrame(
+            {
+                "user_id": [SMOKE_USER],
+                "item_ids": [history],
+                "history_len": [len(history)],
+                "event_timestamp": [datetime.now(UTC)],
+            }
+        ),
         offline=False,
     )
     got = fs.get_online_features(
@@ -100,7 +127,7 @@ def _serve_round_trip(cfg: StackConfig) -> str:
 
     from serving import smoke as app
 
-    ray.init(address=cfg.ray.gcs_address, namespace="recloop", log_to_driver=False)
+    connect(cfg)
     try:
         app.deploy()
         url = f"http://{cfg.ray.host}:{cfg.ray.serve_port}{app.ROUTE}"
@@ -127,7 +154,9 @@ def _serve_round_trip(cfg: StackConfig) -> str:
 def run_smoke(cfg: StackConfig, say: Callable[[str], None] = print) -> bool:
     ok = True
     for name, step in (
-        ("kafka", _kafka_round_trip), ("feast", _feast_round_trip), ("serve", _serve_round_trip)
+        ("kafka", _kafka_round_trip),
+        ("feast", _feast_round_trip),
+        ("serve", _serve_round_trip),
     ):
         started = time.monotonic()
         try:

@@ -19,11 +19,9 @@ from infra.kafka.broker import KafkaBroker, probe
 from infra.kafka.topics import TOPICS, ensure_topics
 from recloop.config import StackConfig
 from recloop.procs import port_open, processes_matching
-from recloop.ray_head import RayHead
+from recloop.ray_head import RayHead, connect
 
 Progress = Callable[[str], None]
-
-RAY_NAMESPACE = "recloop"
 
 
 @dataclass
@@ -87,7 +85,7 @@ class Stack:
         import ray
         from ray import serve
 
-        ray.init(address=r.gcs_address, namespace=RAY_NAMESPACE, log_to_driver=False)
+        connect(self.cfg)
         try:
             serve.start(http_options={"host": r.host, "port": r.serve_port})
         finally:
@@ -120,13 +118,18 @@ class Stack:
         if not registry.exists():
             return PartStatus("feast", False, f"not applied (no registry in {self.cfg.feast_dir})")
         if self.cfg.feast.online_store != "sqlite":
-            return PartStatus("feast", True, f"registry in {self.cfg.feast_dir}, Redis online store")
+            return PartStatus(
+                "feast", True, f"registry in {self.cfg.feast_dir}, Redis online store"
+            )
         online = self.cfg.feast_dir / "online_store.db"
         try:
             with closing(sqlite3.connect(f"file:{online}?mode=ro", uri=True)) as db:
-                tables = [r[0] for r in db.execute(
-                    "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name"
-                )]
+                tables = [
+                    r[0]
+                    for r in db.execute(
+                        "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name"
+                    )
+                ]
                 counts = {
                     t.removeprefix("recloop_"): db.execute(
                         f'SELECT COUNT(DISTINCT entity_key) FROM "{t}"'

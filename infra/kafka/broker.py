@@ -124,7 +124,10 @@ class KafkaBroker:
         tmp = self.libs_dir.with_name("libs.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         argv = [
-            mvn, "-B", "-f", str(POM),
+            mvn,
+            "-B",
+            "-f",
+            str(POM),
             f"-Dmaven.repo.local={self.m2_dir}",
             "dependency:copy-dependencies",
             f"-DoutputDirectory={tmp}",
@@ -227,7 +230,9 @@ class KafkaBroker:
         """Format KRaft storage unless already formatted. True when it formatted."""
         ports = {"host": self.kcfg.host, "controller_port": self.kcfg.controller_port}
         if (self.data_dir / "meta.properties").exists():
-            recorded = json.loads(self._ports_file.read_text()) if self._ports_file.exists() else ports
+            recorded = (
+                json.loads(self._ports_file.read_text()) if self._ports_file.exists() else ports
+            )
             if recorded != ports:
                 raise ConfigError(
                     f"the broker data in {self.data_dir} was formatted for controller "
@@ -238,8 +243,13 @@ class KafkaBroker:
             return False
         self.write_properties()
         argv = self._java_argv(
-            "kafka.tools.StorageTool", "format", "--standalone",
-            "-t", self.new_cluster_id(), "-c", str(self.properties),
+            "kafka.tools.StorageTool",
+            "format",
+            "--standalone",
+            "-t",
+            self.new_cluster_id(),
+            "-c",
+            str(self.properties),
         )
         res = subprocess.run(argv, capture_output=True, text=True)
         if res.returncode != 0:

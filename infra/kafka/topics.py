@@ -33,9 +33,7 @@ class TopicSpec:
 IMPRESSIONS = TopicSpec(
     "recloop.impressions", 3, 7 * DAY_MS, "sessions served: arm, model version, items"
 )
-INTERACTIONS = TopicSpec(
-    "recloop.interactions", 3, 7 * DAY_MS, "user feedback on served items"
-)
+INTERACTIONS = TopicSpec("recloop.interactions", 3, 7 * DAY_MS, "user feedback on served items")
 PREFERENCES = TopicSpec(
     "recloop.preferences", 1, 30 * DAY_MS, "DPO pairs mined from mirrored traffic"
 )

@@ -1,0 +1,79 @@
+# recloop: the one place every command lives. README, CI and developers use these targets.
+#
+#   make test     install (once) and run the whole suite against a real local stack
+#   make smoke    start the local stack and push a round trip through every part
+#   make help     everything else
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV_VERSION := 0.13.8
+PYTHON     ?= python3
+UV         := $(PYTHON) -m uv
+VENV       := .venv
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.recloop-installed
+PYTEST_ARGS ?=
+
+export UV_LINK_MODE ?= copy
+export PYTHONWARNINGS ?= ignore::DeprecationWarning
+
+.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge clean
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+
+uv:  ## install uv, the package manager that reads uv.lock (when missing)
+	@$(UV) --version >/dev/null 2>&1 || { \
+	  echo "== installing uv $(UV_VERSION) with pip"; \
+	  $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)" || \
+	  $(PYTHON) -m pip install --quiet --user "uv==$(UV_VERSION)"; }
+
+system-deps:  ## check Java 17 and Maven (install them with apt-get when missing and root)
+	@bash infra/system-deps.sh
+
+$(STAMP): pyproject.toml uv.lock infra/kafka/pom.xml | uv
+	@$(MAKE) --no-print-directory system-deps
+	@echo "== installing the locked Python dependencies into $(VENV) (first time: a few minutes, torch is large)"
+	$(UV) sync --frozen
+	@echo "== fetching the Kafka broker's jars (first time: Maven, ~20 s)"
+	$(BIN)/recloop fetch
+	@touch $@
+
+install: $(STAMP)  ## install everything (Python deps from uv.lock, Kafka jars); idempotent
+
+test: install  ## the whole suite: unit + integration against a real Kafka, Ray and Feast
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: install  ## unit tests only (no broker, no Ray head)
+	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
+
+test-integration: install  ## integration tests only
+	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+lint: install  ## ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: install  ## format the code
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+up: install  ## start the local stack (Kafka, Ray head + Serve, Feast)
+	$(BIN)/recloop up
+
+status: install  ## one line per part of the stack
+	$(BIN)/recloop status
+
+smoke: up  ## start the stack, then a round trip through Kafka, Feast and Serve
+	$(BIN)/recloop smoke
+
+down: install  ## stop the local stack
+	$(BIN)/recloop down
+
+purge: install  ## stop the stack and delete its data (the jar cache stays)
+	$(BIN)/recloop down --purge
+
+clean:  ## remove the virtualenv and all local state
+	-$(BIN)/recloop down 2>/dev/null
+	rm -rf $(VENV) .recloop

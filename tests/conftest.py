@@ -1,0 +1,115 @@
+"""Fixtures: an isolated local stack (real Kafka, real Ray head, real Feast) for the
+integration tests, on free ports and a throw-away home, sharing the jar cache."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recloop.config import PROJECT_ROOT, StackConfig, load_config
+from recloop.procs import free_port
+
+SHARED_CACHE = PROJECT_ROOT / ".recloop" / "cache"
+
+
+def _free_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def isolated_config(home: Path, **extra: object) -> StackConfig:
+    """A stack config on free ports under ``home``, with generated data."""
+    kafka, controller, gcs, dash, client, agent, serve = _free_ports(7)
+    overrides: dict[str, object] = {
+        "home": str(home),
+        "cache_dir": str(SHARED_CACHE),
+        "kafka.port": kafka,
+        "kafka.controller_port": controller,
+        "ray.port": gcs,
+        "ray.dashboard_port": dash,
+        "ray.client_port": client,
+        "ray.agent_listen_port": agent,
+        "ray.serve_port": serve,
+        "ray.num_cpus": 2,
+        "data.synthetic": True,
+    }
+    overrides.update(extra)
+    return load_config(overrides=overrides, env={})
+
+
+def short_home(prefix: str) -> Path:
+    # Ray's Unix socket paths live under the home: keep it short.
+    return Path(tempfile.mkdtemp(prefix=f"rl-{prefix}-", dir="/tmp"))
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[StackConfig]:
+    """The stack for the whole session: started once, stopped at the end."""
+    from recloop.stack import Stack
+
+    home = short_home("it")
+    cfg = isolated_config(home)
+    st = Stack(cfg)
+    started = time.monotonic()
+    try:
+        st.up(progress=lambda m: print(f"[stack] {m}", flush=True))
+        print(f"[stack] up in {time.monotonic() - started:.1f} s", flush=True)
+        yield cfg
+    finally:
+        try:
+            import ray
+
+            ray.shutdown()
+        except Exception:
+            pass
+        leftovers = st.down(progress=lambda m: print(f"[stack] {m}", flush=True))
+        shutil.rmtree(home, ignore_errors=True)
+        assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@pytest.fixture
+def topic_factory(stack: StackConfig) -> Iterator:
+    """Create uniquely named topics for one test; delete them afterwards."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=stack.kafka.bootstrap, client_id="recloop-tests")
+    created: list[str] = []
+
+    def make(prefix: str, partitions: int = 1) -> str:
+        name = f"test.{prefix}.{uuid.uuid4().hex[:10]}"
+        admin.create_topics([NewTopic(name, partitions, 1)])
+        created.append(name)
+        return name
+
+    yield make
+    try:
+        admin.delete_topics(created)
+    finally:
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def feature_store(stack: StackConfig):
+    from features import store
+
+    return store.open_store(stack)
+
+
+@pytest.fixture(scope="session")
+def ray_driver(stack: StackConfig) -> Iterator[StackConfig]:
+    """This test process connected to the stack's Ray head as a driver."""
+    import ray
+
+    from recloop.ray_head import connect
+
+    connect(stack)
+    yield stack
+    ray.shutdown()
