@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge clean
+.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ down: install  ## stop the local stack
 
 purge: install  ## stop the stack and delete its data (the jar cache stays)
 	$(BIN)/recloop down --purge
+
+bench-kafka: install  ## producer/consumer throughput of the event helpers vs raw kafka-python
+	$(BIN)/python -m benchmarks.kafka_throughput
 
 clean:  ## remove the virtualenv and all local state
 	-$(BIN)/recloop down 2>/dev/null
