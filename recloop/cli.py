@@ -5,6 +5,9 @@
     recloop fetch     fetch the Kafka broker's jars with Maven (once; `up` does it too)
     recloop smoke     a round trip through every part (Kafka, Feast, Serve over HTTP)
     recloop down      stop what `up` started (--purge also deletes the stack's data)
+    recloop pretrain  build the tokenizer and pre-train the seed OneRec model (a checkpoint)
+    recloop eval      offline evaluation: --model onerec|sasrec|pop on a dataset
+    recloop ablate    OneRec ablations: MoE vs dense, M=5 vs M=1, beam 8/32/128
 
 Every flag maps onto a key of the stack config (``--config run.yaml``).
 """
@@ -96,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--synthetic", action="store_true", help="generated data, not MovieLens")
     common.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    for job, module in JOBS.items():
+        sub.add_parser(job, help=f"run {module} (see `recloop {job} --help`)", add_help=False)
     sub.add_parser("up", parents=[common], help="start the local stack").set_defaults(fn=cmd_up)
     sub.add_parser("status", parents=[common], help="health of each part").set_defaults(
         fn=cmd_status
@@ -112,7 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Jobs with their own argument parsers: `recloop JOB --help` shows their flags.
+JOBS = {
+    "pretrain": "pipelines.pretrain",
+    "eval": "pipelines.evaluate",
+    "ablate": "pipelines.ablations",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in JOBS:
+        import importlib
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        return int(importlib.import_module(JOBS[argv[0]]).main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -18,6 +18,15 @@ from recloop.procs import free_port
 SHARED_CACHE = PROJECT_ROOT / ".recloop" / "cache"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # On a 2-core machine shared with a Ray head and a broker, torch's worker threads
+    # spin waiting for each other and small ops slow down by ~100x; tests check
+    # behaviour, not speed, so one thread is the right setting.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _free_ports(n: int) -> list[int]:
     ports: set[int] = set()
     while len(ports) < n:

@@ -1,0 +1,381 @@
+"""OneRec: an encoder-decoder over semantic item IDs that generates whole sessions.
+
+The encoder reads the user's history (each item = the sum of its SID code embeddings, plus
+positions, plus an optional user-feature token). The decoder generates the next M items
+as M×L SID tokens after a start token (OneRec eq. 3) with next-token cross-entropy
+(eq. 4); its feed-forward layers are a top-k Mixture of Experts (eq. 2) with a
+load-balancing loss. Incremental decoding with a KV cache lives here too, so beam search
+(``models/beam_search.py``) runs the encoder once per request.
+
+Token layout: item codes are (c_1..c_L), c_l in [0, K). Decoder input token ids are
+0 = start, 1 + l*K + c for code c at level l. Position t of the decoder predicts the code
+at level t % L, so its logits are over K codes of that level.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class OneRecConfig:
+    levels: int = 3  # L: codes per item
+    codebook_size: int = 32  # K: codes per level
+    session_len: int = 5  # M: items generated per session
+    max_history: int = 50
+    dim: int = 128
+    heads: int = 4
+    enc_layers: int = 2
+    dec_layers: int = 2
+    ffn_hidden: int = 512  # hidden size of a dense FFN
+    moe_experts: int = 4  # E; 0 → dense FFN in the decoder
+    moe_top_k: int = 2
+    expert_hidden: int | None = None  # default ffn_hidden // top_k: equal active params
+    moe_aux_weight: float = 0.01
+    dropout: float = 0.1
+    # Categorical user features (name → cardinality incl. index 0 = unknown).
+    user_features: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ValueError("moe_top_k must be within 1..moe_experts")
+        if min(self.levels, self.codebook_size, self.session_len, self.max_history) < 1:
+            raise ValueError("levels, codebook_size, session_len, max_history must be >= 1")
+        if self.expert_hidden is None and self.moe_experts:
+            self.expert_hidden = max(1, self.ffn_hidden // self.moe_top_k)
+
+    @property
+    def target_len(self) -> int:
+        return self.session_len * self.levels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- blocks
+class Attention(nn.Module):
+    """Multi-head attention; self- or cross-, with an optional incremental KV cache."""
+
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.out = nn.Linear(cfg.dim, cfg.dim)
+        self.dropout = cfg.dropout
+
+    def _split(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, D/H)
+        b, t, d = x.shape
+        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return self._split(k), self._split(v)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, T, D) queries
+        kv: tuple[Tensor, Tensor],  # each (B, H, S, D/H)
+        mask: Tensor | None = None,  # bool, broadcastable to (B, H, T, S), True = attend
+        causal: bool = False,
+    ) -> Tensor:
+        q = self._split(self.q(x))
+        k, v = kv
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal and mask is None
+        )
+        b, h, t, hd = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, t, h * hd))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down(F.gelu(self.up(x))))
+
+
+@dataclass
+class MoEStats:
+    aux_loss: Tensor  # load-balancing loss of this call (scalar)
+    counts: Tensor  # (E,) token-to-expert assignments in this call
+
+
+class MoEFFN(nn.Module):
+    """Top-k gated Mixture of Experts (OneRec eq. 2) with the Switch load-balancing loss.
+
+    Each token goes to its k highest-gated experts; gates are the softmax of the router
+    logits renormalised over those k. ``forward`` dispatches tokens expert by expert;
+    ``forward_reference`` runs every expert on every token and masks — the obvious twin
+    the tests compare against."""
+
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        assert cfg.expert_hidden is not None
+        self.experts_n, self.top_k = cfg.moe_experts, cfg.moe_top_k
+        self.router = nn.Linear(cfg.dim, cfg.moe_experts, bias=False)
+        h = cfg.expert_hidden
+        self.w_up = nn.Parameter(torch.empty(cfg.moe_experts, cfg.dim, h))  # (E, D, H)
+        self.b_up = nn.Parameter(torch.zeros(cfg.moe_experts, h))
+        self.w_down = nn.Parameter(torch.empty(cfg.moe_experts, h, cfg.dim))  # (E, H, D)
+        self.b_down = nn.Parameter(torch.zeros(cfg.moe_experts, cfg.dim))
+        nn.init.normal_(self.w_up, std=1 / math.sqrt(cfg.dim))
+        nn.init.normal_(self.w_down, std=1 / math.sqrt(h))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.last: MoEStats | None = None
+
+    def _gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits = self.router(x)  # (N, E)
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)  # (N, k)
+        gates = top_p / top_p.sum(dim=-1, keepdim=True)
+        counts = torch.bincount(top_i.flatten(), minlength=self.experts_n).to(x.dtype)
+        # Switch-style balance: E * sum_e (share of assignments to e) * (mean prob of e).
+        frac = counts / counts.sum()
+        aux = self.experts_n * (frac * probs.mean(dim=0)).sum()
+        self.last = MoEStats(aux_loss=aux, counts=counts.detach())
+        return gates, top_i, probs
+
+    def _expert(self, e: int, x: Tensor) -> Tensor:
+        return F.gelu(x @ self.w_up[e] + self.b_up[e]) @ self.w_down[e] + self.b_down[e]
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, D)
+        gates, top_i, _ = self._gates(flat)
+        out = torch.zeros_like(flat)
+        for e in range(self.experts_n):
+            token, slot = (top_i == e).nonzero(as_tuple=True)
+            if token.numel():
+                y = self._expert(e, flat[token]) * gates[token, slot, None]
+                out.index_add_(0, token, y)
+        return self.drop(out).view(shape)
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        gates, top_i, _ = self._gates(flat)
+        dense = torch.zeros(flat.shape[0], self.experts_n, dtype=flat.dtype)
+        dense.scatter_(1, top_i, gates)  # (N, E), zero outside the top k
+        every = torch.stack([self._expert(e, flat) for e in range(self.experts_n)], dim=1)
+        return self.drop((dense[..., None] * every).sum(dim=1)).view(shape)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.attn = Attention(cfg)
+        self.ffn = DenseFFN(cfg.dim, cfg.ffn_hidden, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        h = self.ln1(x)
+        x = x + self.drop(self.attn(h, self.attn.project_kv(h), mask=mask))
+        return x + self.ffn(self.ln2(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.dim) for _ in range(3))
+        self.self_attn = Attention(cfg)
+        self.cross_attn = Attention(cfg)
+        self.ffn: nn.Module = (
+            MoEFFN(cfg) if cfg.moe_experts else DenseFFN(cfg.dim, cfg.ffn_hidden, cfg.dropout)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, T, D), or (B, C, T, D): C candidate sequences per request
+        cross_kv: tuple[Tensor, Tensor],
+        enc_mask: Tensor,  # (B, 1, 1, S)
+        cache: dict | None = None,
+    ) -> Tensor:
+        shape = x.shape
+        seq = x.reshape(-1, shape[-2], shape[-1])  # (B*C, T, D): self-attention per sequence
+        h = self.ln1(seq)
+        k, v = self.self_attn.project_kv(h)
+        causal = True
+        if cache is not None:  # incremental: append this step's keys/values
+            if "k" in cache:
+                # One new token attends to every cached one; a multi-token step after a
+                # prefix would need an offset causal mask, which decoding never needs.
+                assert seq.shape[1] == 1, "incremental decoding takes one token per step"
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+                causal = False
+            cache["k"], cache["v"] = k, v
+        seq = seq + self.drop(self.self_attn(h, (k, v), causal=causal))
+        # Cross-attention treats a request's C sequences as one long query: tokens do not
+        # interact there, so the encoder memory is shared instead of copied C times.
+        flat = seq.reshape(shape[0], -1, shape[-1])  # (B, C*T, D)
+        flat = flat + self.drop(self.cross_attn(self.ln2(flat), cross_kv, mask=enc_mask))
+        flat = flat + self.ffn(self.ln3(flat))
+        return flat.view(shape)
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class Encoded:
+    """The encoder's output for a batch, reusable across decoding steps."""
+
+    memory: Tensor  # (B, S, D)
+    mask: Tensor  # (B, 1, 1, S) bool, True = real token
+    cross_kv: list[tuple[Tensor, Tensor]]  # per decoder layer
+
+    def index_select(self, index: Tensor) -> Encoded:
+        """Rows ``index`` (e.g. repeat each request for its beams)."""
+        return Encoded(
+            self.memory.index_select(0, index),
+            self.mask.index_select(0, index),
+            [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv],
+        )
+
+
+class OneRec(nn.Module):
+    def __init__(self, cfg: OneRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, L, K = cfg.dim, cfg.levels, cfg.codebook_size
+        # Encoder: an item is the sum of its level-wise code embeddings.
+        self.code_emb = nn.Embedding(L * K, d)
+        self.hist_pos = nn.Embedding(cfg.max_history, d)
+        self.user_emb = nn.ModuleDict({n: nn.Embedding(c, d) for n, c in cfg.user_features.items()})
+        self.user_token = nn.Parameter(torch.zeros(d))
+        self.enc_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.enc_ln = nn.LayerNorm(d)
+        # Decoder.
+        self.dec_tok = nn.Embedding(1 + L * K, d)
+        self.dec_pos = nn.Embedding(cfg.target_len + 1, d)
+        self.dec_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        self.dec_ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, L * K, bias=False)  # level l's logits: slice l*K:(l+1)*K
+        self.drop = nn.Dropout(cfg.dropout)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # ------------------------------------------------------------------ encoder
+    def encode(
+        self,
+        history: Tensor,  # (B, S, L) codes, left-padded
+        history_mask: Tensor,  # (B, S) bool, True = real item
+        user_feats: dict[str, Tensor] | None = None,  # name -> (B,) ints, 0 = unknown
+    ) -> Encoded:
+        cfg = self.cfg
+        b, s, L = history.shape
+        offsets = torch.arange(L, device=history.device) * cfg.codebook_size
+        x = self.code_emb(history.clamp(min=0) + offsets).sum(dim=2)  # (B, S, D)
+        x = x + self.hist_pos(torch.arange(s, device=history.device))[None]
+        user = self.user_token.expand(b, -1)
+        for name, emb in self.user_emb.items():
+            if user_feats is not None and name in user_feats:
+                user = user + emb(user_feats[name])
+        x = torch.cat([user[:, None], x], dim=1)  # (B, 1+S, D)
+        keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), history_mask], 1)
+        mask = keep[:, None, None, :]  # (B, 1, 1, 1+S)
+        x = self.drop(x)
+        for layer in self.enc_layers:
+            x = layer(x, mask)
+        memory = self.enc_ln(x)
+        cross = [layer.cross_attn.project_kv(memory) for layer in self.dec_layers]
+        return Encoded(memory, mask, cross)
+
+    # ------------------------------------------------------------------ decoder
+    def target_tokens(self, codes: Tensor) -> Tensor:
+        """(B, M, L) codes → (B, M*L) decoder token ids (without the start token)."""
+        b, m, L = codes.shape
+        offsets = torch.arange(L, device=codes.device) * self.cfg.codebook_size
+        return (codes + offsets + 1).reshape(b, m * L)
+
+    def decode(
+        self,
+        enc: Encoded,
+        tokens: Tensor,  # (B, T) or (B, C, T) decoder input ids, from the start token on
+        start_pos: int = 0,
+        caches: list[dict] | None = None,
+    ) -> Tensor:
+        """Level-wise logits (B, [C,] T, K). Target position ``start_pos + t`` predicts
+        the code of level (start_pos + t) % L. With (B, C, T) tokens, C sequences share
+        request b's encoder output (teacher-forced scoring of candidates)."""
+        cfg = self.cfg
+        t = tokens.shape[-1]
+        pos = torch.arange(start_pos, start_pos + t, device=tokens.device)
+        x = self.drop(self.dec_tok(tokens) + self.dec_pos(pos))
+        for i, layer in enumerate(self.dec_layers):
+            x = layer(x, enc.cross_kv[i], enc.mask, None if caches is None else caches[i])
+        h = self.dec_ln(x)
+        levels = pos % cfg.levels  # (T,)
+        weight = self.head.weight.view(cfg.levels, cfg.codebook_size, cfg.dim)[levels]
+        return torch.einsum("...td,tkd->...tk", h, weight)  # (B, [C,] T, K)
+
+    def forward(
+        self,
+        history: Tensor,
+        history_mask: Tensor,
+        target: Tensor,  # (B, M, L) codes of the next session
+        target_mask: Tensor | None = None,  # (B, M) bool: which target items count
+        user_feats: dict[str, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Next-token loss (OneRec eq. 4) plus the MoE balance loss; returns (loss, parts)."""
+        enc = self.encode(history, history_mask, user_feats)
+        tgt = self.target_tokens(target)  # (B, M*L)
+        start = torch.zeros(tgt.shape[0], 1, dtype=tgt.dtype, device=tgt.device)
+        logits = self.decode(enc, torch.cat([start, tgt[:, :-1]], dim=1))  # (B, M*L, K)
+        labels = target.reshape(target.shape[0], -1)  # (B, M*L) codes
+        if target_mask is not None:
+            keep = target_mask.repeat_interleave(self.cfg.levels, dim=1)
+            labels = labels.masked_fill(~keep, -100)
+        ntp = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+        aux = self.moe_aux_loss()
+        loss = ntp + self.cfg.moe_aux_weight * aux
+        return loss, {"ntp": ntp.detach(), "moe_aux": aux.detach()}
+
+    # ------------------------------------------------------------------ MoE reporting
+    def moe_layers(self) -> list[MoEFFN]:
+        return [layer.ffn for layer in self.dec_layers if isinstance(layer.ffn, MoEFFN)]
+
+    def moe_aux_loss(self) -> Tensor:
+        losses = [m.last.aux_loss for m in self.moe_layers() if m.last is not None]
+        return torch.stack(losses).mean() if losses else torch.zeros(())
+
+    def expert_utilisation(self) -> list[list[float]]:
+        """Share of token assignments per expert, per MoE layer, in the last call."""
+        out = []
+        for m in self.moe_layers():
+            if m.last is not None:
+                c = m.last.counts
+                out.append((c / c.sum().clamp(min=1)).tolist())
+        return out
+
+    def num_params(self) -> dict[str, int]:
+        """Total parameters and those active per decoder token (top-k of E experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for m in self.moe_layers():
+            per_expert = sum(p[0].numel() for p in (m.w_up, m.b_up, m.w_down, m.b_down))
+            inactive += per_expert * (m.experts_n - m.top_k)
+        return {"total": total, "active": total - inactive}

@@ -1,0 +1,109 @@
+"""OneRec checkpoints on disk: safetensors + JSON, written whole, then made visible.
+
+A checkpoint is a directory::
+
+    model.safetensors       the model's weights
+    tokenizer.safetensors   the semantic-ID tokenizer (codebooks, item ids, codes)
+    config.json             model + tokenizer + training config, metrics, provenance
+
+It is written into a hidden sibling directory and renamed into place, so a reader sees
+either nothing or the whole checkpoint. Loading refuses non-finite weights and any shape
+or key mismatch: bad weights are never served. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.onerec import OneRec, OneRecConfig
+from models.tokenizer import SemanticIdTokenizer
+
+FORMAT = "recloop.onerec/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be loaded; the message says why."""
+
+
+@dataclass
+class Checkpoint:
+    model: OneRec
+    tokenizer: SemanticIdTokenizer
+    meta: dict
+    path: Path
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: OneRec,
+    tokenizer: SemanticIdTokenizer,
+    meta: dict | None = None,
+) -> Path:
+    """Write the checkpoint directory ``path`` atomically (it must not exist yet)."""
+    final = Path(path)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; checkpoints are written once")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        tok_tensors, tok_meta = tokenizer.state()
+        save_file(
+            {k: v.contiguous() for k, v in tok_tensors.items()}, str(tmp / "tokenizer.safetensors")
+        )
+        config = {
+            "format": FORMAT,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": model.cfg.to_dict(),
+            "tokenizer": tok_meta,
+            "params": model.num_params(),
+            **(meta or {}),
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for f in tmp.iterdir():  # durable before visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    root = Path(path)
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{root}: no config.json (not a checkpoint?)") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{root}/config.json is not valid JSON: {exc}") from exc
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{root}: format {config.get('format')!r}, expected {FORMAT!r}")
+    try:
+        weights = load_file(str(root / "model.safetensors"))
+        tok_tensors = load_file(str(root / "tokenizer.safetensors"))
+    except (FileNotFoundError, OSError) as exc:
+        raise CheckpointError(f"{root}: unreadable weights: {exc}") from exc
+    except Exception as exc:  # safetensors raises its own error type on corrupt files
+        raise CheckpointError(f"{root}: corrupt safetensors file: {exc}") from exc
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{root}: non-finite weights in {', '.join(sorted(bad)[:5])}")
+    try:
+        model = OneRec(OneRecConfig(**config["model"]))
+        model.load_state_dict(weights, strict=True)
+    except (TypeError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{root}: weights do not match the config: {exc}") from exc
+    tokenizer = SemanticIdTokenizer.from_state(tok_tensors, config["tokenizer"])
+    return Checkpoint(model.eval(), tokenizer, config, root)

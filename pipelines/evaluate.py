@@ -1,0 +1,279 @@
+"""Offline evaluation job: leave-one-out split, train a model, rank the test targets.
+
+    python -m pipelines.evaluate --model pop --data /path/to/ml-100k
+    python -m pipelines.evaluate --model sasrec --data ratings.csv --epochs 50 --out r.json
+
+Models come from ``MODELS``: a builder ``(split, seed, options) -> Ranker`` trains on
+``split.train`` (``split.val_*`` is there for early stopping) and returns a ranker. A
+builder may set ``ranker.train_info`` (a JSON-able dict) to have it written to the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.datasets import load_dataset
+from pipelines.evaluation import Ranker, Split, evaluate_full, evaluate_sampled, leave_one_out
+
+ModelBuilder = Callable[[Split, int, dict[str, Any]], Ranker]
+
+PROTOCOL = {
+    "split": "leave-one-out: last item = test, second-to-last = validation (early stopping)",
+    "full": "target ranked against all items; items in the user's history excluded",
+    "sampled": "target ranked against uniform negatives not in the history, seeded",
+    "ties": "pessimistic: rank = 1 + number of other items scoring >= the target",
+    "ndcg": "1/log2(rank+1) if rank <= k else 0, one relevant item",
+    "filter": "users with fewer than min_interactions interactions dropped before the split",
+}
+
+
+def build_pop(split: Split, seed: int, options: dict[str, Any]) -> Ranker:
+    from models.popularity import MostPopular
+
+    return MostPopular(split.num_items).fit(split.train)
+
+
+def build_sasrec(split: Split, seed: int, options: dict[str, Any]) -> Ranker:
+    """Options: epochs, batch_size, lr, patience, weight_decay, device, and any
+    ``SASRecConfig`` field (max_len, dim, heads, layers, dropout)."""
+    import inspect
+    from dataclasses import asdict, fields
+
+    from models.sasrec import SASRecConfig
+    from pipelines.train_sasrec import train_sasrec
+
+    cfg_keys = {f.name for f in fields(SASRecConfig)} - {"num_items"}
+    defaults = inspect.signature(train_sasrec).parameters
+    train_keys = ("epochs", "batch_size", "lr", "patience", "weight_decay", "device")
+    unknown = set(options) - cfg_keys - set(train_keys)
+    if unknown:
+        raise ValueError(f"unknown sasrec option(s): {', '.join(sorted(unknown))}")
+    config = SASRecConfig(
+        num_items=split.num_items, **{k: v for k, v in options.items() if k in cfg_keys}
+    )
+    train_kw = {k: options.get(k, defaults[k].default) for k in train_keys}
+    model, history = train_sasrec(
+        split.train,
+        split.num_items,
+        config,
+        seed=seed,
+        val=(split.val_histories, split.val_targets),
+        **train_kw,
+    )
+    best = max(history, key=lambda r: r["val_ndcg@10"])
+    model.train_info = {
+        "config": asdict(config),
+        "training": train_kw,
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"],
+        "best_val_ndcg@10": best["val_ndcg@10"],
+        "history": history,
+    }
+    return model
+
+
+def build_onerec(split: Split, seed: int, options: dict[str, Any]) -> Ranker:
+    """Options: epochs, stride, batch_size, lr, patience, val_users, and any ``OneRecConfig``
+    field (dim, moe_experts, session_len, ...). Genres join the tokenizer's embeddings
+    when the dataset is a MovieLens folder (``content_dir`` option)."""
+    from dataclasses import fields, replace
+
+    from models.onerec import OneRecConfig
+    from pipelines.pretrain import default_config, fit_onerec, genre_features
+    from pipelines.train_onerec import TrainConfig
+
+    options = dict(options)
+    content_dir = options.pop("content_dir", None)
+    model_keys = {f.name for f in fields(OneRecConfig)}
+    train_keys = {f.name for f in fields(TrainConfig)} - {"model", "tokenizer", "seed"}
+    unknown = set(options) - model_keys - train_keys
+    if unknown:
+        raise ValueError(f"unknown onerec option(s): {', '.join(sorted(unknown))}")
+    cfg = default_config(**{k: v for k, v in options.items() if k in model_keys})
+    cfg = replace(cfg, seed=seed, **{k: v for k, v in options.items() if k in train_keys})
+    content = None
+    if content_dir is not None:
+        from pipelines.datasets import load_dataset
+
+        content = genre_features(load_dataset(content_dir), Path(content_dir))
+    ranker, tokenizer, history, info = fit_onerec(split, cfg, content)
+    ranker.train_info = {
+        "config": cfg.to_dict(),
+        "params": ranker.model.num_params(),
+        "epochs_run": len(history),
+        "history": history,
+        "tokenizer": {k: v for k, v in info["tokenizer"].items() if not isinstance(v, list)},
+    }
+    return ranker
+
+
+MODELS: dict[str, ModelBuilder] = {
+    "pop": build_pop,
+    "sasrec": build_sasrec,
+    "onerec": build_onerec,
+}
+
+
+def _table(result: dict[str, Any]) -> str:
+    full, sampled = result["metrics"]["full"], result["metrics"]["sampled"]
+    ks = [int(k.split("@")[1]) for k in full if k.startswith("HR@")]
+    r = result
+    lines = [
+        f"{r['model']} on {r['dataset']}: {r['num_users']} users, {r['num_items']} items, "
+        f"seed {r['seed']}, train {r['train_seconds']:.1f} s",
+        f"{'protocol':<22}" + "".join(f"{'HR@' + str(k):>9}{'NDCG@' + str(k):>9}" for k in ks),
+        f"{'full ranking':<22}"
+        + "".join(f"{full[f'HR@{k}']:>9.4f}{full[f'NDCG@{k}']:>9.4f}" for k in ks),
+    ]
+    n = sampled["num_negatives"]
+    pad = ks.index(10) if 10 in ks else 0
+    lines.append(
+        f"{f'sampled ({n} negatives)':<22}"
+        + " " * 18 * pad
+        + f"{sampled['HR@10']:>9.4f}{sampled['NDCG@10']:>9.4f}"
+    )
+    return "\n".join(lines)
+
+
+def run_eval(
+    model: str,
+    dataset: str | Path,
+    seed: int = 0,
+    epochs: int | None = None,
+    options: dict[str, Any] | None = None,
+    min_interactions: int = 5,
+    ks: Sequence[int] = (5, 10, 20),
+    num_negatives: int = 100,
+    out_json: Path | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Split ``dataset`` leave-one-out, build ``model`` from ``MODELS`` on it, evaluate on
+    the test targets (full ranking and sampled); print a table, write ``out_json``."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
+    options = dict(options or {})
+    if epochs is not None:
+        options["epochs"] = epochs
+    if model == "onerec" and (Path(dataset) / "u.item").exists():
+        options.setdefault("content_dir", str(dataset))  # genres feed the SID tokenizer
+    ds = load_dataset(dataset, min_interactions=min_interactions)
+    split = leave_one_out(ds)
+    if log:
+        log(f"{ds.summary()}; {len(split.users)} users evaluated")
+
+    start = time.monotonic()
+    ranker = MODELS[model](split, seed, dict(options))
+    train_seconds = time.monotonic() - start
+    start = time.monotonic()
+    full = evaluate_full(ranker, split.test_histories, split.test_targets, ks=ks)
+    sampled = evaluate_sampled(
+        ranker,
+        split.test_histories,
+        split.test_targets,
+        num_negatives=num_negatives,
+        seed=seed,
+        num_items=split.num_items,
+    )
+    eval_seconds = time.monotonic() - start
+
+    result: dict[str, Any] = {
+        "model": model,
+        "dataset": ds.name,
+        "dataset_path": str(dataset),
+        "seed": seed,
+        "num_users": len(split.users),
+        "num_items": ds.num_items,
+        "num_interactions": ds.num_interactions,
+        "min_interactions": min_interactions,
+        "options": options,
+        "metrics": {"full": full, "sampled": sampled},
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "protocol": PROTOCOL,
+        "train_info": getattr(ranker, "train_info", None),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if log:
+        log(_table(result))
+    if out_json is not None:
+        out_json = Path(out_json)
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(result, indent=2) + "\n")
+        if log:
+            log(f"wrote {out_json}")
+    return result
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument(
+        "--data",
+        default="ml-100k",
+        help="MovieLens-100k folder, .csv/.parquet (user_id,item_id,timestamp), .txt (SASRec), "
+        "or a name: ml-100k (the configured folder), synthetic",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, help="maximum training epochs (trained models)")
+    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    parser.add_argument("--min-interactions", type=int, default=5)
+    parser.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=[],
+        type=_parse_option,
+        metavar="KEY=VALUE",
+        help="model option, e.g. -o dim=64 -o lr=0.001 (repeatable)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        run_eval(
+            args.model,
+            args.data,
+            seed=args.seed,
+            epochs=args.epochs,
+            options=dict(args.option),
+            min_interactions=args.min_interactions,
+            out_json=args.out,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

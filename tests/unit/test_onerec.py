@@ -1,0 +1,328 @@
+"""OneRec model, MoE, constrained beam search and checkpoints, on tiny sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.beam_search import (
+    CompiledTrie,
+    beam_search,
+    beam_search_reference,
+    score_all_items,
+    score_items,
+)
+from models.onerec import MoEFFN, OneRec, OneRecConfig
+from pipelines.train_onerec import TrainConfig, make_examples, train_onerec
+
+K, L = 8, 3
+
+
+def tiny_config(**kw) -> OneRecConfig:
+    base = dict(
+        levels=L,
+        codebook_size=K,
+        session_len=3,
+        max_history=10,
+        dim=32,
+        heads=2,
+        enc_layers=1,
+        dec_layers=2,
+        ffn_hidden=64,
+        moe_experts=4,
+        moe_top_k=2,
+        dropout=0.0,
+    )
+    base.update(kw)
+    return OneRecConfig(**base)
+
+
+def random_codes(n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(K**L, generator=g)[:n]
+    return torch.stack([flat // (K * K), (flat // K) % K, flat % K], dim=1)  # (n, L)
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    model = OneRec(tiny_config()).eval()
+    codes = random_codes(120)
+    trie = CompiledTrie(codes, torch.arange(1, 121), K)
+    g = torch.Generator().manual_seed(2)
+    hist_items = torch.randint(1, 121, (4, 10), generator=g)
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    mask[0, :6] = False  # a short history, left-padded
+    enc = model.encode(codes[hist_items - 1], mask)
+    return model, codes, trie, enc, hist_items
+
+
+# ------------------------------------------------------------------------------- MoE
+def test_moe_sends_each_token_to_top_k_experts_and_matches_the_dense_reference():
+    torch.manual_seed(0)
+    moe = MoEFFN(tiny_config()).eval()
+    x = torch.randn(5, 7, 32)
+    fast = moe(x)
+    counts = moe.last.counts
+    ref = moe.forward_reference(x)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    assert counts.sum() == 5 * 7 * 2  # every token assigned to exactly k=2 experts
+    gates, top_i, _ = moe._gates(x.reshape(-1, 32))
+    torch.testing.assert_close(gates.sum(-1), torch.ones(35))
+    assert (top_i[:, 0] != top_i[:, 1]).all()
+
+
+def test_load_balancing_loss_penalises_a_router_that_favours_one_expert():
+    torch.manual_seed(0)
+    moe = MoEFFN(tiny_config())
+    x = torch.randn(256, 32)
+    x[:, 0] = 1.0  # a constant feature the router can latch onto
+    with torch.no_grad():
+        moe.router.weight.normal_(std=0.01)
+    moe(x)
+    balanced = float(moe.last.aux_loss.detach())
+    with torch.no_grad():
+        moe.router.weight[0, 0] = 10.0  # experts 0 and 1 win every token
+        moe.router.weight[1, 0] = 8.0
+    moe(x)
+    assert moe.last.counts.tolist() == [256, 256, 0, 0]
+    assert float(moe.last.aux_loss.detach()) > balanced + 0.5
+    # The loss is differentiable in the router, so training can push towards balance.
+    moe.zero_grad()
+    moe(x)
+    moe.last.aux_loss.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_expert_utilisation_is_reported_per_layer():
+    torch.manual_seed(0)
+    model = OneRec(tiny_config())
+    hist = random_codes(10)[None].expand(2, -1, -1)
+    model(
+        hist, torch.ones(2, 10, dtype=torch.bool), random_codes(3, seed=5)[None].expand(2, -1, -1)
+    )
+    util = model.expert_utilisation()
+    assert len(util) == 2 and all(len(u) == 4 for u in util)
+    assert all(abs(sum(u) - 1.0) < 1e-6 for u in util)
+    dense = OneRec(tiny_config(moe_experts=0))
+    assert (
+        dense.expert_utilisation() == []
+        and dense.num_params()["active"] == dense.num_params()["total"]
+    )
+    assert model.num_params()["active"] < model.num_params()["total"]
+
+
+# ------------------------------------------------------------------------------- training
+def test_make_examples_cuts_sessions_and_pads():
+    hist, tgt = make_examples([[1, 2, 3, 4, 5, 6, 7]], max_history=4, session_len=3, stride=3)
+    assert hist.tolist() == [[0, 0, 0, 1], [1, 2, 3, 4]]
+    assert tgt.tolist() == [[2, 3, 4], [5, 6, 7]]
+    _, tgt = make_examples([[1, 2, 3]], max_history=2, session_len=3, stride=1)
+    assert tgt.tolist() == [[2, 3, 0], [3, 0, 0]]
+
+
+def test_training_loss_decreases_on_a_tiny_planted_dataset():
+    codes = torch.zeros(31, L, dtype=torch.long)
+    codes[1:] = random_codes(30)
+    # Deterministic cycles: after item i comes item i + 1.
+    seqs = [[(s + j) % 30 + 1 for j in range(12)] for s in range(30)]
+    cfg = TrainConfig(
+        model=tiny_config(),
+        epochs=25,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=5,
+        stride=1,
+        patience=100,
+    )
+    model, history = train_onerec(seqs, codes, cfg, log=lambda _: None)
+    first, last = history[0]["ntp_loss"], history[-1]["ntp_loss"]
+    assert last < 0.5 * first, (first, last)
+
+
+# ------------------------------------------------------------------------------- search
+def test_cached_beam_search_returns_the_same_beams_and_scores_as_the_reference(setup):
+    model, _, trie, enc, hist = setup
+    exclude = hist.tolist()
+    fast = beam_search(model, enc, trie, beam_width=16, exclude=exclude)
+    slow = beam_search_reference(model, enc, trie, beam_width=16, exclude=exclude)
+    assert torch.equal(fast.items, slow.items)
+    torch.testing.assert_close(fast.scores, slow.scores, rtol=1e-5, atol=1e-4)
+    assert (fast.scores[:, :-1] >= fast.scores[:, 1:]).all()  # best first
+
+
+def test_every_emitted_sid_is_a_real_item_never_repeated_nor_excluded(setup):
+    model, codes, trie, enc, hist = setup
+    beams = beam_search(model, enc, trie, beam_width=32, exclude=hist.tolist())
+    sid_to_item = {tuple(c): i + 1 for i, c in enumerate(codes.tolist())}
+    for b in range(4):
+        for w in range(32):
+            items = beams.items[b, w].tolist()
+            assert len(set(items)) == len(items)
+            assert not set(items) & set(hist[b].tolist())
+            sids = beams.codes[b, w].view(-1, L).tolist()
+            assert [sid_to_item[tuple(s)] for s in sids] == items
+
+
+def test_a_beam_score_is_the_teacher_forced_log_probability_of_its_session(setup):
+    model, _, trie, enc, _ = setup
+    beams = beam_search(model, enc, trie, beam_width=4)
+    session = beams.codes[:, 0]  # (B, M*L) best session per request
+    tokens = model.target_tokens(session.view(4, -1, L))
+    start = torch.zeros(4, 1, dtype=torch.long)
+    logp = model.decode(enc, torch.cat([start, tokens[:, :-1]], 1)).log_softmax(-1)
+    total = logp.gather(-1, session[..., None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(total, beams.scores[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_item_scoring_matches_one_sequence_per_row(setup):
+    model, codes, _, enc, _ = setup
+    grouped = score_items(model, enc, codes[None].expand(4, -1, -1))
+    for b in range(4):
+        rows = enc.index_select(torch.full((len(codes),), b))
+        toks = torch.cat(
+            [
+                torch.zeros(len(codes), 1, dtype=torch.long),
+                (codes + torch.arange(L) * K + 1)[:, :-1],
+            ],
+            1,
+        )
+        lp = model.decode(rows, toks).log_softmax(-1).gather(-1, codes[..., None])
+        torch.testing.assert_close(grouped[b], lp.squeeze(-1).sum(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_trie_walk_scores_every_item_like_teacher_forcing(setup):
+    model, codes, trie, enc, _ = setup
+    walk = score_all_items(model, enc, trie)  # (B, 121)
+    forced = score_items(model, enc, codes[None].expand(4, -1, -1))
+    assert torch.isinf(walk[:, 0]).all()
+    torch.testing.assert_close(walk[:, 1:], forced, rtol=1e-4, atol=1e-4)
+
+
+def test_cold_start_item_inserted_in_the_trie_is_decodable_at_once(setup):
+    model, codes, _, enc, _ = setup
+    # A catalogue of exactly M items: every session is a permutation of them.
+    small = CompiledTrie(codes[:3], torch.tensor([1, 2, 3]), K)
+    before = beam_search(model, enc, small, beam_width=8)
+    assert {frozenset(r) for r in before.items.view(-1, 3).tolist() if -1 not in r} == {
+        frozenset({1, 2, 3})
+    }
+    small.add(codes[50].tolist(), 99)
+    after = beam_search(model, enc, small, beam_width=32)
+    assert (after.items == 99).any()
+    with pytest.raises(ValueError, match="already belongs"):
+        small.add(codes[50].tolist(), 100)
+
+
+def test_trie_refuses_codes_outside_the_codebook():
+    with pytest.raises(ValueError, match="outside"):
+        CompiledTrie(torch.tensor([[0, 0, K]]), torch.tensor([1]), K)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def _tokenizer(n: int = 60):
+    from models.tokenizer import SemanticIdTokenizer, TokenizerConfig
+
+    torch.manual_seed(0)
+    return SemanticIdTokenizer.fit(
+        torch.randn(n, 8), list(range(1, n + 1)), TokenizerConfig(levels=L, codebook_size=K, seed=0)
+    )
+
+
+def test_checkpoint_round_trip_reproduces_the_model_and_tokenizer(tmp_path, setup):
+    from pipelines.checkpoint import load_checkpoint, save_checkpoint
+
+    model, codes, _, enc, _ = setup
+    tok = _tokenizer()
+    path = save_checkpoint(tmp_path / "v1", model, tok, {"version": "v1"})
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.safetensors",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["v1"]  # no temp dir left behind
+    ck = load_checkpoint(path)
+    assert (
+        ck.meta["version"] == "v1"
+        and ck.tokenizer.codes([1, 2]).tolist() == tok.codes([1, 2]).tolist()
+    )
+    c = codes[None, :10].expand(4, -1, -1)
+    torch.testing.assert_close(
+        score_items(
+            ck.model,
+            ck.model.encode(
+                torch.zeros(4, 10, L, dtype=torch.long), torch.ones(4, 10, dtype=torch.bool)
+            ),
+            c,
+        ),
+        score_items(
+            model,
+            model.encode(
+                torch.zeros(4, 10, L, dtype=torch.long), torch.ones(4, 10, dtype=torch.bool)
+            ),
+            c,
+        ),
+    )
+    with pytest.raises(FileExistsError):
+        save_checkpoint(path, model, tok)
+
+
+def test_bad_checkpoints_are_refused_with_a_reason(tmp_path, setup):
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    model, *_ = setup
+    tok = _tokenizer()
+    nan = save_checkpoint(tmp_path / "nan", model, tok)
+    weights = load_file(str(nan / "model.safetensors"))
+    weights["head.weight"][0, 0] = float("nan")
+    save_file(weights, str(nan / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_checkpoint(nan)
+
+    corrupt = save_checkpoint(tmp_path / "corrupt", model, tok)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="corrupt|unreadable"):
+        load_checkpoint(corrupt)
+
+    mismatch = save_checkpoint(tmp_path / "mismatch", model, tok)
+    cfg = json.loads((mismatch / "config.json").read_text())
+    cfg["model"]["dim"] = 64
+    (mismatch / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(mismatch)
+
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_checkpoint(tmp_path)
+
+
+def test_onerec_runs_through_the_evaluation_harness_and_its_scores_rank_items(tmp_path):
+    from pipelines.evaluate import run_eval
+
+    out = tmp_path / "onerec.json"
+    result = run_eval(
+        "onerec",
+        "synthetic",
+        seed=0,
+        epochs=1,
+        out_json=out,
+        log=None,
+        options={
+            "dim": 32,
+            "heads": 2,
+            "enc_layers": 1,
+            "dec_layers": 1,
+            "ffn_hidden": 64,
+            "codebook_size": 8,
+            "val_users": 20,
+            "batch_size": 64,
+        },
+    )
+    saved = json.loads(out.read_text())
+    assert saved["model"] == "onerec"
+    full = saved["metrics"]["full"]
+    assert 0.0 <= full["NDCG@10"] <= full["HR@10"] <= 1.0
+    assert result is not None
