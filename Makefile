@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka clean
+.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam pretrain eval clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -73,6 +73,18 @@ down: install  ## stop the local stack
 
 purge: install  ## stop the stack and delete its data (the jar cache stays)
 	$(BIN)/recloop down --purge
+
+DATA ?= ../shared/data/ml-100k
+MODEL ?= onerec
+
+pretrain: install  ## pre-train the seed OneRec model on DATA (default MovieLens-100k)
+	$(BIN)/recloop pretrain --data $(DATA)
+
+eval: install  ## offline evaluation of MODEL (onerec|sasrec|pop) on DATA, table + JSON
+	$(BIN)/recloop eval --model $(MODEL) --data $(DATA) --out benchmarks/results/eval_$(MODEL).json
+
+bench-beam: install  ## beam-search latency, throughput, KV-cache speed-up and MFU
+	$(BIN)/python -m benchmarks.beam_search
 
 bench-kafka: install  ## producer/consumer throughput of the event helpers vs raw kafka-python
 	$(BIN)/python -m benchmarks.kafka_throughput

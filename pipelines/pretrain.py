@@ -100,6 +100,11 @@ def default_config(quick: bool = False, **model_overrides) -> TrainConfig:
     return cfg
 
 
+# The seed model must be ready within 10 minutes on a 2-core machine: stop training in
+# time for the final evaluation and the checkpoint write.
+PRETRAIN_BUDGET_MIN = 8.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recloop pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -116,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="2 epochs, for smoke runs")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=PRETRAIN_BUDGET_MIN,
+        help="stop training after this wall time (checked per epoch)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -130,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     cfg = default_config(args.quick, **overrides)
     cfg = replace(
-        cfg, seed=args.seed, stride=args.stride, epochs=args.epochs if args.epochs else cfg.epochs
+        cfg,
+        seed=args.seed,
+        stride=args.stride,
+        epochs=args.epochs if args.epochs else cfg.epochs,
+        max_minutes=args.max_minutes,
     )
 
     started = time.monotonic()

@@ -326,3 +326,20 @@ def test_onerec_runs_through_the_evaluation_harness_and_its_scores_rank_items(tm
     full = saved["metrics"]["full"]
     assert 0.0 <= full["NDCG@10"] <= full["HR@10"] <= 1.0
     assert result is not None
+
+
+def test_pretrain_job_writes_a_loadable_versioned_checkpoint(tmp_path, capsys):
+    from pipelines.checkpoint import load_checkpoint
+    from pipelines.pretrain import main
+
+    out = tmp_path / "seed-v1"
+    assert (
+        main(["--data", "synthetic", "--quick", "--dim", "32", "--threads", "1", "--out", str(out)])
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["checkpoint"] == str(out)
+    ck = load_checkpoint(out)
+    assert ck.meta["version"] == "seed-v1" and ck.tokenizer.num_items == 300
+    assert ck.meta["metrics"]["test_full"]["users"] == 200
+    assert len(ck.meta["history"]) == 2  # --quick: two epochs
