@@ -24,30 +24,21 @@ user_profile_source = FileSource(
     path="data/user_profile.parquet",
     timestamp_field="event_timestamp",
 )
-user_history_push = PushSource(
-    name="user_history_push",
-    batch_source=FileSource(
-        name="user_history_batch",
-        path="data/user_history.parquet",
-        timestamp_field="event_timestamp",
-    ),
-)
-user_stats_push = PushSource(
-    name="user_stats_push",
-    batch_source=FileSource(
-        name="user_stats_batch",
-        path="data/user_stats.parquet",
-        timestamp_field="event_timestamp",
-    ),
-)
-item_stats_push = PushSource(
-    name="item_stats_push",
-    batch_source=FileSource(
-        name="item_stats_batch",
-        path="data/item_stats.parquet",
-        timestamp_field="event_timestamp",
-    ),
-)
+
+
+def _push_source(name: str) -> PushSource:
+    """A push source whose offline copy is ``data/<name>.parquet``."""
+    return PushSource(
+        name=f"{name}_push",
+        batch_source=FileSource(
+            name=f"{name}_batch", path=f"data/{name}.parquet", timestamp_field="event_timestamp"
+        ),
+    )
+
+
+user_history_push = _push_source("user_history")
+user_stats_push = _push_source("user_stats")
+item_stats_push = _push_source("item_stats")
 
 user_profile = FeatureView(
     name="user_profile",

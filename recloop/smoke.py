@@ -14,7 +14,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pandas as pd
-import requests
 
 from infra.kafka.topics import DLQ, IMPRESSIONS, INTERACTIONS
 from recloop.config import StackConfig
@@ -130,24 +129,13 @@ def _serve_round_trip(cfg: StackConfig) -> str:
     connect(cfg)
     try:
         app.deploy()
-        url = f"http://{cfg.ray.host}:{cfg.ray.serve_port}{app.ROUTE}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                resp = requests.get(url, params={"echo": "hello"}, timeout=5)
-                if resp.status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{url} did not answer within 60 s")
-            time.sleep(0.5)
-        body = resp.json()
+        body = app.ping(cfg.ray.host, cfg.ray.serve_port, echo="hello")
         if body.get("echo") != "hello":
-            raise AssertionError(f"unexpected answer from {url}: {body}")
+            raise AssertionError(f"unexpected answer from {app.ROUTE}: {body}")
         app.delete()
     finally:
         ray.shutdown()
+    url = f"http://{cfg.ray.host}:{cfg.ray.serve_port}{app.ROUTE}"
     return f"GET {url} answered by replica {body['replica']}"
 
 

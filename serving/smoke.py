@@ -4,7 +4,10 @@ stack's integration tests."""
 
 from __future__ import annotations
 
+import time
+
 import ray
+import requests
 from ray import serve
 from starlette.requests import Request
 
@@ -31,3 +34,19 @@ def deploy() -> None:
 
 def delete() -> None:
     serve.delete(APP_NAME)
+
+
+def ping(host: str, port: int, echo: str, timeout_s: float = 60.0) -> dict:
+    """GET the app until it answers 200 (replicas take a few seconds to come up)."""
+    url = f"http://{host}:{port}{ROUTE}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            resp = requests.get(url, params={"echo": echo}, timeout=5)
+            if resp.status_code == 200:
+                return resp.json()
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.5)
