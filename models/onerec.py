@@ -40,6 +40,11 @@ class OneRecConfig:
     dropout: float = 0.1
     # Categorical user features (name → cardinality incl. index 0 = unknown).
     user_features: dict[str, int] = field(default_factory=dict)
+    # > 0: history items also get a learned id embedding (ids < item_vocab; 0 = padding or
+    # an item the model has not seen, which falls back to its SID codes alone). Sums of
+    # three shared code embeddings blur items that share a prefix; on small catalogues
+    # the id embedding brings back what tells them apart. Cold start still works.
+    item_vocab: int = 0
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -254,6 +259,7 @@ class OneRec(nn.Module):
         # Encoder: an item is the sum of its level-wise code embeddings.
         self.code_emb = nn.Embedding(L * K, d)
         self.hist_pos = nn.Embedding(cfg.max_history, d)
+        self.item_emb = nn.Embedding(cfg.item_vocab, d, padding_idx=0) if cfg.item_vocab else None
         self.user_emb = nn.ModuleDict({n: nn.Embedding(c, d) for n, c in cfg.user_features.items()})
         self.user_token = nn.Parameter(torch.zeros(d))
         self.enc_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
@@ -275,6 +281,9 @@ class OneRec(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
 
     # ------------------------------------------------------------------ encoder
     def encode(
@@ -282,11 +291,15 @@ class OneRec(nn.Module):
         history: Tensor,  # (B, S, L) codes, left-padded
         history_mask: Tensor,  # (B, S) bool, True = real item
         user_feats: dict[str, Tensor] | None = None,  # name -> (B,) ints, 0 = unknown
+        history_items: Tensor | None = None,  # (B, S) item ids, used when item_vocab > 0
     ) -> Encoded:
         cfg = self.cfg
         b, s, L = history.shape
         offsets = torch.arange(L, device=history.device) * cfg.codebook_size
         x = self.code_emb(history.clamp(min=0) + offsets).sum(dim=2)  # (B, S, D)
+        if self.item_emb is not None and history_items is not None:
+            known = (history_items > 0) & (history_items < cfg.item_vocab)
+            x = x + self.item_emb(history_items * known)  # row 0 (padding, unseen) is zero
         x = x + self.hist_pos(torch.arange(s, device=history.device))[None]
         user = self.user_token.expand(b, -1)
         for name, emb in self.user_emb.items():
@@ -337,9 +350,10 @@ class OneRec(nn.Module):
         target: Tensor,  # (B, M, L) codes of the next session
         target_mask: Tensor | None = None,  # (B, M) bool: which target items count
         user_feats: dict[str, Tensor] | None = None,
+        history_items: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Next-token loss (OneRec eq. 4) plus the MoE balance loss; returns (loss, parts)."""
-        enc = self.encode(history, history_mask, user_feats)
+        enc = self.encode(history, history_mask, user_feats, history_items)
         tgt = self.target_tokens(target)  # (B, M*L)
         start = torch.zeros(tgt.shape[0], 1, dtype=tgt.dtype, device=tgt.device)
         logits = self.decode(enc, torch.cat([start, tgt[:, :-1]], dim=1))  # (B, M*L, K)

@@ -63,6 +63,8 @@ def fit_onerec(
 ) -> tuple[OneRecRanker, SemanticIdTokenizer, list[dict], dict]:
     """Tokenizer + model trained on ``split.train``, early-stopped on validation."""
     torch.manual_seed(cfg.seed)
+    if cfg.item_embeddings and not cfg.model.item_vocab:
+        cfg = replace(cfg, model=replace(cfg.model, item_vocab=split.num_items + 1))
     t0 = time.monotonic()
     tokenizer = build_tokenizer(split.train, split.num_items, cfg, content)
     tok_s = time.monotonic() - t0

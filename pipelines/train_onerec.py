@@ -35,7 +35,8 @@ class TrainConfig:
     stride: int | None = None  # default: session_len (consecutive sessions)
     seed: int = 0
     patience: int = 2  # epochs without validation gain before stopping
-    val_users: int | None = 300  # validate on a seeded subsample (None: all users)
+    item_embeddings: bool = True  # learned id embeddings for history items (item_vocab)
+    val_users: int | None = None  # validate on a seeded subsample (None: all users)
     max_minutes: float | None = None  # stop after this wall time (checked per epoch)
 
     def to_dict(self) -> dict:
@@ -105,7 +106,7 @@ class OneRecRanker:
 
     def encode(self, histories: Sequence[Sequence[int]]):
         items = pad_histories(histories, self.model.cfg.max_history)
-        return self.model.encode(self.codes[items], items > 0)
+        return self.model.encode(self.codes[items], items > 0, history_items=items)
 
     @torch.no_grad()
     def score(self, histories: list[list[int]], candidates: torch.Tensor | None) -> torch.Tensor:
@@ -171,7 +172,7 @@ def train_onerec(
             h, t = hist[idx], tgt[idx]
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, cfg)
-            loss, parts = model(codes[h], h > 0, codes[t], t > 0)
+            loss, parts = model(codes[h], h > 0, codes[t], t > 0, history_items=h)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

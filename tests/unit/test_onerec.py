@@ -343,3 +343,18 @@ def test_pretrain_job_writes_a_loadable_versioned_checkpoint(tmp_path, capsys):
     assert ck.meta["version"] == "seed-v1" and ck.tokenizer.num_items == 300
     assert ck.meta["metrics"]["test_full"]["users"] == 200
     assert len(ck.meta["history"]) == 2  # --quick: two epochs
+
+
+def test_item_id_embeddings_tell_items_apart_and_unknown_ids_fall_back_to_codes():
+    torch.manual_seed(0)
+    model = OneRec(tiny_config(item_vocab=11)).eval()
+    codes = random_codes(3)[None]  # (1, 3, L)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    plain = model.encode(codes, mask).memory
+    with_ids = model.encode(codes, mask, history_items=torch.tensor([[1, 2, 3]])).memory
+    assert not torch.allclose(plain, with_ids)
+    # Ids the model never saw (>= item_vocab, e.g. cold-start items) use their codes only.
+    unseen = model.encode(codes, mask, history_items=torch.tensor([[50, 60, 70]])).memory
+    torch.testing.assert_close(
+        unseen, model.encode(codes, mask, history_items=torch.zeros(1, 3, dtype=torch.long)).memory
+    )
