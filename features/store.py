@@ -7,6 +7,7 @@ by ``recloop up`` only, so the registry has a single writer.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,6 +73,8 @@ def yaml_path(cfg: StackConfig) -> Path:
 def open_store(cfg: StackConfig) -> FeatureStore:
     """The Feast store of this stack (definitions must have been applied by ``up``)."""
     cfg.feast_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.feast.online_store == "redis":  # feature_store.redis.yaml reads it from the env
+        os.environ.setdefault("RECLOOP_REDIS_CONNECTION", cfg.feast.redis_connection)
     return FeatureStore(repo_path=str(cfg.feast_dir), fs_yaml_file=yaml_path(cfg))
 
 
