@@ -16,8 +16,9 @@ from pipelines.datasets import SequenceDataset
 from pipelines.evaluate import MODELS, main, run_eval
 from pipelines.evaluation import evaluate_full, evaluate_sampled, leave_one_out
 from pipelines.train_sasrec import make_windows, train_sasrec
+from recloop.config import DataConfig
 
-ML100K = Path("/work/shared/data/ml-100k")
+ML100K = DataConfig().movielens_dir  # read in place, from the configured folder
 
 
 def cycles(num_users: int = 80, num_items: int = 30, seed: int = 0) -> SequenceDataset:

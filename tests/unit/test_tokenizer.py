@@ -8,7 +8,6 @@ import itertools
 import json
 import random
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +21,9 @@ from models.tokenizer import (
     collaborative_item_embeddings,
     residual_balanced_kmeans,
 )
+from recloop.config import DataConfig
 
-ML100K = Path("/work/shared/data/ml-100k")
+ML100K = DataConfig().movielens_dir  # read in place, from the configured folder
 N, D = 300, 16
 CFG = TokenizerConfig(levels=3, codebook_size=8, kmeans_iters=30, seed=0)  # 512 SIDs > 300
 CFG_NEAREST = TokenizerConfig(
