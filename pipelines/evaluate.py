@@ -108,7 +108,7 @@ def build_onerec(split: Split, seed: int, options: dict[str, Any]) -> Ranker:
         content = genre_features(load_dataset(content_dir), Path(content_dir))
     ranker, tokenizer, history, info = fit_onerec(split, cfg, content)
     ranker.train_info = {
-        "config": cfg.to_dict(),
+        "config": info["config"],
         "params": ranker.model.num_params(),
         "epochs_run": len(history),
         "history": history,

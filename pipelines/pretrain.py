@@ -88,7 +88,8 @@ def fit_onerec(
 
     model, history = train_onerec(split.train, codes, cfg, validate=validate, log=log)
     timings = {"tokenizer_s": tok_s, "train_s": time.monotonic() - t0 - tok_s}
-    return OneRecRanker(model, codes), tokenizer, history, {"tokenizer": stats, **timings}
+    info = {"tokenizer": stats, "config": cfg.to_dict(), **timings}  # the config as trained
+    return OneRecRanker(model, codes), tokenizer, history, info
 
 
 def default_config(quick: bool = False, **model_overrides) -> TrainConfig:
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "version": out.name,
         "data": {"name": ds.name, "users": len(split.users), "items": ds.num_items},
-        "train": cfg.to_dict(),
+        "train": info.pop("config"),
         "history": history,
         "metrics": {"test_full": test, **info},
         "wall_s": elapsed,

@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,11 +102,11 @@ def terminate(pid: int, timeout_s: float = 30.0, group: bool = True) -> bool:
 
 
 def processes_matching(marker: str) -> list[psutil.Process]:
-    """Live processes whose command line contains ``marker``."""
+    """Live processes other than this one whose command line contains ``marker``."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
                 continue
             if marker in " ".join(proc.info["cmdline"] or ()):
                 found.append(proc)
@@ -145,12 +144,3 @@ def log_tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return f"(no log at {path})"
-
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.25) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())

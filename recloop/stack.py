@@ -151,12 +151,18 @@ class Stack:
             progress(f"ray: {self.ray_head.stop()}")
         if self.broker is not None:
             progress(f"kafka: {self.broker.stop()}")
+        # What `up` starts names these folders on its command line; a command that merely
+        # mentions the home (`recloop down --home ...`, a shell around it) does not count.
+        markers = (self.cfg.home / "kafka", self.cfg.home / "ray")
         leftovers = [
             f"{p.pid}: {' '.join(p.cmdline())[:120]}"
-            for p in processes_matching(str(self.cfg.home))
+            for m in markers
+            for p in processes_matching(str(m))
         ]
         if purge:
-            for sub in ("kafka", "feast", "ray", "run"):
+            if self.broker is not None:
+                self.broker.purge()
+            for sub in ("feast", "ray", "run"):
                 shutil.rmtree(self.cfg.home / sub, ignore_errors=True)
             progress(f"purged state under {self.cfg.home} (the jar cache stays)")
         return leftovers

@@ -325,7 +325,7 @@ def test_onerec_runs_through_the_evaluation_harness_and_its_scores_rank_items(tm
     assert saved["model"] == "onerec"
     full = saved["metrics"]["full"]
     assert 0.0 <= full["NDCG@10"] <= full["HR@10"] <= 1.0
-    assert result is not None
+    assert result["metrics"]["full"] == full  # the JSON is what run_eval returned
 
 
 def test_pretrain_job_writes_a_loadable_versioned_checkpoint(tmp_path, capsys):
