@@ -77,6 +77,7 @@ class Beams:
     items: Tensor  # (B, W, M) item ids, -1 where a beam died (fewer valid sessions than W)
     scores: Tensor  # (B, W) log p of each session, best first
     codes: Tensor  # (B, W, M*L) generated codes
+    item_scores: Tensor  # (B, W, M) log p of each item given the history and those before it
 
 
 StepFn = Callable[[Encoded, Tensor, int, list[dict]], Tensor]
@@ -125,6 +126,7 @@ def _search(
     tokens = torch.zeros(B * W, 1, dtype=torch.long, device=dev)  # start token
     codes = torch.zeros(B * W, 0, dtype=torch.long, device=dev)
     items = torch.zeros(B * W, 0, dtype=torch.long, device=dev)
+    item_lp = torch.zeros(B * W, M, device=dev)
     caches: list[dict] = [{} for _ in model.dec_layers]
     step: StepFn = (
         (lambda e, tok, t, c: _step_cached(model, e, tok, t, c))
@@ -147,6 +149,9 @@ def _search(
         alive = top_scores.reshape(-1) > NEG_INF
 
         node = torch.where(alive, child[node[src], code], 0)
+        gain = top_scores.reshape(-1) - scores.reshape(-1)[src]  # this token's log p
+        item_lp = item_lp[src]
+        item_lp[:, t // L] += torch.where(alive, gain, torch.zeros_like(gain))
         used, codes, items = used[src], codes[src], items[src]
         for c in caches:
             if c:
@@ -161,7 +166,7 @@ def _search(
         scores = top_scores
         tokens = torch.cat([tokens, (1 + level * K + code)[:, None]], dim=1)
 
-    return Beams(items.view(B, W, M), scores, codes.view(B, W, M * L))
+    return Beams(items.view(B, W, M), scores, codes.view(B, W, M * L), item_lp.view(B, W, M))
 
 
 def beam_search(

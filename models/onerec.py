@@ -7,6 +7,14 @@ as M×L SID tokens after a start token (OneRec eq. 3) with next-token cross-entr
 load-balancing loss. Incremental decoding with a KV cache lives here too, so beam search
 (``models/beam_search.py``) runs the encoder once per request.
 
+One departure from the paper, for training efficiency: the encoder is causal (item i
+attends to the user token and items <= i; positions count from the oldest item). Its
+state after item p then depends on items <= p only, so one encoder pass over a window
+of a user's sequence serves every prefix of it: training decodes the next session after
+each prefix against the memory cut at that prefix (``forward(..., prefix_end=...)``), which is what SASRec-style training gets from its causal mask, at the
+cost of one encoder pass per window instead of one per example. The encoder's state at
+the latest item (like SASRec's user vector) also conditions every decoder token.
+
 Token layout: item codes are (c_1..c_L), c_l in [0, K). Decoder input token ids are
 0 = start, 1 + l*K + c for code c at level l. Position t of the decoder predicts the code
 at level t % L, so its logits are over K codes of that level.
@@ -37,7 +45,8 @@ class OneRecConfig:
     moe_top_k: int = 2
     expert_hidden: int | None = None  # default ffn_hidden // top_k: equal active params
     moe_aux_weight: float = 0.01
-    dropout: float = 0.1
+    dropout: float = 0.1  # on embeddings and residual branches
+    attn_dropout: float = 0.0  # on attention weights: costly on CPU (a mask per score)
     # Categorical user features (name → cardinality incl. index 0 = unknown).
     user_features: dict[str, int] = field(default_factory=dict)
     # > 0: history items also get a learned id embedding (ids < item_vocab; 0 = padding or
@@ -45,6 +54,10 @@ class OneRecConfig:
     # three shared code embeddings blur items that share a prefix; on small catalogues
     # the id embedding brings back what tells them apart. Cold start still works.
     item_vocab: int = 0
+    # > 0 (needs item_vocab): weight of an auxiliary next-item loss on the encoder state
+    # at each prefix's latest item (a softmax over the id embeddings, as in SASRec). It
+    # trains the encoder with dense item-level gradients; ranking stays generative.
+    next_item_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -74,7 +87,7 @@ class Attention(nn.Module):
         self.q = nn.Linear(cfg.dim, cfg.dim)
         self.kv = nn.Linear(cfg.dim, 2 * cfg.dim)
         self.out = nn.Linear(cfg.dim, cfg.dim)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attn_dropout
 
     def _split(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, D/H)
         b, t, d = x.shape
@@ -239,8 +252,9 @@ class Encoded:
     """The encoder's output for a batch, reusable across decoding steps."""
 
     memory: Tensor  # (B, S, D)
-    mask: Tensor  # (B, 1, 1, S) bool, True = real token
+    mask: Tensor  # (B, 1, 1, S) bool, True = a token the decoder may attend to
     cross_kv: list[tuple[Tensor, Tensor]]  # per decoder layer
+    summary: Tensor  # (B, [C,] D) decoder conditioning: encoder state at the latest item
 
     def index_select(self, index: Tensor) -> Encoded:
         """Rows ``index`` (e.g. repeat each request for its beams)."""
@@ -248,12 +262,29 @@ class Encoded:
             self.memory.index_select(0, index),
             self.mask.index_select(0, index),
             [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv],
+            self.summary.index_select(0, index),
         )
+
+    def prefixes(self, prefix_end: Tensor, tokens: int) -> Encoded:
+        """C prefixes per row, decoded together as (B, C, T) sequences of ``tokens``
+        tokens: sequence c of row b sees memory up to and including position
+        ``prefix_end[b, c]`` (B, C). With a causal encoder that is exactly what encoding
+        the prefix alone would give."""
+        b, c = prefix_end.shape
+        pos = torch.arange(self.memory.shape[1], device=prefix_end.device)
+        visible = pos[None, None, :] <= prefix_end[:, :, None]  # (B, C, S)
+        visible = visible & self.mask[:, 0]  # padding stays hidden
+        mask = visible.repeat_interleave(tokens, dim=1)[:, None]  # (B, 1, C*T, S)
+        index = prefix_end[:, :, None].expand(-1, -1, self.memory.shape[-1])
+        summary = self.memory.gather(1, index)  # (B, C, D)
+        return Encoded(self.memory, mask, self.cross_kv, summary)
 
 
 class OneRec(nn.Module):
     def __init__(self, cfg: OneRecConfig) -> None:
         super().__init__()
+        if cfg.next_item_weight and not cfg.item_vocab:
+            raise ValueError("next_item_weight needs item_vocab > 0 (the id embeddings)")
         self.cfg = cfg
         d, L, K = cfg.dim, cfg.levels, cfg.codebook_size
         # Encoder: an item is the sum of its level-wise code embeddings.
@@ -267,6 +298,7 @@ class OneRec(nn.Module):
         # Decoder.
         self.dec_tok = nn.Embedding(1 + L * K, d)
         self.dec_pos = nn.Embedding(cfg.target_len + 1, d)
+        self.dec_cond = nn.Linear(d, d)  # the encoder summary, added to every decoder token
         self.dec_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.dec_ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, L * K, bias=False)  # level l's logits: slice l*K:(l+1)*K
@@ -300,7 +332,10 @@ class OneRec(nn.Module):
         if self.item_emb is not None and history_items is not None:
             known = (history_items > 0) & (history_items < cfg.item_vocab)
             x = x + self.item_emb(history_items * known)  # row 0 (padding, unseen) is zero
-        x = x + self.hist_pos(torch.arange(s, device=history.device))[None]
+        # Position = ordinal from the oldest item in view, so a prefix of a window and the
+        # same items encoded on their own get the same positions.
+        pos = (history_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        x = x + self.hist_pos(pos)
         user = self.user_token.expand(b, -1)
         for name, emb in self.user_emb.items():
             if user_feats is not None and name in user_feats:
@@ -308,12 +343,18 @@ class OneRec(nn.Module):
         x = torch.cat([user[:, None], x], dim=1)  # (B, 1+S, D)
         keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), history_mask], 1)
         mask = keep[:, None, None, :]  # (B, 1, 1, 1+S)
+        causal = torch.ones(s + 1, s + 1, dtype=torch.bool, device=x.device).tril()
+        self_mask = mask & causal  # padding keys masked; the user token is always visible
         x = self.drop(x)
         for layer in self.enc_layers:
-            x = layer(x, mask)
+            x = layer(x, self_mask)
         memory = self.enc_ln(x)
         cross = [layer.cross_attn.project_kv(memory) for layer in self.dec_layers]
-        return Encoded(memory, mask, cross)
+        # Histories are left-padded, so the latest item sits last; with no history at all
+        # that slot is padding and the user token stands in.
+        has_items = history_mask.any(dim=1)
+        summary = torch.where(has_items[:, None], memory[:, -1], memory[:, 0])
+        return Encoded(memory, mask, cross, summary)
 
     # ------------------------------------------------------------------ decoder
     def target_tokens(self, codes: Tensor) -> Tensor:
@@ -335,7 +376,9 @@ class OneRec(nn.Module):
         cfg = self.cfg
         t = tokens.shape[-1]
         pos = torch.arange(start_pos, start_pos + t, device=tokens.device)
-        x = self.drop(self.dec_tok(tokens) + self.dec_pos(pos))
+        cond = self.dec_cond(enc.summary)  # (B, D), or (B, C, D) with per-sequence prefixes
+        cond = cond.view(*cond.shape[:-1], *([1] * (tokens.dim() - cond.dim() + 1)), cfg.dim)
+        x = self.drop(self.dec_tok(tokens) + self.dec_pos(pos) + cond)
         for i, layer in enumerate(self.dec_layers):
             x = layer(x, enc.cross_kv[i], enc.mask, None if caches is None else caches[i])
         h = self.dec_ln(x)
@@ -347,26 +390,50 @@ class OneRec(nn.Module):
         self,
         history: Tensor,
         history_mask: Tensor,
-        target: Tensor,  # (B, M, L) codes of the next session
-        target_mask: Tensor | None = None,  # (B, M) bool: which target items count
+        target: Tensor,  # (B, M, L) codes of the next session, or (B, C, M, L): see below
+        target_mask: Tensor | None = None,  # (B, [C,] M) bool: which target items count
         user_feats: dict[str, Tensor] | None = None,
         history_items: Tensor | None = None,
+        prefix_end: Tensor | None = None,  # (B, C) last visible encoder position
+        target_items: Tensor | None = None,  # (B, [C,] M) ids, for next_item_weight
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Next-token loss (OneRec eq. 4) plus the MoE balance loss; returns (loss, parts)."""
+        """Next-token loss (OneRec eq. 4) plus the MoE balance loss; returns (loss, parts).
+
+        Without ``prefix_end`` session b follows history b. With it the histories are
+        windows of a user's sequence and session (b, c) follows the prefix of window b
+        that ends at encoder position ``prefix_end[b, c]`` (the user token is position 0,
+        window item j is 1 + j): one encoder pass trains on C sessions per window."""
+        cfg = self.cfg
         enc = self.encode(history, history_mask, user_feats, history_items)
-        tgt = self.target_tokens(target)  # (B, M*L)
-        start = torch.zeros(tgt.shape[0], 1, dtype=tgt.dtype, device=tgt.device)
-        logits = self.decode(enc, torch.cat([start, tgt[:, :-1]], dim=1))  # (B, M*L, K)
-        labels = target.reshape(target.shape[0], -1)  # (B, M*L) codes
+        lead = target.shape[:-2]  # (B,) or (B, C)
+        tgt = self.target_tokens(target.reshape(-1, cfg.session_len, cfg.levels))
+        tgt = tgt.view(*lead, cfg.target_len)
+        if prefix_end is not None:
+            assert len(lead) == 2, "prefix_end goes with (B, C, M, L) targets"
+            enc = enc.prefixes(prefix_end, cfg.target_len)
+        start = torch.zeros(*lead, 1, dtype=tgt.dtype, device=tgt.device)
+        logits = self.decode(enc, torch.cat([start, tgt[..., :-1]], dim=-1))  # (..., M*L, K)
+        labels = target.reshape(*lead, cfg.target_len)
         if target_mask is not None:
-            keep = target_mask.repeat_interleave(self.cfg.levels, dim=1)
+            keep = target_mask.repeat_interleave(cfg.levels, dim=-1)
             labels = labels.masked_fill(~keep, -100)
         ntp = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
         )
         aux = self.moe_aux_loss()
-        loss = ntp + self.cfg.moe_aux_weight * aux
-        return loss, {"ntp": ntp.detach(), "moe_aux": aux.detach()}
+        loss = ntp + cfg.moe_aux_weight * aux
+        parts = {"ntp": ntp.detach(), "moe_aux": aux.detach()}
+        if cfg.next_item_weight and target_items is not None:
+            assert self.item_emb is not None
+            nxt = target_items[..., 0]  # (B, [C]) the next item
+            nxt = nxt.masked_fill((nxt <= 0) | (nxt >= cfg.item_vocab), -100)
+            logits_item = enc.summary @ self.item_emb.weight.T  # (B, [C,] V)
+            item_loss = F.cross_entropy(
+                logits_item.reshape(-1, cfg.item_vocab), nxt.reshape(-1), ignore_index=-100
+            )
+            loss = loss + cfg.next_item_weight * item_loss
+            parts["next_item"] = item_loss.detach()
+        return loss, parts
 
     # ------------------------------------------------------------------ MoE reporting
     def moe_layers(self) -> list[MoEFFN]:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from models.onerec import OneRec, OneRecConfig
 from models.tokenizer import SemanticIdTokenizer
 
-FORMAT = "recloop.onerec/1"
+FORMAT = "recloop.onerec/2"  # 2: causal encoder, decoder conditioned on its summary
 
 
 class CheckpointError(ValueError):

@@ -2,6 +2,10 @@
 
     python -m pipelines.evaluate --model pop --data /path/to/ml-100k
     python -m pipelines.evaluate --model sasrec --data ratings.csv --epochs 50 --out r.json
+    python -m pipelines.evaluate --model pop,sasrec,onerec -o sasrec.lr=0.003 --out cmp.json
+
+Several models in one run share the split and the seed and end in one comparison table;
+``-o MODEL.KEY=VALUE`` gives an option to one of them.
 
 Models come from ``MODELS``: a builder ``(split, seed, options) -> Ranker`` trains on
 ``split.train`` (``split.val_*`` is there for early stopping) and returns a ranker. A
@@ -220,6 +224,61 @@ def run_eval(
     return result
 
 
+def _comparison_table(results: list[dict[str, Any]]) -> str:
+    ks = [int(k.split("@")[1]) for k in results[0]["metrics"]["full"] if k.startswith("NDCG@")]
+    head = f"{'model':<10}" + "".join(f"{'HR@' + str(k):>9}{'NDCG@' + str(k):>9}" for k in ks)
+    head += f"{'s-HR@10':>9}{'s-NDCG@10':>10}{'train s':>9}"
+    lines = [head]
+    for r in results:
+        full, sampled = r["metrics"]["full"], r["metrics"]["sampled"]
+        lines.append(
+            f"{r['model']:<10}"
+            + "".join(f"{full[f'HR@{k}']:>9.4f}{full[f'NDCG@{k}']:>9.4f}" for k in ks)
+            + f"{sampled['HR@10']:>9.4f}{sampled['NDCG@10']:>10.4f}{r['train_seconds']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def run_compare(
+    models: Sequence[str],
+    dataset: str | Path,
+    options: dict[str, dict[str, Any]] | None = None,
+    out_json: Path | None = None,
+    log: Callable[[str], None] | None = print,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """``run_eval`` for each model on the same split and seed; one table, one JSON with
+    every result under ``results`` (and each model's NDCG@10 over the best other's)."""
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(sorted(MODELS))}")
+    options = options or {}
+    results = []
+    for m in models:
+        if log:
+            log(f"== {m}")
+        results.append(run_eval(m, dataset, options=options.get(m), log=log, **kwargs))
+    table = _comparison_table(results)
+    if log:
+        log(f"== comparison on {results[0]['dataset']} (seed {results[0]['seed']})\n{table}")
+    ndcg = {r["model"]: r["metrics"]["full"]["NDCG@10"] for r in results}
+    out = {
+        "models": list(models),
+        "dataset": results[0]["dataset"],
+        "seed": results[0]["seed"],
+        "ndcg10": ndcg,
+        "results": results,
+        "table": table,
+    }
+    if out_json is not None:
+        out_json = Path(out_json)
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(out, indent=2) + "\n")
+        if log:
+            log(f"wrote {out_json}")
+    return out
+
+
 def _parse_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -236,7 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"one of {', '.join(sorted(MODELS))}, or several joined by commas (one run)",
+    )
     parser.add_argument(
         "--data",
         default="ml-100k",
@@ -254,21 +317,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         type=_parse_option,
         metavar="KEY=VALUE",
-        help="model option, e.g. -o dim=64 -o lr=0.001 (repeatable)",
+        help="model option, e.g. -o dim=64 -o lr=0.001, or -o sasrec.lr=0.001 for one of "
+        "several models (repeatable)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
     try:
-        run_eval(
-            args.model,
-            args.data,
-            seed=args.seed,
-            epochs=args.epochs,
-            options=dict(args.option),
-            min_interactions=args.min_interactions,
-            out_json=args.out,
-        )
+        unknown = [m for m in models if m not in MODELS]
+        if not models or unknown:
+            raise ValueError(
+                f"unknown model(s) {unknown or args.model!r}; known: {', '.join(sorted(MODELS))}"
+            )
+        common = dict(seed=args.seed, epochs=args.epochs, min_interactions=args.min_interactions)
+        if len(models) == 1:
+            run_eval(models[0], args.data, options=dict(args.option), out_json=args.out, **common)
+        else:
+            per_model: dict[str, dict[str, Any]] = {m: {} for m in models}
+            for key, value in args.option:
+                target, dot, name = key.partition(".")
+                if not dot or target not in per_model:
+                    raise ValueError(
+                        f"with several models, options are MODEL.KEY=VALUE (got {key!r})"
+                    )
+                per_model[target][name] = value
+            run_compare(models, args.data, options=per_model, out_json=args.out, **common)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,12 @@
 """Training OneRec on interaction sequences: tokenizer build, session examples, NTP loop.
 
-Sessions are consecutive interactions in time order: an example is (the last
+Sessions are consecutive interactions in time order: an example is (up to
 ``max_history`` items before position p, the next M items from p). With ``stride = M``
-the sequence is cut into consecutive sessions of M (the paper's session-wise data); a
-smaller stride adds overlapping sessions. The job is deterministic under its seed.
+the sequence is cut into consecutive sessions of M (the paper's session-wise data); the
+default stride 1 starts a session after every item. Examples are stored as windows of a
+user's sequence plus, per example, which window and which prefix of it is the history:
+the causal encoder runs once per window for all of its examples (see ``models/onerec``).
+The job is deterministic under its seed.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ class TrainConfig:
     embedding_dim: int = 32  # collaborative item embeddings fed to the tokenizer
     content_weight: float = 0.5  # weight of genre features in those embeddings
     epochs: int = 10
-    batch_size: int = 128
+    batch_size: int = 256  # examples (sessions) per step, rounded up to whole windows
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
-    stride: int | None = None  # default: session_len (consecutive sessions)
+    stride: int = 1  # a session starts every `stride` items (session_len: disjoint)
     seed: int = 0
     patience: int = 2  # epochs without validation gain before stopping
     item_embeddings: bool = True  # learned id embeddings for history items (item_vocab)
@@ -66,20 +69,91 @@ def code_table(tokenizer: SemanticIdTokenizer, num_items: int) -> torch.Tensor:
     return table
 
 
+@dataclass
+class Examples:
+    """Session examples grouped by window: example i has history = window
+    ``window[i]`` up to encoder position ``prefix_end[i]`` (1 + index into the window
+    row, left padding included) and target = ``target[i]`` (right-padded with 0)."""
+
+    windows: torch.Tensor  # (W, H) items, left-padded with 0
+    window: torch.Tensor  # (N,) window of each example, non-decreasing
+    prefix_end: torch.Tensor  # (N,)
+    target: torch.Tensor  # (N, M)
+
+    def __len__(self) -> int:
+        return len(self.window)
+
+    def histories(self) -> torch.Tensor:
+        """(N, H) each example's history alone, left-padded (for tests and checks)."""
+        h = self.windows.shape[1]
+        out = torch.zeros(len(self), h, dtype=torch.long)
+        for i, (w, end) in enumerate(
+            zip(self.window.tolist(), self.prefix_end.tolist(), strict=True)
+        ):
+            items = self.windows[w, :end]
+            items = items[items > 0]
+            out[i, h - len(items) :] = items
+        return out
+
+    def batches(self, batch_size: int, generator: torch.Generator):
+        """Shuffled windows, grouped until a group holds ``batch_size`` examples; yields
+        (windows (B, H), prefix_end (B, C), target (B, C, M)) with C the most examples of
+        a window in the group; missing examples have prefix_end 0 and target 0."""
+        counts = torch.bincount(self.window, minlength=len(self.windows))
+        starts = torch.cumsum(counts, 0) - counts
+        group: list[int] = []
+        size = 0
+        order = torch.randperm(len(self.windows), generator=generator).tolist()
+        m = self.target.shape[1]
+        for pos, w in enumerate(order):
+            if counts[w]:
+                group.append(w)
+                size += int(counts[w])
+            if group and (size >= batch_size or pos == len(order) - 1):
+                c = int(counts[group].max())
+                ends = torch.zeros(len(group), c, dtype=torch.long)
+                target = torch.zeros(len(group), c, m, dtype=torch.long)
+                for i, g in enumerate(group):
+                    rows = slice(int(starts[g]), int(starts[g] + counts[g]))
+                    ends[i, : counts[g]] = self.prefix_end[rows]
+                    target[i, : counts[g]] = self.target[rows]
+                yield self.windows[group], ends, target
+                group, size = [], 0
+
+
 def make_examples(
-    sequences: Sequence[Sequence[int]], max_history: int, session_len: int, stride: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(histories (N, H) left-padded with 0, targets (N, M) right-padded with 0)."""
-    hists, tgts = [], []
+    sequences: Sequence[Sequence[int]], max_history: int, session_len: int, stride: int = 1
+) -> Examples:
+    """A session starts at every ``stride``-th position p >= 1 of each sequence; its
+    history is the up to ``max_history`` items before p. Windows of ``max_history`` items
+    start every ``max_history // 2`` items, and each example goes to the window that
+    gives it the longest history (at least half of ``max_history`` after the first)."""
+    half = max(1, max_history // 2)
+    windows: list[list[int]] = []
+    window, ends, targets = [], [], []
     for seq in sequences:
-        for p in range(1, len(seq), stride):
-            h = list(seq[max(0, p - max_history) : p])
-            t = list(seq[p : p + session_len])
-            hists.append([0] * (max_history - len(h)) + h)
-            tgts.append(t + [0] * (session_len - len(t)))
-    if not hists:
+        seq = list(seq)
+        n = len(seq)
+        by_start: dict[int, int] = {}
+        for p in range(1, n, stride):
+            s = 0 if p <= max_history else ((p - max_history - 1) // half + 1) * half
+            if s not in by_start:
+                chunk = seq[s : s + max_history]
+                by_start[s] = len(windows)
+                windows.append([0] * (max_history - len(chunk)) + chunk)
+            pad = max_history - len(seq[s : s + max_history])
+            window.append(by_start[s])
+            ends.append(pad + (p - s))  # encoder position of item p - 1 (user token at 0)
+            t = seq[p : p + session_len]
+            targets.append(t + [0] * (session_len - len(t)))
+    if not window:
         raise ValueError("no training examples: sequences need at least two items")
-    return torch.tensor(hists, dtype=torch.long), torch.tensor(tgts, dtype=torch.long)
+    return Examples(
+        torch.tensor(windows, dtype=torch.long),
+        torch.tensor(window, dtype=torch.long),
+        torch.tensor(ends, dtype=torch.long),
+        torch.tensor(targets, dtype=torch.long),
+    )
 
 
 def pad_histories(histories: Sequence[Sequence[int]], max_history: int) -> torch.Tensor:
@@ -151,39 +225,41 @@ def train_onerec(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     mc = cfg.model
-    stride = cfg.stride or mc.session_len
-    hist, tgt = make_examples(sequences, mc.max_history, mc.session_len, stride)
+    examples = make_examples(sequences, mc.max_history, mc.session_len, cfg.stride)
     model = init if init is not None else OneRec(mc)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(hist) / cfg.batch_size)
+    steps_per_epoch = sum(1 for _ in examples.batches(cfg.batch_size, torch.Generator()))
     total = steps_per_epoch * cfg.epochs
     history: list[dict] = []
     best, best_state, bad = -1.0, None, 0
     started = time.monotonic()
     step = 0
-    log(f"onerec: {len(hist)} examples, {steps_per_epoch} steps/epoch, params {model.num_params()}")
+    log(
+        f"onerec: {len(examples)} examples in {len(examples.windows)} windows, "
+        f"{steps_per_epoch} steps/epoch, params {model.num_params()}"
+    )
     for epoch in range(cfg.epochs):
         model.train()
-        order = torch.randperm(len(hist), generator=gen)
-        sums = {"ntp": 0.0, "moe_aux": 0.0}
+        sums = {"ntp": 0.0, "moe_aux": 0.0, "next_item": 0.0}
         t0 = time.monotonic()
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s : s + cfg.batch_size]
-            h, t = hist[idx], tgt[idx]
+        for h, end, t in examples.batches(cfg.batch_size, gen):
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, cfg)
-            loss, parts = model(codes[h], h > 0, codes[t], t > 0, history_items=h)
+            loss, parts = model(
+                codes[h], h > 0, codes[t], t > 0, history_items=h, prefix_end=end, target_items=t
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
             for k in sums:
-                sums[k] += float(parts[k])
+                sums[k] += float(parts.get(k, 0.0))
         row = {
             "epoch": epoch + 1,
             "ntp_loss": sums["ntp"] / steps_per_epoch,
             "moe_aux_loss": sums["moe_aux"] / steps_per_epoch,
+            "next_item_loss": sums["next_item"] / steps_per_epoch,
             "expert_utilisation": model.expert_utilisation(),
             "epoch_s": time.monotonic() - t0,
         }

@@ -116,11 +116,42 @@ def test_expert_utilisation_is_reported_per_layer():
 
 # ------------------------------------------------------------------------------- training
 def test_make_examples_cuts_sessions_and_pads():
-    hist, tgt = make_examples([[1, 2, 3, 4, 5, 6, 7]], max_history=4, session_len=3, stride=3)
-    assert hist.tolist() == [[0, 0, 0, 1], [1, 2, 3, 4]]
-    assert tgt.tolist() == [[2, 3, 4], [5, 6, 7]]
-    _, tgt = make_examples([[1, 2, 3]], max_history=2, session_len=3, stride=1)
-    assert tgt.tolist() == [[2, 3, 0], [3, 0, 0]]
+    ex = make_examples([[1, 2, 3, 4, 5, 6, 7]], max_history=4, session_len=3, stride=3)
+    assert ex.histories().tolist() == [[0, 0, 0, 1], [1, 2, 3, 4]]
+    assert ex.target.tolist() == [[2, 3, 4], [5, 6, 7]]
+    ex = make_examples([[1, 2, 3]], max_history=2, session_len=3, stride=1)
+    assert ex.target.tolist() == [[2, 3, 0], [3, 0, 0]]
+
+
+def test_long_sequences_get_windows_with_at_least_half_the_history():
+    seq = list(range(1, 31))
+    ex = make_examples([seq], max_history=6, session_len=2, stride=1)
+    assert len(ex) == 29 and len(ex.windows) < 29
+    for hist, tgt in zip(ex.histories().tolist(), ex.target.tolist()):
+        p = tgt[0] - 1  # index of the first target item
+        items = [i for i in hist if i]
+        assert items == seq[p - len(items) : p]  # the items right before the session
+        assert len(items) >= min(p, 3)
+        assert tgt == (seq[p : p + 2] + [0, 0])[:2]
+
+
+def test_prefix_shared_loss_equals_encoding_each_history_alone():
+    """The causal encoder lets one window serve all of its prefixes; the loss must be the
+    one obtained by encoding every example's history on its own."""
+    torch.manual_seed(0)
+    model = OneRec(tiny_config(item_vocab=31)).eval()
+    codes = torch.zeros(31, L, dtype=torch.long)
+    codes[1:] = random_codes(30)
+    seqs = [[(3 * s + 7 * j) % 30 + 1 for j in range(n)] for s, n in enumerate([14, 3, 9])]
+    ex = make_examples(seqs, max_history=6, session_len=3, stride=1)
+    h, end, t = next(ex.batches(10_000, torch.Generator().manual_seed(0)))
+    _, shared = model(codes[h], h > 0, codes[t], t > 0, history_items=h, prefix_end=end)
+    alone_h = ex.histories()
+    # the mean over the same sessions, whatever their order and padding
+    _, alone = model(
+        codes[alone_h], alone_h > 0, codes[ex.target], ex.target > 0, history_items=alone_h
+    )
+    assert torch.allclose(shared["ntp"], alone["ntp"], atol=1e-5)
 
 
 def test_training_loss_decreases_on_a_tiny_planted_dataset():
@@ -173,8 +204,11 @@ def test_a_beam_score_is_the_teacher_forced_log_probability_of_its_session(setup
     tokens = model.target_tokens(session.view(4, -1, L))
     start = torch.zeros(4, 1, dtype=torch.long)
     logp = model.decode(enc, torch.cat([start, tokens[:, :-1]], 1)).log_softmax(-1)
-    total = logp.gather(-1, session[..., None]).squeeze(-1).sum(-1)
-    torch.testing.assert_close(total, beams.scores[:, 0], rtol=1e-4, atol=1e-4)
+    per_token = logp.gather(-1, session[..., None]).squeeze(-1)  # (B, M*L)
+    torch.testing.assert_close(per_token.sum(-1), beams.scores[:, 0], rtol=1e-4, atol=1e-4)
+    # Per-item scores split the session's log p by item (what serving returns).
+    per_item = per_token.view(4, -1, L).sum(-1)
+    torch.testing.assert_close(per_item, beams.item_scores[:, 0], rtol=1e-4, atol=1e-4)
 
 
 def test_grouped_item_scoring_matches_one_sequence_per_row(setup):
