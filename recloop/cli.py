@@ -5,6 +5,11 @@
     recloop fetch     fetch the Kafka broker's jars with Maven (once; `up` does it too)
     recloop smoke     a round trip through every part (Kafka, Feast, Serve over HTTP)
     recloop down      stop what `up` started (--purge also deletes the stack's data)
+    recloop serve     deploy the recommendation service (A/B arms) on the running stack
+    recloop publish   add a checkpoint to a lineage of the model registry
+    recloop promote   make a version current for an arm; replicas swap without downtime
+    recloop rollback  return an arm to the version it served before
+    recloop arms      arms, shares, current and live versions
     recloop pretrain  build the tokenizer and pre-train the seed OneRec model (a checkpoint)
     recloop eval      offline evaluation: --model onerec|sasrec|pop on a dataset
     recloop ablate    OneRec ablations: MoE vs dense, M=5 vs M=1, beam 8/32/128
@@ -87,6 +92,45 @@ def cmd_smoke(cfg: StackConfig, args: argparse.Namespace) -> int:
     return 0 if run_smoke(cfg, _say) else 1
 
 
+def cmd_serve(cfg: StackConfig, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from serving.control import serve_up
+
+    serve_up(cfg, Path(args.seed) if args.seed else None, _say)
+    return 0
+
+
+def cmd_publish(cfg: StackConfig, args: argparse.Namespace) -> int:
+    from serving.control import registry
+
+    version = registry(cfg).publish(args.lineage, args.checkpoint, version=args.version)
+    _say(f"published {args.checkpoint} as {args.lineage}/{version}")
+    print(version)
+    return 0
+
+
+def cmd_promote(cfg: StackConfig, args: argparse.Namespace) -> int:
+    from serving.control import print_json, promote
+
+    print_json(promote(cfg, args.arm, args.version, _say))
+    return 0
+
+
+def cmd_rollback(cfg: StackConfig, args: argparse.Namespace) -> int:
+    from serving.control import print_json, rollback
+
+    print_json(rollback(cfg, args.arm, _say))
+    return 0
+
+
+def cmd_arms(cfg: StackConfig, args: argparse.Namespace) -> int:
+    from serving.control import arms_report, print_json
+
+    print_json(arms_report(cfg))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recloop", description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -111,6 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "fetch", parents=[common], help="fetch the Kafka broker's jars (Maven, once)"
     ).set_defaults(fn=cmd_fetch)
+    serve_p = sub.add_parser("serve", parents=[common], help="deploy the recommendation service")
+    serve_p.add_argument("--seed", help="checkpoint for arms without a model (default: newest)")
+    serve_p.set_defaults(fn=cmd_serve)
+    pub = sub.add_parser("publish", parents=[common], help="add a checkpoint to the registry")
+    pub.add_argument("lineage")
+    pub.add_argument("checkpoint")
+    pub.add_argument("--version", help="version name (default: time-based)")
+    pub.set_defaults(fn=cmd_publish)
+    pro = sub.add_parser("promote", parents=[common], help="serve VERSION on ARM")
+    pro.add_argument("arm")
+    pro.add_argument("version")
+    pro.set_defaults(fn=cmd_promote)
+    rb = sub.add_parser("rollback", parents=[common], help="ARM back to its previous version")
+    rb.add_argument("arm")
+    rb.set_defaults(fn=cmd_rollback)
+    sub.add_parser("arms", parents=[common], help="arms and their versions").set_defaults(
+        fn=cmd_arms
+    )
     down = sub.add_parser("down", parents=[common], help="stop the local stack")
     down.add_argument("--purge", action="store_true", help="also delete broker and Feast data")
     down.set_defaults(fn=cmd_down)
@@ -144,7 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _config(args)
         return int(args.fn(cfg, args))
-    except (ConfigError, PrerequisiteMissing, ConnectionError, TimeoutError) as exc:
+    except (
+        ConfigError,
+        PrerequisiteMissing,
+        ConnectionError,
+        TimeoutError,
+        FileNotFoundError,
+        ValueError,  # RegistryError and experiment validation: the message says what to fix
+    ) as exc:
         print(f"recloop {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

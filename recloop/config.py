@@ -121,6 +121,35 @@ class DataConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The recommendation service: where models come from, the A/B experiment, batching
+    and the per-replica budget on a small machine."""
+
+    registry_uri: str | None = None  # default <home>/registry; any pyarrow.fs URI (s3://…)
+    experiment: Path = PROJECT_ROOT / "infra" / "serve" / "experiment.yaml"
+    app_name: str = "recloop"
+    beam_width: int = 32
+    max_batch_size: int = 16  # requests per batched beam search
+    batch_wait_ms: float = 5.0
+    replica_cpus: float = 0.25  # fractional: replicas share 2 cores with training
+    router_cpus: float = 0.1
+    torch_threads: int = 1
+    max_ongoing_requests: int = 64
+    max_body_bytes: int = 8192
+    feature_timeout_s: float = 0.5
+    impression_buffer: int = 10_000  # events waiting for Kafka; beyond it they are dropped
+    dpo_fraction: float = 0.01  # share of requests mirrored to the DPO sampler
+    dpo_actor: str = "dpo_sampler"
+
+    def __post_init__(self) -> None:
+        self.experiment = Path(self.experiment)
+        if not 0.0 <= self.dpo_fraction <= 1.0:
+            raise ValueError(f"serve.dpo_fraction must be within [0, 1], got {self.dpo_fraction}")
+        if self.beam_width < 1 or self.max_batch_size < 1:
+            raise ValueError("serve.beam_width and serve.max_batch_size must be >= 1")
+
+
+@dataclass
 class StackConfig:
     """The whole local stack. ``home`` holds all state: broker data, logs, pid files,
     Feast registry and online store. ``cache_dir`` holds what is expensive to fetch
@@ -132,6 +161,7 @@ class StackConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     feast: FeastConfig = field(default_factory=FeastConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).absolute()
@@ -149,6 +179,27 @@ class StackConfig:
     def feast_dir(self) -> Path:
         return self.home / "feast"
 
+    @property
+    def registry_uri(self) -> str:
+        return self.serve.registry_uri or str(self.home / "registry")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (paths as strings); ``from_dict`` reads it back. Used to hand
+        the config to Ray actors and Serve replicas without pickling objects."""
+
+        def plain(v: Any) -> Any:
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> StackConfig:
+        return _build(cls, values, "")
+
 
 _ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "RECLOOP_HOME": ("home",),
@@ -159,6 +210,7 @@ _ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "RECLOOP_SERVE_PORT": ("ray", "serve_port"),
     "RECLOOP_FEAST_ONLINE_STORE": ("feast", "online_store"),
     "RECLOOP_MOVIELENS_DIR": ("data", "movielens_dir"),
+    "RECLOOP_REGISTRY_URI": ("serve", "registry_uri"),
 }
 
 

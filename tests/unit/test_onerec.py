@@ -127,7 +127,7 @@ def test_long_sequences_get_windows_with_at_least_half_the_history():
     seq = list(range(1, 31))
     ex = make_examples([seq], max_history=6, session_len=2, stride=1)
     assert len(ex) == 29 and len(ex.windows) < 29
-    for hist, tgt in zip(ex.histories().tolist(), ex.target.tolist()):
+    for hist, tgt in zip(ex.histories().tolist(), ex.target.tolist(), strict=True):
         p = tgt[0] - 1  # index of the first target item
         items = [i for i in hist if i]
         assert items == seq[p - len(items) : p]  # the items right before the session

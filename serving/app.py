@@ -1,0 +1,519 @@
+"""The recommendation service: a FastAPI ingress on Ray Serve in front of one OneRec
+deployment per A/B arm.
+
+    POST /recommend {user_id, session_size?, exclude_seen?, context?}
+         -> {request_id, arm, model_version, items: [{item_id, score, position}]}
+    GET  /healthz      GET /arms      GET /stats      GET /openapi.json
+
+``Router`` (the ingress) assigns the user to an arm (stable hash of user id and the
+experiment's salt), reads the user's history from Feast, asks the arm's ``Recommender``
+for a session, logs the impression to Kafka off the request path and mirrors a
+deterministic share of requests to the DPO sampler actor when one runs.
+
+``Recommender`` replicas batch concurrent requests (``@serve.batch``) into one
+trie-constrained beam search. The model version is Serve's ``user_config``: a promotion
+redeploys the application with the new version, Serve calls ``reconfigure`` on every
+running replica, and each loads the new checkpoint off to the side and swaps it in with
+one assignment; requests in flight finish on the model they started with.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the route signatures at
+# run time, and Serve's ingress wrapper cannot resolve string annotations.
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from recloop.config import StackConfig
+
+log = logging.getLogger("recloop.serve")
+
+NAMESPACE = "recloop"
+MAX_CONTEXT_KEYS = 16
+
+
+# --------------------------------------------------------------------------- API schema
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: int = Field(ge=0, le=2**63 - 1, description="the user to recommend for")
+    session_size: int | None = Field(
+        default=None, ge=1, le=64, description="items in the session (default: the model's M)"
+    )
+    exclude_seen: bool = Field(default=True, description="never recommend history items")
+    context: dict[str, str] | None = Field(
+        default=None,
+        description=f"free-form tags logged with the impression (≤ {MAX_CONTEXT_KEYS})",
+    )
+
+    @field_validator("context")
+    @classmethod
+    def _small_context(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if len(v) > MAX_CONTEXT_KEYS:
+            raise ValueError(f"context has {len(v)} keys; at most {MAX_CONTEXT_KEYS}")
+        for k, val in v.items():
+            if not 1 <= len(k) <= 64 or len(val) > 256:
+                raise ValueError("context keys must be 1-64 characters, values at most 256")
+        return v
+
+
+class ServedItem(BaseModel):
+    item_id: int
+    score: float = Field(description="log p of the item given the history and items before it")
+    position: int
+
+
+class RecommendResponse(BaseModel):
+    request_id: str
+    arm: str
+    model_version: str
+    items: list[ServedItem]
+
+
+class ArmInfo(BaseModel):
+    arm: str
+    share: float
+    lineage: str
+    model_version: str | None
+    replicas: list[dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- model side
+@dataclass
+class LoadedModel:
+    """One checkpoint ready to serve: the ranker plus the item-id maps."""
+
+    version: str
+    ranker: Any  # pipelines.train_onerec.OneRecRanker
+    to_model: dict[int, int]  # data item id -> model item id
+    to_data: list[int]  # model item id -> data item id (index 0 unused)
+    session_len: int
+    loaded_at: float
+
+    @classmethod
+    def load(cls, path: str, version: str) -> "LoadedModel":
+        from pipelines.checkpoint import load_checkpoint
+        from pipelines.train_onerec import OneRecRanker, code_table
+
+        ck = load_checkpoint(path)
+        n = ck.tokenizer.num_items
+        data_ids = ck.meta.get("item_ids") or list(range(1, n + 1))
+        if len(data_ids) != n:
+            raise ValueError(f"{path}: {len(data_ids)} item ids for {n} items")
+        ranker = OneRecRanker(ck.model, code_table(ck.tokenizer, n))
+        to_data = [0, *[int(i) for i in data_ids]]
+        to_model = {d: m for m, d in enumerate(to_data) if m > 0}
+        return cls(version, ranker, to_model, to_data, ck.model.cfg.session_len, time.time())
+
+    @torch.no_grad()
+    def generate(self, requests: list[dict], beam_width: int) -> list[dict]:
+        histories = [
+            [self.to_model[i] for i in r["history"] if i in self.to_model] for r in requests
+        ]
+        exclude = [h if r["exclude_seen"] else [] for h, r in zip(histories, requests, strict=True)]
+        enc = self.ranker.encode(histories)
+        from models.beam_search import beam_search
+
+        beams = beam_search(self.ranker.model, enc, self.ranker.trie, beam_width, exclude=exclude)
+        out = []
+        for b, r in enumerate(requests):
+            size = min(r.get("session_size") or self.session_len, self.session_len)
+            items, scores = beams.items[b, 0].tolist(), beams.item_scores[b, 0].tolist()
+            session = [
+                {"item_id": self.to_data[i], "score": float(s), "position": p}
+                for p, (i, s) in enumerate(zip(items[:size], scores[:size], strict=True))
+                if i > 0
+            ]
+            out.append({"model_version": self.version, "items": session})
+        return out
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
+class Recommender:
+    """One arm's model. ``user_config = {"version": ...}`` selects the registry version."""
+
+    def __init__(self, cfg: dict, arm: str, lineage: str) -> None:
+        from serving.registry import ModelRegistry
+
+        self.cfg = StackConfig.from_dict(cfg)
+        torch.set_num_threads(self.cfg.serve.torch_threads)
+        self.arm, self.lineage = arm, lineage
+        self.registry = ModelRegistry(self.cfg.registry_uri)
+        self.model: LoadedModel | None = None
+        self.load_error: str | None = None
+        self.swaps = 0
+        self.batches = 0
+        self.batched_requests = 0
+        self._generate.set_max_batch_size(self.cfg.serve.max_batch_size)
+        self._generate.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_ms / 1000)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:
+            self.replica = uuid.uuid4().hex[:8]
+
+    async def reconfigure(self, user_config: dict) -> None:
+        version = (user_config or {}).get("version")
+        if not version or (self.model is not None and self.model.version == version):
+            return
+        try:  # load beside the serving model; swap only a complete, valid one
+            path = await asyncio.to_thread(self.registry.fetch, self.lineage, version)
+            loaded = await asyncio.to_thread(LoadedModel.load, str(path), version)
+        except Exception as exc:
+            self.load_error = f"{version}: {type(exc).__name__}: {exc}"[:500]
+            log.error("arm %s: keeping %s, cannot load %s", self.arm, self.version(), exc)
+            return
+        self.model = loaded  # one reference assignment: atomic for requests
+        self.load_error = None
+        self.swaps += 1
+
+    def version(self) -> str | None:
+        return None if self.model is None else self.model.version
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _generate(self, requests: list[dict]) -> list[dict]:
+        model = self.model  # the whole batch runs on one model
+        if model is None:
+            err = {"error": f"arm {self.arm!r} has no model version yet (promote one)"}
+            return [err for _ in requests]
+        self.batches += 1
+        self.batched_requests += len(requests)
+        return await asyncio.to_thread(model.generate, requests, self.cfg.serve.beam_width)
+
+    async def generate(self, request: dict) -> dict:
+        return await self._generate(request)
+
+    def info(self) -> dict:
+        return {
+            "replica": self.replica,
+            "model_version": self.version(),
+            "load_error": self.load_error,
+            "swaps": self.swaps,
+            "batches": self.batches,
+            "mean_batch": self.batched_requests / self.batches if self.batches else 0.0,
+        }
+
+
+# --------------------------------------------------------------------------- DPO mirror
+def mirrored(request_id: str, fraction: float) -> bool:
+    """Deterministic sampling: the same request id is always in or always out."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+class DpoMirror:
+    """Hands sampled requests to the DPO sampler actor, if one is registered; a missing
+    actor is looked up again at most every ``retry_s`` seconds."""
+
+    def __init__(self, actor_name: str, fraction: float, retry_s: float = 10.0) -> None:
+        self.actor_name, self.fraction, self.retry_s = actor_name, fraction, retry_s
+        self._actor: Any = None
+        self._next_lookup = 0.0
+        self.counts = {"sampled": 0, "sent": 0, "no_sampler": 0, "errors": 0}
+
+    def _get(self) -> Any:
+        import ray
+
+        if self._actor is None and time.monotonic() >= self._next_lookup:
+            try:
+                self._actor = ray.get_actor(self.actor_name, namespace=NAMESPACE)
+            except ValueError:
+                self._next_lookup = time.monotonic() + self.retry_s
+        return self._actor
+
+    def offer(self, request_id: str, payload: dict) -> None:
+        if not mirrored(request_id, self.fraction):
+            return
+        self.counts["sampled"] += 1
+        actor = self._get()
+        if actor is None:
+            self.counts["no_sampler"] += 1
+            return
+        try:
+            actor.offer.remote(payload)  # fire and forget: never on the response path
+            self.counts["sent"] += 1
+        except Exception:
+            self.counts["errors"] += 1
+            self._actor = None
+
+
+# --------------------------------------------------------------------------- ingress
+api = FastAPI(
+    title="recloop",
+    version="1",
+    description="Generative session recommendations (OneRec) with A/B arms.",
+)
+
+
+_MAX_BODY = [8192]  # bytes; build_app sets it from the config
+
+
+@api.middleware("http")
+async def _bounded_body(request: Request, call_next):  # noqa: ANN001
+    """Refuse oversized bodies before parsing them (413 with the limit)."""
+    limit = _MAX_BODY[0]
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+    return await call_next(request)
+
+
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=5)
+@serve.ingress(api)
+class Router:
+    def __init__(self, cfg: dict, recommenders: dict[str, DeploymentHandle]) -> None:
+        from recloop.events import Impression  # noqa: F401  (import once, not per request)
+        from serving.experiment import load_experiment
+        from serving.features import FeatureClient
+        from serving.impressions import ImpressionLogger
+
+        self.cfg = StackConfig.from_dict(cfg)
+        s = self.cfg.serve
+        self.experiment = load_experiment(s.experiment)
+        self.recommenders = recommenders
+        self.features = FeatureClient(self.cfg, timeout_s=s.feature_timeout_s)
+        self.impressions = ImpressionLogger(self.cfg.kafka.bootstrap, s.impression_buffer)
+        self.dpo = DpoMirror(s.dpo_actor, s.dpo_fraction)
+        _MAX_BODY[0] = s.max_body_bytes
+        self.counts = {"requests": 0, "ok": 0, "errors": 0}
+        self.features.warm_up()
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"ok": True, "arms": list(self.recommenders)}
+
+    @api.post("/recommend", response_model=RecommendResponse)
+    async def recommend(self, body: RecommendRequest) -> RecommendResponse:
+        from recloop.events import Impression
+
+        self.counts["requests"] += 1
+        request_id = uuid.uuid4().hex
+        arm = self.experiment.assign(body.user_id)
+        feats = await self.features.user(body.user_id)
+        req = {
+            "history": feats.history,
+            "session_size": body.session_size,
+            "exclude_seen": body.exclude_seen,
+        }
+        try:
+            result = await self.recommenders[arm].generate.remote(req)
+        except Exception as exc:
+            self.counts["errors"] += 1
+            raise HTTPException(503, f"arm {arm} unavailable: {type(exc).__name__}") from exc
+        if "error" in result:
+            self.counts["errors"] += 1
+            raise HTTPException(503, result["error"])
+        items = [ServedItem(**i) for i in result["items"]]
+        version = result["model_version"]
+        if items:
+            self.impressions.offer(
+                Impression(
+                    event_time_ms=int(time.time() * 1000),
+                    request_id=request_id,
+                    user_id=body.user_id,
+                    arm=arm,
+                    model_version=version,
+                    items=[i.model_dump() for i in items],
+                    context={**(body.context or {}), "features": feats.source},
+                )
+            )
+        self.dpo.offer(
+            request_id,
+            {
+                "request_id": request_id,
+                "user_id": body.user_id,
+                "arm": arm,
+                "model_version": version,
+                "history": feats.history,
+                "items": [i.item_id for i in items],
+            },
+        )
+        self.counts["ok"] += 1
+        return RecommendResponse(request_id=request_id, arm=arm, model_version=version, items=items)
+
+    @api.get("/arms", response_model=list[ArmInfo])
+    async def arms(self) -> list[ArmInfo]:
+        out = []
+        for spec in self.experiment.arms:
+            info = await self.recommenders[spec.name].info.remote()
+            out.append(
+                ArmInfo(
+                    arm=spec.name,
+                    share=spec.share,
+                    lineage=spec.lineage,
+                    model_version=info["model_version"],
+                    replicas=[info],
+                )
+            )
+        return out
+
+    @api.get("/stats")
+    async def stats(self) -> dict:
+        return {
+            "router": self.counts,
+            "features": self.features.stats(),
+            "impressions": self.impressions.stats(),
+            "dpo_mirror": self.dpo.counts,
+        }
+
+
+# --------------------------------------------------------------------------- building
+def build_app(cfg: StackConfig, versions: dict[str, str | None] | None = None):
+    """The Serve application for ``cfg``: one Recommender per arm of the experiment, each
+    on the version the registry says is current (or ``versions[arm]``)."""
+    from serving.experiment import load_experiment
+    from serving.registry import ModelRegistry
+
+    s = cfg.serve
+    _MAX_BODY[0] = s.max_body_bytes
+    experiment = load_experiment(s.experiment)
+    registry = ModelRegistry(cfg.registry_uri)
+    plain = cfg.to_dict()
+    recommenders = {}
+    for spec in experiment.arms:
+        version = (versions or {}).get(spec.name)
+        if version is None:
+            try:
+                version = registry.current(spec.name)
+            except ValueError:
+                version = None
+        recommenders[spec.name] = Recommender.options(
+            name=f"recommender-{spec.name}",
+            num_replicas=spec.replicas,
+            ray_actor_options={"num_cpus": s.replica_cpus},
+            user_config={"version": version},
+        ).bind(plain, spec.name, spec.lineage)
+    return Router.options(ray_actor_options={"num_cpus": s.router_cpus}).bind(plain, recommenders)
+
+
+def deploy_config(cfg: StackConfig, versions: dict[str, str | None] | None = None) -> dict:
+    """The declarative Serve config of the service for ``cfg``, with each arm's model
+    version (from the registry unless given) in its ``user_config``."""
+    from serving.experiment import load_experiment
+    from serving.registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(cfg.registry_uri)
+    conf = render_serve_config(cfg)
+    app = conf["applications"][0]
+    app["args"] = {"config_dict": cfg.to_dict()}
+    arms = {f"recommender-{a.name}": a.name for a in load_experiment(cfg.serve.experiment).arms}
+    for d in app["deployments"]:
+        arm = arms.get(d["name"])
+        if arm is not None:
+            version = (versions or {}).get(arm)
+            if version is None:
+                try:
+                    version = registry.current(arm)
+                except RegistryError:
+                    version = None
+            d["user_config"] = {"version": version}
+    del conf["http_options"], conf["proxy_location"]  # the running Serve instance's stay
+    return conf
+
+
+def deploy(cfg: StackConfig, timeout_s: float = 300.0) -> None:
+    """Deploy the service, or update it in place, through Serve's declarative REST API.
+
+    Declarative updates keep a deployment's code version when only its ``user_config``
+    changed, so a promotion reaches the running replicas through ``reconfigure``
+    instead of replacing them (``serve.run`` would start new replicas every time)."""
+    import requests
+
+    url = f"http://{cfg.ray.host}:{cfg.ray.dashboard_port}/api/serve/applications/"
+    body = deploy_config(cfg)
+    resp = requests.put(url, json=body, timeout=60)
+    if resp.status_code >= 400:
+        raise RuntimeError(f"Serve refused the deploy config ({resp.status_code}): {resp.text}")
+    wait_running(cfg, timeout_s)
+
+
+def app_status(cfg: StackConfig) -> dict:
+    import requests
+
+    url = f"http://{cfg.ray.host}:{cfg.ray.dashboard_port}/api/serve/applications/"
+    apps = requests.get(url, timeout=30).json().get("applications", {})
+    return apps.get(cfg.serve.app_name) or {}
+
+
+def wait_running(cfg: StackConfig, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    seen_deploying = False
+    settle = time.monotonic() + 3.0  # an update may take a moment to show as DEPLOYING
+    while True:
+        app = app_status(cfg)
+        status = app.get("status")
+        seen_deploying |= status == "DEPLOYING"
+        if status == "RUNNING" and (seen_deploying or time.monotonic() > settle):
+            return
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"{cfg.serve.app_name} failed to deploy: {app.get('message')}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{cfg.serve.app_name} not running after {timeout_s:.0f} s: {app}")
+        time.sleep(0.5)
+
+
+def delete(cfg: StackConfig) -> None:
+    """Remove every declaratively deployed application (the service)."""
+    import requests
+
+    url = f"http://{cfg.ray.host}:{cfg.ray.dashboard_port}/api/serve/applications/"
+    requests.delete(url, timeout=60)
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry point for ``serve deploy infra/serve/config.yaml``: ``args`` may name a run
+    file (``config``) and dotted overrides (``overrides``); versions come from the
+    registry, as with ``recloop serve``."""
+    from recloop.config import load_config
+
+    if args.get("config_dict"):  # what `deploy` sends: the whole config, as JSON
+        return build_app(StackConfig.from_dict(args["config_dict"]))
+    cfg = load_config(args.get("config"), overrides=args.get("overrides") or {})
+    return build_app(cfg)
+
+
+def render_serve_config(cfg: StackConfig) -> dict[str, Any]:
+    """The Serve deploy config equivalent to ``recloop serve`` for this experiment
+    (``infra/serve/config.yaml`` is this, for the defaults; a test keeps them equal)."""
+    from serving.experiment import load_experiment
+
+    s = cfg.serve
+    experiment = load_experiment(s.experiment)
+    deployments: list[dict[str, Any]] = [
+        {"name": "Router", "ray_actor_options": {"num_cpus": s.router_cpus}}
+    ]
+    for spec in experiment.arms:
+        deployments.append(
+            {
+                "name": f"recommender-{spec.name}",
+                "num_replicas": spec.replicas,
+                "ray_actor_options": {"num_cpus": s.replica_cpus},
+            }
+        )
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": cfg.ray.serve_port},
+        "applications": [
+            {
+                "name": s.app_name,
+                "route_prefix": "/",
+                "import_path": "serving.app:app_builder",
+                "args": {"config": None, "overrides": {}},
+                "deployments": deployments,
+            }
+        ],
+    }

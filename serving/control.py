@@ -1,0 +1,131 @@
+"""What the CLI does to the service: deploy it, publish checkpoints, promote, roll back.
+
+A promotion is two steps: the registry records the arm's new version (the source of
+truth, written atomically), then the application is redeployed with that version in the
+arm's ``user_config``. Serve applies a changed ``user_config`` to running replicas in
+place (``Recommender.reconfigure``): no replica restarts, no request dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from recloop.config import PROJECT_ROOT, StackConfig
+
+Progress = Callable[[str], None]
+
+
+def registry(cfg: StackConfig):
+    from serving.registry import ModelRegistry
+
+    return ModelRegistry(cfg.registry_uri)
+
+
+def latest_seed(cfg: StackConfig) -> Path | None:
+    """The newest checkpoint written by ``recloop pretrain`` (this home, then the repo's)."""
+    for root in (cfg.home / "models" / "seed", PROJECT_ROOT / ".recloop" / "models" / "seed"):
+        if root.is_dir():
+            found = sorted(
+                (p for p in root.iterdir() if (p / "config.json").exists()),
+                key=lambda p: p.stat().st_mtime,
+            )
+            if found:
+                return found[-1]
+    return None
+
+
+def ensure_arms(cfg: StackConfig, seed: Path | None = None, progress: Progress = print) -> dict:
+    """Every arm of the experiment exists in the registry and has a version: an arm
+    without one gets the seed checkpoint (published once into its lineage)."""
+    from serving.experiment import load_experiment
+
+    reg = registry(cfg)
+    experiment = load_experiment(cfg.serve.experiment)
+    published: dict[str, str] = {}
+    for spec in experiment.arms:
+        reg.create_arm(spec.name, spec.lineage)
+        if reg.current(spec.name) is not None:
+            continue
+        if spec.lineage not in published:
+            source = seed or latest_seed(cfg)
+            if source is None:
+                raise FileNotFoundError(
+                    f"arm {spec.name!r} has no model and no seed checkpoint was found: run "
+                    "`recloop pretrain` first, or pass --seed DIR"
+                )
+            versions = reg.versions(spec.lineage)
+            published[spec.lineage] = (
+                versions[-1]
+                if versions
+                else reg.publish(spec.lineage, source, metrics={"source": str(source)})
+            )
+            progress(f"published {source.name} as {spec.lineage}/{published[spec.lineage]}")
+        reg.promote(spec.name, published[spec.lineage])
+        progress(f"arm {spec.name}: serving {published[spec.lineage]}")
+    return reg.arms()
+
+
+def serve_up(cfg: StackConfig, seed: Path | None = None, progress: Progress = print) -> None:
+    from serving.app import deploy
+
+    ensure_arms(cfg, seed, progress)
+    progress("deploying the recommendation service (first start loads the models)")
+    deploy(cfg)
+    progress(f"serving on http://{cfg.ray.host}:{cfg.ray.serve_port}/recommend (docs: /docs)")
+
+
+def _redeploy(cfg: StackConfig, progress: Progress) -> None:
+    from serving.app import deploy
+
+    deploy(cfg)
+    progress("replicas reconfigured")
+
+
+def promote(cfg: StackConfig, arm: str, version: str, progress: Progress = print) -> dict:
+    record = registry(cfg).promote(arm, version)
+    progress(f"arm {arm}: {version} is current; reconfiguring replicas")
+    _redeploy(cfg, progress)
+    return record
+
+
+def rollback(cfg: StackConfig, arm: str, progress: Progress = print) -> dict:
+    record = registry(cfg).rollback(arm)
+    progress(f"arm {arm}: back to {record['current']}; reconfiguring replicas")
+    _redeploy(cfg, progress)
+    return record
+
+
+def arms_report(cfg: StackConfig) -> dict[str, Any]:
+    """Registry view (and the live one from ``GET /arms`` when the service answers)."""
+    import requests
+
+    from serving.experiment import load_experiment
+
+    experiment = load_experiment(cfg.serve.experiment)
+    reg = registry(cfg)
+    known = reg.arms()
+    out: dict[str, Any] = {"experiment": experiment.name, "arms": {}}
+    for spec in experiment.arms:
+        rec = known.get(spec.name, {})
+        out["arms"][spec.name] = {
+            "share": spec.share,
+            "lineage": spec.lineage,
+            "current": rec.get("current"),
+            "versions": reg.versions(spec.lineage),
+            "history": rec.get("history", [])[-5:],
+        }
+    try:
+        url = f"http://{cfg.ray.host}:{cfg.ray.serve_port}/arms"
+        live = requests.get(url, timeout=5).json()
+        for a in live:
+            out["arms"].setdefault(a["arm"], {})["serving"] = a["model_version"]
+    except Exception:
+        out["live"] = "service not answering"
+    return out
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))

@@ -1,0 +1,135 @@
+"""A/B experiment config: which arms exist, their traffic shares, and who sees which arm.
+
+An experiment is a list of arms, each backed by a registry lineage (see ``serving.registry``)
+and taking a share of users. Assignment hashes ``"<salt>:<user_id>"`` with SHA-256, so it is
+stable across processes, machines and restarts (no Python ``hash()`` randomisation), and a new
+salt reshuffles users for a fresh experiment. The config lives in YAML
+(``infra/serve/experiment.yaml``) under a top-level ``experiment:`` key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # the registry's name rule (serving.registry)
+SHARE_TOLERANCE = 1e-6
+DEFAULT_EXPERIMENT_PATH = (
+    Path(__file__).resolve().parents[1] / "infra" / "serve" / "experiment.yaml"
+)
+
+
+class ArmSpec(BaseModel):
+    """One arm: a name, its share of users, the registry lineage it serves, and replicas."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    share: float = Field(gt=0.0, le=1.0, allow_inf_nan=False)
+    lineage: str = Field(default="", pattern=NAME_PATTERN)
+    replicas: int = Field(default=1, ge=1)
+    description: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lineage_defaults_to_name(cls, data: Any) -> Any:
+        """An arm usually serves the lineage of the same name; spell it out only if not."""
+        if isinstance(data, dict) and data.get("lineage") in (None, "") and "name" in data:
+            data = {**data, "lineage": data["name"]}
+        return data
+
+
+class Experiment(BaseModel):
+    """An A/B experiment: named arms whose shares sum to 1, and the salt of the assignment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    salt: str = Field(min_length=1)
+    arms: list[ArmSpec] = Field(min_length=1)
+
+    @field_validator("arms")
+    @classmethod
+    def _arms_are_unique_and_shares_sum_to_one(cls, arms: list[ArmSpec]) -> list[ArmSpec]:
+        names = [a.name for a in arms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"arm names must be unique; duplicated: {', '.join(dupes)}")
+        total = math.fsum(a.share for a in arms)
+        if abs(total - 1.0) > SHARE_TOLERANCE:
+            raise ValueError(
+                f"arm shares must sum to 1, they sum to {total:.6g} "
+                f"({', '.join(f'{a.name}={a.share:g}' for a in arms)}); adjust the shares"
+            )
+        return arms
+
+    def assign(self, user_id: int | str) -> str:
+        """The arm name for ``user_id``; the same for the same user and salt, everywhere.
+
+        ``u`` = first 8 bytes of sha256("<salt>:<user_id>") as a big-endian integer / 2**64,
+        uniform in [0, 1); the arm is the first whose cumulative share exceeds ``u``, and the
+        last arm catches any floating-point shortfall. ``7``, ``numpy.int64(7)`` and ``"7"``
+        get the same arm.
+        """
+        if isinstance(user_id, bool) or not isinstance(user_id, numbers.Integral | str):
+            raise TypeError(f"user_id must be an int or str, got {type(user_id).__name__}")
+        if not isinstance(user_id, str):
+            user_id = int(user_id)  # numpy integers hash like the plain int
+        digest = hashlib.sha256(f"{self.salt}:{user_id}".encode()).digest()
+        u = int.from_bytes(digest[:8], "big") / 2**64
+        cum = 0.0
+        for arm in self.arms[:-1]:
+            cum += arm.share
+            if u < cum:
+                return arm.name
+        return self.arms[-1].name
+
+    def arm(self, name: str) -> ArmSpec:
+        """The arm called ``name``; ValueError listing the known arms otherwise."""
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise ValueError(
+            f"experiment {self.name!r} has no arm {name!r}; known arms: "
+            f"{', '.join(a.name for a in self.arms)}"
+        )
+
+    def shares(self) -> dict[str, float]:
+        """Arm name -> share of users."""
+        return {a.name: a.share for a in self.arms}
+
+
+def load_experiment(path: str | os.PathLike[str] = DEFAULT_EXPERIMENT_PATH) -> Experiment:
+    """Read an experiment from YAML with a top-level ``experiment:`` mapping.
+
+    Bad YAML, a missing ``experiment:`` key and validation failures all raise ValueError
+    naming the file (validation errors include pydantic's message).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"experiment file {p} not found; pass the path of an experiment YAML "
+            f"(the default is {DEFAULT_EXPERIMENT_PATH})"
+        ) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{p}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("experiment"), dict):
+        raise ValueError(
+            f"{p}: expected a top-level 'experiment:' mapping (name, salt, arms), "
+            f"got {type(doc.get('experiment') if isinstance(doc, dict) else doc).__name__}"
+        )
+    try:
+        return Experiment.model_validate(doc["experiment"])
+    except ValidationError as exc:
+        raise ValueError(f"{p}: invalid experiment: {exc}") from exc

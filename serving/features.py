@@ -1,0 +1,83 @@
+"""Per-request user features from the Feast online store, degraded rather than failed.
+
+A lookup that errors or takes longer than ``timeout_s`` returns what is known (an empty
+history: the user gets a cold-start session) and is counted. After a failure the store
+is left alone for ``backoff_s`` so an unreachable store costs each request nothing
+instead of a timeout each (no storm of slow requests or 5xx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from recloop.config import StackConfig
+
+HISTORY_FEATURE = "user_history:item_ids"
+
+
+@dataclass
+class UserFeatures:
+    history: list[int] = field(default_factory=list)  # raw item ids, oldest first
+    source: str = "feast"  # feast | missing (unknown user) | degraded (store failed)
+
+
+class FeatureClient:
+    def __init__(self, cfg: StackConfig, timeout_s: float = 0.5, backoff_s: float = 5.0):
+        self.cfg = cfg
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self._store: Any = None
+        self._open_lock = threading.Lock()
+        self._skip_until = 0.0
+        self.counts = {"lookups": 0, "found": 0, "missing": 0, "errors": 0, "skipped": 0}
+        self.last_error: str | None = None
+
+    def _open(self) -> Any:
+        with self._open_lock:
+            if self._store is None:
+                from features.store import open_store
+
+                self._store = open_store(self.cfg)
+            return self._store
+
+    def _lookup(self, user_id: int) -> list[int] | None:
+        store = self._open()
+        out = store.get_online_features(
+            features=[HISTORY_FEATURE], entity_rows=[{"user_id": int(user_id)}]
+        ).to_dict()
+        items = out.get("item_ids", [None])[0]
+        return None if items is None else [int(i) for i in items]
+
+    async def user(self, user_id: int) -> UserFeatures:
+        self.counts["lookups"] += 1
+        if time.monotonic() < self._skip_until:
+            self.counts["skipped"] += 1
+            return UserFeatures(source="degraded")
+        try:
+            items = await asyncio.wait_for(
+                asyncio.to_thread(self._lookup, user_id), timeout=self.timeout_s
+            )
+        except Exception as exc:  # store unreachable, slow or broken: serve what is known
+            self.counts["errors"] += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self._skip_until = time.monotonic() + self.backoff_s
+            return UserFeatures(source="degraded")
+        if items is None:
+            self.counts["missing"] += 1
+            return UserFeatures(source="missing")
+        self.counts["found"] += 1
+        return UserFeatures(history=items)
+
+    def warm_up(self) -> None:
+        """Open the store now (the first open imports Feast: seconds)."""
+        try:
+            self._open()
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counts, "last_error": self.last_error}

@@ -1,0 +1,114 @@
+"""Impression logging off the request path: a bounded queue drained by one thread.
+
+``offer`` never blocks: the request handler hands the event over and returns. A thread
+sends queued events with the idempotent producer; when Kafka is slow or away the queue
+fills and further events are dropped and counted (the goal is zero drops, and the
+counter says when it is not met). Nothing else is lost silently: send errors are counted
+and the last one is kept for ``stats``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any
+
+from recloop.events import Impression
+
+
+class ImpressionLogger:
+    def __init__(self, bootstrap_servers: str, capacity: int = 10_000, client_id: str = "serve"):
+        self.bootstrap_servers = bootstrap_servers
+        self.capacity = capacity
+        self.client_id = client_id
+        self._queue: queue.Queue[Impression | None] = queue.Queue(maxsize=capacity)
+        self._lock = threading.Lock()
+        self._counts = {"offered": 0, "sent": 0, "dropped": 0, "send_errors": 0}
+        self._last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="impression-logger", daemon=True)
+        self._thread.start()
+
+    def offer(self, event: Impression) -> bool:
+        """Queue ``event`` for Kafka; False (and counted) if the buffer is full."""
+        with self._lock:
+            self._counts["offered"] += 1
+        try:
+            self._queue.put_nowait(event)
+            return True
+        except queue.Full:
+            with self._lock:
+                self._counts["dropped"] += 1
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                **self._counts,
+                "queued": self._queue.qsize(),
+                "capacity": self.capacity,
+                "last_error": self._last_error,
+            }
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    def _run(self) -> None:
+        from recloop.kafka_io import EventProducer
+
+        producer: EventProducer | None = None
+        while not self._stop.is_set() or not self._queue.empty():
+            try:
+                event = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if event is None:
+                break
+            batch = [event]
+            while len(batch) < 500:  # drain what is there: one flush per burst
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._stop.set()
+                    break
+                batch.append(nxt)
+            while True:
+                try:
+                    if producer is None:
+                        producer = EventProducer(self.bootstrap_servers, client_id=self.client_id)
+                    futures = [producer.send(e) for e in batch]
+                    producer.flush(timeout_s=30)
+                    failed = [f for f in futures if f.failed()]
+                    self._count("sent", len(batch) - len(failed))
+                    if failed:
+                        self._count("send_errors", len(failed))
+                        self._last_error = repr(failed[0].exception)
+                    break
+                except Exception as exc:  # broker away: keep the batch, retry after a pause
+                    self._count("send_errors")
+                    self._last_error = repr(exc)
+                    if producer is not None:
+                        try:
+                            producer.close()
+                        except Exception:
+                            pass
+                        producer = None
+                    if self._stop.wait(1.0):
+                        self._count("dropped", len(batch))
+                        break
+        if producer is not None:
+            producer.close()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued (up to ``timeout_s``), then stop the thread."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._queue.put(None, timeout=max(0.0, timeout_s))
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._stop.set()

@@ -1,0 +1,268 @@
+"""The recommendation service on the real stack: Ray Serve over HTTP, Feast, Kafka, the
+model registry. One deployment for the module; tests run in file order."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+
+from recloop.config import PROJECT_ROOT, StackConfig
+
+pytestmark = pytest.mark.integration
+
+
+def _pretrain(out: Path, seed: int) -> Path:
+    cmd = [sys.executable, "-m", "pipelines.pretrain", "--data", "synthetic", "--quick"]
+    cmd += ["--dim", "32", "--threads", "1", "--seed", str(seed), "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    return _pretrain(root / "a", 0), _pretrain(root / "b", 1)
+
+
+@pytest.fixture(scope="module")
+def service(ray_driver: StackConfig, checkpoints, tmp_path_factory):
+    """The service deployed on the stack with a registry of its own."""
+    from serving.app import delete
+    from serving.control import serve_up
+
+    registry = tmp_path_factory.mktemp("registry")
+    cfg = dataclasses.replace(
+        ray_driver, serve=dataclasses.replace(ray_driver.serve, registry_uri=str(registry))
+    )
+    serve_up(cfg, seed=checkpoints[0], progress=print)
+    base = f"http://{cfg.ray.host}:{cfg.ray.serve_port}"
+    deadline = time.monotonic() + 120
+    while requests.get(f"{base}/healthz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "service not healthy"
+        time.sleep(1)
+    yield cfg, base
+    delete(cfg)
+
+
+def _post(base: str, body, **kw) -> requests.Response:
+    return requests.post(f"{base}/recommend", json=body, timeout=30, **kw)
+
+
+def test_a_user_with_a_feast_history_gets_a_session_outside_it(service, feature_store):
+    from features.store import push
+    from serving.experiment import load_experiment
+
+    cfg, base = service
+    history = [3, 17, 42, 5, 8]
+    now = pd.Timestamp.now(tz="UTC")
+    push(
+        feature_store,
+        "user_history_push",
+        pd.DataFrame(
+            {"user_id": [777], "item_ids": [history], "history_len": [5], "event_timestamp": [now]}
+        ),
+        offline=False,
+    )
+    r = _post(base, {"user_id": 777, "context": {"surface": "home"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["arm"] == load_experiment(cfg.serve.experiment).assign(777)
+    ids = [i["item_id"] for i in body["items"]]
+    assert len(ids) == 5 and len(set(ids)) == 5 and not set(ids) & set(history)
+    assert [i["position"] for i in body["items"]] == list(range(5))
+    stats = requests.get(f"{base}/stats", timeout=10).json()
+    assert stats["features"]["found"] >= 1
+
+
+def test_an_unknown_user_gets_a_cold_start_session(service):
+    _, base = service
+    r = _post(base, {"user_id": 123456789, "session_size": 3})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["items"]) == 3
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"user_id": -4},
+        {"user_id": "abc"},
+        {"user_id": 1, "session_size": 0},
+        {"user_id": 1, "bogus": True},
+        [1, 2, 3],
+    ],
+)
+def test_malformed_requests_get_a_4xx_with_a_reason(service, body):
+    _, base = service
+    r = _post(base, body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"]
+
+
+def test_oversized_and_non_json_bodies_are_refused(service):
+    _, base = service
+    big = json.dumps({"user_id": 1, "context": {"k": "x" * 20_000}})
+    r = requests.post(
+        f"{base}/recommend", data=big, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert r.status_code == 413 and "bytes" in r.json()["detail"]
+    r = requests.post(
+        f"{base}/recommend", data=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+
+
+def test_every_served_session_is_on_the_impressions_topic(service):
+    from kafka import KafkaConsumer
+
+    from recloop.events import Impression, decode
+
+    cfg, base = service
+    served = {}
+    for user in range(1000, 1012):
+        body = _post(base, {"user_id": user}).json()
+        served[body["request_id"]] = body
+    consumer = KafkaConsumer(
+        Impression.topic,
+        bootstrap_servers=cfg.kafka.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=2000,
+    )
+    found = {}
+    deadline = time.monotonic() + 60
+    while len(found) < len(served) and time.monotonic() < deadline:
+        for rec in consumer:
+            ev = decode(Impression, rec.value)
+            if ev.request_id in served:
+                found[ev.request_id] = ev
+    consumer.close()
+    assert set(found) == set(served)
+    for rid, ev in found.items():
+        body = served[rid]
+        assert (ev.arm, ev.model_version) == (body["arm"], body["model_version"])
+        assert [i.item_id for i in ev.items] == [i["item_id"] for i in body["items"]]
+        assert ev.user_id in range(1000, 1012)
+    stats = requests.get(f"{base}/stats", timeout=10).json()["impressions"]
+    assert stats["dropped"] == 0
+
+
+def test_arms_endpoint_lists_arms_shares_and_versions(service):
+    from serving.control import registry
+
+    cfg, base = service
+    arms = requests.get(f"{base}/arms", timeout=10).json()
+    assert {a["arm"] for a in arms} == {"control", "treatment"}
+    assert abs(sum(a["share"] for a in arms) - 1) < 1e-9
+    for a in arms:
+        assert a["model_version"] == registry(cfg).current(a["arm"])
+
+
+class _Load:
+    """Closed-loop HTTP load from a few threads, recording status and version."""
+
+    def __init__(self, base: str, users: list[int], threads: int = 4):
+        self.base, self.users = base, users
+        self.results: list[tuple[float, int, str | None]] = []
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)
+        ]
+
+    def _run(self, offset: int) -> None:
+        i = offset
+        while not self.stop.is_set():
+            user = self.users[i % len(self.users)]
+            i += len(self.threads)
+            try:
+                r = _post(self.base, {"user_id": user})
+                version = r.json().get("model_version") if r.status_code == 200 else None
+                self.results.append((time.monotonic(), r.status_code, version))
+            except requests.RequestException as exc:
+                self.results.append((time.monotonic(), 599, repr(exc)))
+
+    def __enter__(self) -> _Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def _switch(service, action, expected: str) -> tuple[float, Counter]:
+    """Run ``action`` under load; return seconds until responses show ``expected``."""
+    from serving.experiment import load_experiment
+
+    cfg, base = service
+    exp = load_experiment(cfg.serve.experiment)
+    users = [u for u in range(5000, 5400) if exp.assign(u) == "treatment"][:50]
+    with _Load(base, users) as load:
+        time.sleep(2)
+        t0 = time.monotonic()
+        action()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            recent = [v for t, s, v in load.results[-8:] if t > t0]
+            if len(recent) == 8 and all(v == expected for v in recent):
+                break
+            time.sleep(0.2)
+        switched = next((t - t0 for t, s, v in load.results if t > t0 and v == expected), None)
+        time.sleep(1)
+    statuses = Counter(s for _, s, _ in load.results)
+    assert switched is not None, f"responses never showed {expected}: {statuses}"
+    return switched, statuses
+
+
+def test_promotion_and_rollback_under_load_fail_no_request(service, checkpoints):
+    from serving.control import promote, registry, rollback
+
+    cfg, _ = service
+    reg = registry(cfg)
+    before, control = reg.current("treatment"), reg.current("control")
+    new = reg.publish("treatment", checkpoints[1])
+
+    seconds, statuses = _switch(service, lambda: promote(cfg, "treatment", new, print), new)
+    print(f"promotion: new version in responses after {seconds:.1f} s; {dict(statuses)}")
+    assert set(statuses) == {200}, statuses
+    assert reg.current("control") == control  # the other arm is untouched
+
+    seconds, statuses = _switch(service, lambda: rollback(cfg, "treatment", print), before)
+    print(f"rollback: previous version back after {seconds:.1f} s; {dict(statuses)}")
+    assert set(statuses) == {200}, statuses
+    assert reg.current("treatment") == before
+
+
+def test_schemathesis_finds_no_server_error_in_the_published_api(service):
+    _, base = service
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{base}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "30",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

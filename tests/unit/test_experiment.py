@@ -1,0 +1,139 @@
+"""A/B experiment config: validation, stable hashed assignment, and the shipped YAML."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from serving.experiment import (
+    DEFAULT_EXPERIMENT_PATH,
+    ArmSpec,
+    Experiment,
+    load_experiment,
+)
+
+
+def _exp(salt: str = "s1", shares: tuple[float, ...] = (0.5, 0.5), **kw) -> Experiment:
+    names = ["control", "treatment", "third", "fourth"]
+    arms = [{"name": names[i], "share": s} for i, s in enumerate(shares)]
+    return Experiment(name="e", salt=salt, arms=arms, **kw)
+
+
+def test_shares_must_sum_to_one_and_the_error_shows_the_sum():
+    with pytest.raises(ValidationError, match="sum to 0.9"):
+        _exp(shares=(0.5, 0.4))
+    assert _exp(shares=(0.1, 0.2, 0.7)).shares() == {"control": 0.1, "treatment": 0.2, "third": 0.7}
+    assert _exp(shares=(1 / 3, 1 / 3, 1 / 3)).shares()["third"] == pytest.approx(1 / 3)
+
+
+def test_arms_are_validated():
+    with pytest.raises(ValidationError, match="duplicated: a"):
+        Experiment(name="e", salt="s", arms=[{"name": "a", "share": 0.5}] * 2)
+    with pytest.raises(ValidationError):
+        Experiment(name="e", salt="s", arms=[])
+    with pytest.raises(ValidationError):
+        Experiment(name="e", salt="", arms=[{"name": "a", "share": 1.0}])
+    for bad in (
+        {"name": "a", "share": 0.0},
+        {"name": "a", "share": 1.5},
+        {"name": "a", "share": float("nan")},
+        {"name": "Bad Name", "share": 1.0},
+        {"name": "a", "share": 1.0, "replicas": 0},
+    ):
+        with pytest.raises(ValidationError):
+            ArmSpec(**bad)
+    arm = ArmSpec(name="a", share=1.0)
+    assert arm.lineage == "a" and arm.replicas == 1 and arm.description == ""
+    assert ArmSpec(name="a", share=1.0, lineage="other").lineage == "other"
+
+
+def test_extra_keys_are_refused_and_models_are_frozen():
+    with pytest.raises(ValidationError, match="extra"):
+        Experiment(name="e", salt="s", arms=[{"name": "a", "share": 1.0}], bogus=1)
+    with pytest.raises(ValidationError, match="extra"):
+        Experiment(name="e", salt="s", arms=[{"name": "a", "share": 1.0, "weight": 2}])
+    exp = _exp()
+    with pytest.raises(ValidationError):
+        exp.salt = "other"  # type: ignore[misc]
+
+
+def test_assignment_is_deterministic_and_stable():
+    a, b = _exp(), _exp()
+    users = list(range(500))
+    first = [a.assign(u) for u in users]
+    assert first == [a.assign(u) for u in users] == [b.assign(u) for u in users]
+    assert [a.assign(str(u)) for u in users] == first  # "7" and 7 are the same user
+    assert a.assign(np.int64(7)) == a.assign(7)
+    assert set(first) == {"control", "treatment"}
+    with pytest.raises(TypeError):
+        a.assign(True)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        a.assign(1.5)  # type: ignore[arg-type]
+
+
+def test_assignment_matches_the_documented_hash():
+    import hashlib
+
+    exp = _exp(salt="pin", shares=(0.3, 0.7))
+    for user in (0, 1, 42, "alice"):
+        h = hashlib.sha256(f"pin:{user}".encode()).digest()
+        u = int.from_bytes(h[:8], "big") / 2**64
+        assert exp.assign(user) == ("control" if u < 0.3 else "treatment")
+
+
+def test_assignment_is_roughly_proportional_to_shares():
+    exp = _exp(shares=(0.2, 0.3, 0.5))
+    n = 20_000
+    counts = Counter(exp.assign(u) for u in range(n))
+    for name, share in exp.shares().items():
+        assert abs(counts[name] / n - share) < 0.02, (name, counts[name] / n, share)
+
+
+def test_changing_the_salt_reshuffles_users():
+    a, b = _exp(salt="one"), _exp(salt="two")
+    users = range(2000)
+    moved = sum(a.assign(u) != b.assign(u) for u in users) / 2000
+    assert 0.4 < moved < 0.6  # independent 50/50 splits disagree about half the time
+
+
+def test_arm_lookup():
+    exp = _exp()
+    assert exp.arm("treatment").share == 0.5
+    with pytest.raises(ValueError, match="known arms: control, treatment"):
+        exp.arm("nope")
+
+
+def test_the_shipped_experiment_loads():
+    exp = load_experiment(DEFAULT_EXPERIMENT_PATH)
+    assert exp == load_experiment()
+    assert exp.name == "seed-vs-online" and exp.salt == "recloop-ab-1"
+    assert exp.shares() == {"control": 0.5, "treatment": 0.5}
+    assert [a.lineage for a in exp.arms] == ["control", "treatment"]
+    assert exp.arm("control").description == "seed model, not retrained"
+    assert exp.arm("treatment").description == "continuously retrained and promoted"
+
+
+def test_load_experiment_errors_name_the_file(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("experiment: [unclosed\n")
+    with pytest.raises(ValueError, match="bad.yaml.*not valid YAML"):
+        load_experiment(bad_yaml)
+
+    no_key = tmp_path / "nokey.yaml"
+    no_key.write_text("name: x\n")
+    with pytest.raises(ValueError, match="nokey.yaml.*top-level 'experiment:'"):
+        load_experiment(no_key)
+
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text(
+        "experiment:\n  name: x\n  salt: s\n  arms:\n"
+        "    - {name: a, share: 0.6}\n    - {name: b, share: 0.6}\n"
+    )
+    with pytest.raises(ValueError, match=r"(?s)invalid.yaml: invalid experiment.*sum to 1.2"):
+        load_experiment(invalid)
+
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_experiment(tmp_path / "missing.yaml")

@@ -1,0 +1,100 @@
+"""Serving logic without a cluster: request schema, DPO sampling, the loaded model's
+sessions, the impression buffer, and the Serve deploy config kept in sync."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from recloop.config import PROJECT_ROOT, load_config
+from serving.app import LoadedModel, RecommendRequest, mirrored, render_serve_config
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint from the pre-training job on generated data (seconds)."""
+    out = tmp_path_factory.mktemp("ckpt") / "seed"
+    cmd = [sys.executable, "-m", "pipelines.pretrain", "--data", "synthetic", "--quick"]
+    cmd += ["--dim", "32", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=600)
+    return out
+
+
+def test_request_schema_refuses_what_it_cannot_serve():
+    assert RecommendRequest(user_id=3).exclude_seen is True
+    for bad in (
+        {},
+        {"user_id": -1},
+        {"user_id": "x"},
+        {"user_id": 1, "session_size": 0},
+        {"user_id": 1, "session_size": 1000},
+        {"user_id": 1, "unknown": 1},
+        {"user_id": 1, "context": {f"k{i}": "v" for i in range(17)}},
+        {"user_id": 1, "context": {"k": "v" * 300}},
+    ):
+        with pytest.raises(ValidationError):
+            RecommendRequest(**bad)
+
+
+def test_dpo_mirroring_is_deterministic_and_near_its_fraction():
+    ids = [f"req-{i}" for i in range(20_000)]
+    picked = [r for r in ids if mirrored(r, 0.01)]
+    assert picked == [r for r in ids if mirrored(r, 0.01)]
+    assert 0.007 < len(picked) / len(ids) < 0.013
+    assert not any(mirrored(r, 0.0) for r in ids[:1000])
+    assert all(mirrored(r, 1.0) for r in ids[:1000])
+
+
+def test_loaded_model_serves_distinct_real_items_outside_the_history(tiny_checkpoint):
+    model = LoadedModel.load(str(tiny_checkpoint), "v1")
+    known = set(model.to_model)
+    history = sorted(known)[:20]
+    reqs = [
+        {"history": history, "session_size": None, "exclude_seen": True},
+        {"history": [], "session_size": 2, "exclude_seen": True},  # cold start
+        {"history": [10**9, *history[:3]], "session_size": None, "exclude_seen": False},
+    ]
+    out = model.generate(reqs, beam_width=8)
+    assert [len(o["items"]) for o in out] == [model.session_len, 2, model.session_len]
+    for o in out:
+        ids = [i["item_id"] for i in o["items"]]
+        assert len(set(ids)) == len(ids) and set(ids) <= known
+        assert [i["position"] for i in o["items"]] == list(range(len(ids)))
+        assert o["model_version"] == "v1"
+    assert not set(i["item_id"] for i in out[0]["items"]) & set(history)
+
+
+def test_serve_deploy_config_in_infra_matches_what_recloop_serve_deploys():
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = load_config(env={})
+    shipped = yaml.safe_load((PROJECT_ROOT / "infra" / "serve" / "config.yaml").read_text())
+    assert shipped == render_serve_config(cfg), "regenerate infra/serve/config.yaml"
+    validate = getattr(ServeDeploySchema, "model_validate", None) or ServeDeploySchema.parse_obj
+    validate(shipped)  # Serve itself accepts the file
+
+
+def test_impression_logger_counts_drops_when_its_buffer_is_full():
+    from recloop.events import Impression
+    from serving.impressions import ImpressionLogger
+
+    # Nothing listens on this port: events wait in the buffer, the overflow is counted.
+    logger = ImpressionLogger("127.0.0.1:1", capacity=5)
+    ev = Impression(
+        event_time_ms=1,
+        request_id="r",
+        user_id=1,
+        arm="a",
+        model_version="v",
+        items=[{"item_id": 1, "position": 0, "score": -1.0}],
+    )
+    accepted = [logger.offer(ev) for _ in range(50)]
+    stats = logger.stats()
+    assert stats["offered"] == 50
+    assert stats["dropped"] == accepted.count(False) and stats["dropped"] >= 40
+    logger.close(timeout_s=0.5)
