@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam pretrain eval clean
+.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving serve pretrain eval clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -80,11 +80,17 @@ MODEL ?= onerec
 pretrain: install  ## pre-train the seed OneRec model on DATA (default MovieLens-100k)
 	$(BIN)/recloop pretrain --data $(DATA)
 
+serve: install  ## deploy the recommendation service on the running stack (after pretrain)
+	$(BIN)/recloop serve
+
 eval: install  ## offline evaluation of MODEL (onerec|sasrec|pop) on DATA, table + JSON
 	$(BIN)/recloop eval --model $(MODEL) --data $(DATA) --out benchmarks/results/eval_$(MODEL).json
 
 bench-beam: install  ## beam-search latency, throughput, KV-cache speed-up and MFU
 	$(BIN)/python -m benchmarks.beam_search
+
+bench-serving: install  ## HTTP load on the service (own stack): batching, promotion, RSS
+	$(BIN)/python -m benchmarks.serving
 
 bench-kafka: install  ## producer/consumer throughput of the event helpers vs raw kafka-python
 	$(BIN)/python -m benchmarks.kafka_throughput

@@ -56,7 +56,7 @@ def beam_ranks(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recloop ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(PROJECT_ROOT.parent / "shared/data/ml-100k"))
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, help="per variant (default: the seed model's)")
     parser.add_argument("--beams", default="8,32,128")
     parser.add_argument(
         "--beam-users", type=int, default=300, help="users for the beam rows (seeded subsample)"
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_dataset(args.data)
     split = leave_one_out(ds)
     content = genre_features(ds, Path(args.data)) if Path(args.data).is_dir() else None
-    base = replace(default_config(), epochs=args.epochs, seed=args.seed)
+    base = default_config()
+    base = replace(base, epochs=args.epochs or base.epochs, seed=args.seed)
     variants = {
         "moe_session5": base,
         "dense_session5": replace(base, model=replace(base.model, moe_experts=0)),
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "dataset": ds.name,
         "seed": args.seed,
-        "epochs": args.epochs,
+        "epochs": base.epochs,
         "variants": rows,
         "beam_retrieval": beams,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -98,3 +98,24 @@ def test_impression_logger_counts_drops_when_its_buffer_is_full():
     assert stats["offered"] == 50
     assert stats["dropped"] == accepted.count(False) and stats["dropped"] >= 40
     logger.close(timeout_s=0.5)
+
+
+def test_an_unreachable_feature_store_degrades_to_cold_start_and_backs_off():
+    import asyncio
+
+    from serving.features import FeatureClient
+
+    class Broken:
+        calls = 0
+
+        def get_online_features(self, **_):
+            Broken.calls += 1
+            raise ConnectionError("store down")
+
+    client = FeatureClient(load_config(env={}), timeout_s=0.5, backoff_s=60)
+    client._store = Broken()
+    got = [asyncio.run(client.user(7)) for _ in range(5)]
+    assert all(g.history == [] and g.source == "degraded" for g in got)
+    assert Broken.calls == 1  # the back-off spares the store (and the requests)
+    assert client.stats()["errors"] == 1 and client.stats()["skipped"] == 4
+    assert "store down" in client.stats()["last_error"]

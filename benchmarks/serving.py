@@ -1,0 +1,276 @@
+"""HTTP load on the recommendation service, beside a trivial deployment as baseline.
+
+Brings up its own stack (temporary home, free ports, MovieLens-100k unless
+``--synthetic``), publishes the seed checkpoint to both arms, pushes every user's
+latest history into Feast, deploys the service and measures, closed-loop with an async
+client (``aiohttp``, one thread):
+
+- ``/recommend`` at concurrency 1, 8 and 32 with batching on (``serve.max_batch_size``)
+  and off (max_batch_size 1): p50/p99 latency, requests/s, errors, mean batch size;
+- the same loads on the trivial ``GET /ping`` deployment of ``recloop smoke`` — the
+  floor of Serve's HTTP path on this machine; the ratio is the figure to compare;
+- a promotion under load (concurrency 8): errors (must be 0) and the seconds until
+  responses carry the new version;
+- resident memory (RSS) of each Recommender replica and of the router.
+
+    make bench-serving     # or: .venv/bin/python -m benchmarks.serving [--seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recloop.config import PROJECT_ROOT, StackConfig, load_config
+from recloop.procs import free_port
+
+RESULTS = PROJECT_ROOT / "benchmarks" / "results"
+
+
+def _say(msg: str) -> None:
+    print(f"[bench-serving {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _with_batch(cfg: StackConfig, batch: int) -> StackConfig:
+    return dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, max_batch_size=batch))
+
+
+def _config(home: Path, synthetic: bool) -> StackConfig:
+    ports = sorted({free_port() for _ in range(12)})[:7]
+    kafka, controller, gcs, dash, client, agent, serve_port = ports
+    return load_config(
+        overrides={
+            "home": str(home),
+            "cache_dir": str(PROJECT_ROOT / ".recloop" / "cache"),
+            "kafka.port": kafka,
+            "kafka.controller_port": controller,
+            "ray.port": gcs,
+            "ray.dashboard_port": dash,
+            "ray.client_port": client,
+            "ray.agent_listen_port": agent,
+            "ray.serve_port": serve_port,
+            "ray.num_cpus": 2,
+            "data.synthetic": synthetic or None,
+        },
+        env={},
+    )
+
+
+async def _load(
+    url: str, concurrency: int, seconds: float, users: list[int], post: bool
+) -> dict[str, Any]:
+    import aiohttp
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    versions: list[tuple[float, str | None]] = []
+    stop = time.monotonic() + seconds
+
+    async def worker(k: int, session: aiohttp.ClientSession) -> None:
+        i = k
+        while time.monotonic() < stop:
+            user = users[i % len(users)]
+            i += concurrency
+            t = time.perf_counter()
+            try:
+                if post:
+                    async with session.post(url, json={"user_id": user}) as r:
+                        body = await r.json()
+                        code = r.status
+                        versions.append((time.monotonic(), body.get("model_version")))
+                else:
+                    async with session.get(url) as r:
+                        await r.read()
+                        code = r.status
+            except Exception:
+                code = 599
+            latencies.append(time.perf_counter() - t)
+            statuses[code] = statuses.get(code, 0) + 1
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        await asyncio.gather(*(worker(k, session) for k in range(concurrency)))
+    wall = time.monotonic() - started
+    lat = np.array(latencies) * 1000
+    ok = statuses.get(200, 0)
+    return {
+        "concurrency": concurrency,
+        "requests": int(lat.size),
+        "errors": int(lat.size - ok),
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "rps": ok / wall,
+        "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+        "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+        "_versions": versions,
+    }
+
+
+def _run_load(url: str, c: int, seconds: float, users: list[int], post: bool = True) -> dict:
+    out = asyncio.run(_load(url, c, seconds, users, post))
+    out.pop("_versions")
+    return out
+
+
+def _replica_rss(app_name: str) -> dict[str, float]:
+    import psutil
+    from ray.util.state import list_actors
+
+    out = {}
+    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        name = a.class_name or ""
+        if name.startswith(f"ServeReplica:{app_name}:") and a.pid:
+            try:
+                out[name.split(":")[-1]] = psutil.Process(a.pid).memory_info().rss / 2**20
+            except psutil.Error:
+                pass
+    return out
+
+
+def _push_histories(cfg: StackConfig, max_len: int = 50) -> list[int]:
+    """Every user's latest items into Feast's online store; returns the user ids."""
+    import pandas as pd
+
+    from features.store import open_store, push
+    from pipelines.data import load
+
+    data = load(cfg.data)
+    r = data.ratings.sort_values(["user_id", "timestamp", "item_id"], kind="mergesort")
+    hist = r.groupby("user_id")["item_id"].apply(lambda s: [int(x) for x in s.tolist()[-max_len:]])
+    df = pd.DataFrame(
+        {
+            "user_id": hist.index.astype("int64"),
+            "item_ids": hist.values,
+            "history_len": [len(h) for h in hist.values],
+            "event_timestamp": pd.Timestamp.now(tz="UTC"),
+        }
+    )
+    push(open_store(cfg), "user_history_push", df, offline=False)
+    return [int(u) for u in hist.index]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks.serving", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--checkpoint", help="seed checkpoint (default: newest from pretrain)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--synthetic", action="store_true", help="generated data and a tiny model")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
+    parser.add_argument("--keep", action="store_true", help="leave the stack's home behind")
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    from recloop.stack import Stack
+    from serving import smoke
+    from serving.app import deploy
+    from serving.control import ensure_arms, latest_seed, promote, registry
+
+    home = Path(tempfile.mkdtemp(prefix="rl-bs-", dir="/tmp"))
+    cfg = _config(home, args.synthetic)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_seed(cfg)
+    if checkpoint is None:
+        print("no checkpoint: run `recloop pretrain` or pass --checkpoint", file=sys.stderr)
+        return 2
+    stack = Stack(cfg)
+    result: dict[str, Any] = {"checkpoint": str(checkpoint)}
+    try:
+        stack.up(_say)
+        import ray
+
+        from recloop.ray_head import connect
+
+        connect(cfg)
+        users = _push_histories(cfg)
+        _say(f"{len(users)} user histories in Feast")
+        ensure_arms(cfg, checkpoint, _say)
+        base = f"http://{cfg.ray.host}:{cfg.ray.serve_port}"
+
+        smoke.deploy()
+        smoke.ping(cfg.ray.host, cfg.ray.serve_port, "warm")
+        result["baseline_ping"] = {
+            str(c): _run_load(f"{base}{smoke.ROUTE}", c, args.seconds, users, post=False)
+            for c in levels
+        }
+        smoke.delete()
+        _say(f"baseline: {json.dumps(result['baseline_ping'])}")
+
+        for label, batch in (("batched", 16), ("unbatched", 1)):
+            cfg = _with_batch(cfg, batch)
+            _say(f"deploying the service, max_batch_size {batch}")
+            deploy(cfg)
+            _run_load(f"{base}/recommend", 4, 3, users)  # warm-up
+            rows = {}
+            for c in levels:
+                rows[str(c)] = _run_load(f"{base}/recommend", c, args.seconds, users)
+                _say(f"{label} c={c}: {json.dumps(rows[str(c)])}")
+            result[label] = rows
+        result["rss_mb"] = _replica_rss(cfg.serve.app_name)
+
+        # Promotion under load, batching back on.
+        cfg = _with_batch(cfg, 16)
+        deploy(cfg)
+        new = registry(cfg).publish("treatment", checkpoint)
+
+        async def promote_under_load() -> dict:
+            load = asyncio.create_task(_load(f"{base}/recommend", 8, args.seconds, users, True))
+            await asyncio.sleep(2)
+            t0 = time.monotonic()
+            await asyncio.to_thread(promote, cfg, "treatment", new, _say)
+            out = await load
+            first = next((t - t0 for t, v in out.pop("_versions") if v == new and t > t0), None)
+            return {**out, "promote_s": time.monotonic() - t0, "new_version_after_s": first}
+
+        result["promotion"] = asyncio.run(promote_under_load())
+        _say(f"promotion: {json.dumps(result['promotion'])}")
+        ray.shutdown()
+    finally:
+        stack.down(_say)
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+
+    for c in map(str, levels):
+        b, u, p = result["batched"][c], result["unbatched"][c], result["baseline_ping"][c]
+        b["vs_unbatched_rps"] = b["rps"] / u["rps"] if u["rps"] else None
+        b["vs_ping_rps"] = b["rps"] / p["rps"] if p["rps"] else None
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(
+        f"{'conc':>5} {'batched p50/p99 ms':>20} {'rps':>7} {'err':>4} "
+        f"{'unbatched p50/p99':>19} {'rps':>7} {'ping rps':>9} {'batch gain':>10}"
+    )
+    for c in map(str, levels):
+        b, u, p = result["batched"][c], result["unbatched"][c], result["baseline_ping"][c]
+        print(
+            f"{c:>5} {b['p50_ms']:>9.0f}/{b['p99_ms']:<10.0f} {b['rps']:>7.1f} {b['errors']:>4} "
+            f"{u['p50_ms']:>9.0f}/{u['p99_ms']:<9.0f} {u['rps']:>7.1f} {p['rps']:>9.1f} "
+            f"{b['vs_unbatched_rps']:>9.2f}x"
+        )
+    pr = result["promotion"]
+    print(
+        f"promotion under load (c=8): {pr['errors']} errors of {pr['requests']}, "
+        f"new version after {pr['new_version_after_s']} s; RSS MB {result['rss_mb']}"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
