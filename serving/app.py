@@ -306,6 +306,7 @@ class Router:
         feats = await self.features.user(body.user_id)
         req = {
             "history": feats.history,
+            "profile": feats.profile,  # used by models trained with user features
             "session_size": body.session_size,
             "exclude_seen": body.exclude_seen,
         }

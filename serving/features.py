@@ -17,11 +17,13 @@ from typing import Any
 from recloop.config import StackConfig
 
 HISTORY_FEATURE = "user_history:item_ids"
+PROFILE_FEATURES = ("user_profile:age", "user_profile:gender", "user_profile:occupation")
 
 
 @dataclass
 class UserFeatures:
     history: list[int] = field(default_factory=list)  # raw item ids, oldest first
+    profile: dict[str, Any] = field(default_factory=dict)  # age, gender, occupation if known
     source: str = "feast"  # feast | missing (unknown user) | degraded (store failed)
 
 
@@ -44,13 +46,18 @@ class FeatureClient:
                 self._store = open_store(self.cfg)
             return self._store
 
-    def _lookup(self, user_id: int) -> list[int] | None:
+    def _lookup(self, user_id: int) -> tuple[list[int] | None, dict[str, Any]]:
         store = self._open()
         out = store.get_online_features(
-            features=[HISTORY_FEATURE], entity_rows=[{"user_id": int(user_id)}]
+            features=[HISTORY_FEATURE, *PROFILE_FEATURES], entity_rows=[{"user_id": int(user_id)}]
         ).to_dict()
         items = out.get("item_ids", [None])[0]
-        return None if items is None else [int(i) for i in items]
+        profile = {
+            f.split(":")[1]: out[f.split(":")[1]][0]
+            for f in PROFILE_FEATURES
+            if out.get(f.split(":")[1], [None])[0] is not None
+        }
+        return (None if items is None else [int(i) for i in items]), profile
 
     async def user(self, user_id: int) -> UserFeatures:
         self.counts["lookups"] += 1
@@ -58,7 +65,7 @@ class FeatureClient:
             self.counts["skipped"] += 1
             return UserFeatures(source="degraded")
         try:
-            items = await asyncio.wait_for(
+            items, profile = await asyncio.wait_for(
                 asyncio.to_thread(self._lookup, user_id), timeout=self.timeout_s
             )
         except Exception as exc:  # store unreachable, slow or broken: serve what is known
@@ -68,9 +75,9 @@ class FeatureClient:
             return UserFeatures(source="degraded")
         if items is None:
             self.counts["missing"] += 1
-            return UserFeatures(source="missing")
+            return UserFeatures(profile=profile, source="missing")
         self.counts["found"] += 1
-        return UserFeatures(history=items)
+        return UserFeatures(history=items, profile=profile)
 
     def warm_up(self) -> None:
         """Open the store now (the first open imports Feast: seconds)."""

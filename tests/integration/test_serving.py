@@ -84,6 +84,17 @@ def test_a_user_with_a_feast_history_gets_a_session_outside_it(service, feature_
     assert stats["features"]["found"] >= 1
 
 
+def test_the_router_reads_profiles_from_feast(service):
+    """The stack loads the generated users' profiles; the client returns them."""
+    import asyncio
+
+    from serving.features import FeatureClient
+
+    cfg, _ = service
+    got = asyncio.run(FeatureClient(cfg, timeout_s=30).user(1))
+    assert got.source == "missing" and set(got.profile) == {"age", "gender", "occupation"}
+
+
 def test_an_unknown_user_gets_a_cold_start_session(service):
     _, base = service
     r = _post(base, {"user_id": 123456789, "session_size": 3})
