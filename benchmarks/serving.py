@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from recloop.config import PROJECT_ROOT, StackConfig, load_config
-from recloop.procs import free_port
+from recloop.config import PROJECT_ROOT, StackConfig
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 
@@ -48,24 +47,9 @@ def _with_batch(cfg: StackConfig, batch: int) -> StackConfig:
 
 
 def _config(home: Path, synthetic: bool) -> StackConfig:
-    ports = sorted({free_port() for _ in range(12)})[:7]
-    kafka, controller, gcs, dash, client, agent, serve_port = ports
-    return load_config(
-        overrides={
-            "home": str(home),
-            "cache_dir": str(PROJECT_ROOT / ".recloop" / "cache"),
-            "kafka.port": kafka,
-            "kafka.controller_port": controller,
-            "ray.port": gcs,
-            "ray.dashboard_port": dash,
-            "ray.client_port": client,
-            "ray.agent_listen_port": agent,
-            "ray.serve_port": serve_port,
-            "ray.num_cpus": 2,
-            "data.synthetic": synthetic or None,
-        },
-        env={},
-    )
+    from recloop.stack import isolated_config
+
+    return isolated_config(home, **{"data.synthetic": synthetic or None})
 
 
 async def _load(

@@ -11,8 +11,9 @@ One departure from the paper, for training efficiency: the encoder is causal (it
 attends to the user token and items <= i; positions count from the oldest item). Its
 state after item p then depends on items <= p only, so one encoder pass over a window
 of a user's sequence serves every prefix of it: training decodes the next session after
-each prefix against the memory cut at that prefix (``forward(..., prefix_end=...)``), which is what SASRec-style training gets from its causal mask, at the
-cost of one encoder pass per window instead of one per example. The encoder's state at
+each prefix against the memory cut at that prefix (``forward(..., prefix_end=...)``).
+That is what SASRec-style training gets from its causal mask: one encoder pass per
+window instead of one per example. The encoder's state at
 the latest item (like SASRec's user vector) also conditions every decoder token.
 
 Token layout: item codes are (c_1..c_L), c_l in [0, K). Decoder input token ids are

@@ -31,6 +31,7 @@ from pipelines.train_onerec import OneRecRanker
 from recloop.config import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
+MISSED = 10**9
 
 
 def beam_ranks(
@@ -41,8 +42,9 @@ def beam_ranks(
     batch_size: int = 32,
 ) -> np.ndarray:
     """1-based rank of each target among the distinct first items of the ``beam`` best
-    sessions (best session first); a target no beam starts with gets rank beam + 1."""
-    ranks = np.full(len(targets), beam + 1, dtype=np.int64)
+    sessions (best session first); a target no beam starts with is missed (rank
+    ``MISSED``, beyond every cut-off: a narrow beam must not count as a hit at k > beam)."""
+    ranks = np.full(len(targets), MISSED, dtype=np.int64)
     for lo in range(0, len(targets), batch_size):
         out = ranker.recommend(histories[lo : lo + batch_size], beam_width=beam)
         for i, row in enumerate(out.items[:, :, 0].tolist()):
@@ -51,6 +53,29 @@ def beam_ranks(
             if tgt in order:
                 ranks[lo + i] = order.index(tgt) + 1
     return ranks
+
+
+def _beam_rows(ranker: OneRecRanker, split, args: argparse.Namespace) -> dict:
+    """Generative retrieval at each beam width on a seeded subsample of test users."""
+    g = torch.Generator().manual_seed(args.seed)
+    n = len(split.test_targets)
+    users = sorted(torch.randperm(n, generator=g)[: min(n, args.beam_users)].tolist())
+    hist = [split.test_histories[i] for i in users]
+    tgt = [split.test_targets[i] for i in users]
+    beams = {}
+    for width in [int(b) for b in args.beams.split(",")]:
+        t0 = time.monotonic()
+        r = beam_ranks(ranker, hist, tgt, width)
+        beams[str(width)] = {
+            "HR@5": hr_at_k(r, 5),
+            "HR@10": hr_at_k(r, 10),
+            "NDCG@10": ndcg_at_k(r, 10),
+            "users": len(users),
+            "seconds": round(time.monotonic() - t0, 1),
+        }
+        print(f"beam {width}: {beams[str(width)]}", file=sys.stderr, flush=True)
+
+    return beams
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,11 +89,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "ablations_ml100k.json")
+    parser.add_argument(
+        "--beams-only",
+        metavar="CHECKPOINT",
+        help="skip training: beam rows for this checkpoint, merged into --out",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     ds = load_dataset(args.data)
     split = leave_one_out(ds)
+    if args.beams_only:
+        from pipelines.checkpoint import load_checkpoint
+        from pipelines.train_onerec import code_table
+
+        ck = load_checkpoint(args.beams_only)
+        ranker = OneRecRanker(ck.model, code_table(ck.tokenizer, split.num_items))
+        result = json.loads(args.out.read_text()) if args.out.exists() else {}
+        result["beam_retrieval"] = _beam_rows(ranker, split, args)
+        result["beam_checkpoint"] = str(args.beams_only)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["beam_retrieval"], indent=2))
+        return 0
     content = genre_features(ds, Path(args.data)) if Path(args.data).is_dir() else None
     base = default_config()
     base = replace(base, epochs=args.epochs or base.epochs, seed=args.seed)
@@ -91,23 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"{name}: {json.dumps(rows[name]['test_full'])}", file=sys.stderr, flush=True)
 
-    g = torch.Generator().manual_seed(args.seed)
-    n = len(split.test_targets)
-    users = sorted(torch.randperm(n, generator=g)[: min(n, args.beam_users)].tolist())
-    hist = [split.test_histories[i] for i in users]
-    tgt = [split.test_targets[i] for i in users]
-    beams = {}
-    for width in [int(b) for b in args.beams.split(",")]:
-        t0 = time.monotonic()
-        r = beam_ranks(rankers["moe_session5"], hist, tgt, width)
-        beams[str(width)] = {
-            "HR@5": hr_at_k(r, 5),
-            "HR@10": hr_at_k(r, 10),
-            "NDCG@10": ndcg_at_k(r, 10),
-            "users": len(users),
-            "seconds": round(time.monotonic() - t0, 1),
-        }
-        print(f"beam {width}: {beams[str(width)]}", file=sys.stderr, flush=True)
+    beams = _beam_rows(rankers["moe_session5"], split, args)
 
     result = {
         "dataset": ds.name,

@@ -149,6 +149,16 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _write_json(path: Path | None, obj: dict, log: Callable[[str], None] | None) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    if log:
+        log(f"wrote {path}")
+
+
 def run_eval(
     model: str,
     dataset: str | Path,
@@ -215,12 +225,7 @@ def run_eval(
     }
     if log:
         log(_table(result))
-    if out_json is not None:
-        out_json = Path(out_json)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(result, indent=2) + "\n")
-        if log:
-            log(f"wrote {out_json}")
+    _write_json(out_json, result, log)
     return result
 
 
@@ -270,12 +275,7 @@ def run_compare(
         "results": results,
         "table": table,
     }
-    if out_json is not None:
-        out_json = Path(out_json)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(out, indent=2) + "\n")
-        if log:
-            log(f"wrote {out_json}")
+    _write_json(out_json, out, log)
     return out
 
 

@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 
 from infra.kafka.broker import KafkaBroker, probe
 from infra.kafka.topics import TOPICS, ensure_topics
-from recloop.config import StackConfig
+from recloop.config import PROJECT_ROOT, StackConfig, load_config
 from recloop.procs import port_open, processes_matching
 from recloop.ray_head import RayHead, connect
 
@@ -166,3 +167,30 @@ class Stack:
                 shutil.rmtree(self.cfg.home / sub, ignore_errors=True)
             progress(f"purged state under {self.cfg.home} (the jar cache stays)")
         return leftovers
+
+
+def isolated_config(home: Path, cache_dir: Path | None = None, **extra: object) -> StackConfig:
+    """A stack config on free ports under ``home`` (generated data unless overridden),
+    sharing the jar cache: for tests and benchmarks that bring up a stack of their own
+    next to a running one."""
+    from recloop.procs import free_port
+
+    ports: set[int] = set()
+    while len(ports) < 7:
+        ports.add(free_port())
+    kafka, controller, gcs, dash, client, agent, serve = sorted(ports)
+    overrides: dict[str, object] = {
+        "home": str(home),
+        "cache_dir": str(cache_dir or PROJECT_ROOT / ".recloop" / "cache"),
+        "kafka.port": kafka,
+        "kafka.controller_port": controller,
+        "ray.port": gcs,
+        "ray.dashboard_port": dash,
+        "ray.client_port": client,
+        "ray.agent_listen_port": agent,
+        "ray.serve_port": serve,
+        "ray.num_cpus": 2,
+        "data.synthetic": True,
+        **extra,
+    }
+    return load_config(overrides=overrides, env={})

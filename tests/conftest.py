@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from recloop.config import PROJECT_ROOT, StackConfig, load_config
-from recloop.procs import free_port
+from recloop.config import PROJECT_ROOT, StackConfig
 
 SHARED_CACHE = PROJECT_ROOT / ".recloop" / "cache"
 
@@ -27,31 +26,11 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
-def _free_ports(n: int) -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < n:
-        ports.add(free_port())
-    return sorted(ports)
-
-
 def isolated_config(home: Path, **extra: object) -> StackConfig:
     """A stack config on free ports under ``home``, with generated data."""
-    kafka, controller, gcs, dash, client, agent, serve = _free_ports(7)
-    overrides: dict[str, object] = {
-        "home": str(home),
-        "cache_dir": str(SHARED_CACHE),
-        "kafka.port": kafka,
-        "kafka.controller_port": controller,
-        "ray.port": gcs,
-        "ray.dashboard_port": dash,
-        "ray.client_port": client,
-        "ray.agent_listen_port": agent,
-        "ray.serve_port": serve,
-        "ray.num_cpus": 2,
-        "data.synthetic": True,
-    }
-    overrides.update(extra)
-    return load_config(overrides=overrides, env={})
+    from recloop.stack import isolated_config as make
+
+    return make(home, SHARED_CACHE, **extra)
 
 
 def short_home(prefix: str) -> Path:

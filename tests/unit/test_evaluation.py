@@ -262,3 +262,21 @@ def test_generated_data_becomes_contiguous_sequences():
     orig_user = {v: k for k, v in ds.user_id_map.items()}[1]
     r = data.ratings[data.ratings.user_id == orig_user].sort_values(["timestamp", "item_id"])
     assert [inv[i] for i in ds.sequences[1]] == r.item_id.tolist()
+
+
+def test_beam_retrieval_counts_a_target_no_beam_proposes_as_a_miss():
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipelines.ablations import beam_ranks
+    from pipelines.evaluation import hr_at_k
+
+    class Fixed:  # two beams per request; first items 5 then 7
+        def recommend(self, histories, beam_width):
+            items = torch.tensor([[[5, 1], [7, 2]]] * len(histories))
+            return SimpleNamespace(items=items)
+
+    ranks = beam_ranks(Fixed(), [[1], [1], [1]], [5, 7, 9], beam=2)
+    assert ranks[:2].tolist() == [1, 2]
+    assert hr_at_k(ranks, 10) == 2 / 3  # target 9 is missed even at k > beam width
