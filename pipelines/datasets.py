@@ -133,6 +133,18 @@ def read_sasrec_text(
     return from_frame(df, name or path.stem, min_interactions)
 
 
+def movielens_folder(path_or_name: str | Path) -> Path | None:
+    """The MovieLens folder ``path_or_name`` stands for (the name ``ml-100k`` means the
+    configured one), or None when it is not a MovieLens folder."""
+    if str(path_or_name) == "ml-100k" and not Path("ml-100k").exists():
+        from recloop.config import DataConfig
+
+        path = Path(os.environ.get("RECLOOP_MOVIELENS_DIR") or DataConfig().movielens_dir)
+    else:
+        path = Path(path_or_name)
+    return path if (path / "u.item").exists() else None
+
+
 def load_dataset(path_or_name: str | Path, min_interactions: int = 5) -> SequenceDataset:
     """Pick the reader from the path: a folder with ``u.data`` (MovieLens-100k), ``.csv``,
     ``.parquet``/``.pq``, ``.txt`` (SASRec). Names: ``ml-100k`` (the configured MovieLens

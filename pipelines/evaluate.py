@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from pipelines.datasets import load_dataset
+from pipelines.datasets import load_dataset, movielens_folder
 from pipelines.evaluation import Ranker, Split, evaluate_full, evaluate_sampled, leave_one_out
 
 ModelBuilder = Callable[[Split, int, dict[str, Any]], Ranker]
@@ -178,8 +178,9 @@ def run_eval(
     options = dict(options or {})
     if epochs is not None:
         options["epochs"] = epochs
-    if model == "onerec" and (Path(dataset) / "u.item").exists():
-        options.setdefault("content_dir", str(dataset))  # genres feed the SID tokenizer
+    folder = movielens_folder(dataset)
+    if model == "onerec" and folder is not None:
+        options.setdefault("content_dir", str(folder))  # genres feed the SID tokenizer
     ds = load_dataset(dataset, min_interactions=min_interactions)
     split = leave_one_out(ds)
     if log:
