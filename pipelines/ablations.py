@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(PROJECT_ROOT.parent / "shared/data/ml-100k"))
     parser.add_argument("--epochs", type=int, help="per variant (default: the seed model's)")
     parser.add_argument("--beams", default="8,32,128")
+    parser.add_argument("--codebook-size", type=int, help="K of the seed config (default 16)")
     parser.add_argument(
         "--beam-users", type=int, default=300, help="users for the beam rows (seeded subsample)"
     )
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["beam_retrieval"], indent=2))
         return 0
     content = genre_features(ds, Path(args.data)) if Path(args.data).is_dir() else None
-    base = default_config()
+    base = default_config(**({"codebook_size": args.codebook_size} if args.codebook_size else {}))
     base = replace(base, epochs=args.epochs or base.epochs, seed=args.seed)
     variants = {
         "moe_session5": base,

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dim", type=int)
     parser.add_argument("--experts", type=int, help="MoE experts (0 = dense FFN)")
+    parser.add_argument("--codebook-size", type=int, help="K, codes per SID level (default 16)")
     parser.add_argument("--session-len", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in {
             "dim": args.dim,
             "moe_experts": args.experts,
+            "codebook_size": args.codebook_size,
             "session_len": args.session_len,
         }.items()
         if v is not None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -95,30 +95,37 @@ class Examples:
             out[i, h - len(items) :] = items
         return out
 
-    def batches(self, batch_size: int, generator: torch.Generator):
-        """Shuffled windows, grouped until a group holds ``batch_size`` examples; yields
-        (windows (B, H), prefix_end (B, C), target (B, C, M)) with C the most examples of
-        a window in the group; missing examples have prefix_end 0 and target 0."""
-        counts = torch.bincount(self.window, minlength=len(self.windows))
-        starts = torch.cumsum(counts, 0) - counts
+    def groups(self, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+        """Shuffled windows, grouped until a group holds ``batch_size`` examples (every
+        window has at least one)."""
+        counts = torch.bincount(self.window, minlength=len(self.windows)).tolist()
         group: list[int] = []
         size = 0
-        order = torch.randperm(len(self.windows), generator=generator).tolist()
-        m = self.target.shape[1]
-        for pos, w in enumerate(order):
-            if counts[w]:
-                group.append(w)
-                size += int(counts[w])
-            if group and (size >= batch_size or pos == len(order) - 1):
-                c = int(counts[group].max())
-                ends = torch.zeros(len(group), c, dtype=torch.long)
-                target = torch.zeros(len(group), c, m, dtype=torch.long)
-                for i, g in enumerate(group):
-                    rows = slice(int(starts[g]), int(starts[g] + counts[g]))
-                    ends[i, : counts[g]] = self.prefix_end[rows]
-                    target[i, : counts[g]] = self.target[rows]
-                yield self.windows[group], ends, target
+        for w in torch.randperm(len(self.windows), generator=generator).tolist():
+            group.append(w)
+            size += counts[w]
+            if size >= batch_size:
+                yield group
                 group, size = [], 0
+        if group:
+            yield group
+
+    def batches(self, batch_size: int, generator: torch.Generator):
+        """Per group of ``groups``: (windows (B, H), prefix_end (B, C), target (B, C, M))
+        with C the most examples of a window in the group; missing examples have
+        prefix_end 0 and target 0."""
+        counts = torch.bincount(self.window, minlength=len(self.windows))
+        starts = torch.cumsum(counts, 0) - counts
+        m = self.target.shape[1]
+        for group in self.groups(batch_size, generator):
+            c = int(counts[group].max())
+            ends = torch.zeros(len(group), c, dtype=torch.long)
+            target = torch.zeros(len(group), c, m, dtype=torch.long)
+            for i, g in enumerate(group):
+                rows = slice(int(starts[g]), int(starts[g] + counts[g]))
+                ends[i, : counts[g]] = self.prefix_end[rows]
+                target[i, : counts[g]] = self.target[rows]
+            yield self.windows[group], ends, target
 
 
 def make_examples(
@@ -228,7 +235,7 @@ def train_onerec(
     examples = make_examples(sequences, mc.max_history, mc.session_len, cfg.stride)
     model = init if init is not None else OneRec(mc)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = sum(1 for _ in examples.batches(cfg.batch_size, torch.Generator()))
+    steps_per_epoch = sum(1 for _ in examples.groups(cfg.batch_size, torch.Generator()))
     total = steps_per_epoch * cfg.epochs
     history: list[dict] = []
     best, best_state, bad = -1.0, None, 0

@@ -35,7 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from models.beam_search import beam_search
 from recloop.config import StackConfig
+from recloop.events import Impression
 
 log = logging.getLogger("recloop.serve")
 
@@ -125,8 +127,6 @@ class LoadedModel:
         ]
         exclude = [h if r["exclude_seen"] else [] for h, r in zip(histories, requests, strict=True)]
         enc = self.ranker.encode(histories)
-        from models.beam_search import beam_search
-
         beams = beam_search(self.ranker.model, enc, self.ranker.trie, beam_width, exclude=exclude)
         out = []
         for b, r in enumerate(requests):
@@ -259,7 +259,7 @@ api = FastAPI(
 )
 
 
-_MAX_BODY = [8192]  # bytes; build_app sets it from the config
+_MAX_BODY = [8192]  # bytes; the Router replica sets it from its config
 
 
 @api.middleware("http")
@@ -276,7 +276,6 @@ async def _bounded_body(request: Request, call_next):  # noqa: ANN001
 @serve.ingress(api)
 class Router:
     def __init__(self, cfg: dict, recommenders: dict[str, DeploymentHandle]) -> None:
-        from recloop.events import Impression  # noqa: F401  (import once, not per request)
         from serving.experiment import load_experiment
         from serving.features import FeatureClient
         from serving.impressions import ImpressionLogger
@@ -298,8 +297,6 @@ class Router:
 
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
-        from recloop.events import Impression
-
         self.counts["requests"] += 1
         request_id = uuid.uuid4().hex
         arm = self.experiment.assign(body.user_id)
@@ -373,30 +370,37 @@ class Router:
 
 
 # --------------------------------------------------------------------------- building
+def current_versions(cfg: StackConfig) -> dict[str, str | None]:
+    """Each arm's current version in the registry (None: not promoted yet)."""
+    from serving.experiment import load_experiment
+    from serving.registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(cfg.registry_uri)
+    out: dict[str, str | None] = {}
+    for spec in load_experiment(cfg.serve.experiment).arms:
+        try:
+            out[spec.name] = registry.current(spec.name)
+        except RegistryError:
+            out[spec.name] = None
+    return out
+
+
 def build_app(cfg: StackConfig, versions: dict[str, str | None] | None = None):
     """The Serve application for ``cfg``: one Recommender per arm of the experiment, each
     on the version the registry says is current (or ``versions[arm]``)."""
     from serving.experiment import load_experiment
-    from serving.registry import ModelRegistry
 
     s = cfg.serve
-    _MAX_BODY[0] = s.max_body_bytes
     experiment = load_experiment(s.experiment)
-    registry = ModelRegistry(cfg.registry_uri)
+    versions = {**current_versions(cfg), **(versions or {})}
     plain = cfg.to_dict()
     recommenders = {}
     for spec in experiment.arms:
-        version = (versions or {}).get(spec.name)
-        if version is None:
-            try:
-                version = registry.current(spec.name)
-            except ValueError:
-                version = None
         recommenders[spec.name] = Recommender.options(
             name=f"recommender-{spec.name}",
             num_replicas=spec.replicas,
             ray_actor_options={"num_cpus": s.replica_cpus},
-            user_config={"version": version},
+            user_config={"version": versions.get(spec.name)},
         ).bind(plain, spec.name, spec.lineage)
     return Router.options(ray_actor_options={"num_cpus": s.router_cpus}).bind(plain, recommenders)
 
@@ -404,26 +408,21 @@ def build_app(cfg: StackConfig, versions: dict[str, str | None] | None = None):
 def deploy_config(cfg: StackConfig, versions: dict[str, str | None] | None = None) -> dict:
     """The declarative Serve config of the service for ``cfg``, with each arm's model
     version (from the registry unless given) in its ``user_config``."""
-    from serving.experiment import load_experiment
-    from serving.registry import ModelRegistry, RegistryError
-
-    registry = ModelRegistry(cfg.registry_uri)
     conf = render_serve_config(cfg)
     app = conf["applications"][0]
     app["args"] = {"config_dict": cfg.to_dict()}
-    arms = {f"recommender-{a.name}": a.name for a in load_experiment(cfg.serve.experiment).arms}
+    versions = {**current_versions(cfg), **(versions or {})}
     for d in app["deployments"]:
-        arm = arms.get(d["name"])
-        if arm is not None:
-            version = (versions or {}).get(arm)
-            if version is None:
-                try:
-                    version = registry.current(arm)
-                except RegistryError:
-                    version = None
-            d["user_config"] = {"version": version}
+        arm = d["name"].removeprefix("recommender-")
+        if arm in versions:
+            d["user_config"] = {"version": versions[arm]}
     del conf["http_options"], conf["proxy_location"]  # the running Serve instance's stay
     return conf
+
+
+def _serve_api(cfg: StackConfig) -> str:
+    """Serve's declarative REST endpoint on the cluster's dashboard."""
+    return f"http://{cfg.ray.host}:{cfg.ray.dashboard_port}/api/serve/applications/"
 
 
 def deploy(cfg: StackConfig, timeout_s: float = 300.0) -> None:
@@ -434,9 +433,7 @@ def deploy(cfg: StackConfig, timeout_s: float = 300.0) -> None:
     instead of replacing them (``serve.run`` would start new replicas every time)."""
     import requests
 
-    url = f"http://{cfg.ray.host}:{cfg.ray.dashboard_port}/api/serve/applications/"
-    body = deploy_config(cfg)
-    resp = requests.put(url, json=body, timeout=60)
+    resp = requests.put(_serve_api(cfg), json=deploy_config(cfg), timeout=60)
     if resp.status_code >= 400:
         raise RuntimeError(f"Serve refused the deploy config ({resp.status_code}): {resp.text}")
     wait_running(cfg, timeout_s)
@@ -445,8 +442,7 @@ def deploy(cfg: StackConfig, timeout_s: float = 300.0) -> None:
 def app_status(cfg: StackConfig) -> dict:
     import requests
 
-    url = f"http://{cfg.ray.host}:{cfg.ray.dashboard_port}/api/serve/applications/"
-    apps = requests.get(url, timeout=30).json().get("applications", {})
+    apps = requests.get(_serve_api(cfg), timeout=30).json().get("applications", {})
     return apps.get(cfg.serve.app_name) or {}
 
 
@@ -471,8 +467,7 @@ def delete(cfg: StackConfig) -> None:
     """Remove every declaratively deployed application (the service)."""
     import requests
 
-    url = f"http://{cfg.ray.host}:{cfg.ray.dashboard_port}/api/serve/applications/"
-    requests.delete(url, timeout=60)
+    requests.delete(_serve_api(cfg), timeout=60)
 
 
 def app_builder(args: dict[str, Any]):

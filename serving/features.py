@@ -52,11 +52,8 @@ class FeatureClient:
             features=[HISTORY_FEATURE, *PROFILE_FEATURES], entity_rows=[{"user_id": int(user_id)}]
         ).to_dict()
         items = out.get("item_ids", [None])[0]
-        profile = {
-            f.split(":")[1]: out[f.split(":")[1]][0]
-            for f in PROFILE_FEATURES
-            if out.get(f.split(":")[1], [None])[0] is not None
-        }
+        names = (f.split(":")[1] for f in PROFILE_FEATURES)
+        profile = {n: out[n][0] for n in names if out.get(n, [None])[0] is not None}
         return (None if items is None else [int(i) for i in items]), profile
 
     async def user(self, user_id: int) -> UserFeatures:
