@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving serve pretrain eval clean
+.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator simulate analyze serve pretrain eval clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -91,6 +91,17 @@ bench-beam: install  ## beam-search latency, throughput, KV-cache speed-up and M
 
 bench-serving: install  ## HTTP load on the service (own stack): batching, promotion, RSS
 	$(BIN)/python -m benchmarks.serving
+
+EXPERIMENT ?= infra/experiments/model-vs-baselines.yaml
+
+simulate: install  ## simulated users' A/B traffic through the running stack (EXPERIMENT)
+	$(BIN)/recloop simulate --experiment $(EXPERIMENT)
+
+analyze: install  ## the A/B verdict of the latest simulated run (table + JSON)
+	$(BIN)/recloop analyze
+
+bench-simulator: install  ## requests/s and events/s the simulator offers vs a plain HTTP client
+	$(BIN)/python -m benchmarks.simulator
 
 bench-kafka: install  ## producer/consumer throughput of the event helpers vs raw kafka-python
 	$(BIN)/python -m benchmarks.kafka_throughput

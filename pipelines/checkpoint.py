@@ -82,12 +82,7 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     root = Path(path)
-    try:
-        config = json.loads((root / "config.json").read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{root}: no config.json (not a checkpoint?)") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{root}/config.json is not valid JSON: {exc}") from exc
+    config = _read_config(root)
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{root}: format {config.get('format')!r}, expected {FORMAT!r}")
     try:
@@ -107,3 +102,114 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"{root}: weights do not match the config: {exc}") from exc
     tokenizer = SemanticIdTokenizer.from_state(tok_tensors, config["tokenizer"])
     return Checkpoint(model.eval(), tokenizer, config, root)
+
+
+# --------------------------------------------------------------------------- baselines
+BASELINE_FORMAT = "recloop.baseline/1"
+BASELINE_KINDS = ("popularity", "random")
+
+
+@dataclass
+class BaselineCheckpoint:
+    """A non-learned arm for A/B tests: ``popularity`` ranks by ``scores``, ``random``
+    draws a fresh uniform slate per request. Same directory layout as a OneRec checkpoint
+    minus the tokenizer: ``model.safetensors`` (``scores``, one per item) + ``config.json``."""
+
+    kind: str
+    scores: torch.Tensor  # (N,) float32, aligned with item_ids
+    item_ids: list[int]
+    session_len: int
+    meta: dict
+    path: Path
+
+
+def save_baseline(
+    path: str | os.PathLike[str],
+    kind: str,
+    item_ids: list[int],
+    scores: torch.Tensor,
+    session_len: int = 5,
+    meta: dict | None = None,
+) -> Path:
+    """Write a baseline checkpoint directory atomically (it must not exist yet)."""
+    if kind not in BASELINE_KINDS:
+        raise CheckpointError(f"baseline kind must be one of {BASELINE_KINDS}, got {kind!r}")
+    if len(item_ids) != len(scores) or not item_ids:
+        raise CheckpointError(f"{len(item_ids)} item ids for {len(scores)} scores")
+    final = Path(path)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; checkpoints are written once")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        save_file({"scores": scores.detach().float().contiguous()}, str(tmp / "model.safetensors"))
+        config = {
+            "format": BASELINE_FORMAT,
+            "kind": kind,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "session_len": int(session_len),
+            "item_ids": [int(i) for i in item_ids],
+            **(meta or {}),
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _read_config(root: Path) -> dict:
+    try:
+        return json.loads((root / "config.json").read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{root}: no config.json (not a checkpoint?)") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{root}/config.json is not valid JSON: {exc}") from exc
+
+
+def load_baseline(path: str | os.PathLike[str]) -> BaselineCheckpoint:
+    root = Path(path)
+    config = _read_config(root)
+    if config.get("format") != BASELINE_FORMAT:
+        raise CheckpointError(
+            f"{root}: format {config.get('format')!r}, expected {BASELINE_FORMAT!r}"
+        )
+    if config.get("kind") not in BASELINE_KINDS:
+        raise CheckpointError(f"{root}: unknown baseline kind {config.get('kind')!r}")
+    try:
+        scores = load_file(str(root / "model.safetensors"))["scores"]
+    except KeyError as exc:
+        raise CheckpointError(f"{root}: model.safetensors has no 'scores' tensor") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{root}: unreadable weights: {exc}") from exc
+    if not torch.isfinite(scores).all():
+        raise CheckpointError(f"{root}: non-finite scores")
+    item_ids = config.get("item_ids")
+    if not isinstance(item_ids, list) or len(item_ids) != scores.numel():
+        raise CheckpointError(f"{root}: item_ids do not match the {scores.numel()} scores")
+    session_len = config.get("session_len", 5)
+    if not isinstance(session_len, int) or session_len < 1:
+        raise CheckpointError(f"{root}: session_len must be a positive integer")
+    return BaselineCheckpoint(
+        config["kind"], scores, [int(i) for i in item_ids], session_len, config, root
+    )
+
+
+def checkpoint_format(path: str | os.PathLike[str]) -> str:
+    """The ``format`` a checkpoint directory declares (CheckpointError if unreadable)."""
+    return str(_read_config(Path(path)).get("format"))
+
+
+def validate_checkpoint(path: str | os.PathLike[str]) -> list[str]:
+    """Load the checkpoint whatever its format (refusing bad weights); return the files
+    that make it up."""
+    fmt = checkpoint_format(path)
+    if fmt == BASELINE_FORMAT:
+        load_baseline(path)
+        return ["model.safetensors", "config.json"]
+    load_checkpoint(path)
+    return ["model.safetensors", "tokenizer.safetensors", "config.json"]

@@ -10,6 +10,8 @@
     recloop promote   make a version current for an arm; replicas swap without downtime
     recloop rollback  return an arm to the version it served before
     recloop arms      arms, shares, current and live versions
+    recloop simulate  drive simulated users' A/B traffic through the running stack
+    recloop analyze   the A/B verdict of a simulated run, from its logged events
     recloop pretrain  build the tokenizer and pre-train the seed OneRec model (a checkpoint)
     recloop eval      offline evaluation: --model onerec|sasrec|pop on a dataset
     recloop ablate    OneRec ablations: MoE vs dense, M=5 vs M=1, beam 8/32/128
@@ -131,6 +133,26 @@ def cmd_arms(cfg: StackConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(cfg: StackConfig, args: argparse.Namespace) -> int:
+    from actors.sim.driver import simulate
+
+    overrides = {
+        k: v
+        for k, v in {
+            "seed": args.seed,
+            "speedup": args.speedup,
+            "duration_s": args.duration_s,
+            "max_sessions": args.max_sessions,
+            "users": args.users,
+            "shards": args.shards,
+        }.items()
+        if v is not None
+    }
+    manifest = simulate(cfg, args.experiment, _say, deploy=not args.no_deploy, overrides=overrides)
+    print(manifest["run_id"])
+    return 0 if manifest["totals"]["failed"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recloop", description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -173,6 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("arms", parents=[common], help="arms and their versions").set_defaults(
         fn=cmd_arms
     )
+    sim = sub.add_parser("simulate", parents=[common], help="simulated A/B traffic")
+    sim.add_argument(
+        "--experiment",
+        default="infra/experiments/seed-vs-popularity.yaml",
+        help="run file: experiment, simulation, analysis (see infra/experiments/)",
+    )
+    sim.add_argument("--seed", type=int, help="simulation.seed")
+    sim.add_argument("--speedup", type=float, help="simulation.speedup (0: as fast as possible)")
+    sim.add_argument("--duration-s", type=float, help="simulation.duration_s (virtual)")
+    sim.add_argument("--max-sessions", type=int, help="simulation.max_sessions")
+    sim.add_argument("--users", type=int, help="simulation.users")
+    sim.add_argument("--shards", type=int, help="simulation.shards")
+    sim.add_argument("--no-deploy", action="store_true", help="use the service as deployed")
+    sim.set_defaults(fn=cmd_simulate)
     down = sub.add_parser("down", parents=[common], help="stop the local stack")
     down.add_argument("--purge", action="store_true", help="also delete broker and Feast data")
     down.set_defaults(fn=cmd_down)
@@ -184,6 +220,8 @@ JOBS = {
     "pretrain": "pipelines.pretrain",
     "eval": "pipelines.evaluate",
     "ablate": "pipelines.ablations",
+    "analyze": "pipelines.ab_analysis",
+    "fit-user-model": "pipelines.fit_user_model",
 }
 
 

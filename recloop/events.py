@@ -104,6 +104,7 @@ class Interaction(Event):
     watch_time_s: float = Field(ge=0.0, le=24 * 3600.0, allow_inf_nan=False)
     liked: bool = False
     followed: bool = False
+    context: dict[str, str] = Field(default_factory=dict)  # e.g. the simulation run
 
     @model_validator(mode="after")
     def _watch_needs_click(self) -> Interaction:

@@ -232,3 +232,73 @@ class EventConsumer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------- offset ranges
+def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
+    """The next offset of every partition of ``topic`` (where a reader starting now
+    begins); with ``read_range`` it bounds exactly what one run produced."""
+    from kafka import TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise ValueError(f"topic {topic!r} does not exist on {bootstrap_servers}")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        return {tp.partition: int(off) for tp, off in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
+
+
+def read_range(
+    bootstrap_servers: str,
+    topic: str,
+    start: Mapping[int, int],
+    end: Mapping[int, int],
+    timeout_s: float = 120.0,
+) -> tuple[list[Any], list[tuple[int, int, str]]]:
+    """Every record of ``topic`` with start[p] <= offset < end[p], decoded against the
+    topic's contract: (events, invalid) where invalid lists (partition, offset, reason).
+    Reads without a consumer group (nothing committed); TimeoutError if the range cannot
+    be read in ``timeout_s``."""
+    from kafka import TopicPartition
+
+    cls = EVENT_TYPES[topic]
+    todo = {p: (int(start.get(p, 0)), int(e)) for p, e in end.items() if e > start.get(p, 0)}
+    events: list[Any] = []
+    invalid: list[tuple[int, int, str]] = []
+    if not todo:
+        return events, invalid
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        enable_auto_commit=False,
+        max_poll_records=5000,
+        fetch_max_bytes=32 * 1024 * 1024,
+    )
+    try:
+        tps = {p: TopicPartition(topic, p) for p in todo}
+        consumer.assign(list(tps.values()))
+        for p, (s, _) in todo.items():
+            consumer.seek(tps[p], s)
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            if time.monotonic() > deadline:
+                left = {p: (consumer.position(tps[p]), e) for p, (_, e) in todo.items()}
+                raise TimeoutError(f"{topic}: offsets not read after {timeout_s:.0f} s: {left}")
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                stop = todo.get(tp.partition, (0, -1))[1]
+                for r in records:
+                    if r.offset >= stop:
+                        break
+                    try:
+                        events.append(decode(cls, r.value))
+                    except EventError as exc:
+                        invalid.append((tp.partition, r.offset, exc.reason))
+            for p in list(todo):
+                if consumer.position(tps[p]) >= todo[p][1]:
+                    consumer.pause(tps[p])
+                    del todo[p]
+    finally:
+        consumer.close()
+    return events, invalid

@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -57,6 +58,13 @@ class RecommendRequest(BaseModel):
     context: dict[str, str] | None = Field(
         default=None,
         description=f"free-form tags logged with the impression (≤ {MAX_CONTEXT_KEYS})",
+    )
+    event_time_ms: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**53,
+        description="the client's clock (ms since the epoch) for the impression's event "
+        "time; default the server's. Simulators on a virtual clock send theirs.",
     )
 
     @field_validator("context")
@@ -106,10 +114,12 @@ class LoadedModel:
     loaded_at: float
 
     @classmethod
-    def load(cls, path: str, version: str) -> "LoadedModel":
-        from pipelines.checkpoint import load_checkpoint
+    def load(cls, path: str, version: str) -> "LoadedModel | BaselineModel":
+        from pipelines.checkpoint import BASELINE_FORMAT, checkpoint_format, load_checkpoint
         from pipelines.train_onerec import OneRecRanker, code_table
 
+        if checkpoint_format(path) == BASELINE_FORMAT:
+            return BaselineModel.load(path, version)
         ck = load_checkpoint(path)
         n = ck.tokenizer.num_items
         data_ids = ck.meta.get("item_ids") or list(range(1, n + 1))
@@ -141,6 +151,56 @@ class LoadedModel:
         return out
 
 
+@dataclass
+class BaselineModel:
+    """A non-learned arm (``popularity`` or ``random``) behind the same interface, so an
+    A/B test can check that the model beats it through the whole serving path."""
+
+    version: str
+    kind: str
+    scores: torch.Tensor  # (N,) per item, aligned with item_ids
+    item_ids: torch.Tensor  # (N,) data item ids
+    session_len: int
+    loaded_at: float
+
+    @classmethod
+    def load(cls, path: str, version: str) -> "BaselineModel":
+        from pipelines.checkpoint import load_baseline
+
+        ck = load_baseline(path)
+        ids = torch.tensor(ck.item_ids, dtype=torch.long)
+        return cls(version, ck.kind, ck.scores, ids, ck.session_len, time.time())
+
+    @torch.no_grad()
+    def generate(self, requests: list[dict], beam_width: int) -> list[dict]:
+        out = []
+        for r in requests:
+            size = min(r.get("session_size") or self.session_len, len(self.item_ids))
+            if self.kind == "random":
+                scores = torch.rand(len(self.item_ids))
+            else:
+                scores = self.scores.clone()
+            if r["exclude_seen"] and r["history"]:
+                seen = torch.isin(self.item_ids, torch.tensor(r["history"], dtype=torch.long))
+                scores[seen] = float("-inf")
+            top = torch.topk(scores, size)
+            picked = [
+                i
+                for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+                if v > float("-inf")
+            ]
+            if self.kind == "popularity":  # log-probability of the item under popularity
+                logp = torch.log_softmax(self.scores, 0)[picked].tolist()
+            else:
+                logp = [-float(np.log(len(self.item_ids)))] * len(picked)
+            session = [
+                {"item_id": int(self.item_ids[i]), "score": lp, "position": p}
+                for p, (i, lp) in enumerate(zip(picked, logp, strict=True))
+            ]
+            out.append({"model_version": self.version, "items": session})
+        return out
+
+
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
 class Recommender:
     """One arm's model. ``user_config = {"version": ...}`` selects the registry version."""
@@ -152,7 +212,7 @@ class Recommender:
         torch.set_num_threads(self.cfg.serve.torch_threads)
         self.arm, self.lineage = arm, lineage
         self.registry = ModelRegistry(self.cfg.registry_uri)
-        self.model: LoadedModel | None = None
+        self.model: LoadedModel | BaselineModel | None = None
         self.load_error: str | None = None
         self.swaps = 0
         self.batches = 0
@@ -320,7 +380,9 @@ class Router:
         if items:
             self.impressions.offer(
                 Impression(
-                    event_time_ms=int(time.time() * 1000),
+                    event_time_ms=body.event_time_ms
+                    if body.event_time_ms is not None
+                    else int(time.time() * 1000),
                     request_id=request_id,
                     user_id=body.user_id,
                     arm=arm,

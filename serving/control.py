@@ -50,7 +50,10 @@ def ensure_arms(cfg: StackConfig, seed: Path | None = None, progress: Progress =
         if reg.current(spec.name) is not None:
             continue
         if spec.lineage not in published:
-            source = seed or latest_seed(cfg)
+            if spec.model == "seed":
+                source = seed or latest_seed(cfg)
+            else:
+                source = baseline_checkpoint(cfg, spec.model, progress)
             if source is None:
                 raise FileNotFoundError(
                     f"arm {spec.name!r} has no model and no seed checkpoint was found: run "
@@ -66,6 +69,31 @@ def ensure_arms(cfg: StackConfig, seed: Path | None = None, progress: Progress =
         reg.promote(spec.name, published[spec.lineage])
         progress(f"arm {spec.name}: serving {published[spec.lineage]}")
     return reg.arms()
+
+
+def baseline_checkpoint(cfg: StackConfig, kind: str, progress: Progress = print) -> Path:
+    """A ``popularity`` or ``random`` checkpoint over the configured data's items (built
+    once per data source under ``<home>/models/baseline``)."""
+    import hashlib
+
+    import torch
+
+    from pipelines.checkpoint import save_baseline
+    from pipelines.data import load
+
+    data = load(cfg.data)
+    tag = hashlib.sha256(data.source.encode()).hexdigest()[:8]
+    path = cfg.home / "models" / "baseline" / f"{kind}-{tag}"
+    if (path / "config.json").exists():
+        return path
+    counts = data.ratings["item_id"].value_counts()
+    item_ids = sorted(int(i) for i in data.items["item_id"])
+    scores = torch.tensor([float(counts.get(i, 0)) for i in item_ids])
+    if kind == "random":
+        scores = torch.zeros(len(item_ids))
+    save_baseline(path, kind, item_ids, scores, meta={"data": data.source})
+    progress(f"built the {kind} baseline over {len(item_ids)} items ({data.source})")
+    return path
 
 
 def serve_up(cfg: StackConfig, seed: Path | None = None, progress: Progress = print) -> None:

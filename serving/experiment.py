@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -36,6 +36,16 @@ class ArmSpec(BaseModel):
     lineage: str = Field(default="", pattern=NAME_PATTERN)
     replicas: int = Field(default=1, ge=1)
     description: str = ""
+    model: Literal["seed", "popularity", "random"] = Field(
+        default="seed",
+        description="what an arm without a version starts from: the seed checkpoint, or a "
+        "non-learned baseline (a sanity arm the model must beat)",
+    )
+    learning: Literal["frozen", "online", "online-ipa"] = Field(
+        default="frozen",
+        description="frozen: never retrained; online: continuous next-token training; "
+        "online-ipa: plus DPO on preference pairs from the mirrored 1%",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -54,6 +64,23 @@ class Experiment(BaseModel):
     name: str = Field(min_length=1)
     salt: str = Field(min_length=1)
     arms: list[ArmSpec] = Field(min_length=1)
+    data_policy: Literal["own-arm", "pooled"] = Field(
+        default="own-arm",
+        description="own-arm: a learning arm trains only on its own arm's traffic, so the "
+        "comparison is fair; pooled: every learning arm trains on all traffic",
+    )
+
+    def policy_statement(self) -> str:
+        """The data policy in words, stated beside every result."""
+        learning = [a.name for a in self.arms if a.learning != "frozen"]
+        if not learning:
+            return "no learning arms: every arm serves a fixed model"
+        if self.data_policy == "own-arm":
+            return (
+                f"own-arm: each learning arm ({', '.join(learning)}) trains only on its own "
+                "arm's traffic"
+            )
+        return f"pooled: the learning arms ({', '.join(learning)}) train on all arms' traffic"
 
     @field_validator("arms")
     @classmethod

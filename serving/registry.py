@@ -41,6 +41,7 @@ import pyarrow.fs as pafs
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 CHECKPOINT_FILES = ("model.safetensors", "tokenizer.safetensors", "config.json")
+BASELINE_FILES = ("model.safetensors", "config.json")  # popularity / random arms
 METRICS_FILE = "metrics.json"
 COMPLETE_MARKER = "_COMPLETE"
 _RESERVED = {METRICS_FILE, COMPLETE_MARKER}
@@ -220,7 +221,14 @@ class ModelRegistry:
                 f"checkpoint directory {src} does not exist or is not a directory; pass the "
                 f"directory written by pipelines.checkpoint.save_checkpoint"
             )
-        missing = [f for f in CHECKPOINT_FILES if not (src / f).is_file()]
+        from pipelines.checkpoint import BASELINE_FORMAT, CheckpointError, checkpoint_format
+
+        try:
+            fmt = checkpoint_format(src)
+        except CheckpointError as exc:
+            raise RegistryError(f"refusing to publish {src}: {exc}") from exc
+        required = BASELINE_FILES if fmt == BASELINE_FORMAT else CHECKPOINT_FILES
+        missing = [f for f in required if not (src / f).is_file()]
         if missing:
             raise RegistryError(
                 f"{src} is not a complete checkpoint: missing {', '.join(missing)}; write it "
@@ -255,10 +263,10 @@ class ModelRegistry:
                 f"write-once: pick another name (or omit version= for a fresh one)"
             )
 
-        from pipelines.checkpoint import load_checkpoint  # imports torch: only publish needs it
+        from pipelines.checkpoint import validate_checkpoint  # torch: only publish needs it
 
         try:
-            load_checkpoint(src)
+            validate_checkpoint(src)
         except (ValueError, KeyError) as exc:  # CheckpointError, or a malformed tokenizer/config
             raise RegistryError(f"refusing to publish {src} as {lineage}/{version}: {exc}") from exc
 

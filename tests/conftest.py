@@ -91,6 +91,23 @@ def feature_store(stack: StackConfig):
     return store.open_store(stack)
 
 
+def _pretrain(out: Path, seed: int) -> Path:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pipelines.pretrain", "--data", "synthetic", "--quick"]
+    cmd += ["--dim", "32", "--threads", "1", "--seed", str(seed), "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """Two quick seed checkpoints on the generated data (seeds 0 and 1)."""
+    root = tmp_path_factory.mktemp("ckpts")
+    return _pretrain(root / "a", 0), _pretrain(root / "b", 1)
+
+
 @pytest.fixture(scope="session")
 def ray_driver(stack: StackConfig) -> Iterator[StackConfig]:
     """This test process connected to the stack's Ray head as a driver."""

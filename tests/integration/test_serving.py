@@ -16,22 +16,14 @@ import pandas as pd
 import pytest
 import requests
 
-from recloop.config import PROJECT_ROOT, StackConfig
+from recloop.config import StackConfig
 
 pytestmark = pytest.mark.integration
 
 
-def _pretrain(out: Path, seed: int) -> Path:
-    cmd = [sys.executable, "-m", "pipelines.pretrain", "--data", "synthetic", "--quick"]
-    cmd += ["--dim", "32", "--threads", "1", "--seed", str(seed), "--out", str(out)]
-    subprocess.run(cmd, check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=600)
-    return out
-
-
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ckpts")
-    return _pretrain(root / "a", 0), _pretrain(root / "b", 1)
+def checkpoints(synthetic_checkpoints) -> tuple[Path, Path]:
+    return synthetic_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""The simulated users: hidden response model, population, traffic."""

@@ -1,0 +1,257 @@
+"""``recloop simulate``: drive a run file's simulated traffic through the running stack.
+
+1. deploy the run's experiment (its arms get their models: the seed or a baseline);
+2. load the hidden user-response model (fitted on the data on first use);
+3. give every simulated user without an online history their real one (Feast push);
+4. note the end offsets of the event topics, start ``shards`` simulator actors, show
+   progress until they finish, note the end offsets again;
+5. write the run folder ``<home>/sim/runs/<run_id>/``: ``manifest.json`` (config, data
+   policy, offsets, throughput) and ``ledger.parquet`` (one row per session, with the
+   hidden model's expected and oracle values, which never leave the simulator's side).
+
+``recloop analyze`` reads the run's events back from Kafka between those offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from actors.sim.runfile import RunFile, SimulationConfig, load_run
+from recloop.config import StackConfig
+
+Progress = Callable[[str], None]
+INTERACTIONS = "recloop.interactions"
+IMPRESSIONS = "recloop.impressions"
+
+
+def runs_dir(cfg: StackConfig) -> Path:
+    return cfg.home / "sim" / "runs"
+
+
+def resolve_run(cfg: StackConfig, run: str | None) -> Path:
+    """The run folder for a run id, a path, or the latest run (None / 'latest')."""
+    root = runs_dir(cfg)
+    if run in (None, "latest"):
+        latest = root / "LATEST"
+        if not latest.exists():
+            raise FileNotFoundError(f"no simulation run under {root}: run `recloop simulate`")
+        run = latest.read_text().strip()
+    path = Path(run) if Path(run).is_dir() else root / run
+    if not (path / "manifest.json").exists():
+        raise FileNotFoundError(f"{path} is not a simulation run (no manifest.json)")
+    return path
+
+
+def user_model_dir(cfg: StackConfig, sim: SimulationConfig, data: Any, say: Progress) -> Path:
+    """The fitted hidden model for the configured data; fitted and saved on first use."""
+    import hashlib
+
+    from actors.sim.user_model import HiddenUserModel
+
+    if sim.user_model:
+        path = Path(sim.user_model)
+        if not path.exists():
+            raise FileNotFoundError(f"simulation.user_model {path} does not exist")
+        return path
+    tag = hashlib.sha256(data.source.encode()).hexdigest()[:10]
+    path = cfg.home / "sim" / "user_model" / tag
+    if not (path / "model.json").exists():
+        say(f"fitting the hidden user model on {data.summary()} (once; saved to {path})")
+        model = HiddenUserModel.fit(data, progress=say)
+        model.save(path)
+        r = model.report
+        say(f"hidden user model: {json.dumps(_brief(r))}")
+    return path
+
+
+def _brief(report: dict) -> dict:
+    return {k: v for k, v in report.items() if "auc" in k or k.startswith("n_")}
+
+
+def seed_histories(cfg: StackConfig, pop: Any, say: Progress, max_len: int = 50) -> int:
+    """Push the real history of every simulated user the online store has none for."""
+    from datetime import UTC, datetime
+
+    from features.store import open_store, push
+
+    store = open_store(cfg)
+    users = [int(u) for u in pop.user_ids]
+    known = store.get_online_features(
+        features=["user_history:item_ids"], entity_rows=[{"user_id": u} for u in users]
+    ).to_dict()["item_ids"]
+    missing = [u for u, items in zip(users, known, strict=True) if not items]
+    if not missing:
+        return 0
+    rows = []
+    for u in missing:
+        items = pop.histories[u][-max_len:]
+        last = pop.history_times_ms[u][-1] / 1000
+        rows.append(
+            {
+                "user_id": u,
+                "item_ids": items,
+                "history_len": len(pop.histories[u]),
+                "event_timestamp": datetime.fromtimestamp(last, UTC),
+            }
+        )
+    push(store, "user_history_push", pd.DataFrame(rows))
+    say(f"Feast: pushed the real histories of {len(missing)} simulated users")
+    return len(missing)
+
+
+def _shard_actor():
+    import ray
+
+    from actors.sim.simulator import run_shard
+
+    @ray.remote(max_concurrency=2)  # one thread runs the shard, one answers progress()
+    class SimulatorShard:
+        def __init__(self) -> None:
+            self.simulator: Any = None
+
+        def run(self, *args: Any) -> dict:
+            return run_shard(*args, on_start=self._started)
+
+        def _started(self, simulator: Any) -> None:
+            self.simulator = simulator
+
+        def progress(self) -> dict | None:
+            return None if self.simulator is None else self.simulator.progress.snapshot()
+
+    return SimulatorShard
+
+
+def _line(snaps: list[dict], total: int) -> str:
+    done = sum(s["done"] for s in snaps)
+    failed = sum(s["failed"] for s in snaps)
+    events = sum(s["events"] for s in snaps)
+    rps = sum(s["requests_per_s"] for s in snaps)
+    eps = sum(s["events_per_s"] for s in snaps)
+    vh = max(s["virtual_s"] for s in snaps) / 3600
+    lag = max(s["max_lag_s"] for s in snaps)
+    pct = 100.0 * done / max(total, 1)
+    return (
+        f"{done}/{total} sessions ({pct:.0f}%), {events} events, {failed} failed, "
+        f"{rps:.1f} req/s, {eps:.0f} events/s, virtual {vh:.1f} h, max lag {lag:.1f} s"
+    )
+
+
+def simulate(
+    cfg: StackConfig,
+    run_path: str | Path,
+    say: Progress = print,
+    deploy: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the file's simulation against the running stack; returns the manifest.
+    ``overrides`` replace keys of the file's ``simulation:`` section."""
+    import ray
+
+    from actors.sim.simulator import Population, schedule
+    from pipelines.data import load
+    from recloop.kafka_io import end_offsets
+    from recloop.ray_head import connect
+
+    run: RunFile = load_run(run_path, overrides)
+    sim = run.simulation
+    cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, experiment=run.path))
+    connect(cfg)
+    if deploy:
+        from serving.control import serve_up
+
+        serve_up(cfg, progress=say)
+    data = load(cfg.data)
+    model_dir = user_model_dir(cfg, sim, data, say)
+    pop = Population.from_data(data, sim.users, sim.seed)
+    total = len(schedule(pop, sim))
+    say(
+        f"{len(pop.user_ids)} users, {total} sessions over {sim.duration_s / 3600:.1f} virtual "
+        f"hours at speed-up {sim.speedup:g} ({sim.shards} shard(s), {sim.concurrency} in "
+        f"flight each); policy: {run.experiment.policy_statement()}"
+    )
+    if sim.seed_histories:
+        seed_histories(cfg, pop, say)
+
+    t0_ms = sim.start_ms if sim.start_ms is not None else int(time.time() * 1000)
+    run_id = f"{run.experiment.name}-s{sim.seed}-{time.strftime('%Y%m%dT%H%M%S')}"
+    url = f"http://{cfg.ray.host}:{cfg.ray.serve_port}/recommend"
+    start = {t: end_offsets(cfg.kafka.bootstrap, t) for t in (INTERACTIONS, IMPRESSIONS)}
+    started = time.time()
+    Shard = _shard_actor()
+    actors = [
+        Shard.options(num_cpus=sim.shard_cpus, name=f"simulator-{run_id}-{i}").remote()
+        for i in range(sim.shards)
+    ]
+    args = (cfg.to_dict(), sim.to_dict(), run_id, t0_ms, str(model_dir), url)
+    refs = [a.run.remote(*args, i, sim.shards) for i, a in enumerate(actors)]
+    say(f"run {run_id}: simulating")
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=sim.progress_every_s)
+        snaps = [s for s in ray.get([a.progress.remote() for a in actors]) if s]
+        if snaps and pending:
+            say(_line(snaps, total))
+    results = ray.get(refs)
+    for a in actors:
+        ray.kill(a)
+    finished = time.time()
+    end = {t: end_offsets(cfg.kafka.bootstrap, t) for t in (INTERACTIONS, IMPRESSIONS)}
+
+    summaries = [r["summary"] for r in results]
+    ledger = pd.DataFrame([row for r in results for row in r["ledger"]])
+    ledger = ledger.sort_values(["t_ms", "user_id"], kind="stable").reset_index(drop=True)
+    wall = finished - started
+    totals = {
+        "sessions": int(len(ledger)),
+        "ok": int(sum(s["ok"] for s in summaries)),
+        "failed": int(sum(s["failed"] for s in summaries)),
+        "events_sent": int(sum(s["events_sent"] for s in summaries)),
+        "requests_per_s": round(len(ledger) / wall, 2),
+        "events_per_s": round(sum(s["events_sent"] for s in summaries) / wall, 1),
+        "max_lag_s": max(s["max_lag_s"] for s in summaries),
+        "statuses": _merge([s["statuses"] for s in summaries]),
+    }
+    manifest = {
+        "run_id": run_id,
+        "run_file": str(run.path),
+        "experiment": run.experiment.model_dump(),
+        "policy": run.experiment.policy_statement(),
+        "simulation": sim.to_dict(),
+        "analysis": run.analysis,
+        "data": data.source,
+        "user_model": str(model_dir),
+        "url": url,
+        "t0_ms": t0_ms,
+        "started_at": started,
+        "finished_at": finished,
+        "wall_s": round(wall, 2),
+        "offsets": {t: {"start": start[t], "end": end[t]} for t in start},
+        "totals": totals,
+        "shards": summaries,
+    }
+    out = runs_dir(cfg) / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    ledger.to_parquet(out / "ledger.parquet", index=False)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    (runs_dir(cfg) / "LATEST").write_text(run_id)
+    say(
+        f"run {run_id}: {totals['sessions']} sessions ({totals['failed']} failed), "
+        f"{totals['events_sent']} events in {wall:.1f} s = {totals['requests_per_s']} req/s, "
+        f"{totals['events_per_s']} events/s; saved to {out}"
+    )
+    return manifest
+
+
+def _merge(dicts: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out

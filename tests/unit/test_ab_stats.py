@@ -1,0 +1,287 @@
+"""A/B analysis statistics: metric values, user-level inference (A/A calibration, planted
+lifts, clustering), sequential always-valid p-values vs peeking, fixed-horizon interim
+verdicts, JSON-ability, determinism and errors. Synthetic session frames only."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.ab_stats import (
+    METRICS,
+    NO_VERDICT_FIXED,
+    AnalysisConfig,
+    analyze,
+    format_table,
+)
+
+T_MS = 1_000_000
+
+
+def make_sessions(
+    rng: np.random.Generator,
+    *,
+    n_users: int = 150,
+    arms: tuple[str, ...] = ("control", "treatment"),
+    lift: dict[str, float] | None = None,
+    sessions_per_user: float = 8.0,
+    user_sd: float = 0.6,
+    oracle: bool = False,
+) -> pd.DataFrame:
+    """Sessions with user-level random effects (watch time level, view propensity) and
+    several sessions per user; ``lift`` multiplies an arm's watch time."""
+    frames = []
+    uid0 = 0
+    for arm in arms:
+        ns = 1 + rng.poisson(sessions_per_user - 1, n_users)
+        users = np.repeat(np.arange(uid0, uid0 + n_users), ns)
+        uid0 += n_users
+        level = np.repeat(rng.lognormal(3.0, user_sd, n_users), ns)
+        p_view = np.repeat(rng.beta(4, 4, n_users), ns)
+        n = len(users)
+        items = np.full(n, 6)
+        views = rng.binomial(items, p_view)
+        watch = level * rng.gamma(2.0, 0.5, n) * (1.0 + (lift or {}).get(arm, 0.0))
+        cols = {
+            "user_id": users,
+            "arm": arm,
+            "request_id": [f"{arm}-{i}" for i in range(n)],
+            "t_ms": rng.integers(0, T_MS, n),
+            "n_items": items,
+            "views": views,
+            "watch_s": watch,
+            "likes": rng.binomial(views, 0.2),
+            "follows": rng.binomial(items, 0.02),
+        }
+        if oracle:
+            cols["expected_watch_s"] = level
+            cols["oracle_watch_s"] = level * 1.25
+        frames.append(pd.DataFrame(cols))
+    return pd.concat(frames, ignore_index=True)
+
+
+def comparison(result: dict, metric: str, arm: str = "treatment") -> dict:
+    (row,) = [r for r in result["comparisons"] if r["metric"] == metric and r["arm"] == arm]
+    return row
+
+
+def naive_session_p(df: pd.DataFrame) -> float:
+    """Welch z-test on session-level watch time, as if sessions were independent."""
+    x = df.loc[df["arm"] == "control", "watch_s"]
+    y = df.loc[df["arm"] == "treatment", "watch_s"]
+    z = (y.mean() - x.mean()) / math.sqrt(x.var() / len(x) + y.var() / len(y))
+    return math.erfc(abs(z) / math.sqrt(2.0))
+
+
+# --- values -------------------------------------------------------------------------
+
+
+def test_metric_values_are_ratios_of_sums():
+    df = pd.DataFrame(
+        {
+            "user_id": [1, 1, 2, 3, 4, 4],
+            "arm": ["control", "control", "control", "b", "b", "b"],
+            "request_id": list("abcdef"),
+            "t_ms": [0, 10, 20, 5, 15, 100],
+            "n_items": [5, 5, 10, 4, 4, 2],
+            "views": [1, 2, 3, 4, 0, 1],
+            "watch_s": [10.0, 20.0, 30.0, 1.0, 2.0, 3.0],
+            "likes": [0, 1, 1, 2, 0, 0],
+            "follows": [0, 0, 1, 0, 0, 1],
+            "expected_watch_s": [8.0, 9.0, 10.0, 1.0, np.nan, 2.0],
+            "oracle_watch_s": [10.0, 10.0, 10.0, 4.0, 4.0, 4.0],
+        }
+    )
+    r = analyze(
+        df,
+        AnalysisConfig(n_boot=50),
+        policy="own-arm: each learning arm trains only on its own arm's traffic",
+        meta={"run": 7, "note": ["x"]},
+    )
+    c = r["arms"]["control"]
+    assert (c["users"], c["sessions"]) == (2, 3)
+    assert c["metrics"]["swt"] == pytest.approx(20.0)
+    assert c["metrics"]["vtr"] == pytest.approx(6 / 20)
+    assert c["metrics"]["ltr"] == pytest.approx(2 / 20)
+    assert c["metrics"]["wtr"] == pytest.approx(1 / 20)
+    assert c["expected_swt"] == pytest.approx(9.0)
+    assert c["oracle_swt"] == pytest.approx(10.0)
+    assert c["oracle_gap"] == pytest.approx(1 - 27 / 30)
+    b = r["arms"]["b"]
+    assert b["expected_swt"] == pytest.approx(1.5)  # the NaN session is left out
+    assert b["oracle_gap"] == pytest.approx(1 - 3 / 8)
+    row = comparison(r, "swt", arm="b")
+    assert row["control_value"] == pytest.approx(20.0)
+    assert row["arm_value"] == pytest.approx(2.0)
+    assert row["abs_lift"] == pytest.approx(-18.0)
+    assert row["rel_lift"] == pytest.approx(-0.9)
+    assert {x["metric"] for x in r["comparisons"]} == {*METRICS, "expected_swt"}
+    assert r["policy"].startswith("own-arm")
+    assert r["meta"] == {"run": 7, "note": ["x"]}
+    assert r["horizon_reached"] is True
+    # over time: 10 buckets by default covering every session once, values per bucket
+    for arm, n in (("control", 3), ("b", 3)):
+        series = r["over_time"][arm]
+        assert len(series) == 10
+        assert sum(x["sessions"] for x in series) == n
+    first = r["over_time"]["control"][0]
+    assert first["t_ms_start"] == 0 and first["sessions"] == 2  # t = 0 and 10 (width 11)
+    assert first["swt"] == pytest.approx(15.0)
+    assert r["over_time"]["control"][5]["swt"] is None  # empty bucket
+    custom = analyze(df, AnalysisConfig(n_boot=0, bucket_ms=50))
+    assert [x["sessions"] for x in custom["over_time"]["b"]] == [2, 0, 1]
+    assert custom["bucket_ms"] == 50
+
+
+def test_json_serializable_deterministic_and_none_for_undefined():
+    rng = np.random.default_rng(3)
+    df = make_sessions(rng, n_users=60, arms=("control", "a", "b"), oracle=True)
+    df.loc[df["arm"] == "control", "follows"] = 0  # control wtr 0: relative lift undefined
+    cfg = AnalysisConfig(n_boot=300, seed=11)
+    r1 = analyze(df, cfg)
+    text = json.dumps(r1, allow_nan=False)
+    assert json.loads(text) == r1
+    assert json.dumps(analyze(df, cfg), allow_nan=False) == text
+    wtr = comparison(r1, "wtr", arm="a")
+    assert wtr["control_value"] == 0.0 and wtr["rel_lift"] is None
+    assert wtr["ci_boot"] == [None, None] and wtr["ci_delta"] == [None, None]
+    # another seed changes the bootstrap only
+    r2 = analyze(df, AnalysisConfig(n_boot=300, seed=12))
+    assert comparison(r2, "swt", "a")["ci_boot"] != comparison(r1, "swt", "a")["ci_boot"]
+    assert comparison(r2, "swt", "a")["p_value"] == comparison(r1, "swt", "a")["p_value"]
+    # per-arm bootstrap streams: dropping arm b leaves a-vs-control untouched
+    r3 = analyze(df[df["arm"] != "b"], cfg)
+    assert comparison(r3, "swt", "a")["ci_boot"] == comparison(r1, "swt", "a")["ci_boot"]
+    seq = analyze(df, AnalysisConfig(n_boot=0, design="sequential"))
+    json.dumps(seq, allow_nan=False)
+    assert len(seq["looks_t_ms"]) == 10
+    table = format_table(r1)
+    for s in ("control", "a vs control", "b vs control", "swt", "oracle gap", "95% CI"):
+        assert s in table
+    assert "p (av)" in format_table(seq)
+
+
+# --- inference ----------------------------------------------------------------------
+
+
+def test_aa_calibration_user_level():
+    rng = np.random.default_rng(20240601)
+    runs = 200
+    reject = boot_cover = delta_cover = 0
+    for i in range(runs):
+        df = make_sessions(rng)
+        row = comparison(analyze(df, AnalysisConfig(n_boot=200, seed=i)), "swt")
+        reject += row["p_value"] < 0.05
+        boot_cover += row["ci_boot"][0] <= 0 <= row["ci_boot"][1]
+        delta_cover += row["ci_delta"][0] <= 0 <= row["ci_delta"][1]
+    assert 0.01 <= reject / runs <= 0.10
+    assert boot_cover / runs >= 0.90
+    assert delta_cover / runs >= 0.90
+
+
+def test_session_level_clustering_matters():
+    """Strong user effects and ~20 sessions per user: treating sessions as independent
+    rejects a true null far too often; the user-level test stays near alpha."""
+    rng = np.random.default_rng(5)
+    runs = 200
+    user_rej = naive_rej = 0
+    for _ in range(runs):
+        df = make_sessions(rng, n_users=60, sessions_per_user=20, user_sd=0.8)
+        user_rej += comparison(analyze(df, AnalysisConfig(n_boot=0)), "swt")["p_value"] < 0.05
+        naive_rej += naive_session_p(df) < 0.05
+    assert naive_rej / runs >= 0.25
+    assert user_rej / runs <= 0.10
+
+
+@pytest.mark.parametrize("lift, verdict", [(0.10, "win"), (-0.10, "loss")])
+def test_planted_lift_detected(lift, verdict):
+    rng = np.random.default_rng(42)
+    df = make_sessions(rng, n_users=2000, user_sd=0.5, lift={"treatment": lift})
+    r = analyze(df, AnalysisConfig(n_boot=500))
+    row = comparison(r, "swt")
+    assert row["p_value"] < 0.01
+    assert row["verdict"] == verdict and row["interim"] is False
+    assert row["rel_lift"] == pytest.approx(lift, abs=0.05)
+    for lo, hi in (row["ci_boot"], row["ci_delta"]):
+        assert lo < hi and (lo > 0 if lift > 0 else hi < 0)
+    # the untouched metrics do not move
+    assert comparison(r, "vtr")["verdict"] == "no significant difference"
+    seq = comparison(analyze(df, AnalysisConfig(n_boot=0, design="sequential")), "swt")
+    assert seq["p_always_valid"] < 0.05 and seq["verdict"] == verdict
+    assert seq["p_always_valid"] >= seq["p_value"]  # the price of always-valid inference
+
+
+def test_sequential_always_valid_vs_peeking():
+    rng = np.random.default_rng(99)
+    runs = 200
+    cfg = AnalysisConfig(design="sequential", looks=10, n_boot=0)
+    av_rej = peek_rej = 0
+    for _ in range(runs):
+        row = comparison(analyze(make_sessions(rng), cfg), "swt")
+        assert row["p_fixed_looks"][-1] == pytest.approx(row["p_value"])
+        av_rej += row["p_always_valid"] < 0.05
+        peek_rej += min(p for p in row["p_fixed_looks"] if p is not None) < 0.05
+    assert av_rej / runs <= 0.06
+    assert peek_rej / runs >= 0.09
+    assert peek_rej >= av_rej + 10
+
+
+def test_sequential_looks_are_time_prefixes():
+    rng = np.random.default_rng(8)
+    df = make_sessions(rng, n_users=80)
+    r = analyze(df, AnalysisConfig(design="sequential", looks=4, n_boot=0))
+    row = comparison(r, "swt")
+    cut = r["looks_t_ms"][1]
+    prefix = analyze(df[df["t_ms"] <= cut], AnalysisConfig(n_boot=0))
+    assert row["p_fixed_looks"][1] == pytest.approx(comparison(prefix, "swt")["p_value"])
+    assert row["tau2"] == pytest.approx(0.01 * row["control_value"] ** 2)
+    assert 0.0 < row["p_always_valid"] <= 1.0
+
+
+def test_fixed_design_before_horizon_is_interim():
+    rng = np.random.default_rng(1)
+    df = make_sessions(rng, n_users=2000, user_sd=0.5, lift={"treatment": 0.2})
+    n_min = int(df.groupby("arm").size().min())
+    early = analyze(df, AnalysisConfig(n_boot=0, horizon_sessions=n_min + 1))
+    assert early["horizon_reached"] is False
+    for row in early["comparisons"]:
+        assert row["interim"] is True and row["verdict"] == NO_VERDICT_FIXED
+    assert comparison(early, "swt")["p_value"] < 0.01  # still reported
+    by_time = analyze(df, AnalysisConfig(n_boot=0, horizon_ms=2 * T_MS))
+    assert by_time["horizon_reached"] is False
+    assert comparison(by_time, "swt")["verdict"] == NO_VERDICT_FIXED
+    done = analyze(df, AnalysisConfig(n_boot=0, horizon_sessions=n_min, horizon_ms=T_MS // 2))
+    assert done["horizon_reached"] is True
+    assert comparison(done, "swt")["verdict"] == "win"
+    assert comparison(done, "swt")["interim"] is False
+    # sequential: verdicts are valid at any time, interim is only reported
+    seq = analyze(df, AnalysisConfig(n_boot=0, design="sequential", horizon_sessions=n_min + 1))
+    assert comparison(seq, "swt")["interim"] is True
+    assert comparison(seq, "swt")["verdict"] == "win"
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+def test_clear_errors():
+    rng = np.random.default_rng(0)
+    df = make_sessions(rng, n_users=10)
+    with pytest.raises(ValueError, match="missing required column.*watch_s.*likes"):
+        analyze(df.drop(columns=["watch_s", "likes"]))
+    with pytest.raises(ValueError, match="no control arm 'baseline'.*control, treatment"):
+        analyze(df, AnalysisConfig(control="baseline"))
+    lonely = pd.concat([df, df[df["arm"] == "control"].head(3).assign(arm="solo", user_id=-1)])
+    with pytest.raises(ValueError, match="at least 2 users.*'solo' has 1"):
+        analyze(lonely)
+    with pytest.raises(ValueError, match="design"):
+        analyze(df, AnalysisConfig(design="bayesian"))
+    with pytest.raises(ValueError, match="no control arm"):
+        analyze(df.iloc[0:0])
+    bad = df.copy()
+    bad.loc[0, "views"] = np.nan
+    with pytest.raises(ValueError, match="'views' has missing values"):
+        analyze(bad)
