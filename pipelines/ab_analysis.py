@@ -85,10 +85,26 @@ def sessions_from_events(events: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataF
         }
     ).reset_index()
     side = ledger.dropna(subset=["request_id"])[
-        ["request_id", "t_ms", "expected_watch_s", "oracle_watch_s"]
+        ["request_id", "t_ms", "session", "expected_watch_s", "oracle_watch_s"]
     ]
     sessions = sessions.merge(side, on="request_id", how="left")
     return sessions.sort_values(["t_ms", "user_id"], kind="stable").reset_index(drop=True)
+
+
+def first_vs_returning(sessions: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per arm, session watch time of users' first sessions of the run against their later
+    ones: a model that keeps serving what the user already saw falls off on return."""
+    out: dict[str, dict[str, Any]] = {}
+    for arm, g in sessions.groupby("arm"):
+        first = g[g["session"] == 0]
+        later = g[g["session"] > 0]
+        out[str(arm)] = {
+            "first_sessions": len(first),
+            "first_swt": round(float(first["watch_s"].mean()), 3) if len(first) else None,
+            "returning_sessions": len(later),
+            "returning_swt": round(float(later["watch_s"].mean()), 3) if len(later) else None,
+        }
+    return out
 
 
 def analyze_run(cfg: Any, run_dir: Path, overrides: dict | None = None) -> dict[str, Any]:
@@ -103,6 +119,12 @@ def analyze_run(cfg: Any, run_dir: Path, overrides: dict | None = None) -> dict[
         f"{delivery['produced']} produced ({delivery['missing']} missing, "
         f"{delivery['duplicates']} duplicates)"
     )
+    if events.empty:
+        statuses = ledger["status"].value_counts().to_dict() if len(ledger) else {}
+        raise ValueError(
+            f"run {manifest['run_id']} logged no interactions to analyse "
+            f"(sessions by status: {statuses})"
+        )
     sessions = sessions_from_events(events, ledger)
     acfg = AnalysisConfig(**{**manifest.get("analysis", {}), **(overrides or {})})
     failed = ledger[ledger["status"] != "ok"]
@@ -124,6 +146,8 @@ def analyze_run(cfg: Any, run_dir: Path, overrides: dict | None = None) -> dict[
                 arm: sorted(g["model_version"].unique().tolist())
                 for arm, g in sessions.groupby("arm")
             },
+            "first_vs_returning": first_vs_returning(sessions),
+            "service": manifest.get("service", {}),
             "throughput": {
                 k: manifest["totals"][k] for k in ("requests_per_s", "events_per_s", "max_lag_s")
             },
@@ -155,6 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = analyze_run(cfg, run_dir, overrides)
     print(format_table(result))
+    d = result["meta"]["delivery"]
+    print(
+        f"\ndelivery: {d['read']} events read back from {d['source']} for {d['produced']} "
+        f"produced ({d['missing']} missing, {d['duplicates']} duplicates)"
+    )
+    print("session watch time, first sessions of the run vs returning users' later ones:")
+    for arm, r in result["meta"]["first_vs_returning"].items():
+        print(
+            f"  {arm:<16} first {r['first_swt']} s (n={r['first_sessions']})   "
+            f"returning {r['returning_swt']} s (n={r['returning_sessions']})"
+        )
     out = Path(args.out) if args.out else run_dir / "analysis.json"
     out.write_text(json.dumps(result, indent=2))
     _log(f"saved {out}")

@@ -18,6 +18,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +51,7 @@ def save_checkpoint(
     meta: dict | None = None,
 ) -> Path:
     """Write the checkpoint directory ``path`` atomically (it must not exist yet)."""
-    final = Path(path)
-    if final.exists():
-        raise FileExistsError(f"{final} exists; checkpoints are written once")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with _staged_dir(path) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
         tok_tensors, tok_meta = tokenizer.state()
@@ -70,6 +67,20 @@ def save_checkpoint(
             **(meta or {}),
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return Path(path)
+
+
+@contextmanager
+def _staged_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A hidden sibling directory to write into; on success its files are fsynced and it
+    is renamed to ``path`` (which must not exist), on failure it is removed."""
+    final = Path(path)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; checkpoints are written once")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
         for f in tmp.iterdir():  # durable before visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -77,7 +88,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -136,12 +146,7 @@ def save_baseline(
         raise CheckpointError(f"baseline kind must be one of {BASELINE_KINDS}, got {kind!r}")
     if len(item_ids) != len(scores) or not item_ids:
         raise CheckpointError(f"{len(item_ids)} item ids for {len(scores)} scores")
-    final = Path(path)
-    if final.exists():
-        raise FileExistsError(f"{final} exists; checkpoints are written once")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with _staged_dir(path) as tmp:
         save_file({"scores": scores.detach().float().contiguous()}, str(tmp / "model.safetensors"))
         config = {
             "format": BASELINE_FORMAT,
@@ -152,14 +157,7 @@ def save_baseline(
             **(meta or {}),
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return Path(path)
 
 
 def _read_config(root: Path) -> dict:

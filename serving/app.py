@@ -478,7 +478,10 @@ def deploy_config(cfg: StackConfig, versions: dict[str, str | None] | None = Non
         arm = d["name"].removeprefix("recommender-")
         if arm in versions:
             d["user_config"] = {"version": versions[arm]}
-    del conf["http_options"], conf["proxy_location"]  # the running Serve instance's stay
+    # The HTTP options `recloop up` started Serve with: unchanged for a running Serve, and
+    # the right port for one started again (after a shutdown) by this very deploy.
+    conf["http_options"] = {"host": cfg.ray.host, "port": cfg.ray.serve_port}
+    del conf["proxy_location"]
     return conf
 
 
@@ -526,10 +529,14 @@ def wait_running(cfg: StackConfig, timeout_s: float) -> None:
 
 
 def delete(cfg: StackConfig) -> None:
-    """Remove every declaratively deployed application (the service)."""
+    """Remove every declaratively deployed application (the service) and keep Serve and
+    its HTTP proxy running (a DELETE on the API would shut Serve down altogether)."""
     import requests
 
-    requests.delete(_serve_api(cfg), timeout=60)
+    conf = {"http_options": {"host": cfg.ray.host, "port": cfg.ray.serve_port}}
+    resp = requests.put(_serve_api(cfg), json={**conf, "applications": []}, timeout=60)
+    if resp.status_code >= 400:
+        raise RuntimeError(f"Serve refused to remove the applications: {resp.text}")
 
 
 def app_builder(args: dict[str, Any]):

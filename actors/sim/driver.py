@@ -64,7 +64,14 @@ def user_model_dir(cfg: StackConfig, sim: SimulationConfig, data: Any, say: Prog
     path = cfg.home / "sim" / "user_model" / tag
     if not (path / "model.json").exists():
         say(f"fitting the hidden user model on {data.summary()} (once; saved to {path})")
-        model = HiddenUserModel.fit(data, progress=say)
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread: bit-for-bit the same model for the same seed
+        try:
+            model = HiddenUserModel.fit(data, progress=say)
+        finally:
+            torch.set_num_threads(threads)
         model.save(path)
         r = model.report
         say(f"hidden user model: {json.dumps(_brief(r))}")
@@ -182,7 +189,9 @@ def simulate(
     t0_ms = sim.start_ms if sim.start_ms is not None else int(time.time() * 1000)
     run_id = f"{run.experiment.name}-s{sim.seed}-{time.strftime('%Y%m%dT%H%M%S')}"
     url = f"http://{cfg.ray.host}:{cfg.ray.serve_port}/recommend"
+    preflight(url, int(pop.user_ids[0]))
     start = {t: end_offsets(cfg.kafka.bootstrap, t) for t in (INTERACTIONS, IMPRESSIONS)}
+    stats0 = service_stats(url)
     started = time.time()
     Shard = _shard_actor()
     actors = [
@@ -203,6 +212,14 @@ def simulate(
         ray.kill(a)
     finished = time.time()
     end = {t: end_offsets(cfg.kafka.bootstrap, t) for t in (INTERACTIONS, IMPRESSIONS)}
+    service = _stats_delta(stats0, service_stats(url))
+    degraded = service.get("features", {})
+    if degraded.get("errors") or degraded.get("skipped"):
+        say(
+            f"warning: {degraded.get('errors', 0)} feature lookups failed and "
+            f"{degraded.get('skipped', 0)} were skipped (store backing off): those users got "
+            "sessions without their history"
+        )
 
     summaries = [r["summary"] for r in results]
     ledger = pd.DataFrame([row for r in results for row in r["ledger"]])
@@ -233,6 +250,7 @@ def simulate(
         "finished_at": finished,
         "wall_s": round(wall, 2),
         "offsets": {t: {"start": start[t], "end": end[t]} for t in start},
+        "service": service,  # the router's /stats counters over the run
         "totals": totals,
         "shards": summaries,
     }
@@ -247,6 +265,49 @@ def simulate(
         f"{totals['events_per_s']} events/s; saved to {out}"
     )
     return manifest
+
+
+def preflight(url: str, user_id: int, timeout_s: float = 60.0) -> None:
+    """One request before the run (not part of it): a service that cannot answer stops
+    the run here with its reason, instead of failing every session."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            resp = requests.post(url, json={"user_id": user_id}, timeout=30)
+            if resp.status_code == 200:
+                return
+            reason = f"HTTP {resp.status_code}: {resp.text[:300]}"
+        except requests.RequestException as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            raise ConnectionError(f"the service at {url} does not answer ({reason})")
+        time.sleep(1.0)
+
+
+def service_stats(url: str) -> dict:
+    """The service's counters (router, feature lookups, impressions); {} if unreachable."""
+    import requests
+
+    try:
+        return requests.get(url.rsplit("/", 1)[0] + "/stats", timeout=10).json()
+    except (requests.RequestException, ValueError):
+        return {}
+
+
+def _stats_delta(before: dict, after: dict) -> dict:
+    """after - before for the numeric counters of /stats (one router replica)."""
+    out: dict[str, dict] = {}
+    for part, counts in after.items():
+        if isinstance(counts, dict):
+            prev = before.get(part, {})
+            out[part] = {
+                k: v - prev.get(k, 0)
+                for k, v in counts.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+    return out
 
 
 def _merge(dicts: list[dict[str, int]]) -> dict[str, int]:
