@@ -202,12 +202,16 @@ def checkpoint_format(path: str | os.PathLike[str]) -> str:
     return str(_read_config(Path(path)).get("format"))
 
 
-def validate_checkpoint(path: str | os.PathLike[str]) -> list[str]:
-    """Load the checkpoint whatever its format (refusing bad weights); return the files
-    that make it up."""
-    fmt = checkpoint_format(path)
-    if fmt == BASELINE_FORMAT:
+# The files that make up a checkpoint of each format.
+FILES = {
+    FORMAT: ("model.safetensors", "tokenizer.safetensors", "config.json"),
+    BASELINE_FORMAT: ("model.safetensors", "config.json"),
+}
+
+
+def validate_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Load the checkpoint whatever its format; CheckpointError for bad weights."""
+    if checkpoint_format(path) == BASELINE_FORMAT:
         load_baseline(path)
-        return ["model.safetensors", "config.json"]
-    load_checkpoint(path)
-    return ["model.safetensors", "tokenizer.safetensors", "config.json"]
+    else:
+        load_checkpoint(path)

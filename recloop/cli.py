@@ -27,7 +27,7 @@ import sys
 import time
 import warnings
 
-from recloop.config import ConfigError, StackConfig, load_config
+from recloop.config import PROJECT_ROOT, ConfigError, StackConfig, load_config
 from recloop.procs import PrerequisiteMissing
 
 
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", parents=[common], help="simulated A/B traffic")
     sim.add_argument(
         "--experiment",
-        default="infra/experiments/seed-vs-popularity.yaml",
+        default=str(PROJECT_ROOT / "infra" / "experiments" / "model-vs-baselines.yaml"),
         help="run file: experiment, simulation, analysis (see infra/experiments/)",
     )
     sim.add_argument("--seed", type=int, help="simulation.seed")

@@ -23,12 +23,12 @@ one assignment; requests in flight finish on the model they started with.
 import asyncio
 import hashlib
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -162,6 +162,7 @@ class BaselineModel:
     item_ids: torch.Tensor  # (N,) data item ids
     session_len: int
     loaded_at: float
+    logp: torch.Tensor  # (N,) the score each served item reports: log p under the arm
 
     @classmethod
     def load(cls, path: str, version: str) -> "BaselineModel":
@@ -169,7 +170,11 @@ class BaselineModel:
 
         ck = load_baseline(path)
         ids = torch.tensor(ck.item_ids, dtype=torch.long)
-        return cls(version, ck.kind, ck.scores, ids, ck.session_len, time.time())
+        if ck.kind == "popularity":
+            logp = torch.log_softmax(ck.scores, 0)
+        else:  # uniform
+            logp = torch.full_like(ck.scores, -math.log(len(ck.item_ids)))
+        return cls(version, ck.kind, ck.scores, ids, ck.session_len, time.time(), logp)
 
     @torch.no_grad()
     def generate(self, requests: list[dict], beam_width: int) -> list[dict]:
@@ -189,10 +194,7 @@ class BaselineModel:
                 for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
                 if v > float("-inf")
             ]
-            if self.kind == "popularity":  # log-probability of the item under popularity
-                logp = torch.log_softmax(self.scores, 0)[picked].tolist()
-            else:
-                logp = [-float(np.log(len(self.item_ids)))] * len(picked)
+            logp = self.logp[picked].tolist()
             session = [
                 {"item_id": int(self.item_ids[i]), "score": lp, "position": p}
                 for p, (i, lp) in enumerate(zip(picked, logp, strict=True))

@@ -86,10 +86,11 @@ def baseline_checkpoint(cfg: StackConfig, kind: str, progress: Progress = print)
     path = cfg.home / "models" / "baseline" / f"{kind}-{tag}"
     if (path / "config.json").exists():
         return path
-    counts = data.ratings["item_id"].value_counts()
     item_ids = sorted(int(i) for i in data.items["item_id"])
-    scores = torch.tensor([float(counts.get(i, 0)) for i in item_ids])
-    if kind == "random":
+    if kind == "popularity":
+        counts = data.ratings["item_id"].value_counts()
+        scores = torch.tensor([float(counts.get(i, 0)) for i in item_ids])
+    else:  # random: scores are not used
         scores = torch.zeros(len(item_ids))
     save_baseline(path, kind, item_ids, scores, meta={"data": data.source})
     progress(f"built the {kind} baseline over {len(item_ids)} items ({data.source})")

@@ -40,8 +40,6 @@ import pyarrow.fs as pafs
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
-CHECKPOINT_FILES = ("model.safetensors", "tokenizer.safetensors", "config.json")
-BASELINE_FILES = ("model.safetensors", "config.json")  # popularity / random arms
 METRICS_FILE = "metrics.json"
 COMPLETE_MARKER = "_COMPLETE"
 _RESERVED = {METRICS_FILE, COMPLETE_MARKER}
@@ -221,13 +219,13 @@ class ModelRegistry:
                 f"checkpoint directory {src} does not exist or is not a directory; pass the "
                 f"directory written by pipelines.checkpoint.save_checkpoint"
             )
-        from pipelines.checkpoint import BASELINE_FORMAT, CheckpointError, checkpoint_format
+        from pipelines.checkpoint import FILES, FORMAT, CheckpointError, checkpoint_format
 
         try:
             fmt = checkpoint_format(src)
         except CheckpointError as exc:
             raise RegistryError(f"refusing to publish {src}: {exc}") from exc
-        required = BASELINE_FILES if fmt == BASELINE_FORMAT else CHECKPOINT_FILES
+        required = FILES.get(fmt, FILES[FORMAT])  # an unknown format fails validation below
         missing = [f for f in required if not (src / f).is_file()]
         if missing:
             raise RegistryError(

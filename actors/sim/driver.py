@@ -82,10 +82,12 @@ def _brief(report: dict) -> dict:
     return {k: v for k, v in report.items() if "auc" in k or k.startswith("n_")}
 
 
-def seed_histories(cfg: StackConfig, pop: Any, say: Progress, max_len: int = 50) -> int:
-    """Push the real history of every simulated user the online store has none for."""
+def seed_histories(cfg: StackConfig, pop: Any, say: Progress) -> int:
+    """Push the real history of every simulated user the online store has none for (its
+    last ``HISTORY_LEN`` items, as the ingestor keeps it)."""
     from datetime import UTC, datetime
 
+    from features.definitions import HISTORY_LEN
     from features.store import open_store, push
 
     store = open_store(cfg)
@@ -98,7 +100,7 @@ def seed_histories(cfg: StackConfig, pop: Any, say: Progress, max_len: int = 50)
         return 0
     rows = []
     for u in missing:
-        items = pop.histories[u][-max_len:]
+        items = pop.histories[u][-HISTORY_LEN:]
         last = pop.history_times_ms[u][-1] / 1000
         rows.append(
             {

@@ -434,23 +434,19 @@ class HiddenUserModel:
         cache = state._cache
         if cache is not None and cache[0] == key:
             return cache[1]
-        ni = len(self.item_ids)
-        cons_t = np.full(ni, -np.inf)
-        if state.consumed:
-            ids = np.fromiter(state.consumed.keys(), dtype=np.int64, count=len(state.consumed))
-            ts = np.fromiter(state.consumed.values(), dtype=np.float64, count=len(ids))
-            idx = self.item_index(ids)
-            ok = idx >= 0
-            cons_t[idx[ok]] = ts[ok]
-        skip_t = np.full(ni, -np.inf)
-        if state.skipped:
-            ids = np.fromiter(state.skipped.keys(), dtype=np.int64, count=len(state.skipped))
-            ts = np.fromiter(state.skipped.values(), dtype=np.float64, count=len(ids))
-            idx = self.item_index(ids)
-            ok = idx >= 0
-            skip_t[idx[ok]] = ts[ok]
-        out = (cons_t, skip_t, *self._recent(state))
+        out = (self._times(state.consumed), self._times(state.skipped), *self._recent(state))
         state._cache = (key, out)
+        return out
+
+    def _times(self, last_t: dict[int, int]) -> np.ndarray:
+        """(N,) the time of each item in ``last_t`` (item -> ms), -inf for the others."""
+        out = np.full(len(self.item_ids), -np.inf)
+        if last_t:
+            ids = np.fromiter(last_t.keys(), dtype=np.int64, count=len(last_t))
+            ts = np.fromiter(last_t.values(), dtype=np.float64, count=len(ids))
+            idx = self.item_index(ids)
+            ok = idx >= 0
+            out[idx[ok]] = ts[ok]
         return out
 
     def _state_key(self, state: UserState) -> tuple:

@@ -178,6 +178,10 @@ def test_aa_calibration_user_level():
         reject += row["p_value"] < 0.05
         boot_cover += row["ci_boot"][0] <= 0 <= row["ci_boot"][1]
         delta_cover += row["ci_delta"][0] <= 0 <= row["ci_delta"][1]
+    print(
+        f"A/A x{runs}: p < 0.05 in {reject / runs:.1%}; bootstrap CI covers 0 in "
+        f"{boot_cover / runs:.1%}, delta-method in {delta_cover / runs:.1%}"
+    )
     assert 0.01 <= reject / runs <= 0.10
     assert boot_cover / runs >= 0.90
     assert delta_cover / runs >= 0.90
@@ -193,6 +197,10 @@ def test_session_level_clustering_matters():
         df = make_sessions(rng, n_users=60, sessions_per_user=20, user_sd=0.8)
         user_rej += comparison(analyze(df, AnalysisConfig(n_boot=0)), "swt")["p_value"] < 0.05
         naive_rej += naive_session_p(df) < 0.05
+    print(
+        f"A/A x{runs}, clustered: session-level test rejects {naive_rej / runs:.1%}, "
+        f"user-level {user_rej / runs:.1%}"
+    )
     assert naive_rej / runs >= 0.25
     assert user_rej / runs <= 0.10
 
@@ -225,6 +233,10 @@ def test_sequential_always_valid_vs_peeking():
         assert row["p_fixed_looks"][-1] == pytest.approx(row["p_value"])
         av_rej += row["p_always_valid"] < 0.05
         peek_rej += min(p for p in row["p_fixed_looks"] if p is not None) < 0.05
+    print(
+        f"A/A x{runs}, 10 looks: peeking at fixed p rejects {peek_rej / runs:.1%}, "
+        f"mSPRT {av_rej / runs:.1%}"
+    )
     assert av_rej / runs <= 0.06
     assert peek_rej / runs >= 0.09
     assert peek_rej >= av_rej + 10

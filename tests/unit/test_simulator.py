@@ -212,3 +212,11 @@ def test_run_file_errors_name_the_field(tmp_path: Path):
     p.write_text(base)
     run = load_run(p, {"seed": 11})
     assert run.simulation.seed == 11 and run.analysis["control"] == "a"
+
+
+def test_the_cli_default_run_file_exists():
+    from recloop.cli import build_parser
+
+    args = build_parser().parse_args(["simulate"])
+    assert Path(args.experiment).is_file()
+    load_run(args.experiment)
