@@ -62,6 +62,9 @@ user_history = FeatureView(
         Field(name="user_id", dtype=Int64),
         Field(name="item_ids", dtype=Array(Int64)),
         Field(name="history_len", dtype=Int64),
+        # event time (ms) of the newest session in the history: lets the ingestor that
+        # starts from a pushed history tell what it already holds
+        Field(name="last_event_ms", dtype=Int64),
     ],
     source=user_history_push,
     online=True,
@@ -79,7 +82,11 @@ user_stats = FeatureView(
     name="user_stats",
     entities=[user],
     ttl=timedelta(days=30),
-    schema=[Field(name="user_id", dtype=Int64), *_STATS],
+    schema=[
+        Field(name="user_id", dtype=Int64),
+        *_STATS,
+        Field(name="last_event_ms", dtype=Int64),
+    ],
     source=user_stats_push,
     online=True,
 )

@@ -49,10 +49,18 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("user_id", pa.int64()),
             ("item_ids", pa.list_(pa.int64())),
             ("history_len", pa.int64()),
+            ("last_event_ms", pa.int64()),
             ("event_timestamp", _TS),
         ]
     ),
-    "user_stats_push": pa.schema([("user_id", pa.int64()), *_STATS_COLS, ("event_timestamp", _TS)]),
+    "user_stats_push": pa.schema(
+        [
+            ("user_id", pa.int64()),
+            *_STATS_COLS,
+            ("last_event_ms", pa.int64()),
+            ("event_timestamp", _TS),
+        ]
+    ),
     "item_stats_push": pa.schema([("item_id", pa.int64()), *_STATS_COLS, ("event_timestamp", _TS)]),
 }
 _FILES = {
@@ -87,9 +95,16 @@ def feast_objects() -> list:
     return [v for v in vars(definitions).values() if isinstance(v, kinds)]
 
 
+# Columns a push may leave out (they are null then).
+OPTIONAL = {"last_event_ms"}
+
+
 def to_table(source: str, df: pd.DataFrame) -> pa.Table:
     """Cast a DataFrame to the declared layout of ``source`` (column order included)."""
     schema = SCHEMAS[source]
+    absent = [n for n in schema.names if n not in df.columns and n in OPTIONAL]
+    if absent:
+        df = df.assign(**{n: pd.array([None] * len(df), dtype="Int64") for n in absent})
     missing = [n for n in schema.names if n not in df.columns]
     if missing:
         raise ValueError(f"{source}: missing column(s) {missing}")
@@ -117,8 +132,19 @@ def apply(
     data_dir.mkdir(parents=True, exist_ok=True)
     for source, rel in _FILES.items():
         path = cfg.feast_dir / rel
-        if source != "user_profile" and not path.exists():
+        if source == "user_profile":
+            continue
+        if not path.exists():
             pq.write_table(SCHEMAS[source].empty_table(), path)
+        elif pq.read_schema(path) != SCHEMAS[source]:  # a column was added: migrate in place
+            old = pq.read_table(path)
+            cols = [
+                old.column(f.name).cast(f.type)
+                if f.name in old.column_names
+                else pa.nulls(old.num_rows, f.type)
+                for f in SCHEMAS[source]
+            ]
+            pq.write_table(pa.Table.from_arrays(cols, schema=SCHEMAS[source]), path)
     # Profiles are a snapshot of the data set, valid since the epoch of its ratings.
     as_of = datetime(1970, 1, 2, tzinfo=UTC)
     profiles = profile_frame(users, as_of)

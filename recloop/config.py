@@ -71,6 +71,11 @@ class RayConfig:
     object_store_mb: int = 512
     serve_port: int = 8000
     start_timeout_s: float = 90.0
+    # Ray's token authentication: "disabled" for the local head (it binds to the host
+    # above), "token" on a shared cluster. Set explicitly, because Ray turns token mode on
+    # by itself once any local ray.init() has left a token in ~/.ray, and a head and its
+    # drivers that disagree cannot talk. The RAY_AUTH_MODE variable, when set, wins.
+    auth_mode: str = "disabled"
 
     @property
     def provisioned(self) -> bool:
@@ -150,6 +155,51 @@ class ServeConfig:
 
 
 @dataclass
+class IngestConfig:
+    """The Kafka ingestor: consumer group, micro-batches, the feedback join window."""
+
+    group_id: str = "recloop-ingestor"
+    consumers: int = 1  # ingestor actors in the group (each owns some partitions)
+    consumer_cpus: float = 0.2
+    batch_events: int = 2000  # flush after this many records ...
+    flush_interval_s: float = 2.0  # ... or this long after the first unflushed one
+    join_window_ms: int = 30 * 60 * 1000  # event time: feedback later than this is late
+    max_wait_s: float = 120.0  # wall time an open session may wait without a watermark
+    snapshot_every: int = 50  # flushes between full state snapshots (deltas in between)
+    history_len: int = 50  # features.definitions.HISTORY_LEN
+    offline_push: bool = False  # also append pushes to Feast's offline files (the lake is
+    # the offline record; the file offline store rewrites its file on every append)
+    progress_s: float = 5.0
+    lake_dir: Path | None = None  # default <home>/lake
+
+    def __post_init__(self) -> None:
+        self.lake_dir = Path(self.lake_dir) if self.lake_dir else None
+        if self.consumers < 1 or self.batch_events < 1 or self.join_window_ms < 1:
+            raise ConfigError("ingest.consumers, batch_events and join_window_ms must be >= 1")
+
+
+@dataclass
+class TrainLoopConfig:
+    """Continuous training: one round per batch of newly landed lake partitions."""
+
+    arm: str = "online"  # the arm whose lineage the rounds publish to and promote
+    workers: int = 2  # Ray Train workers (DDP over gloo on CPU)
+    cpus_per_worker: float = 0.4
+    torch_threads: int = 1
+    min_sessions: int = 200  # high-quality sessions needed before a round starts
+    max_sessions: int = 20_000  # per round; the rest waits for the next round
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_clicks: int = 3  # a session is high quality with this many clicks ...
+    min_watch_s: float = 600.0  # ... or this much watch time, or a like or a follow
+    holdout_fraction: float = 0.1  # the newest sessions of a round: the gate's slice
+    tolerance: float = 0.02  # relative regression allowed on the held-out metric
+    poll_s: float = 10.0
+    checkpoint_every_steps: int = 50
+
+
+@dataclass
 class StackConfig:
     """The whole local stack. ``home`` holds all state: broker data, logs, pid files,
     Feast registry and online store. ``cache_dir`` holds what is expensive to fetch
@@ -162,6 +212,8 @@ class StackConfig:
     feast: FeastConfig = field(default_factory=FeastConfig)
     data: DataConfig = field(default_factory=DataConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).absolute()
@@ -178,6 +230,10 @@ class StackConfig:
     @property
     def feast_dir(self) -> Path:
         return self.home / "feast"
+
+    @property
+    def lake_dir(self) -> Path:
+        return self.ingest.lake_dir or self.home / "lake"
 
     @property
     def registry_uri(self) -> str:
@@ -239,6 +295,8 @@ def _coerce(value: str, current: Any) -> Any:
         return value.lower() in ("1", "true", "yes")
     if isinstance(current, int):
         return int(value)
+    if isinstance(current, float):
+        return float(value)
     return value
 
 

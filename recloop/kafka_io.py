@@ -94,6 +94,7 @@ class Record:
     partition: int
     offset: int
     event: Any
+    timestamp_ms: int = -1  # the record's Kafka timestamp (producer's wall clock)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class EventConsumer:
         dlq_topic: str = DLQ.name,
         client_id: str = "recloop-consumer",
         dlq_producer: EventProducer | None = None,
+        listener: Any = None,  # a kafka ConsumerRebalanceListener
         **overrides: Any,
     ) -> None:
         if isinstance(topics, list):
@@ -141,6 +143,7 @@ class EventConsumer:
         }
         self._dlq = dlq_producer or EventProducer(bootstrap_servers, client_id=f"{client_id}-dlq")
         self._owns_dlq = dlq_producer is None
+        self._listener = listener
         self._consumer: KafkaConsumer | None = None
         self._uncommitted = False
         self.stats = ConsumerStats()
@@ -148,9 +151,9 @@ class EventConsumer:
     @property
     def consumer(self) -> KafkaConsumer:
         if self._consumer is None:
-            self._consumer = KafkaConsumer(
-                *self.models, bootstrap_servers=self.bootstrap_servers, **self.settings
-            )
+            consumer = KafkaConsumer(bootstrap_servers=self.bootstrap_servers, **self.settings)
+            consumer.subscribe(list(self.models), listener=self._listener)
+            self._consumer = consumer
         return self._consumer
 
     def poll(self, timeout_ms: int = 1000) -> list[Record]:
@@ -166,7 +169,7 @@ class EventConsumer:
                 except EventError as exc:
                     pending.append(self._dead_letter(raw, exc.reason))
                     continue
-                records.append(Record(raw.topic, raw.partition, raw.offset, event))
+                records.append(Record(raw.topic, raw.partition, raw.offset, event, raw.timestamp))
         # A dead letter must be durable before the offset that dropped it is committed.
         for fut in pending:
             fut.get(timeout=30)

@@ -30,10 +30,16 @@ READY_LINE = "Ray runtime started"
 NAMESPACE = "recloop"
 
 
+def auth_env(cfg: StackConfig) -> None:
+    """Put the stack's Ray auth mode in this process's environment (children inherit)."""
+    os.environ.setdefault("RAY_AUTH_MODE", cfg.ray.auth_mode)
+
+
 def connect(cfg: StackConfig) -> None:
     """Connect this process as a driver to the stack's Ray (local head or cluster)."""
     import ray
 
+    auth_env(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.ray.gcs_address, namespace=NAMESPACE, log_to_driver=False)
 
@@ -96,6 +102,7 @@ class RayHead:
             f"--dashboard-agent-listen-port={r.agent_listen_port}",
             "--disable-usage-stats",
         ]
+        auth_env(self.cfg)
         env = dict(os.environ)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # On SIGTERM Ray drains the node for up to 30 s so Serve can move replicas to

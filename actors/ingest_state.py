@@ -1,0 +1,444 @@
+"""The ingestor's state for one Kafka partition: the feedback join and the user features.
+
+Impressions and interactions are keyed by user id, and both topics have the same number
+of partitions, so a session's impression and its feedback share a partition number and
+one ingestor owns both. Per partition it keeps:
+
+- open sessions (an impression waiting for its feedback), closed when every position has
+  feedback (``complete``), when the partition's watermark passes the impression time plus
+  the join window (``window``), or after ``max_wait_s`` of wall time without either once
+  nothing is left to read (``wait``: traffic stopped, so the watermark stands still). The
+  watermark is the smaller of the newest event times read from the two topics: one topic
+  may be read ahead of the other, and its newer times say nothing about what the other
+  still holds;
+- feedback that arrived before its impression (out of order), held for the window; then
+  it is an orphan (``missing-impression``);
+- recently closed sessions with the event ids of their feedback, for two windows: feedback
+  for one of them is a duplicate (same event id) or late (an orphan with reason ``late``);
+- each user's recent history (clicked items, oldest first) and running counts, and each
+  item's counts for this partition.
+
+Everything here is plain data and deterministic given the order of records (apart from
+``wait`` closes), so it is saved with each lake commit and restored after a crash or a
+rebalance; features pushed from it are absolute values, which makes a replay harmless.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from recloop.events import Impression, Interaction
+
+STAT_FIELDS = ("impressions", "clicks", "watch_time_s", "likes", "follows")
+
+
+@dataclass
+class Feedback:
+    event_id: str
+    event_time_ms: int
+    position: int
+    item_id: int
+    clicked: bool
+    watch_time_s: float
+    liked: bool
+    followed: bool
+    record_ts_ms: int
+    held_wall_ms: int = 0  # when it started waiting for its impression (wall clock)
+    arm: str = ""
+    model_version: str = ""
+    user_id: int = 0
+    request_id: str = ""
+    context: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ev: Interaction, record_ts_ms: int) -> Feedback:
+        return cls(
+            event_id=ev.event_id,
+            event_time_ms=ev.event_time_ms,
+            position=ev.position,
+            item_id=ev.item_id,
+            clicked=ev.clicked,
+            watch_time_s=ev.watch_time_s,
+            liked=ev.liked,
+            followed=ev.followed,
+            record_ts_ms=record_ts_ms,
+            arm=ev.arm,
+            model_version=ev.model_version,
+            user_id=ev.user_id,
+            request_id=ev.request_id,
+            context=dict(ev.context),
+        )
+
+
+@dataclass
+class OpenSession:
+    event_id: str
+    request_id: str
+    user_id: int
+    arm: str
+    model_version: str
+    event_time_ms: int
+    items: list[int]
+    scores: list[float]
+    record_ts_ms: int
+    opened_wall_ms: int
+    feedback: dict[int, Feedback] = field(default_factory=dict)  # by position
+
+    @property
+    def complete(self) -> bool:
+        return len(self.feedback) >= len(self.items)
+
+
+@dataclass
+class UserState:
+    history: list[int] = field(default_factory=list)
+    history_len: int = 0  # items ever appended (the Feast feature of that name)
+    # Sessions at or before these event times are already in the pushed features this
+    # user started from (history and stats are pushed separately, so one base each).
+    history_base_ms: int = -1
+    stats_base_ms: int = -1
+    last_event_ms: int = -1
+    impressions: int = 0
+    clicks: int = 0
+    watch_time_s: float = 0.0
+    likes: int = 0
+    follows: int = 0
+
+
+@dataclass
+class ItemCounts:
+    impressions: int = 0
+    clicks: int = 0
+    watch_time_s: float = 0.0
+    likes: int = 0
+    follows: int = 0
+
+
+@dataclass
+class Closed:
+    """A session ready for the lake (``history`` is filled when users are updated)."""
+
+    session: OpenSession
+    closed_by: str
+    history: list[int] | None = None
+
+
+@dataclass
+class Counters:
+    impressions: int = 0
+    interactions: int = 0
+    joined: int = 0
+    duplicates: int = 0
+    late: int = 0
+    missing_impression: int = 0
+    out_of_order: int = 0
+    closed_complete: int = 0
+    closed_window: int = 0
+    closed_wait: int = 0
+
+    def add(self, other: Counters) -> None:
+        for k, v in vars(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+class PartitionState:
+    def __init__(self, partition: int, window_ms: int, max_wait_s: float, history_len: int):
+        self.partition = partition
+        self.window_ms = int(window_ms)
+        self.max_wait_ms = int(max_wait_s * 1000)
+        self.history_len = history_len
+        self.pseq = 0  # commits of this partition so far
+        self.offsets: dict[str, int] = {}  # topic -> next offset to read
+        self.newest_ms = {"impressions": -1, "interactions": -1}  # per topic
+        self.open: dict[str, OpenSession] = {}  # by request id
+        self.waiting: dict[str, list[Feedback]] = {}  # feedback ahead of its impression
+        self.recent: dict[str, tuple[int, list[str]]] = {}  # closed: (time, feedback ids)
+        self.users: dict[int, UserState] = {}
+        self.items: dict[int, ItemCounts] = {}
+        self.dirty_users: set[int] = set()
+        self.dirty_items: set[int] = set()
+        self.counters = Counters()
+
+    # ------------------------------------------------------------------ records in
+    @property
+    def watermark_ms(self) -> int:
+        return min(self.newest_ms.values())
+
+    def _advance(self, topic: str, t: int) -> None:
+        if t > self.newest_ms[topic]:
+            self.newest_ms[topic] = t
+
+    def on_impression(self, ev: Impression, record_ts_ms: int, wall_ms: int) -> None:
+        self._advance("impressions", ev.event_time_ms)
+        rid = ev.request_id
+        if rid in self.open or rid in self.recent:
+            self.counters.duplicates += 1
+            return
+        self.counters.impressions += 1
+        ordered = sorted(ev.items, key=lambda it: it.position)
+        s = OpenSession(
+            ev.event_id,
+            rid,
+            ev.user_id,
+            ev.arm,
+            ev.model_version,
+            ev.event_time_ms,
+            [it.item_id for it in ordered],
+            [float(it.score) for it in ordered],
+            record_ts_ms,
+            wall_ms,
+        )
+        self.open[rid] = s
+        for fb in self.waiting.pop(rid, []):
+            self._join(s, fb)
+
+    def on_interaction(
+        self, ev: Interaction, record_ts_ms: int, wall_ms: int = 0
+    ) -> Feedback | None:
+        """Join or hold the feedback; returns it when it is late (an orphan to write)."""
+        self._advance("interactions", ev.event_time_ms)
+        fb = Feedback.of(ev, record_ts_ms)
+        fb.held_wall_ms = wall_ms
+        rid = ev.request_id
+        if rid in self.open:
+            s = self.open[rid]
+            if fb.position in s.feedback or fb.position >= len(s.items):
+                self.counters.duplicates += 1
+                return None
+            self.counters.interactions += 1
+            self._join(s, fb)
+            return None
+        if rid in self.recent:
+            if fb.event_id in self.recent[rid][1]:
+                self.counters.duplicates += 1
+                return None
+            self.counters.interactions += 1
+            self.counters.late += 1
+            self.recent[rid][1].append(fb.event_id)
+            return fb
+        held = self.waiting.setdefault(rid, [])
+        if any(h.event_id == fb.event_id or h.position == fb.position for h in held):
+            self.counters.duplicates += 1
+            return None
+        self.counters.interactions += 1
+        self.counters.out_of_order += 1
+        held.append(fb)
+        return None
+
+    def _join(self, s: OpenSession, fb: Feedback) -> None:
+        if fb.position in s.feedback or fb.position >= len(s.items):
+            self.counters.duplicates += 1
+            return
+        s.feedback[fb.position] = fb
+        self.counters.joined += 1
+
+    # ------------------------------------------------------------------ closing
+    def waits_expired(self, wall_ms: int) -> bool:
+        return any(
+            wall_ms - s.opened_wall_ms >= self.max_wait_ms for s in self.open.values()
+        ) or any(
+            wall_ms - h.held_wall_ms >= self.max_wait_ms for hs in self.waiting.values() for h in hs
+        )
+
+    def close_due(
+        self, wall_ms: int, caught_up: bool = True
+    ) -> tuple[list[Closed], list[tuple[Feedback, str]]]:
+        """Sessions to close now, and held feedback that timed out (orphans). A session
+        closes by ``wait`` only when ``caught_up`` (nothing left to read in Kafka for this
+        partition): a consumer that is behind has not seen the feedback yet."""
+        closed: list[Closed] = []
+        for rid, s in list(self.open.items()):
+            if s.complete:
+                why = "complete"
+            elif self.watermark_ms >= s.event_time_ms + self.window_ms:
+                why = "window"
+            elif caught_up and wall_ms - s.opened_wall_ms >= self.max_wait_ms:
+                why = "wait"
+            else:
+                continue
+            del self.open[rid]
+            self.recent[rid] = (s.event_time_ms, [f.event_id for f in s.feedback.values()])
+            setattr(self.counters, f"closed_{why}", getattr(self.counters, f"closed_{why}") + 1)
+            closed.append(Closed(s, why))
+        orphans: list[tuple[Feedback, str]] = []
+        for rid, held in list(self.waiting.items()):
+            newest = max(h.event_time_ms for h in held)
+            waited = wall_ms - max(h.held_wall_ms for h in held) >= self.max_wait_ms
+            if self.watermark_ms >= newest + self.window_ms or (caught_up and waited):
+                del self.waiting[rid]
+                self.counters.missing_impression += len(held)
+                orphans.extend((h, "missing-impression") for h in held)
+        horizon = self.watermark_ms - 2 * self.window_ms
+        for rid, (t, _) in list(self.recent.items()):
+            if t < horizon:
+                del self.recent[rid]
+        return closed, orphans
+
+    def apply(self, c: Closed) -> None:
+        """Fill the session's history and update user and item counts (once)."""
+        s = c.session
+        u = self.users.setdefault(s.user_id, UserState())
+        c.history = list(u.history)
+        clicked = [s.items[p] for p in sorted(s.feedback) if s.feedback[p].clicked]
+        fbs = list(s.feedback.values())
+        for item in s.items:
+            self.items.setdefault(item, ItemCounts()).impressions += 1
+        for fb in fbs:
+            ic = self.items.setdefault(s.items[fb.position], ItemCounts())
+            ic.clicks += int(fb.clicked)
+            ic.watch_time_s += fb.watch_time_s
+            ic.likes += int(fb.liked)
+            ic.follows += int(fb.followed)
+        self.dirty_items.update(s.items)
+        t = s.event_time_ms
+        if t > u.history_base_ms:
+            u.history = (u.history + clicked)[-self.history_len :]
+            u.history_len += len(clicked)
+        u.last_event_ms = max(u.last_event_ms, t)
+        self.dirty_users.add(s.user_id)
+        if t <= u.stats_base_ms:
+            return
+        u.impressions += len(s.items)
+        u.clicks += len(clicked)
+        u.watch_time_s += sum(fb.watch_time_s for fb in fbs)
+        u.likes += sum(int(fb.liked) for fb in fbs)
+        u.follows += sum(int(fb.followed) for fb in fbs)
+
+    # ------------------------------------------------------------------ persistence
+    def to_json(self) -> dict[str, Any]:
+        def fb_json(f: Feedback) -> dict:
+            return vars(f)
+
+        return {
+            "partition": self.partition,
+            "pseq": self.pseq,
+            "offsets": self.offsets,
+            "newest_ms": self.newest_ms,
+            "open": [
+                {
+                    **{k: v for k, v in vars(s).items() if k != "feedback"},
+                    "feedback": [fb_json(f) for f in s.feedback.values()],
+                }
+                for s in self.open.values()
+            ],
+            "waiting": {rid: [fb_json(f) for f in held] for rid, held in self.waiting.items()},
+            "recent": {rid: [t, ids] for rid, (t, ids) in self.recent.items()},
+            "counters": vars(self.counters),
+        }
+
+    def load_json(self, data: dict[str, Any]) -> None:
+        self.pseq = int(data["pseq"])
+        self.offsets = {k: int(v) for k, v in data["offsets"].items()}
+        self.newest_ms = {k: int(v) for k, v in data["newest_ms"].items()}
+        self.open = {}
+        for raw in data["open"]:
+            fbs = [Feedback(**f) for f in raw["feedback"]]
+            s = OpenSession(**{k: v for k, v in raw.items() if k != "feedback"})
+            s.feedback = {f.position: f for f in fbs}
+            self.open[s.request_id] = s
+        self.waiting = {rid: [Feedback(**f) for f in held] for rid, held in data["waiting"].items()}
+        self.recent = {rid: (int(t), list(ids)) for rid, (t, ids) in data["recent"].items()}
+        self.counters = Counters(**data.get("counters", {}))
+
+    def users_table(self, only_dirty: bool) -> pa.Table:
+        ids = sorted(self.dirty_users if only_dirty else self.users)
+        us = [self.users[u] for u in ids]
+        return pa.table(
+            {
+                "user_id": pa.array(ids, pa.int64()),
+                "history": pa.array([u.history for u in us], pa.list_(pa.int64())),
+                "history_len": pa.array([u.history_len for u in us], pa.int64()),
+                "history_base_ms": pa.array([u.history_base_ms for u in us], pa.int64()),
+                "stats_base_ms": pa.array([u.stats_base_ms for u in us], pa.int64()),
+                "last_event_ms": pa.array([u.last_event_ms for u in us], pa.int64()),
+                **{
+                    k: pa.array(
+                        [getattr(u, k) for u in us],
+                        pa.float64() if k == "watch_time_s" else pa.int64(),
+                    )
+                    for k in STAT_FIELDS
+                },
+            }
+        )
+
+    def items_table(self, only_dirty: bool) -> pa.Table:
+        ids = sorted(self.dirty_items if only_dirty else self.items)
+        cs = [self.items[i] for i in ids]
+        return pa.table(
+            {
+                "item_id": pa.array(ids, pa.int64()),
+                **{
+                    k: pa.array(
+                        [getattr(c, k) for c in cs],
+                        pa.float64() if k == "watch_time_s" else pa.int64(),
+                    )
+                    for k in STAT_FIELDS
+                },
+            }
+        )
+
+    def load_users(self, table: pa.Table) -> None:
+        for row in table.to_pylist():
+            uid = row.pop("user_id")
+            self.users[uid] = UserState(**row)
+
+    def load_items(self, table: pa.Table) -> None:
+        for row in table.to_pylist():
+            iid = row.pop("item_id")
+            self.items[iid] = ItemCounts(**row)
+
+
+def session_row(c: Closed) -> dict[str, Any]:
+    """A ``sessions`` lake row (see ``recloop.lake.SCHEMAS``)."""
+    s = c.session
+    n = len(s.items)
+    fb = [s.feedback.get(p) for p in range(n)]
+    context = next((f.context for f in fb if f is not None and f.context), {})
+    return {
+        "event_id": s.event_id,
+        "request_id": s.request_id,
+        "user_id": s.user_id,
+        "arm": s.arm,
+        "model_version": s.model_version,
+        "event_time_ms": s.event_time_ms,
+        "history": c.history or [],
+        "items": s.items,
+        "scores": s.scores,
+        "feedback": [f is not None for f in fb],
+        "clicked": [bool(f and f.clicked) for f in fb],
+        "watch_time_s": [f.watch_time_s if f else 0.0 for f in fb],
+        "liked": [bool(f and f.liked) for f in fb],
+        "followed": [bool(f and f.followed) for f in fb],
+        "n_feedback": len(s.feedback),
+        "clicks": sum(bool(f and f.clicked) for f in fb),
+        "session_watch_s": float(sum(f.watch_time_s for f in fb if f)),
+        "likes": sum(bool(f and f.liked) for f in fb),
+        "follows": sum(bool(f and f.followed) for f in fb),
+        "last_feedback_ms": max((f.event_time_ms for f in fb if f), default=0),
+        "record_ts_ms": max([s.record_ts_ms, *(f.record_ts_ms for f in fb if f)]),
+        "closed_by": c.closed_by,
+        "context": json.dumps(context, sort_keys=True),
+    }
+
+
+def orphan_row(fb: Feedback, reason: str) -> dict[str, Any]:
+    return {
+        "event_id": fb.event_id,
+        "request_id": fb.request_id,
+        "user_id": fb.user_id,
+        "item_id": fb.item_id,
+        "position": fb.position,
+        "arm": fb.arm,
+        "model_version": fb.model_version,
+        "event_time_ms": fb.event_time_ms,
+        "clicked": fb.clicked,
+        "watch_time_s": fb.watch_time_s,
+        "liked": fb.liked,
+        "followed": fb.followed,
+        "record_ts_ms": fb.record_ts_ms,
+        "reason": reason,
+    }

@@ -1,0 +1,731 @@
+"""The Kafka ingestor: impressions + feedback → Feast (online) and the lake, exactly once.
+
+    recloop ingest                     # in the foreground, until Ctrl-C (progress every 5 s)
+    recloop ingest --consumers 2 --detach   # long-lived actors of the stack's Ray cluster
+    recloop ingest --until-idle 10     # stop after 10 s without records (tests, benchmarks)
+
+A member of the consumer group ``ingest.group_id`` on ``recloop.impressions`` and
+``recloop.interactions`` (range assignment: partition p of both topics goes to the same
+member, which is where one user's impression and feedback are). Per micro-batch
+(``batch_events`` records or ``flush_interval_s``):
+
+1. records are validated (invalid ones go to ``recloop.dlq`` with the reason, durably,
+   before anything after them is committed), deduplicated and joined per partition
+   (``actors.ingest_state``);
+2. closed sessions and orphan feedback are written to the lake as Parquet files under
+   hidden names, fsynced and renamed;
+3. the touched users' history and stats and the touched items' stats are pushed to the
+   Feast online store as absolute values (a replay pushes the same values again);
+4. each changed partition's state and the offsets it covers are written, then one lake
+   commit entry makes files, state and offsets visible together (the commit point);
+5. the offsets are committed to Kafka too (for lag monitoring; the lake is the truth).
+
+After a crash anywhere in 2–5 the ingestor resumes from the last lake commit: files
+written after it are removed, the state is restored and the consumer seeks to the
+committed offsets, so every event lands in the lake exactly once and the Feast counters
+match the lake. Metrics: records/s, consumer lag, and feature freshness (the record's
+Kafka timestamp, i.e. when the event was produced, to its push into the online store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors.ingest_state import (
+    STAT_FIELDS,
+    Closed,
+    Counters,
+    Feedback,
+    ItemCounts,
+    PartitionState,
+    UserState,
+    orphan_row,
+    session_row,
+)
+from infra.kafka.topics import IMPRESSIONS, INTERACTIONS
+from recloop.config import StackConfig
+from recloop.lake import ORPHANS, SCHEMAS, SESSIONS, Entry, Lake, write_atomic, write_parquet_atomic
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+TOPICS = (IMPRESSIONS.name, INTERACTIONS.name)
+CRASH_ENV = "RECLOOP_INGEST_CRASH"  # "<point>:<n>": exit at the n-th flush reaching point
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return float(v[min(len(v) - 1, int(q * (len(v) - 1) + 0.5))])
+
+
+class Ingestor:
+    def __init__(self, cfg: StackConfig, index: int = 0, say: Progress = print) -> None:
+        self.cfg = cfg
+        self.ic = cfg.ingest
+        self.writer = f"ingestor-{index}"
+        self.say = say
+        self.lake = Lake(cfg.lake_dir)
+        removed = self.lake.remove_uncommitted(self.writer)
+        if removed:
+            say(f"{self.writer}: removed {len(removed)} uncommitted file(s) of an earlier run")
+        self.seq = self.lake.last_seq(self.writer)
+        self.states: dict[int, PartitionState] = {}
+        self.changed: set[int] = set()
+        self.outbox: list[tuple[int, Closed]] = []
+        self.orphans: list[tuple[Feedback, str]] = []
+        self.unflushed = 0
+        self.first_unflushed: float | None = None
+        self.last_flush = time.monotonic()
+        self.records = 0
+        self.flushes = 0
+        self.started = time.monotonic()
+        self.freshness_ms: deque[float] = deque(maxlen=20_000)
+        self.flush_s: deque[float] = deque(maxlen=1000)
+        self.retired = Counters()  # counters of partitions given away
+        self.last_error: str | None = None
+        self._store: Any = None
+        self._consumer: Any = None
+        self._foreign: dict[int, tuple[int, PartitionState]] = {}  # p -> (pseq, items)
+        self._fatal: str | None = None
+        self._crash = self._parse_crash(os.environ.get(CRASH_ENV))
+        self._crash_seen: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    @staticmethod
+    def _parse_crash(spec: str | None) -> tuple[str, int] | None:
+        if not spec:
+            return None
+        point, _, n = spec.partition(":")
+        return point, int(n or 1)
+
+    def _maybe_crash(self, point: str) -> None:
+        if self._crash is None or self._crash[0] != point:
+            return
+        self._crash_seen[point] = self._crash_seen.get(point, 0) + 1
+        if self._crash_seen[point] >= self._crash[1]:
+            print(f"{self.writer}: injected crash at {point}", file=sys.stderr, flush=True)
+            os._exit(17)
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from features.store import open_store
+
+            self._store = open_store(self.cfg)
+        return self._store
+
+    def _new_state(self, p: int) -> PartitionState:
+        return PartitionState(p, self.ic.join_window_ms, self.ic.max_wait_s, self.ic.history_len)
+
+    # ------------------------------------------------------------------ state restore
+    def _partition_entries(self, p: int) -> list[tuple[int, Entry]]:
+        key = str(p)
+        found = [
+            (int(e.partitions[key]["pseq"]), e) for e in self.lake.entries() if key in e.partitions
+        ]
+        return sorted(found, key=lambda x: x[0])
+
+    def restore(self, p: int, items_only: bool = False) -> PartitionState:
+        """Partition ``p``'s state as of its last lake commit (fresh if it has none)."""
+        st = self._new_state(p)
+        chain = self._partition_entries(p)
+        if not chain:
+            return st
+        last = chain[-1][1].partitions[str(p)]
+        if not items_only:
+            st.load_json(json.loads((self.lake.root / last["state"] / "state.json").read_text()))
+        start = max(
+            (i for i, (_, e) in enumerate(chain) if e.partitions[str(p)]["snapshot"]), default=0
+        )
+        for _, e in chain[start:]:
+            d = self.lake.root / e.partitions[str(p)]["state"]
+            if not items_only:
+                st.load_users(pq.read_table(d / "users.parquet"))
+            st.load_items(pq.read_table(d / "items.parquet"))
+        return st
+
+    # ------------------------------------------------------------------ rebalance
+    def _listener(self) -> Any:
+        from kafka import ConsumerRebalanceListener
+
+        ing = self
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):  # noqa: N805 (kafka's signature)
+                ing._on_revoked(revoked)
+
+            def on_partitions_assigned(self, assigned):  # noqa: N805
+                ing._on_assigned(assigned)
+
+        return Listener()
+
+    def _on_revoked(self, revoked) -> None:
+        parts = {tp.partition for tp in revoked}
+        if not parts:
+            return
+        try:
+            self.flush(force=True)
+        except Exception as exc:  # the next owner resumes from the last commit anyway
+            self.last_error = f"flush on revoke: {exc!r}"
+            log.warning("%s: %s", self.writer, self.last_error)
+        for p in parts:
+            st = self.states.pop(p, None)
+            if st is not None:
+                self.retired.add(st.counters)
+        self.outbox = [(p, c) for p, c in self.outbox if p not in parts]
+        self.say(f"{self.writer}: gave up partition(s) {sorted(parts)}")
+
+    def _on_assigned(self, assigned) -> None:
+        by_part: dict[int, dict[str, Any]] = {}
+        for tp in assigned:
+            by_part.setdefault(tp.partition, {})[tp.topic] = tp
+        for p, tps in sorted(by_part.items()):
+            if set(tps) != set(TOPICS):
+                self._fatal = (
+                    f"{self.writer}: partition {p} of {sorted(set(TOPICS) - set(tps))} went to "
+                    f"another member: impressions and interactions need the same partition "
+                    f"count and range assignment for the join"
+                )
+                return
+            if p in self.states:
+                continue
+            st = self.restore(p)
+            self.states[p] = st
+            for topic, tp in tps.items():
+                if topic in st.offsets:
+                    self._consumer.consumer.seek(tp, st.offsets[topic])
+            where = ", ".join(f"{t.split('.')[-1]}@{o}" for t, o in sorted(st.offsets.items()))
+            self.say(
+                f"{self.writer}: partition {p} assigned, resuming from "
+                f"{where or 'the group offsets'} ({len(st.users)} users, {len(st.open)} open)"
+            )
+
+    # ------------------------------------------------------------------ records
+    def handle(self, records: list[Any]) -> None:
+        wall = _now_ms()
+        for r in records:
+            st = self.states.get(r.partition)
+            if st is None:  # never drop a record: stop before its offset is committed
+                raise RuntimeError(
+                    f"{self.writer}: record of partition {r.partition} without its state "
+                    f"({self._fatal or 'assignment not restored'})"
+                )
+            if r.topic == IMPRESSIONS.name:
+                st.on_impression(r.event, r.timestamp_ms, wall)
+            else:
+                late = st.on_interaction(r.event, r.timestamp_ms, wall)
+                if late is not None:
+                    self.orphans.append((late, "late"))
+            self.changed.add(r.partition)
+        self.records += len(records)
+        self.unflushed += len(records)
+        if records and self.first_unflushed is None:
+            self.first_unflushed = time.monotonic()
+
+    def due(self) -> bool:
+        if self.unflushed >= self.ic.batch_events:
+            return True
+        if self.first_unflushed is not None:
+            return time.monotonic() - self.first_unflushed >= self.ic.flush_interval_s
+        # Nothing new, but open sessions may have come due (window or wait).
+        waiting = any(st.open or st.waiting for st in self.states.values())
+        return waiting and time.monotonic() - self.last_flush >= self.ic.flush_interval_s
+
+    # ------------------------------------------------------------------ flush
+    def _bootstrap_users(self, users: dict[int, list[int]]) -> None:
+        """Users seen for the first time start from what the online store holds."""
+        todo = sorted({u for u, ps in users.items() for p in ps if u not in self.states[p].users})
+        if not todo:
+            return
+        feats = [
+            "user_history:item_ids",
+            "user_history:history_len",
+            "user_history:last_event_ms",
+            *(f"user_stats:{k}" for k in STAT_FIELDS),
+            "user_stats:last_event_ms",
+        ]
+        out = self.store.get_online_features(
+            features=feats, entity_rows=[{"user_id": u} for u in todo], full_feature_names=True
+        ).to_dict()
+
+        def col(name: str, i: int, default: Any) -> Any:
+            v = out[name][i]
+            return default if v is None else v
+
+        for i, u in enumerate(todo):
+            st = UserState(
+                history=[int(x) for x in col("user_history__item_ids", i, [])],
+                history_len=int(col("user_history__history_len", i, 0)),
+                history_base_ms=int(col("user_history__last_event_ms", i, -1)),
+                stats_base_ms=int(col("user_stats__last_event_ms", i, -1)),
+                impressions=int(col("user_stats__impressions", i, 0)),
+                clicks=int(col("user_stats__clicks", i, 0)),
+                watch_time_s=float(col("user_stats__watch_time_s", i, 0.0)),
+                likes=int(col("user_stats__likes", i, 0)),
+                follows=int(col("user_stats__follows", i, 0)),
+            )
+            st.last_event_ms = max(st.history_base_ms, st.stats_base_ms)
+            for p in users[u]:
+                self.states[p].users.setdefault(u, st)
+
+    def _item_totals(self, items: set[int]) -> dict[int, ItemCounts]:
+        """Counts summed over every partition: owned ones from memory, others from the
+        lake (their last commit)."""
+        totals = {i: ItemCounts() for i in items}
+        states = list(self.states.values())
+        if self._consumer is not None:
+            known = self._consumer.consumer.partitions_for_topic(IMPRESSIONS.name) or set()
+            for p in sorted(set(known) - set(self.states)):
+                chain = self._partition_entries(p)
+                if not chain:
+                    continue
+                pseq = chain[-1][0]
+                if self._foreign.get(p, (-1, None))[0] != pseq:
+                    self._foreign[p] = (pseq, self.restore(p, items_only=True))
+                states.append(self._foreign[p][1])
+        for st in states:
+            for i in items:
+                c = st.items.get(i)
+                if c is not None:
+                    t = totals[i]
+                    for k in STAT_FIELDS:
+                        setattr(t, k, getattr(t, k) + getattr(c, k))
+        return totals
+
+    def _push_features(self, wall_ms: int) -> int:
+        import pandas as pd
+
+        from features.store import push
+
+        def ts(ms: int) -> datetime:
+            return datetime.fromtimestamp(max(ms, 0) / 1000, UTC)
+
+        users = [(u, st.users[u]) for st in self.states.values() for u in sorted(st.dirty_users)]
+        rows = 0
+        if users:
+            hist = pd.DataFrame(
+                {
+                    "user_id": [u for u, _ in users],
+                    "item_ids": [s.history for _, s in users],
+                    "history_len": [s.history_len for _, s in users],
+                    "last_event_ms": [s.last_event_ms for _, s in users],
+                    "event_timestamp": [ts(s.last_event_ms) for _, s in users],
+                }
+            )
+            stats = pd.DataFrame(
+                {
+                    "user_id": [u for u, _ in users],
+                    **{k: [getattr(s, k) for _, s in users] for k in STAT_FIELDS},
+                    "last_event_ms": [s.last_event_ms for _, s in users],
+                    "event_timestamp": [ts(s.last_event_ms) for _, s in users],
+                }
+            )
+            offline = self.ic.offline_push
+            push(self.store, "user_stats_push", stats, offline=offline)
+            push(self.store, "user_history_push", hist, offline=offline)
+            rows += 2 * len(users)
+        dirty_items = set().union(*(st.dirty_items for st in self.states.values()))
+        if dirty_items:
+            totals = self._item_totals(dirty_items)
+            ids = sorted(totals)
+            wm = max(st.watermark_ms for st in self.states.values())
+            items = pd.DataFrame(
+                {
+                    "item_id": ids,
+                    **{k: [getattr(totals[i], k) for i in ids] for k in STAT_FIELDS},
+                    "event_timestamp": [ts(wm)] * len(ids),
+                }
+            )
+            push(self.store, "item_stats_push", items, offline=self.ic.offline_push)
+            rows += len(ids)
+        return rows
+
+    def flush(self, force: bool = False) -> Entry | None:
+        """Close what is due, write the lake and Feast, commit. Safe to call again after
+        it raised: nothing is applied twice."""
+        if not self.states:
+            return None
+        t0 = self.last_flush = time.monotonic()
+        wall = _now_ms()
+        # Positions first: every record before them has been folded into the state (the
+        # dead-lettered ones included, so they are not read again).
+        consumer = self._consumer.consumer if self._consumer is not None else None
+        positions: dict[int, dict[str, int]] = {}
+        if consumer is not None:
+            for tp in consumer.assignment():
+                if tp.partition in self.states:
+                    positions.setdefault(tp.partition, {})[tp.topic] = int(consumer.position(tp))
+        for p, pos in positions.items():
+            if any(self.states[p].offsets.get(t) != o for t, o in pos.items()):
+                self.changed.add(p)
+        behind = self._behind(wall)
+        for p, st in self.states.items():
+            closed, orphans = st.close_due(wall, caught_up=p not in behind)
+            self.outbox.extend((p, c) for c in closed)
+            self.orphans.extend(orphans)
+            if closed or orphans:
+                self.changed.add(p)
+        if not self.changed and not self.outbox and not self.orphans:
+            self.unflushed, self.first_unflushed = 0, None
+            return None
+        users: dict[int, list[int]] = {}
+        for p, c in self.outbox:
+            if c.history is None:
+                users.setdefault(c.session.user_id, []).append(p)
+        self._bootstrap_users(users)
+        for p, c in self.outbox:
+            if c.history is None:
+                self.states[p].apply(c)
+
+        seq = self.seq + 1
+        sessions = pa.Table.from_pylist([session_row(c) for _, c in self.outbox], SCHEMAS[SESSIONS])
+        orphans = pa.Table.from_pylist(
+            [orphan_row(f, why) for f, why in self.orphans], SCHEMAS[ORPHANS]
+        )
+        files = self.lake.write_files(SESSIONS, sessions, self.writer, seq)
+        files += self.lake.write_files(ORPHANS, orphans, self.writer, seq)
+        self._maybe_crash("after-files")
+        feast_rows = self._push_features(wall)
+        pushed_ms = _now_ms()
+        self._maybe_crash("after-feast")
+
+        parts: dict[str, dict[str, Any]] = {}
+        for p in sorted(self.changed):
+            st = self.states[p]
+            pseq = st.pseq + 1
+            snapshot = pseq == 1 or pseq % self.ic.snapshot_every == 0
+            st_json = st.to_json()
+            st_json["pseq"] = pseq
+            st_json["offsets"] = {**st.offsets, **positions.get(p, {})}
+            rel = f"_state/p{p}/{pseq:08d}"
+            d = self.lake.root / rel
+            write_parquet_atomic(d / "users.parquet", st.users_table(only_dirty=not snapshot))
+            write_parquet_atomic(d / "items.parquet", st.items_table(only_dirty=not snapshot))
+            write_atomic(d / "state.json", json.dumps(st_json).encode())
+            parts[str(p)] = {
+                "pseq": pseq,
+                "offsets": st_json["offsets"],
+                "state": rel,
+                "snapshot": snapshot,
+                "watermark_ms": st.watermark_ms,
+            }
+        entry = Entry(
+            writer=self.writer,
+            seq=seq,
+            committed_at_ms=_now_ms(),
+            files=files,
+            partitions=parts,
+            counts={
+                "sessions": sessions.num_rows,
+                "orphans": orphans.num_rows,
+                "feast_rows": feast_rows,
+            },
+        )
+        self.lake.commit(entry)
+        self._maybe_crash("after-commit")
+
+        # Committed: the in-memory view moves on.
+        self.seq = seq
+        for p in self.changed:
+            st = self.states[p]
+            st.pseq = parts[str(p)]["pseq"]
+            st.offsets = parts[str(p)]["offsets"]
+            st.dirty_users.clear()
+            st.dirty_items.clear()
+        for _, c in self.outbox:
+            s = c.session
+            newest = max([s.record_ts_ms, *(f.record_ts_ms for f in s.feedback.values())])
+            self.freshness_ms.append(pushed_ms - newest)
+        self.outbox, self.orphans = [], []
+        self.changed = set()
+        self.unflushed, self.first_unflushed = 0, None
+        self.flushes += 1
+        self.flush_s.append(time.monotonic() - t0)
+        if consumer is not None:
+            self._commit_kafka(parts)
+        return entry
+
+    def _behind(self, wall_ms: int) -> set[int]:
+        """Partitions with records still unread, among those with an open session that
+        waited ``max_wait_s`` (asking the broker only then)."""
+        if self._consumer is None:
+            return set()
+        parts = {p for p, st in self.states.items() if st.waits_expired(wall_ms)}
+        if not parts:
+            return set()
+        c = self._consumer.consumer
+        tps = [tp for tp in c.assignment() if tp.partition in parts]
+        ends = c.end_offsets(tps)
+        return {tp.partition for tp in tps if int(c.position(tp)) < int(ends[tp])}
+
+    def _commit_kafka(self, parts: dict[str, dict[str, Any]]) -> None:
+        from kafka import OffsetAndMetadata, TopicPartition
+
+        offsets = {
+            TopicPartition(topic, int(p)): OffsetAndMetadata(off, "", -1)
+            for p, rec in parts.items()
+            for topic, off in rec["offsets"].items()
+        }
+        try:
+            self._consumer.consumer.commit(offsets)
+        except Exception as exc:  # a rebalance in progress: the lake holds the offsets
+            self.last_error = f"kafka commit: {exc!r}"
+
+    # ------------------------------------------------------------------ metrics
+    def lag(self) -> dict[str, int]:
+        if self._consumer is None:
+            return {}
+        c = self._consumer.consumer
+        tps = list(c.assignment())
+        if not tps:
+            return {}
+        ends = c.end_offsets(tps)
+        out: dict[str, int] = {}
+        for tp in tps:
+            key = tp.topic.split(".")[-1]
+            out[key] = out.get(key, 0) + max(0, int(ends[tp]) - int(c.position(tp)))
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        counters = Counters()
+        counters.add(self.retired)
+        for st in self.states.values():
+            counters.add(st.counters)
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        fresh = list(self.freshness_ms)
+        dlq = self._consumer.stats.dead_lettered if self._consumer is not None else 0
+        return {
+            "writer": self.writer,
+            "partitions": sorted(self.states),
+            "records": self.records,
+            "records_per_s": self.records / elapsed,
+            "flushes": self.flushes,
+            "seq": self.seq,
+            "dead_lettered": dlq,
+            **vars(counters),
+            "open_sessions": sum(len(st.open) for st in self.states.values()),
+            "lag": self.lag(),
+            "freshness_p50_ms": _pct(fresh, 0.5),
+            "freshness_p99_ms": _pct(fresh, 0.99),
+            "flush_p50_s": _pct(list(self.flush_s), 0.5),
+            "last_error": self.last_error,
+            "elapsed_s": elapsed,
+        }
+
+    # ------------------------------------------------------------------ loop
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        until_idle_s: float | None = None,
+        progress_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Consume until ``stop`` is set, or ``until_idle_s`` without records and with no
+        session left open."""
+        from recloop.kafka_io import EventConsumer
+
+        stop = stop or threading.Event()
+        progress_s = self.ic.progress_s if progress_s is None else progress_s
+        self._consumer = EventConsumer(
+            self.cfg.kafka.bootstrap,
+            list(TOPICS),
+            group_id=self.ic.group_id,
+            client_id=self.writer,
+            listener=self._listener(),
+            partition_assignment_strategy=[_range_assignor()],
+            max_poll_records=self.ic.batch_events,
+            session_timeout_ms=6000,  # a crashed member is noticed in seconds
+            heartbeat_interval_ms=1000,
+        )
+        last_record = time.monotonic()
+        last_progress = time.monotonic()
+        backoff = 1.0
+        try:
+            while not stop.is_set():
+                records = self._consumer.poll(timeout_ms=200)
+                if self._fatal:
+                    raise RuntimeError(self._fatal)
+                self.handle(records)
+                if records:
+                    last_record = time.monotonic()
+                if self.due():
+                    try:
+                        self.flush()
+                        backoff = 1.0
+                    except Exception as exc:  # Feast or disk away: keep state, try again
+                        self.last_error = f"flush: {exc!r}"[:500]
+                        self.say(
+                            f"{self.writer}: flush failed, retrying in {backoff:.0f} s: {exc!r}"
+                        )
+                        if stop.wait(backoff):
+                            break
+                        backoff = min(30.0, backoff * 2)
+                if progress_s and time.monotonic() - last_progress >= progress_s:
+                    last_progress = time.monotonic()
+                    self.say(self.progress_line())
+                if (
+                    until_idle_s is not None
+                    and self.states  # assigned: the group join takes a few seconds
+                    and time.monotonic() - last_record >= until_idle_s
+                    and not sum(self.lag().values())
+                ):
+                    self.flush(force=True)
+                    if not any(st.open or st.waiting for st in self.states.values()):
+                        break
+            self.flush(force=True)
+        finally:
+            self._consumer.close()
+        return self.stats()
+
+    def progress_line(self) -> str:
+        s = self.stats()
+        p50, p99 = s["freshness_p50_ms"], s["freshness_p99_ms"]
+        fresh = "freshness -" if p50 is None else f"freshness p50 {p50:.0f} ms p99 {p99:.0f} ms"
+        lag = sum(s["lag"].values()) if s["lag"] else 0
+        return (
+            f"{self.writer}: {s['records']} records ({s['records_per_s']:.0f}/s), "
+            f"{s['closed_complete'] + s['closed_window'] + s['closed_wait']} sessions, "
+            f"{s['open_sessions']} open, dup {s['duplicates']}, late {s['late']}, "
+            f"dlq {s['dead_lettered']}, lag {lag}, {fresh}, commits {s['seq']}"
+        )
+
+
+def _range_assignor():
+    from kafka.coordinator.assignors.range import RangePartitionAssignor
+
+    return RangePartitionAssignor
+
+
+# --------------------------------------------------------------------------- as Ray actors
+def _actor_class():
+    import ray
+
+    @ray.remote(max_concurrency=2)
+    class IngestorActor:
+        def __init__(self, cfg: dict, index: int) -> None:
+            self.ing = Ingestor(
+                StackConfig.from_dict(cfg), index, say=lambda m: print(m, flush=True)
+            )
+            self.stop_event = threading.Event()
+
+        def run(self) -> dict:
+            return self.ing.run(self.stop_event)
+
+        def stats(self) -> dict:
+            return self.ing.stats()
+
+        def stop(self) -> None:
+            self.stop_event.set()
+
+    return IngestorActor
+
+
+def actor_name(i: int) -> str:
+    return f"ingestor-{i}"
+
+
+def start_actors(cfg: StackConfig, say: Progress = print) -> list[Any]:
+    """Start ``ingest.consumers`` detached ingestor actors (idempotent)."""
+    import ray
+
+    from recloop.ray_head import connect
+
+    connect(cfg)
+    cls = _actor_class()
+    out = []
+    for i in range(cfg.ingest.consumers):
+        try:
+            a = ray.get_actor(actor_name(i))
+            say(f"{actor_name(i)} is running already")
+        except ValueError:
+            a = cls.options(
+                name=actor_name(i), lifetime="detached", num_cpus=cfg.ingest.consumer_cpus
+            ).remote(cfg.to_dict(), i)
+            a.run.remote()
+            say(f"started {actor_name(i)} (detached actor, {cfg.ingest.consumer_cpus} CPU)")
+        out.append(a)
+    return out
+
+
+def stop_actors(cfg: StackConfig, say: Progress = print) -> int:
+    import ray
+
+    from recloop.ray_head import connect
+
+    connect(cfg)
+    n = 0
+    for i in range(64):
+        try:
+            a = ray.get_actor(actor_name(i))
+        except ValueError:
+            continue
+        try:
+            ray.get(a.stop.remote(), timeout=30)
+        finally:
+            ray.kill(a)
+        n += 1
+        say(f"stopped {actor_name(i)}")
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recloop ingest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="stack config or run file (YAML)")
+    parser.add_argument("--consumers", type=int, help="members of the consumer group")
+    parser.add_argument("--detach", action="store_true", help="run as actors of the stack")
+    parser.add_argument("--stop", action="store_true", help="stop the detached actors")
+    parser.add_argument("--until-idle", type=float, help="stop after this many idle seconds")
+    parser.add_argument("--index", type=int, default=0, help="this consumer's index")
+    parser.add_argument("--json", help="write the final stats to this file")
+    args = parser.parse_args(argv)
+
+    from recloop.config import load_config
+
+    cfg = load_config(args.config, {"ingest.consumers": args.consumers})
+
+    def say(m: str) -> None:
+        print(f"[ingest {time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)
+
+    if args.stop:
+        stop_actors(cfg, say)
+        return 0
+    if args.detach:
+        start_actors(cfg, say)
+        return 0
+    if cfg.ingest.consumers > 1:
+        say("several consumers in one process: use --detach (actors), or --index per process")
+        return 2
+    ing = Ingestor(cfg, args.index, say)
+    stop = threading.Event()
+    try:
+        stats = ing.run(stop, until_idle_s=args.until_idle)
+    except KeyboardInterrupt:
+        stop.set()
+        stats = ing.stats()
+    say(ing.progress_line())
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

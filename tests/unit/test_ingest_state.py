@@ -1,0 +1,172 @@
+"""The ingestor's per-partition join and feature state, without Kafka or Feast."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from actors.ingest_state import PartitionState, UserState, orphan_row, session_row
+from recloop.events import Impression, Interaction, ServedItem
+from recloop.lake import ORPHANS, SCHEMAS, SESSIONS, Entry, Lake
+
+WINDOW = 60_000
+
+
+def impression(rid: str, user: int, t: int, items=(11, 12, 13)) -> Impression:
+    return Impression(
+        event_time_ms=t,
+        request_id=rid,
+        user_id=user,
+        arm="online",
+        model_version="v1",
+        items=[ServedItem(item_id=i, position=p, score=-float(p)) for p, i in enumerate(items)],
+    )
+
+
+def feedback(rid: str, user: int, t: int, pos: int, item: int, clicked=True, eid=None):
+    return Interaction(
+        event_id=eid or f"{rid}-{pos}",
+        event_time_ms=t,
+        request_id=rid,
+        user_id=user,
+        item_id=item,
+        position=pos,
+        arm="online",
+        model_version="v1",
+        clicked=clicked,
+        watch_time_s=30.0 if clicked else 0.0,
+        liked=clicked and pos == 0,
+        context={"run": "r1"},
+    )
+
+
+def state() -> PartitionState:
+    return PartitionState(0, WINDOW, max_wait_s=3600, history_len=4)
+
+
+def test_complete_session_closes_and_updates_features():
+    st = state()
+    st.on_impression(impression("a", 7, 1000), 5, 0)
+    for pos, item in enumerate((11, 12, 13)):
+        st.on_interaction(feedback("a", 7, 1100 + pos, pos, item, clicked=pos != 1), 6)
+    closed, orphans = st.close_due(0)
+    assert [c.closed_by for c in closed] == ["complete"] and not orphans
+    st.apply(closed[0])
+    row = session_row(closed[0])
+    assert row["history"] == [] and row["clicked"] == [True, False, True]
+    assert row["clicks"] == 2 and row["session_watch_s"] == 60.0 and row["likes"] == 1
+    assert row["record_ts_ms"] == 6 and json.loads(row["context"]) == {"run": "r1"}
+    u = st.users[7]
+    assert u.history == [11, 13] and u.impressions == 3 and u.clicks == 2 and u.likes == 1
+    assert st.items[12].impressions == 1 and st.items[12].clicks == 0
+    assert st.dirty_users == {7} and st.dirty_items == {11, 12, 13}
+
+
+def test_out_of_order_duplicates_late_and_missing():
+    st = state()
+    # feedback before its impression is held, then joined
+    st.on_interaction(feedback("a", 7, 1100, 0, 11), 1)
+    st.on_impression(impression("a", 7, 1000), 1, 0)
+    assert st.counters.out_of_order == 1 and len(st.open["a"].feedback) == 1
+    # a duplicate (same position) is dropped and counted
+    st.on_interaction(feedback("a", 7, 1100, 0, 11, eid="other"), 1)
+    st.on_impression(impression("a", 7, 1000), 1, 0)
+    assert st.counters.duplicates == 2
+    # one topic read ahead does not move the watermark ...
+    st.on_impression(impression("b", 8, 1000 + WINDOW), 1, 0)
+    assert st.close_due(0)[0] == []
+    # ... both do: closed with the feedback it has
+    st.on_interaction(feedback("b", 8, 1000 + WINDOW, 0, 11), 1)
+    closed, _ = st.close_due(0)
+    assert [(c.session.request_id, c.closed_by) for c in closed] == [("a", "window")]
+    # feedback for a closed session: late (an orphan), and its replay is a duplicate
+    late = st.on_interaction(feedback("a", 7, 1000 + WINDOW, 2, 13), 1)
+    assert late is not None and st.counters.late == 1
+    assert st.on_interaction(feedback("a", 7, 1000 + WINDOW, 2, 13), 1) is None
+    assert st.counters.duplicates == 3
+    # feedback whose impression never comes: an orphan once the window has passed
+    st.on_interaction(feedback("zz", 9, 2000 + WINDOW, 0, 5), 1)
+    st.on_impression(impression("c", 8, 3000 + 2 * WINDOW), 1, 0)
+    st.on_interaction(feedback("c", 8, 3000 + 2 * WINDOW, 0, 11), 1)
+    _, orphans = st.close_due(0)
+    assert [(f.request_id, why) for f, why in orphans] == [("zz", "missing-impression")]
+    rows = pa.Table.from_pylist([orphan_row(f, w) for f, w in orphans], SCHEMAS[ORPHANS])
+    assert rows.column("reason").to_pylist() == ["missing-impression"]
+
+
+def test_wait_closes_a_session_when_traffic_stops():
+    st = PartitionState(0, WINDOW, max_wait_s=2.0, history_len=4)
+    st.on_impression(impression("a", 7, 1000), 1, wall_ms=10_000)
+    st.on_interaction(feedback("q", 7, 1000, 0, 11), 1, wall_ms=10_000)
+    assert st.close_due(11_000) == ([], [])
+    # not while the consumer is behind: the feedback may be unread
+    assert st.close_due(12_000, caught_up=False) == ([], [])
+    closed, orphans = st.close_due(12_000)
+    assert [c.closed_by for c in closed] == ["wait"]
+    assert [why for _, why in orphans] == ["missing-impression"]
+
+
+def test_pushed_base_is_not_counted_twice():
+    st = state()
+    st.users[7] = UserState(history=[1, 11], history_len=2, history_base_ms=1000, stats_base_ms=-1)
+    st.on_impression(impression("a", 7, 1000), 1, 0)
+    for pos, item in enumerate((11, 12, 13)):
+        st.on_interaction(feedback("a", 7, 1001, pos, item), 1)
+    (c,), _ = st.close_due(0)
+    st.apply(c)
+    u = st.users[7]
+    assert u.history == [1, 11]  # the session at t=1000 is in the pushed history already
+    assert u.clicks == 3  # but not in the (empty) pushed stats
+
+
+def test_state_round_trips_through_json_and_tables():
+    st = state()
+    st.on_impression(impression("a", 7, 1000), 1, 0)
+    st.on_interaction(feedback("a", 7, 1001, 0, 11), 1)
+    st.on_interaction(feedback("q", 7, 1001, 0, 11), 1)
+    st.on_impression(impression("b", 8, 1002), 1, 0)
+    for pos, item in enumerate((11, 12, 13)):
+        st.on_interaction(feedback("b", 8, 1003, pos, item), 1)
+    (c,), _ = st.close_due(0)
+    st.apply(c)
+    st.offsets = {"recloop.impressions": 4, "recloop.interactions": 9}
+    back = state()
+    back.load_json(json.loads(json.dumps(st.to_json())))
+    back.load_users(st.users_table(only_dirty=False))
+    back.load_items(st.items_table(only_dirty=False))
+    assert back.to_json() == st.to_json()
+    assert back.users == st.users and back.items == st.items
+    # the restored state goes on exactly as the original would
+    for s in (st, back):
+        for pos, item in ((1, 12), (2, 13)):
+            s.on_interaction(feedback("a", 7, 1010, pos, item), 1)
+    assert [c.session.request_id for c in back.close_due(0)[0]] == ["a"]
+    assert [c.session.request_id for c in st.close_due(0)[0]] == ["a"]
+    assert back.counters == st.counters
+
+
+def test_lake_commit_log_and_marks(tmp_path):
+    lake = Lake(tmp_path)
+    st = state()
+    st.on_impression(impression("a", 7, 1000), 1, 0)
+    st.on_impression(impression("b", 7, 1000 + 3_600_000), 1, 0)  # the next hour
+    closed, _ = st.close_due(10**9)
+    for c in closed:
+        st.apply(c)
+    table = pa.Table.from_pylist([session_row(c) for c in closed], SCHEMAS[SESSIONS])
+    files = lake.write_files(SESSIONS, table, "ingestor-0", 1)
+    assert len(files) == 2  # one per event-time hour
+    assert lake.read(SESSIONS).num_rows == 0  # not visible before the commit
+    lake.commit(Entry("ingestor-0", 1, 5, files, {}, {}))
+    assert sorted(lake.read(SESSIONS).column("request_id").to_pylist()) == ["a", "b"]
+    # a file written but never committed is removed when the writer starts again
+    orphan = lake.write_files(SESSIONS, table.slice(0, 1), "ingestor-0", 2)
+    assert (tmp_path / orphan[0]["path"]).exists()
+    assert lake.remove_uncommitted("ingestor-0") == [tmp_path / orphan[0]["path"]]
+    new = lake.new_entries({})
+    assert [e.seq for e in new] == [1]
+    assert lake.new_entries(Lake.advance({}, new)) == []
+    with pytest.raises(Exception, match="committed seq 1 already"):
+        lake.commit(Entry("ingestor-0", 1, 5, [], {}, {}))
