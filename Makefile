@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-ab simulate analyze serve pretrain eval clean
+.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-ab bench-ingest bench-training simulate analyze ingest train serve pretrain eval clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -100,11 +100,23 @@ simulate: install  ## simulated users' A/B traffic through the running stack (EX
 analyze: install  ## the A/B verdict of the latest simulated run (table + JSON)
 	$(BIN)/recloop analyze
 
+ingest: install  ## Kafka -> Feast + lake in the foreground, until Ctrl-C (`recloop ingest --detach`: actors)
+	$(BIN)/recloop ingest
+
+train: install  ## continuous training rounds on the lake, each gated version promoted (until Ctrl-C)
+	$(BIN)/recloop train
+
 bench-simulator: install  ## requests/s and events/s the simulator offers vs a plain HTTP client
 	$(BIN)/python -m benchmarks.simulator
 
 bench-ab: install  ## A/A over 5 seeds and model vs popularity/random on MovieLens (own stack)
 	$(BIN)/python -m benchmarks.ab_sanity
+
+bench-ingest: install  ## ingestor: records/s into Feast + lake vs a raw consumer, lag, freshness (own stack)
+	$(BIN)/python -m benchmarks.ingest
+
+bench-training: install  ## continuous training: examples/s per round, round time, feedback-to-serving delay
+	$(BIN)/python -m benchmarks.training
 
 bench-kafka: install  ## producer/consumer throughput of the event helpers vs raw kafka-python
 	$(BIN)/python -m benchmarks.kafka_throughput

@@ -12,6 +12,8 @@
     recloop arms      arms, shares, current and live versions
     recloop simulate  drive simulated users' A/B traffic through the running stack
     recloop analyze   the A/B verdict of a simulated run, from its logged events
+    recloop ingest    Kafka → Feast + lake, exactly once (foreground, or --detach as actors)
+    recloop train     continuous training rounds on the lake; each gated version promoted
     recloop pretrain  build the tokenizer and pre-train the seed OneRec model (a checkpoint)
     recloop eval      offline evaluation: --model onerec|sasrec|pop on a dataset
     recloop ablate    OneRec ablations: MoE vs dense, M=5 vs M=1, beam 8/32/128
@@ -222,6 +224,8 @@ JOBS = {
     "ablate": "pipelines.ablations",
     "analyze": "pipelines.ab_analysis",
     "fit-user-model": "pipelines.fit_user_model",
+    "ingest": "actors.ingestor",
+    "train": "pipelines.continuous",
 }
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from actors.sim.runfile import RunFile, SimulationConfig, load_run
-from recloop.config import StackConfig
+from recloop.config import PROJECT_ROOT, StackConfig
 
 Progress = Callable[[str], None]
 INTERACTIONS = "recloop.interactions"
@@ -187,6 +187,7 @@ def simulate(
     )
     if sim.seed_histories:
         seed_histories(cfg, pop, say)
+    learners = start_learning(cfg, run, say)
 
     t0_ms = sim.start_ms if sim.start_ms is not None else int(time.time() * 1000)
     run_id = f"{run.experiment.name}-s{sim.seed}-{time.strftime('%Y%m%dT%H%M%S')}"
@@ -213,6 +214,7 @@ def simulate(
     for a in actors:
         ray.kill(a)
     finished = time.time()
+    learning = stop_learning(cfg, run, learners, say)
     end = {t: end_offsets(cfg.kafka.bootstrap, t) for t in (INTERACTIONS, IMPRESSIONS)}
     service = _stats_delta(stats0, service_stats(url))
     degraded = service.get("features", {})
@@ -255,6 +257,7 @@ def simulate(
         "service": service,  # the router's /stats counters over the run
         "totals": totals,
         "shards": summaries,
+        "learning": learning,  # per learning arm: the rounds trained and versions promoted
     }
     out = runs_dir(cfg) / run_id
     out.mkdir(parents=True, exist_ok=True)
@@ -267,6 +270,62 @@ def simulate(
         f"{totals['events_per_s']} events/s; saved to {out}"
     )
     return manifest
+
+
+def start_learning(cfg: StackConfig, run: RunFile, say: Progress) -> dict[str, Any]:
+    """For an experiment with learning arms: the ingestor actors (Kafka → Feast + lake)
+    and one ``recloop train`` process per learning arm, trained by the data policy."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    arms = [a.name for a in run.experiment.arms if a.learning != "frozen"]
+    if not arms:
+        return {}
+    from actors.ingestor import start_actors
+
+    start_actors(cfg, say)
+    tdir = cfg.home / "train"
+    tdir.mkdir(parents=True, exist_ok=True)
+    conf = tdir / "stack.yaml"
+    conf.write_text(yaml.safe_dump(cfg.to_dict()))
+    procs = {}
+    for arm in arms:
+        cmd = [sys.executable, "-m", "pipelines.continuous", "--config", str(conf), "--arm", arm]
+        if run.experiment.data_policy == "pooled":
+            cmd.append("--pooled")
+        log = open(tdir / f"{arm}.log", "ab")  # noqa: SIM115 (closed in stop_learning)
+        procs[arm] = (subprocess.Popen(cmd, stdout=log, stderr=log, cwd=PROJECT_ROOT), log)
+        say(f"arm {arm}: continuous training started (log {tdir / f'{arm}.log'})")
+    return procs
+
+
+def stop_learning(cfg: StackConfig, run: RunFile, procs: dict, say: Progress) -> dict[str, Any]:
+    """Stop the trainers; what each learning arm trained and promoted during the run."""
+    import signal
+
+    from serving.control import registry
+
+    out: dict[str, Any] = {}
+    reg = registry(cfg)
+    for arm, (proc, log) in procs.items():
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except Exception:
+            proc.kill()
+        log.close()
+        from pipelines.continuous import read_rounds
+
+        rounds = read_rounds(cfg, arm)
+        promoted = [h for h in reg.history(arm) if h.get("action") == "promote"]
+        out[arm] = {"rounds": rounds, "promotions": promoted, "exit_code": proc.returncode}
+        say(
+            f"arm {arm}: {len(rounds)} training round(s), "
+            f"{sum(1 for r in rounds if r.get('promoted'))} promoted; serving {reg.current(arm)}"
+        )
+    return out
 
 
 def preflight(url: str, user_id: int, timeout_s: float = 60.0) -> None:

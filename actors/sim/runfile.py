@@ -52,8 +52,19 @@ class SimulationConfig:
     start_ms: int | None = None  # virtual clock at t=0 (default: wall clock at the start)
     user_model: str | None = None  # fitted hidden model dir (default: fitted on first use)
     progress_every_s: float = 5.0
+    # overrides of the hidden model's response settings (actors.sim.user_model's
+    # ResponseConfig), e.g. {drift_days: 2, drift_strength: 0.8} for faster taste drift
+    response: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from actors.sim.user_model import ResponseConfig
+
+        known = {f.name for f in dataclasses.fields(ResponseConfig)}
+        if set(self.response) - known:
+            raise ValueError(
+                f"simulation.response: unknown key(s) {sorted(set(self.response) - known)}"
+            )
+        ResponseConfig(**self.response)  # the ranges are checked there
         checks = [
             (self.duration_s > 0, "duration_s must be > 0"),
             (self.sessions_per_user_day > 0, "sessions_per_user_day must be > 0"),

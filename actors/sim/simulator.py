@@ -16,6 +16,7 @@ whatever the network timing. ``SimulatorShard`` is the same as a Ray actor.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -389,6 +390,8 @@ def run_shard(
     cfg = StackConfig.from_dict(cfg_dict)
     sim = SimulationConfig(**sim_dict)
     model = HiddenUserModel.load(model_dir)
+    if sim.response:
+        model.config = dataclasses.replace(model.config, **sim.response)
     population = Population.from_data(load(cfg.data), sim.users, sim.seed)
     arrivals = schedule(population, sim)
     mine = population.shard(shard, shards)

@@ -1,0 +1,228 @@
+"""Ingestion throughput, consumer lag and feature freshness on a real broker and Feast.
+
+Starts its own stack (temporary home, free ports, the shared jar cache), then:
+
+1. backlog: produces S sessions (one impression + one interaction per shown item) for
+   943 users and 1682 items, then times the ingestor draining them into Feast + the lake
+   (sustained records/s), beside a raw ``KafkaConsumer`` reading the same records with
+   no processing in the same run (the ratio is the figure to compare across machines);
+2. live: a producer sends sessions at a fixed rate while the ingestor runs; the group's
+   lag (end offsets minus committed offsets, sampled each second) and the freshness of
+   the features (Kafka timestamp of the newest record of a session → pushed to the
+   online store) are recorded.
+
+    make bench-ingest           # or: .venv/bin/python -m benchmarks.ingest
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SESSION = 10
+
+
+def _say(msg: str) -> None:
+    print(f"[bench-ingest {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sessions(n: int, seed: int, t0_ms: int, prefix: str):
+    """n sessions: (impression, interactions) with MovieLens-sized ids."""
+    from recloop.events import Impression, Interaction, ServedItem
+
+    rng = random.Random(seed)
+    for k in range(n):
+        user = rng.randint(1, 943)
+        items = rng.sample(range(1, 1683), SESSION)
+        t = t0_ms + k * 50
+        rid = f"{prefix}-{k}"
+        imp = Impression(
+            event_time_ms=t,
+            request_id=rid,
+            user_id=user,
+            arm="online",
+            model_version="v1",
+            items=[ServedItem(item_id=i, position=p, score=-p) for p, i in enumerate(items)],
+        )
+        fbs = []
+        for p, i in enumerate(items):
+            clicked = rng.random() < 0.3
+            fbs.append(
+                Interaction(
+                    event_time_ms=t + 1000 * (p + 1),
+                    request_id=rid,
+                    user_id=user,
+                    item_id=i,
+                    position=p,
+                    arm="online",
+                    model_version="v1",
+                    clicked=clicked,
+                    watch_time_s=rng.uniform(10, 300) if clicked else 0.0,
+                    liked=clicked and rng.random() < 0.2,
+                )
+            )
+        yield imp, fbs
+
+
+def raw_read(bootstrap: str, topics: list[str], expected: int) -> float:
+    """Seconds for a bare consumer to read ``expected`` records of ``topics``."""
+    from kafka import KafkaConsumer
+
+    c = KafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        group_id=f"raw-{time.time_ns()}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_poll_records=2000,
+    )
+    n, started = 0, None
+    deadline = time.monotonic() + 300
+    while n < expected and time.monotonic() < deadline:
+        got = c.poll(timeout_ms=500)
+        if got and started is None:
+            started = time.perf_counter()
+        n += sum(len(v) for v in got.values())
+    c.commit()
+    c.close()
+    return time.perf_counter() - (started or time.perf_counter())
+
+
+def group_lag(admin: Any, bootstrap: str, group: str, topics: list[str]) -> int:
+    from recloop.kafka_io import end_offsets
+
+    committed = admin.list_consumer_group_offsets(group)
+    lag = 0
+    for t in topics:
+        for p, end in end_offsets(bootstrap, t).items():
+            off = next(
+                (o.offset for tp, o in committed.items() if tp.topic == t and tp.partition == p), 0
+            )
+            lag += max(0, end - max(off, 0))
+    return lag
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", type=int, default=4000, help="backlog sessions")
+    ap.add_argument("--rate", type=float, default=60.0, help="live sessions per second")
+    ap.add_argument("--live-s", type=float, default=60.0)
+    ap.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
+    args = ap.parse_args()
+
+    from kafka.admin import KafkaAdminClient
+
+    from actors.ingestor import TOPICS, Ingestor
+    from recloop.kafka_io import EventProducer
+    from recloop.lake import Lake
+    from recloop.stack import Stack, isolated_config
+
+    home = Path(tempfile.mkdtemp(prefix="rl-bi-", dir="/tmp"))
+    cfg = isolated_config(home)
+    stack = Stack(cfg)
+    out: dict[str, Any] = {"machine": platform.platform(), "session_len": SESSION}
+    try:
+        stack.up(_say)
+        boot = cfg.kafka.bootstrap
+        t0 = int(time.time() * 1000) - 3_600_000
+        records = 0
+        started = time.perf_counter()
+        with EventProducer(boot) as prod:
+            for imp, fbs in sessions(args.sessions, 0, t0, "b"):
+                prod.send(imp)
+                for fb in fbs:
+                    prod.send(fb)
+                records += 1 + len(fbs)
+            prod.flush()
+        produce_s = time.perf_counter() - started
+        _say(f"backlog: {records} records produced in {produce_s:.1f} s")
+
+        raw_s = raw_read(boot, list(TOPICS), records)
+        ing = Ingestor(cfg, 0, _say)
+        started = time.perf_counter()
+        stats = ing.run(until_idle_s=2.0, progress_s=5.0)
+        drain_s = time.perf_counter() - started - 2.0  # the idle wait is not work
+        lake = Lake(cfg.lake_dir)
+        rows = lake.read("sessions", columns=["event_id"]).num_rows
+        out["backlog"] = {
+            "records": records,
+            "sessions_in_lake": rows,
+            "ingest_s": round(drain_s, 2),
+            "records_per_s": round(stats["records"] / drain_s, 1),
+            "sessions_per_s": round(rows / drain_s, 1),
+            "raw_consumer_records_per_s": round(records / raw_s, 1),
+            "ratio_to_raw_consumer": round((stats["records"] / drain_s) / (records / raw_s), 4),
+            "flushes": stats["flushes"],
+            "flush_p50_s": stats["flush_p50_s"],
+        }
+        _say(f"backlog: {json.dumps(out['backlog'])}")
+
+        # Live: a producer at a fixed rate while the ingestor runs.
+        admin = KafkaAdminClient(bootstrap_servers=boot)
+        stop = threading.Event()
+        ing = Ingestor(cfg, 0, _say)
+        runner = threading.Thread(target=lambda: ing.run(stop, progress_s=10.0), daemon=True)
+        runner.start()
+        time.sleep(6)  # the group join
+        lags: list[int] = []
+        sent = 0
+        gen = sessions(int(args.rate * args.live_s) + 10, 1, int(time.time() * 1000), "l")
+        started = time.monotonic()
+        next_sample = started + 1.0
+        with EventProducer(boot) as prod:
+            for k, (imp, fbs) in enumerate(gen):
+                due = started + k / args.rate
+                while time.monotonic() < due:
+                    if time.monotonic() >= next_sample:
+                        lags.append(group_lag(admin, boot, cfg.ingest.group_id, list(TOPICS)))
+                        next_sample += 1.0
+                    time.sleep(0.005)
+                now = int(time.time() * 1000)
+                prod.send(imp.model_copy(update={"event_time_ms": now}))
+                for fb in fbs:
+                    prod.send(fb.model_copy(update={"event_time_ms": now + 1}))
+                sent += 1 + len(fbs)
+                if time.monotonic() - started >= args.live_s:
+                    break
+            prod.flush()
+        live_s = time.monotonic() - started
+        time.sleep(3)
+        stop.set()
+        runner.join(60)
+        live = ing.stats()
+        admin.close()
+        lags_sorted = sorted(lags) or [0]
+        out["live"] = {
+            "target_sessions_per_s": args.rate,
+            "records_sent": sent,
+            "seconds": round(live_s, 1),
+            "records_per_s_offered": round(sent / live_s, 1),
+            "lag_records_p50": lags_sorted[len(lags_sorted) // 2],
+            "lag_records_max": lags_sorted[-1],
+            "freshness_p50_ms": live["freshness_p50_ms"],
+            "freshness_p99_ms": live["freshness_p99_ms"],
+            "flush_p50_s": live["flush_p50_s"],
+            "batch": {"events": cfg.ingest.batch_events, "interval_s": cfg.ingest.flush_interval_s},
+        }
+        _say(f"live: {json.dumps(out['live'])}")
+    finally:
+        stack.down(_say)
+        shutil.rmtree(home, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
