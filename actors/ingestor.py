@@ -688,6 +688,7 @@ def stop_actors(cfg: StackConfig, say: Progress = print) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recloop ingest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="stack config or run file (YAML)")
+    parser.add_argument("--home", help="state folder (default .recloop)")
     parser.add_argument("--consumers", type=int, help="members of the consumer group")
     parser.add_argument("--detach", action="store_true", help="run as actors of the stack")
     parser.add_argument("--stop", action="store_true", help="stop the detached actors")
@@ -698,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from recloop.config import load_config
 
-    cfg = load_config(args.config, {"ingest.consumers": args.consumers})
+    cfg = load_config(args.config, {"ingest.consumers": args.consumers, "home": args.home})
 
     def say(m: str) -> None:
         print(f"[ingest {time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)

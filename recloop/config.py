@@ -193,7 +193,7 @@ class TrainLoopConfig:
     lr: float = 5e-4
     min_clicks: int = 3  # a session is high quality with this many clicks ...
     min_watch_s: float = 600.0  # ... or this much watch time, or a like or a follow
-    holdout_fraction: float = 0.1  # the newest sessions of a round: the gate's slice
+    holdout_fraction: float = 0.2  # the newest sessions of a round: the gate's slice
     tolerance: float = 0.02  # relative regression allowed on the held-out metric
     poll_s: float = 10.0
     checkpoint_every_steps: int = 50

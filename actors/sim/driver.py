@@ -158,9 +158,11 @@ def simulate(
     say: Progress = print,
     deploy: bool = True,
     overrides: dict[str, Any] | None = None,
+    learn: bool = True,
 ) -> dict[str, Any]:
     """Run the file's simulation against the running stack; returns the manifest.
-    ``overrides`` replace keys of the file's ``simulation:`` section."""
+    ``overrides`` replace keys of the file's ``simulation:`` section. With ``learn``
+    (default) the learning arms are trained during the run (``start_learning``)."""
     import ray
 
     from actors.sim.simulator import Population, schedule
@@ -187,7 +189,7 @@ def simulate(
     )
     if sim.seed_histories:
         seed_histories(cfg, pop, say)
-    learners = start_learning(cfg, run, say)
+    learners = start_learning(cfg, run, say) if learn else {}
 
     t0_ms = sim.start_ms if sim.start_ms is not None else int(time.time() * 1000)
     run_id = f"{run.experiment.name}-s{sim.seed}-{time.strftime('%Y%m%dT%H%M%S')}"

@@ -1,0 +1,179 @@
+"""Continuous training on the real stack's Ray: a synthetic lake (sessions cut from the
+generated data's sequences), the quick seed checkpoint serving arm ``online`` in a
+registry, and a round run by Ray Train (2 CPU workers, DDP over gloo), killed and resumed.
+
+Promotion here is registry-only (``promote_registry``): no Serve application is deployed
+by these tests, and the hot swap through Serve is covered by tests/integration/
+test_serving.py. The test has its own home (lake, registry, train state)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from recloop.config import StackConfig
+from recloop.lake import SCHEMAS, SESSIONS, Entry, Lake
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ARM = "online"
+T0 = 1_750_000_000_000
+
+
+def _sessions(seed_dir: Path, users: int = 120) -> list[dict]:
+    """Sessions of 5 served items after each 5th position of the users' sequences: the
+    sequence's next items (clicked) interleaved with popular items (not clicked)."""
+    from pipelines.data import synthetic
+    from pipelines.datasets import from_interaction_data
+
+    meta = json.loads((seed_dir / "config.json").read_text())
+    raw = meta["item_ids"]  # model id m -> data id raw[m - 1]
+    ds = from_interaction_data(synthetic(seed=0))
+    rows, k = [], 0
+    for u in sorted(ds.sequences)[:users]:
+        seq = [raw[m - 1] for m in ds.sequences[u]]
+        for p in range(5, len(seq) - 5, 5):
+            nxt = seq[p : p + 5]
+            clicks = (u + p) % 5  # 0..4 clicked: some sessions below min_clicks
+            items = nxt[:clicks] + [raw[(u * 7 + p + j) % 20] for j in range(5 - clicks)]
+            clicked = [j < clicks for j in range(5)]
+            arm = "control" if k % 7 == 0 else ARM  # other arms' traffic is in the lake too
+            rows.append(
+                {
+                    "event_id": f"ev-{k}",
+                    "request_id": f"rq-{k}",
+                    "user_id": u,
+                    "arm": arm,
+                    "model_version": "seed",
+                    "event_time_ms": T0 + 1000 * k,
+                    "history": seq[max(0, p - 50) : p],
+                    "items": items,
+                    "scores": [0.0] * 5,
+                    "feedback": [True] * 5,
+                    "clicked": clicked,
+                    "watch_time_s": [60.0 if c else 0.0 for c in clicked],
+                    "liked": [False] * 5,
+                    "followed": [False] * 5,
+                    "n_feedback": 5,
+                    "clicks": clicks,
+                    "session_watch_s": 60.0 * clicks,
+                    "likes": 0,
+                    "follows": 0,
+                    "last_feedback_ms": T0 + 1000 * k + 500,
+                    "record_ts_ms": int(time.time() * 1000) - 60_000 + k,
+                    "closed_by": "complete",
+                    "context": "{}",
+                }
+            )
+            k += 1
+    return rows
+
+
+def _commit(lake: Lake, rows: list[dict], writer: str, seq: int) -> Entry:
+    table = pa.Table.from_pylist(rows, schema=SCHEMAS[SESSIONS])
+    files = lake.write_files(SESSIONS, table, writer, seq)
+    entry = Entry(writer, seq, int(time.time() * 1000), files, {}, {"sessions": len(rows)})
+    lake.commit(entry)
+    return entry
+
+
+def _setup(ray_driver: StackConfig, seed_dir: Path, home: Path, **train) -> StackConfig:
+    """A config on the stack's Ray with its own home, a registry whose arm ``online``
+    serves the seed checkpoint, and a lake of three commits (two writers)."""
+    from serving.registry import ModelRegistry
+
+    values = dict(
+        arm=ARM,
+        workers=2,
+        cpus_per_worker=0.4,
+        min_sessions=100,
+        epochs=2,
+        batch_size=16,
+        checkpoint_every_steps=3,
+        holdout_fraction=0.3,  # a slice big enough for a steady metric
+        tolerance=0.2,  # the gate's strictness is unit-tested; here: a round end to end
+    )
+    values.update(train)
+    cfg = dataclasses.replace(
+        ray_driver,
+        home=home,
+        serve=dataclasses.replace(ray_driver.serve, registry_uri=None),
+        train=dataclasses.replace(ray_driver.train, **values),
+    )
+    reg = ModelRegistry(cfg.registry_uri)
+    reg.create_arm(ARM, ARM)
+    reg.promote(ARM, reg.publish(ARM, seed_dir, version="seed"))
+    rows = _sessions(seed_dir)
+    lake = Lake(cfg.lake_dir)
+    third = len(rows) // 3
+    _commit(lake, rows[:third], "ing-0", 1)
+    _commit(lake, rows[third : 2 * third], "ing-1", 1)
+    _commit(lake, rows[2 * third :], "ing-0", 2)
+    return cfg
+
+
+def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
+    ray_driver, synthetic_checkpoints, tmp_path, monkeypatch
+):
+    """One round on Ray Train with 2 workers, killed after its first checkpoint and run
+    again: it resumes from that checkpoint (not step 0), trains every example exactly
+    ``epochs`` times, publishes, passes the gate, is promoted, and the marks advance once.
+    (An uninterrupted round differs only by the missing restore; the unit tests run
+    whole rounds, crashes and gate rejections with the in-process trainer.)"""
+    from pipelines import continuous as ct
+    from serving.control import registry
+
+    cfg = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "home")
+    reg = registry(cfg)
+    # rank 0 calls os._exit(1) once the checkpoint of step >= 3 is registered
+    monkeypatch.setenv(ct.FAULT_ENV, "exit:3")
+    started = time.monotonic()
+    with pytest.raises(Exception) as info:
+        ct.run_round(cfg, promote=ct.promote_registry)
+    print(
+        f"killed attempt after {time.monotonic() - started:.1f} s: "
+        f"{type(info.value).__name__}: {str(info.value)[:200]}"
+    )
+    monkeypatch.delenv(ct.FAULT_ENV)
+    state = ct.load_state(cfg)
+    ip = state["in_progress"]
+    assert state["marks"] == {} and ip is not None and ip["phase"] == "training"
+    assert reg.current(ARM) == "seed" and reg.versions(ARM) == ["seed"]
+    assert any((ct.train_dir(cfg) / "ray" / ip["run"]).glob("ckpt-*"))
+
+    started = time.monotonic()
+    rec = ct.run_round(cfg, promote=ct.promote_registry)  # the restarted trainer
+    print(json.dumps({k: v for k, v in rec.items() if k != "gate"}, indent=1))
+    print(json.dumps(rec["gate"], indent=1))
+    print(f"resumed round in {time.monotonic() - started:.1f} s")
+    # the same round: same entries, base and Ray Train run
+    assert rec["round"] == 1 and rec["run"] == ip["run"] and rec["base_version"] == "seed"
+    assert rec["commits"] == len(ip["entries"]) == 3
+    starts = [a["start_global_step"] for a in rec["attempts"]]
+    assert starts[0] == 0 and starts[-1] == rec["resumed_from_step"] >= 3, rec["attempts"]
+    assert rec["workers"] == 2 and all(a["world"] == 2 for a in rec["attempts"])
+    # every example trained exactly `epochs` times over both attempts (the trainer also
+    # checks the per-example counts): nothing skipped, nothing repeated
+    assert rec["trained_examples"] == rec["train_examples"] * cfg.train.epochs
+    assert 0 < rec["hq_sessions"] < rec["policy_sessions"] < rec["sessions"]  # policy, quality
+    # published and promoted; its meta says what it learned from
+    assert rec["status"] == "promoted" and rec["promoted"], rec["gate"]
+    assert rec["version"] in reg.versions(ARM) and reg.current(ARM) == rec["version"]
+    marks = {"ing-0": 2, "ing-1": 1}
+    meta = json.loads((reg.fetch(ARM, rec["version"]) / "config.json").read_text())
+    assert meta["lake_marks"] == marks and meta["base_version"] == "seed" and meta["round"] == 1
+    assert meta["newest_feedback_ms"] and meta["newest_record_ts_ms"]
+    # the marks advanced exactly once
+    state = ct.load_state(cfg)
+    assert state["marks"] == marks and state["round"] == 1 and state["in_progress"] is None
+    assert [r["round"] for r in ct.read_rounds(cfg)] == [1]
+    assert not (ct.train_dir(cfg) / "ray" / rec["run"]).exists()  # cleaned up
+    assert ct.run_round(cfg, promote=ct.promote_registry) is None  # no new data
+    fresh = ct.freshness(cfg)
+    assert fresh["version"] == rec["version"] and fresh["event_time_lag_s"] == 0
+    assert 0 < fresh["feedback_to_serving_s"] < 900

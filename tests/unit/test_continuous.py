@@ -1,0 +1,488 @@
+"""Continuous training without a cluster: the data policy, example building, entry
+selection, the worker loop's resume, the promotion gate, and whole rounds with the
+in-process trainer (Ray Train itself: tests/integration/test_training.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipelines import continuous as ct
+from pipelines.gate import gate
+from recloop.config import load_config
+from recloop.lake import SCHEMAS, SESSIONS, Entry, Lake
+
+torch.set_num_threads(1)
+
+N_ITEMS = 40
+RAW = [1000 + 7 * i for i in range(N_ITEMS)]  # data item id of model item i + 1
+
+
+def _session(i: int, *, arm="online", t=None, history=(), items=(), clicked=(), **kw) -> dict:
+    items = list(items)
+    clicked = list(clicked) or [False] * len(items)
+    row = {
+        "event_id": f"ev-{i:05d}",
+        "request_id": f"rq-{i:05d}",
+        "user_id": i % 17,
+        "arm": arm,
+        "model_version": "v0",
+        "event_time_ms": 1_700_000_000_000 + 1000 * i if t is None else t,
+        "history": list(history),
+        "items": items,
+        "scores": [0.0] * len(items),
+        "feedback": [True] * len(items),
+        "clicked": clicked,
+        "watch_time_s": [30.0 if c else 0.0 for c in clicked],
+        "liked": [False] * len(items),
+        "followed": [False] * len(items),
+        "n_feedback": len(items),
+        "clicks": sum(clicked),
+        "session_watch_s": 30.0 * sum(clicked),
+        "likes": 0,
+        "follows": 0,
+        "last_feedback_ms": 1_700_000_000_000 + 1000 * i + 500,
+        "record_ts_ms": 1_800_000_000_000 + i,
+        "closed_by": "complete",
+        "context": "{}",
+    }
+    row.update(kw)
+    return row
+
+
+def _commit(lake: Lake, rows: list[dict], writer: str, seq: int, at: int | None = None) -> Entry:
+    table = pa.Table.from_pylist(rows, schema=SCHEMAS[SESSIONS])
+    files = lake.write_files(SESSIONS, table, writer, seq)
+    entry = Entry(writer, seq, at if at is not None else seq, files, {}, {"sessions": len(rows)})
+    lake.commit(entry)
+    return entry
+
+
+# ------------------------------------------------------------------------------ data policy
+def test_high_quality_sessions_follow_onerec_3_2_on_our_signals():
+    ok = dict(min_clicks=3, min_watch_s=600.0)
+    assert ct.is_high_quality({"clicks": 3, "session_watch_s": 0.0}, **ok)
+    assert ct.is_high_quality({"clicks": 0, "session_watch_s": 600.0}, **ok)
+    assert ct.is_high_quality({"clicks": 1, "likes": 1}, **ok)
+    assert ct.is_high_quality({"clicks": 1, "follows": 2}, **ok)
+    assert not ct.is_high_quality({"clicks": 2, "session_watch_s": 599.0}, **ok)
+    assert not ct.is_high_quality({"clicks": 0, "likes": 0, "follows": 0}, **ok)
+    rows = [{"arm": "online", "clicks": 3}, {"arm": "control", "clicks": 5}, {"arm": "online"}]
+    assert ct.policy_sessions(rows, "online") == [rows[0], rows[2]]
+    assert ct.policy_sessions(rows, "online", pooled=True) == rows
+    assert ct.quality_sessions(ct.policy_sessions(rows, "online"), **ok) == [rows[0]]
+
+
+def test_examples_map_ids_target_the_clicked_items_and_hold_out_the_newest():
+    unknown = 5
+    rows = [
+        # newest first on purpose: examples come out in event-time order
+        _session(3, t=3000, history=[RAW[0]], items=[RAW[9], RAW[8]], clicked=[True, True]),
+        _session(
+            1,
+            t=1000,
+            history=[RAW[3], unknown, RAW[4], RAW[5], RAW[6], RAW[7]],  # 5 known, keep 4
+            items=[RAW[10], unknown, RAW[11], RAW[12], RAW[13], RAW[14]],
+            clicked=[False, True, True, True, True, True],  # unknown clicked: dropped
+        ),
+        _session(2, t=2000, history=[RAW[1]], items=[RAW[2], RAW[3]], clicked=[False, False]),
+        _session(4, t=4000, history=[], items=[RAW[20]], clicked=[True]),
+    ]
+    ex = ct.build_examples(rows, RAW, max_history=4, session_len=3, holdout_fraction=0.34)
+    assert len(ex) == 3  # the session without a click gives none
+    assert ex.event_time_ms.tolist() == [1000, 3000, 4000]
+    assert ex.histories.tolist() == [[5, 6, 7, 8], [0, 0, 0, 1], [0, 0, 0, 0]]
+    assert ex.targets.tolist() == [[12, 13, 14], [10, 9, 0], [21, 0, 0]]
+    assert ex.holdout.tolist() == [False, False, True]  # int(3 * 0.34) = 1, the newest
+    h, t = ex.train_part()
+    assert t.tolist() == [[12, 13, 14], [10, 9, 0]]
+    assert ex.holdout_raw(RAW) == [{"history": [], "items": [RAW[20]]}]
+    # at least one held out once there are two examples, never all of them
+    two = ct.build_examples(rows[:2], RAW, 4, 3, holdout_fraction=0.01)
+    assert two.holdout.tolist() == [False, True]
+    assert ct.build_examples(rows[:2], RAW, 4, 3, holdout_fraction=0.99).holdout.sum() == 1
+
+
+def test_examples_round_trip_through_safetensors(tmp_path):
+    rows = [_session(i, history=[RAW[i]], items=[RAW[i + 1]], clicked=[True]) for i in range(5)]
+    ex = ct.build_examples(rows, RAW, 4, 3, 0.2)
+    path = tmp_path / "r1" / "examples.safetensors"
+    ex.save(path, {"round": 1})
+    back = ct.SessionExamples.load(path)
+    for f in ("histories", "targets", "event_time_ms", "holdout"):
+        assert torch.equal(getattr(back, f), getattr(ex, f))
+    assert json.loads(path.with_suffix(".json").read_text()) == {"round": 1}
+
+
+# ------------------------------------------------------------------------------ entries
+def test_entry_selection_respects_max_sessions_marks_and_writer_order(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    rows = lambda k, n: [_session(100 * k + i) for i in range(n)]  # noqa: E731
+    # writer a: seq 1 (3 sessions), 2 (4); writer b: seq 1 (2), 2 (5): commit times interleave
+    _commit(lake, rows(1, 3), "a", 1, at=10)
+    _commit(lake, rows(2, 2), "b", 1, at=20)
+    _commit(lake, rows(3, 4), "a", 2, at=30)
+    _commit(lake, rows(4, 5), "b", 2, at=40)
+    new = lake.new_entries({})
+    taken, capped = ct.select_entries(new, max_sessions=9)
+    assert [(e.writer, e.seq) for e in taken] == [("a", 1), ("b", 1), ("a", 2)] and capped
+    marks = Lake.advance({}, taken)
+    assert marks == {"a": 2, "b": 1}
+    rest, capped = ct.select_entries(lake.new_entries(marks), max_sessions=9)
+    assert [(e.writer, e.seq) for e in rest] == [("b", 2)] and not capped
+    # an entry bigger than max_sessions is still taken whole (alone): never a stall
+    big, capped = ct.select_entries(new, max_sessions=2)
+    assert [(e.writer, e.seq) for e in big] == [("a", 1)] and capped
+    # a writer's entries go in sequence order even if its clock went backwards
+    skew = [
+        Entry("w", 2, 5, [{"table": SESSIONS, "rows": 1}], {}, {}),
+        Entry("w", 1, 9, [{"table": SESSIONS, "rows": 1}], {}, {}),
+    ]
+    taken, _ = ct.select_entries(skew, max_sessions=1)
+    assert [(e.writer, e.seq) for e in taken] == [("w", 1)]
+    # orphans do not count toward the cap
+    orphan_only = Entry("o", 1, 1, [{"table": "orphans", "rows": 99}], {}, {})
+    assert ct.session_rows(orphan_only) == 0
+
+
+def test_epoch_schedule_gives_every_example_once_and_every_rank_the_same_steps():
+    for n, world, b in [(10, 2, 3), (11, 2, 4), (9, 2, 4), (7, 1, 3), (2, 2, 8), (13, 3, 2)]:
+        sched = ct.epoch_schedule(n, world, b)
+        perm = ct.epoch_permutation(n, 0, 1, 0)
+        seen = []
+        for lo, hi in sched:
+            parts = [perm[lo:hi][r::world].tolist() for r in range(world)]
+            assert all(parts), (n, world, b, sched)  # no rank idles: DDP needs all ranks
+            seen += sum(parts, [])
+        assert sorted(seen) == list(range(n))
+    with pytest.raises(ValueError):
+        ct.epoch_schedule(1, 2, 4)
+    assert torch.equal(ct.epoch_permutation(50, 0, 3, 1), ct.epoch_permutation(50, 0, 3, 1))
+    assert not torch.equal(ct.epoch_permutation(50, 0, 3, 1), ct.epoch_permutation(50, 0, 3, 2))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    from models.onerec import OneRec, OneRecConfig
+    from models.tokenizer import SemanticIdTokenizer, TokenizerConfig
+    from pipelines.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    cfg = OneRecConfig(
+        levels=3,
+        codebook_size=8,
+        session_len=3,
+        max_history=8,
+        dim=16,
+        heads=2,
+        enc_layers=1,
+        dec_layers=1,
+        ffn_hidden=32,
+        moe_experts=2,
+        moe_top_k=1,
+        item_vocab=N_ITEMS + 1,
+        next_item_weight=1.0,
+    )
+    tok = SemanticIdTokenizer.fit(
+        torch.randn(N_ITEMS, 8),
+        list(range(1, N_ITEMS + 1)),
+        TokenizerConfig(levels=3, codebook_size=8, seed=0),
+    )
+    meta = {"item_ids": RAW, "data": {"name": "unit"}}
+    return save_checkpoint(path, OneRec(cfg).eval(), tok, meta)
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory) -> Path:
+    return _tiny_checkpoint(tmp_path_factory.mktemp("base") / "base")
+
+
+def _holdout_the_base_likes(base: Path, n: int = 6) -> list[dict]:
+    """Held-out sessions whose engaged items are the base model's own top picks: the base
+    scores NDCG@10 = 1 on them."""
+    from serving.app import LoadedModel
+
+    m = LoadedModel.load(str(base), "base")
+    out = []
+    for u in range(n):
+        hist = [RAW[(u * 5 + j) % N_ITEMS] for j in range(3)]
+        h = [m.to_model[i] for i in hist]
+        s = m.ranker.score([h], None)[0]
+        s[0] = float("-inf")
+        s[h] = float("-inf")
+        top = s.topk(2).indices.tolist()
+        out.append({"history": hist, "items": [m.to_data[i] for i in top]})
+    return out
+
+
+def _variant(base: Path, out: Path, edit) -> Path:
+    import shutil
+
+    shutil.copytree(base, out)
+    w = load_file(str(out / "model.safetensors"))
+    edit(w)
+    save_file(w, str(out / "model.safetensors"))
+    return out
+
+
+def test_gate_passes_an_identical_model(base_ckpt, tmp_path):
+    holdout = _holdout_the_base_likes(base_ckpt)
+    same = _variant(base_ckpt, tmp_path / "same", lambda w: None)
+    r = gate(same, base_ckpt, holdout, tolerance=0.02)
+    assert r.passed, r.reason
+    assert r.metrics["candidate_ndcg@10"] == pytest.approx(1.0)
+    assert r.metrics["base_ndcg@10"] == pytest.approx(1.0)
+    assert r.metrics["served_items"] >= 1
+    json.dumps(r.to_json(), allow_nan=False)  # goes into rounds.jsonl as is
+
+
+def test_gate_rejects_non_finite_weights(base_ckpt, tmp_path):
+    def nan(w):
+        w["head.weight"][0, 0] = float("nan")
+
+    bad = _variant(base_ckpt, tmp_path / "nan", nan)
+    r = gate(bad, base_ckpt, _holdout_the_base_likes(base_ckpt), tolerance=1.0)
+    assert not r.passed and "non-finite" in r.reason
+
+
+def test_gate_rejects_a_regression_beyond_the_tolerance(base_ckpt, tmp_path):
+    def blind(w):  # every item scores the same: pessimistic ranks, NDCG 0
+        w["head.weight"].zero_()
+
+    holdout = _holdout_the_base_likes(base_ckpt)
+    worse = _variant(base_ckpt, tmp_path / "worse", blind)
+    r = gate(worse, base_ckpt, holdout, tolerance=0.02)
+    assert not r.passed and "below the base" in r.reason, r.reason
+    assert r.metrics["candidate_ndcg@10"] == 0.0 and r.metrics["base_ndcg@10"] > 0.9
+    # the same candidate within a (very) generous tolerance passes: the check is relative
+    assert gate(worse, base_ckpt, holdout, tolerance=1.0).passed
+
+
+# ------------------------------------------------------------------------------ worker loop
+def _worker_conf(base: Path, **kw) -> dict:
+    g = torch.Generator().manual_seed(0)
+    n = 30
+    hist = torch.randint(1, N_ITEMS + 1, (n, 8), generator=g)
+    hist[:5, :4] = 0  # some short histories
+    tgt = torch.randint(1, N_ITEMS + 1, (n, 3), generator=g)
+    tgt[::4, 2] = 0
+    conf = dict(
+        round=1,
+        seed=0,
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        weight_decay=0.01,
+        torch_threads=1,
+        checkpoint_every_steps=3,
+        model_dir=str(base),
+        histories=hist,
+        targets=tgt,
+        fault=None,
+    )
+    conf.update(kw)
+    return conf
+
+
+def test_a_resumed_worker_continues_where_it_stopped_and_matches_an_unbroken_run(
+    base_ckpt, tmp_path
+):
+    straight = ct.LocalIO(tmp_path / "straight")
+    straight.root.mkdir()
+    ct.train_worker(_worker_conf(base_ckpt), straight)
+    full = ct.read_train_checkpoint(straight.latest())
+
+    broken = ct.LocalIO(tmp_path / "broken")
+    broken.root.mkdir()
+    with pytest.raises(ct.InjectedFault):
+        ct.train_worker(_worker_conf(base_ckpt, fault={"action": "raise", "after_step": 4}), broken)
+    first = ct.read_train_checkpoint(broken.latest())
+    assert (
+        first["state"]["global_step"] == 6
+    )  # the checkpoint at step 6 (every 3) is the first >= 4
+    ct.train_worker(_worker_conf(base_ckpt, fault={"action": "raise", "after_step": 4}), broken)
+    resumed = ct.read_train_checkpoint(broken.latest())
+
+    steps = len(ct.epoch_schedule(30, 1, 4))
+    assert resumed["state"]["global_step"] == full["state"]["global_step"] == 2 * steps
+    assert [a["start_global_step"] for a in resumed["state"]["attempts"]] == [0, 6]
+    assert resumed["trained"].tolist() == [2] * 30  # every example exactly once per epoch
+    for k, v in full["weights"].items():  # same data order, dropout and AdamW state
+        assert torch.equal(v, resumed["weights"][k]), k
+    assert [e["ntp_loss"] for e in resumed["state"]["epochs"]] == pytest.approx(
+        [e["ntp_loss"] for e in full["state"]["epochs"]]
+    )
+
+
+def test_a_worker_resumed_after_its_last_step_hands_on_the_final_checkpoint(base_ckpt, tmp_path):
+    io = ct.LocalIO(tmp_path / "run")
+    io.root.mkdir()
+    total = 2 * len(ct.epoch_schedule(30, 1, 4))
+    fault = {"action": "raise", "after_step": total}
+    with pytest.raises(ct.InjectedFault):
+        ct.train_worker(_worker_conf(base_ckpt, fault=fault), io)
+    done = ct.read_train_checkpoint(io.latest())
+    ct.train_worker(_worker_conf(base_ckpt, fault=fault), io)  # nothing left to train
+    final = ct.read_train_checkpoint(io.latest())
+    assert io.latest().name.endswith("-final")
+    assert final["state"]["global_step"] == done["state"]["global_step"] == total
+    assert final["trained"].tolist() == [2] * 30
+    for k, v in done["weights"].items():
+        assert torch.equal(v, final["weights"][k]), k
+
+
+def test_the_optimizer_state_survives_safetensors_and_json(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    ct._save_optimizer(opt, tmp_path)
+    opt2 = torch.optim.AdamW(model.parameters(), lr=0.5)
+    ct._load_optimizer(opt2, tmp_path)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"] == 0.1
+    for i, st in a["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][i][k]))
+
+
+# ------------------------------------------------------------------------------ whole rounds
+def _stack(tmp_path: Path, base: Path, **train):
+    from serving.registry import ModelRegistry
+
+    values = dict(
+        min_sessions=20, max_sessions=1000, epochs=2, batch_size=8, workers=1,
+        checkpoint_every_steps=3, tolerance=1.0, min_clicks=2,
+    )  # fmt: skip
+    values.update(train)
+    cfg = load_config(
+        overrides={"home": str(tmp_path / "home"), **{f"train.{k}": v for k, v in values.items()}},
+        env={},
+    )
+    reg = ModelRegistry(cfg.registry_uri)
+    reg.create_arm("online", "online")
+    reg.promote("online", reg.publish("online", base, version="seed"))
+    return cfg, reg
+
+
+def _traffic(lake: Lake, writer: str, seq: int, start: int, n: int) -> Entry:
+    rows = []
+    for i in range(start, start + n):
+        hist = [RAW[(i + j) % N_ITEMS] for j in range(4)]
+        items = [RAW[(i + 5 + j) % N_ITEMS] for j in range(4)]
+        clicked = [j < (i % 4) for j in range(4)]  # 0..3 clicks: some below min_clicks
+        arm = "control" if i % 5 == 0 else "online"
+        rows.append(_session(i, arm=arm, history=hist, items=items, clicked=clicked))
+    return _commit(lake, rows, writer, seq, at=seq)
+
+
+def test_a_round_trains_publishes_gates_promotes_and_advances_the_marks(base_ckpt, tmp_path):
+    cfg, reg = _stack(tmp_path, base_ckpt)
+    lake = Lake(cfg.lake_dir)
+    assert ct.run_round(cfg, trainer=ct.local_train) is None  # empty lake
+    _traffic(lake, "ing-0", 1, 0, 20)
+    msgs: list[str] = []
+    assert ct.run_round(cfg, msgs.append, trainer=ct.local_train) is None  # too few yet
+    assert "waiting for data" in msgs[-1] and ct.load_state(cfg)["marks"] == {}
+    _traffic(lake, "ing-0", 2, 20, 40)
+    rec = ct.run_round(cfg, msgs.append, promote=ct.promote_registry, trainer=ct.local_train)
+    assert rec["status"] == "promoted" and rec["round"] == 1, rec
+    assert reg.current("online") == rec["version"] != "seed"
+    # own-arm, clicks >= 2: i % 4 in (2, 3) and i % 5 != 0
+    want = sum(1 for i in range(60) if i % 4 >= 2 and i % 5 != 0)
+    assert rec["sessions"] == 60 and rec["hq_sessions"] == want
+    assert rec["examples"] == want and rec["train_examples"] + rec["holdout_examples"] == want
+    assert rec["trained_examples"] == rec["train_examples"] * 2
+    meta = json.loads((reg.fetch("online", rec["version"]) / "config.json").read_text())
+    assert meta["lake_marks"] == {"ing-0": 2} and meta["base_version"] == "seed"
+    assert meta["item_ids"] == RAW and meta["round"] == 1
+    assert meta["newest_record_ts_ms"] == 1_800_000_000_000 + 59
+    state = ct.load_state(cfg)
+    assert state["marks"] == {"ing-0": 2} and state["in_progress"] is None
+    assert [r["round"] for r in ct.read_rounds(cfg)] == [1]
+    assert ct.run_round(cfg, trainer=ct.local_train) is None  # nothing new
+    fresh = ct.freshness(cfg)
+    assert fresh["version"] == rec["version"] and fresh["feedback_to_serving_s"] is not None
+    assert fresh["event_time_lag_s"] == 0
+    assert fresh["newest_feedback_ms"] == 1_700_000_000_000 + 1000 * 59 + 500
+
+
+def test_the_cli_reports_freshness(base_ckpt, tmp_path, capsys):
+    cfg, reg = _stack(tmp_path, base_ckpt)
+    assert ct.main(["--home", str(cfg.home), "--freshness"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["arm"] == "online" and out["version"] == "seed"
+    assert out["newest_feedback_ms"] is None  # the seed learned from no feedback
+
+
+def test_a_crashed_round_resumes_with_the_same_entries_and_advances_the_marks_once(
+    base_ckpt, tmp_path, monkeypatch
+):
+    cfg, reg = _stack(tmp_path, base_ckpt, max_sessions=50, min_sessions=10)
+    lake = Lake(cfg.lake_dir)
+    _traffic(lake, "ing-0", 1, 0, 40)
+    monkeypatch.setenv(ct.FAULT_ENV, "raise:2")
+    with pytest.raises(ct.InjectedFault):
+        ct.run_round(cfg, promote=ct.promote_registry, trainer=ct.local_train)
+    monkeypatch.delenv(ct.FAULT_ENV)
+    state = ct.load_state(cfg)
+    ip = state["in_progress"]
+    assert state["marks"] == {} and ip["entries"] == [["ing-0", 1]] and ip["phase"] == "training"
+    _traffic(lake, "ing-0", 2, 40, 40)  # new data meanwhile: not part of the round
+    # a restart with other settings still replays the round's plan (same batches, steps)
+    changed = dataclasses.replace(cfg.train, epochs=5, batch_size=3)
+    rec = ct.run_round(
+        dataclasses.replace(cfg, train=changed),
+        promote=ct.promote_registry,
+        trainer=ct.local_train,
+    )
+    assert rec["epochs"] == 2 and len(rec["losses"]) == 2
+    assert rec["round"] == 1 and rec["commits"] == 1 and rec["sessions"] == 40
+    starts = [a["start_global_step"] for a in rec["attempts"]]
+    assert starts[0] == 0 and starts[1] == rec["resumed_from_step"] >= 2  # not step 0
+    assert rec["trained_examples"] == rec["train_examples"] * cfg.train.epochs
+    assert ct.load_state(cfg)["marks"] == {"ing-0": 1}
+    rec2 = ct.run_round(cfg, promote=ct.promote_registry, trainer=ct.local_train)
+    assert rec2["round"] == 2 and rec2["lake_marks"] == {"ing-0": 2}
+    assert [r["round"] for r in ct.read_rounds(cfg)] == [1, 2]
+    assert reg.current("online") == rec2["version"]
+
+
+def test_bad_weights_are_never_promoted(base_ckpt, tmp_path):
+    cfg, reg = _stack(tmp_path, base_ckpt)
+    _traffic(Lake(cfg.lake_dir), "ing-0", 1, 0, 60)
+
+    def poisoned(cfg, conf, run, workers):
+        out = ct.local_train(cfg, conf, run, workers)
+        out["weights"]["head.weight"][0, 0] = float("nan")
+        return out
+
+    rec = ct.run_round(cfg, promote=ct.promote_registry, trainer=poisoned)
+    assert rec["status"] == "rejected" and not rec["promoted"] and rec["version"] is None
+    assert "non-finite" in rec["gate"]["reason"]
+    assert reg.current("online") == "seed"
+    assert ct.load_state(cfg)["marks"] == {"ing-0": 1}  # consumed: the next round moves on
+
+
+def test_a_regressing_round_stays_published_but_is_recorded_as_rejected(base_ckpt, tmp_path):
+    cfg, reg = _stack(tmp_path, base_ckpt)
+    # half held out: the base surely ranks some engaged item in its top 10
+    train = dataclasses.replace(cfg.train, tolerance=0.0, holdout_fraction=0.5)
+    cfg = dataclasses.replace(cfg, train=train)
+    _traffic(Lake(cfg.lake_dir), "ing-0", 1, 0, 60)
+
+    def blind(cfg, conf, run, workers):
+        out = ct.local_train(cfg, conf, run, workers)
+        out["weights"]["head.weight"].zero_()
+        return out
+
+    rec = ct.run_round(cfg, promote=ct.promote_registry, trainer=blind)
+    assert rec["status"] == "rejected" and rec["version"] in reg.versions("online")
+    assert reg.current("online") == "seed"
+    assert ct.load_state(cfg)["rounds"][-1]["gate"]["passed"] is False
