@@ -101,7 +101,7 @@ def raw_read(bootstrap: str, topics: list[str], expected: int) -> float:
 def group_lag(admin: Any, bootstrap: str, group: str, topics: list[str]) -> int:
     from recloop.kafka_io import end_offsets
 
-    committed = admin.list_consumer_group_offsets(group)
+    committed = admin.list_group_offsets({group: None}).get(group, {})
     lag = 0
     for t in topics:
         for p, end in end_offsets(bootstrap, t).items():
