@@ -100,6 +100,7 @@ class Ingestor:
         self.freshness_ms: deque[float] = deque(maxlen=20_000)
         self.flush_s: deque[float] = deque(maxlen=1000)
         self.retired = Counters()  # counters of partitions given away
+        self.last_lag: dict[str, int] = {}
         self.last_error: str | None = None
         self._store: Any = None
         self._consumer: Any = None
@@ -522,7 +523,7 @@ class Ingestor:
             "dead_lettered": dlq,
             **vars(counters),
             "open_sessions": sum(len(st.open) for st in self.states.values()),
-            "lag": self.lag(),
+            "lag": self.last_lag,  # measured by the consuming thread (see run)
             "freshness_p50_ms": _pct(fresh, 0.5),
             "freshness_p99_ms": _pct(fresh, 0.99),
             "flush_p50_s": _pct(list(self.flush_s), 0.5),
@@ -577,15 +578,20 @@ class Ingestor:
                         if stop.wait(backoff):
                             break
                         backoff = min(30.0, backoff * 2)
-                if progress_s and time.monotonic() - last_progress >= progress_s:
+                if time.monotonic() - last_progress >= (progress_s or 5.0):
+                    # The consumer is not thread-safe: lag is measured here, in the
+                    # consuming thread, and ``stats`` (any thread) reports the last one.
                     last_progress = time.monotonic()
-                    self.say(self.progress_line())
+                    self.last_lag = self.lag()
+                    if progress_s:
+                        self.say(self.progress_line())
                 if (
                     until_idle_s is not None
                     and self.states  # assigned: the group join takes a few seconds
                     and time.monotonic() - last_record >= until_idle_s
                     and not sum(self.lag().values())
                 ):
+                    self.last_lag = self.lag()
                     self.flush(force=True)
                     if not any(st.open or st.waiting for st in self.states.values()):
                         break
@@ -664,25 +670,46 @@ def start_actors(cfg: StackConfig, say: Progress = print) -> list[Any]:
     return out
 
 
-def stop_actors(cfg: StackConfig, say: Progress = print) -> int:
+def running_actors(cfg: StackConfig) -> dict[str, Any]:
+    """The stack's ingestor actors that exist now, by name."""
     import ray
 
     from recloop.ray_head import connect
 
     connect(cfg)
-    n = 0
+    found = {}
     for i in range(64):
         try:
-            a = ray.get_actor(actor_name(i))
+            found[actor_name(i)] = ray.get_actor(actor_name(i))
         except ValueError:
             continue
+    return found
+
+
+def stop_actors(cfg: StackConfig, say: Progress = print) -> int:
+    import ray
+
+    actors = running_actors(cfg)
+    for name, a in actors.items():
         try:
             ray.get(a.stop.remote(), timeout=30)
         finally:
             ray.kill(a)
-        n += 1
-        say(f"stopped {actor_name(i)}")
-    return n
+        say(f"stopped {name}")
+    return len(actors)
+
+
+def status(cfg: StackConfig) -> dict[str, Any]:
+    """Each running ingestor actor's metrics (lag, records/s, freshness) and the lake."""
+    import ray
+
+    actors = {}
+    for name, a in running_actors(cfg).items():
+        try:
+            actors[name] = ray.get(a.stats.remote(), timeout=30)
+        except Exception as exc:
+            actors[name] = {"error": repr(exc)[:300]}
+    return {"actors": actors, "lake": Lake(cfg.lake_dir).summary()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -692,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--consumers", type=int, help="members of the consumer group")
     parser.add_argument("--detach", action="store_true", help="run as actors of the stack")
     parser.add_argument("--stop", action="store_true", help="stop the detached actors")
+    parser.add_argument(
+        "--status", action="store_true", help="the running actors' metrics and the lake"
+    )
     parser.add_argument("--until-idle", type=float, help="stop after this many idle seconds")
     parser.add_argument("--index", type=int, default=0, help="this consumer's index")
     parser.add_argument("--json", help="write the final stats to this file")
@@ -706,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.stop:
         stop_actors(cfg, say)
+        return 0
+    if args.status:
+        print(json.dumps(status(cfg), indent=2, default=str))
         return 0
     if args.detach:
         start_actors(cfg, say)

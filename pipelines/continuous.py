@@ -83,7 +83,7 @@ from typing import Any
 import torch
 
 from recloop.config import StackConfig
-from recloop.lake import SESSIONS, Entry, Lake, write_atomic
+from recloop.lake import SESSIONS, Entry, Lake, write_atomic, write_with
 
 Progress = Callable[[str], None]
 PromoteFn = Callable[[StackConfig, str, str, Progress], Any]
@@ -293,23 +293,13 @@ class SessionExamples:
     def save(self, path: Path, meta: dict) -> None:
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
         tensors = {
             "histories": self.histories.contiguous(),
             "targets": self.targets.contiguous(),
             "event_time_ms": self.event_time_ms.contiguous(),
             "holdout": self.holdout.to(torch.uint8).contiguous(),
         }
-        try:
-            save_file(tensors, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_with(path, lambda tmp: save_file(tensors, tmp))
         write_atomic(path.with_suffix(".json"), json.dumps(_plain(meta), indent=1).encode())
 
     @classmethod

@@ -27,7 +27,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,28 +110,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` so that it is either absent or complete, and durable once returned."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_parquet_atomic(path: Path, table: pa.Table) -> None:
+def write_with(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp_name)`` a hidden sibling, fsync it, rename it to ``path``: the file
+    is either absent or complete, and durable once this returns."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -139,6 +125,14 @@ def write_parquet_atomic(path: Path, table: pa.Table) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    write_with(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_parquet_atomic(path: Path, table: pa.Table) -> None:
+    write_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def hour_partition(event_time_ms: int) -> str:

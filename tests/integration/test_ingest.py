@@ -205,3 +205,60 @@ def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path) -> Non
                 it for q in rows[:k] for it, c in zip(q["items"], q["clicked"], strict=True) if c
             ]
             assert r["history"] == before[-cfg.ingest.history_len :]
+
+
+def test_two_consumers_split_the_partitions(stack: StackConfig, tmp_path: Path) -> None:
+    """Two members of one group: each owns some partitions, and the lake holds every
+    session once."""
+    import threading
+
+    from actors.ingestor import Ingestor
+    from recloop.kafka_io import EventProducer
+
+    prefix = f"two-{uuid.uuid4().hex[:8]}"
+    cfg = dataclasses.replace(
+        stack,
+        ingest=dataclasses.replace(
+            stack.ingest,
+            group_id=f"ingest-{prefix}",
+            lake_dir=tmp_path / "lake",
+            flush_interval_s=0.3,
+            max_wait_s=2.0,
+            progress_s=0,
+        ),
+    )
+    users = range(920_000, 920_030)
+    t0 = int(time.time() * 1000) - 600_000
+    expected = {}
+    with EventProducer(cfg.kafka.bootstrap) as prod:
+        for u in users:
+            imp, fbs = _session(prefix, u, 0, t0 + u % 1000)
+            expected[imp.request_id] = imp
+            prod.send(imp)
+            for fb in fbs:
+                prod.send(fb)
+        prod.flush()
+
+    members = [Ingestor(cfg, i, print) for i in range(2)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=m.run, args=(stop,), daemon=True) for m in members]
+    for t in threads:
+        t.start()
+    lake = Lake(cfg.lake_dir)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        table = lake.read(SESSIONS, columns=["request_id"])
+        got = [r for r in table.column("request_id").to_pylist() if r.startswith(prefix)]
+        if len(got) >= len(expected):
+            break
+        time.sleep(1)
+    time.sleep(2)  # the last flushes
+    stop.set()
+    for t in threads:
+        t.join(60)
+    owned = [set(m.states) for m in members]
+    assert owned[0] and owned[1] and not owned[0] & owned[1], owned
+    table = lake.read(SESSIONS, columns=["request_id"])
+    got = [r for r in table.column("request_id").to_pylist() if r.startswith(prefix)]
+    assert sorted(got) == sorted(expected)  # each once, whoever owned it
+    assert {e.writer for e in lake.entries()} == {"ingestor-0", "ingestor-1"}
