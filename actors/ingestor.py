@@ -101,6 +101,7 @@ class Ingestor:
         self.flush_s: deque[float] = deque(maxlen=1000)
         self.retired = Counters()  # counters of partitions given away
         self.last_lag: dict[str, int] = {}
+        self.assigned: list[int] = []  # partitions of the latest assignment
         self.last_error: str | None = None
         self._store: Any = None
         self._consumer: Any = None
@@ -195,6 +196,7 @@ class Ingestor:
         self.say(f"{self.writer}: gave up partition(s) {sorted(parts)}")
 
     def _on_assigned(self, assigned) -> None:
+        self.assigned = sorted({tp.partition for tp in assigned})
         by_part: dict[int, dict[str, Any]] = {}
         for tp in assigned:
             by_part.setdefault(tp.partition, {})[tp.topic] = tp

@@ -85,6 +85,7 @@ def main() -> int:
     ap.add_argument("--run-file", type=Path, default=RUN_FILE)
     ap.add_argument("--max-sessions", type=int, help="override the run file's horizon")
     ap.add_argument("--speedup", type=float, help="override the run file's speed-up")
+    ap.add_argument("--seed", type=int, help="override the run file's simulation seed")
     ap.add_argument("--synthetic", action="store_true", help="generated data, not MovieLens")
     ap.add_argument("--checkpoint", help="seed checkpoint (default: the newest pretrained)")
     ap.add_argument("--out", type=Path, default=RESULTS / "training.json")
@@ -117,6 +118,8 @@ def main() -> int:
         overrides["max_sessions"] = args.max_sessions
     if args.speedup is not None:
         overrides["speedup"] = args.speedup
+    if args.seed is not None:
+        overrides["seed"] = args.seed
     out: dict[str, Any] = {"machine": platform.platform(), "checkpoint": str(seed)}
     stack = Stack(cfg)
     samples: list[dict] = []

@@ -256,7 +256,7 @@ def test_two_consumers_split_the_partitions(stack: StackConfig, tmp_path: Path) 
     stop.set()
     for t in threads:
         t.join(60)
-    owned = [set(m.states) for m in members]
+    owned = [set(m.assigned) for m in members]
     assert owned[0] and owned[1] and not owned[0] & owned[1], owned
     table = lake.read(SESSIONS, columns=["request_id"])
     got = [r for r in table.column("request_id").to_pylist() if r.startswith(prefix)]
