@@ -269,6 +269,7 @@ class SessionExamples:
     targets: torch.Tensor  # (N, M) clicked items by position, right-padded with 0
     event_time_ms: torch.Tensor  # (N,)
     holdout: torch.Tensor  # (N,) bool: the newest, for the gate only
+    served: torch.Tensor | None = None  # (N, M) every served item by position (the gate)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -281,13 +282,17 @@ class SessionExamples:
         """The held-out slice in data item ids, as the gate takes it."""
         to_data = [0, *[int(i) for i in item_ids]]
         out = []
-        for h, t in zip(self.histories[self.holdout], self.targets[self.holdout], strict=True):
-            out.append(
-                {
-                    "history": [to_data[i] for i in h.tolist() if i > 0],
-                    "items": [to_data[i] for i in t.tolist() if i > 0],
-                }
-            )
+        served = self.served[self.holdout] if self.served is not None else None
+        for j, (h, t) in enumerate(
+            zip(self.histories[self.holdout], self.targets[self.holdout], strict=True)
+        ):
+            ex = {
+                "history": [to_data[i] for i in h.tolist() if i > 0],
+                "items": [to_data[i] for i in t.tolist() if i > 0],
+            }
+            if served is not None:
+                ex["served"] = [to_data[i] for i in served[j].tolist() if i > 0]
+            out.append(ex)
         return out
 
     def save(self, path: Path, meta: dict) -> None:
@@ -299,6 +304,8 @@ class SessionExamples:
             "event_time_ms": self.event_time_ms.contiguous(),
             "holdout": self.holdout.to(torch.uint8).contiguous(),
         }
+        if self.served is not None:
+            tensors["served"] = self.served.contiguous()
         write_with(path, lambda tmp: save_file(tensors, tmp))
         write_atomic(path.with_suffix(".json"), json.dumps(_plain(meta), indent=1).encode())
 
@@ -307,7 +314,9 @@ class SessionExamples:
         from safetensors.torch import load_file
 
         t = load_file(str(path))
-        return cls(t["histories"], t["targets"], t["event_time_ms"], t["holdout"].bool())
+        return cls(
+            t["histories"], t["targets"], t["event_time_ms"], t["holdout"].bool(), t.get("served")
+        )
 
 
 def build_examples(
@@ -322,7 +331,7 @@ def build_examples(
     are held out."""
     to_model = {int(d): m for m, d in enumerate(item_ids, start=1)}
     rows = sorted(sessions, key=lambda r: (int(r["event_time_ms"]), str(r.get("event_id") or "")))
-    hist, tgt, times = [], [], []
+    hist, tgt, times, served = [], [], [], []
     for r in rows:
         items, clicked = r.get("items") or [], r.get("clicked") or []
         t = [to_model[i] for i, c in zip(items, clicked, strict=False) if c and i in to_model]
@@ -330,6 +339,8 @@ def build_examples(
             continue
         hist.append([to_model[i] for i in (r.get("history") or []) if i in to_model])
         tgt.append(t[:session_len] + [0] * (session_len - len(t[:session_len])))
+        s = [to_model[i] for i in items if i in to_model][:session_len]
+        served.append(s + [0] * (session_len - len(s)))
         times.append(int(r["event_time_ms"]))
     from pipelines.train_onerec import pad_histories
 
@@ -340,7 +351,13 @@ def build_examples(
     if n >= 2 and holdout_fraction > 0:
         k = min(n - 1, max(1, int(n * holdout_fraction)))
         holdout[n - k :] = True  # rows are in event-time order
-    return SessionExamples(histories, targets, torch.tensor(times, dtype=torch.long), holdout)
+    return SessionExamples(
+        histories,
+        targets,
+        torch.tensor(times, dtype=torch.long),
+        holdout,
+        torch.tensor(served, dtype=torch.long).view(n, session_len),
+    )
 
 
 # --------------------------------------------------------------------------- worker loop

@@ -6,21 +6,27 @@ stops at the first that fails:
 a. **loads, finite weights**: ``load_checkpoint`` refuses non-finite weights and any
    shape or key mismatch (``CheckpointError``); such a candidate is never promoted.
 b. **offline metric on the held-out slice**: the round's newest sessions, never trained
-   on. For each held-out session the model ranks the whole catalogue given the user's
-   history (``OneRecRanker.score``: log p(item is the first item of the next session));
-   history items are excluded from the ranking unless they are also engaged items, and
-   ties are broken pessimistically (rank = 1 + the items scoring >= the item), as in
-   ``pipelines.evaluation``. The relevant items are the session's engaged (clicked)
-   items; per session
+   on. The gated metric is the *pair AUC*: within each held-out session, how often the
+   model scores a clicked item above a served item the user skipped (first-item log
+   probability given the history; ties count half), averaged over sessions with both.
+   Unlike a ranking over the whole catalogue, it does not favour the model that served
+   the session: every item compared was shown. NDCG@k and recall@k of the engaged items
+   over the whole catalogue are reported beside it, and gated instead when the slice
+   holds no skipped items (a slice without ``served``). For NDCG the model ranks the
+   whole catalogue given the user's history (``OneRecRanker.score``: log p(item is the
+   first item of the next session)); history items are excluded from the ranking unless
+   they are also engaged items, and ties are broken pessimistically (rank = 1 + the items
+   scoring >= the item), as in ``pipelines.evaluation``. The relevant items are the
+   session's engaged (clicked) items; per session
 
        NDCG@k   = sum_{engaged t, rank_t <= k} 1/log2(1 + rank_t) / IDCG(min(|T|, k))
        recall@k = |{engaged t: rank_t <= k}| / |T|
 
-   averaged over the sessions. NDCG@10 is the gated metric: the candidate is rejected
-   when ``ndcg_candidate < ndcg_base * (1 - tolerance)`` (a relative regression of more
-   than ``tolerance``) *and* the drop exceeds ``NOISE_Z`` standard errors of the paired
+   averaged over the sessions. On the gated metric the candidate is rejected when
+   ``candidate < base * (1 - tolerance)`` (a relative regression of more than
+   ``tolerance``) *and* the drop exceeds ``NOISE_Z`` standard errors of the paired
    per-session differences (a slice of a few dozen sessions is noisy: a drop the noise
-   explains is not evidence of a regression); recall@10 is reported beside it. Both
+   explains is not evidence of a regression). Both
    models score the same slice: ids are mapped through each checkpoint's own
    ``item_ids``, unknown ones dropped.
 c. **serves**: it loads through ``serving.app.LoadedModel.load`` (the replica's code
@@ -68,20 +74,25 @@ def holdout_metrics(
     k: int = GATE_K,
     batch_size: int = 64,
     per_session: list[float] | None = None,
+    per_session_auc: list[float] | None = None,
 ) -> dict[str, Any]:
-    """NDCG@k and recall@k of the engaged items of each held-out session (see the module
-    docstring); ``per_session`` receives each session's NDCG@k. Raises ValueError on NaN
-    scores."""
-    hist, targets = [], []
+    """NDCG@k and recall@k of the engaged items of each held-out session, and the
+    clicked-vs-skipped pair AUC among its served items (see the module docstring);
+    ``per_session`` / ``per_session_auc`` receive each session's value. Raises
+    ValueError on NaN scores."""
+    hist, targets, skipped = [], [], []
     for ex in holdout:
         t = [model.to_model[i] for i in ex["items"] if i in model.to_model]
         if not t:
             continue
         targets.append(list(dict.fromkeys(t)))  # distinct, in order
         hist.append([model.to_model[i] for i in ex["history"] if i in model.to_model])
-    ndcg, recall = [], []
+        served = [model.to_model[i] for i in ex.get("served", []) if i in model.to_model]
+        skipped.append([i for i in served if i not in set(t)])
+    ndcg, recall, auc = [], [], []
     for lo in range(0, len(hist), batch_size):
         h, tg = hist[lo : lo + batch_size], targets[lo : lo + batch_size]
+        sk = skipped[lo : lo + batch_size]
         scores = model.ranker.score(h, None).detach().float()  # (B, N+1)
         if torch.isnan(scores).any():
             raise ValueError("the model gives NaN scores")
@@ -99,15 +110,22 @@ def holdout_metrics(
             ideal = sum(1.0 / math.log2(i + 2.0) for i in range(min(len(engaged), k)))
             ndcg.append(dcg / ideal)
             recall.append(float(len(hits)) / len(engaged))
+            if sk[b]:  # how often a clicked item outscores a skipped one of the session
+                pos, neg = s[eng][:, None], s[torch.tensor(sk[b], dtype=torch.long)][None, :]
+                auc.append(float(((pos > neg).double() + 0.5 * (pos == neg).double()).mean()))
     n = len(ndcg)
     out = {
         f"ndcg@{k}": sum(ndcg) / n if n else None,
         f"recall@{k}": sum(recall) / n if n else None,
+        "pair_auc": sum(auc) / len(auc) if auc else None,
         "sessions": n,
+        "pair_sessions": len(auc),
         "engaged_items": sum(len(t) for t in targets),
     }
     if per_session is not None:
         per_session.extend(ndcg)
+    if per_session_auc is not None:
+        per_session_auc.extend(auc)
     return out
 
 
@@ -145,11 +163,12 @@ def gate(
         return GateResult(False, f"candidate does not load for serving: {exc}", metrics)
 
     # (b) the offline metric on the held-out slice
-    key = f"ndcg@{k}"
     cs: list[float] = []
     bs: list[float] = []
+    ca: list[float] = []
+    ba: list[float] = []
     try:
-        cm = holdout_metrics(cand, holdout, k, per_session=cs)
+        cm = holdout_metrics(cand, holdout, k, per_session=cs, per_session_auc=ca)
     except ValueError as exc:
         return GateResult(False, f"candidate: {exc}", metrics)
     metrics["candidate"] = cm
@@ -159,9 +178,15 @@ def gate(
     else:
         try:
             base = LoadedModel.load(str(base_dir), "base")
-            metrics["base"] = holdout_metrics(base, holdout, k, per_session=bs)
+            metrics["base"] = holdout_metrics(base, holdout, k, per_session=bs, per_session_auc=ba)
         except Exception as exc:  # the base serves now; if it cannot be scored, say so
             base_note = f"base not scored ({type(exc).__name__}: {exc})"
+    # The gated metric: the pair AUC among served items when the slice has skipped
+    # items (it does not favour the model that served them), else NDCG@k.
+    key = f"ndcg@{k}"
+    if cm.get("pair_auc") is not None and metrics.get("base", {}).get("pair_auc") is not None:
+        key, cs, bs = "pair_auc", ca, ba
+    metrics["gated_metric"] = key
     c, b = cm.get(key), metrics.get("base", {}).get(key)
     metrics["candidate_" + key], metrics["base_" + key] = _finite(c), _finite(b)
     if c is not None and b is not None:

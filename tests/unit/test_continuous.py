@@ -102,7 +102,7 @@ def test_examples_map_ids_target_the_clicked_items_and_hold_out_the_newest():
     assert ex.holdout.tolist() == [False, False, True]  # int(3 * 0.34) = 1, the newest
     h, t = ex.train_part()
     assert t.tolist() == [[12, 13, 14], [10, 9, 0]]
-    assert ex.holdout_raw(RAW) == [{"history": [], "items": [RAW[20]]}]
+    assert ex.holdout_raw(RAW) == [{"history": [], "items": [RAW[20]], "served": [RAW[20]]}]
     # at least one held out once there are two examples, never all of them
     two = ct.build_examples(rows[:2], RAW, 4, 3, holdout_fraction=0.01)
     assert two.holdout.tolist() == [False, True]
@@ -470,12 +470,30 @@ def test_bad_weights_are_never_promoted(base_ckpt, tmp_path):
     assert ct.load_state(cfg)["marks"] == {"ing-0": 1}  # consumed: the next round moves on
 
 
+def _traffic_the_base_likes(lake: Lake, base: Path, n: int) -> Entry:
+    """Sessions whose clicked items are the base's two top picks and whose skipped ones
+    its two least liked: the base's pair AUC is 1 on them."""
+    from serving.app import LoadedModel
+
+    m = LoadedModel.load(str(base), "base")
+    rows = []
+    for i in range(n):
+        hist = [RAW[(i * 5 + j) % N_ITEMS] for j in range(3)]
+        h = [m.to_model[x] for x in hist]
+        s = m.ranker.score([h], None)[0]
+        s[0] = float("-inf")
+        order = [j for j in s.argsort(descending=True).tolist() if j and j not in h]
+        picks = order[:2] + order[-2:]
+        items = [m.to_data[j] for j in picks]
+        rows.append(_session(i, arm="online", history=hist, items=items, clicked=[True, True, False, False]))
+    return _commit(lake, rows, "ing-0", 1, at=1)
+
+
 def test_a_regressing_round_stays_published_but_is_recorded_as_rejected(base_ckpt, tmp_path):
     cfg, reg = _stack(tmp_path, base_ckpt)
-    # half held out: the base surely ranks some engaged item in its top 10
     train = dataclasses.replace(cfg.train, tolerance=0.0, holdout_fraction=0.5)
     cfg = dataclasses.replace(cfg, train=train)
-    _traffic(Lake(cfg.lake_dir), "ing-0", 1, 0, 60)
+    _traffic_the_base_likes(Lake(cfg.lake_dir), base_ckpt, 60)
 
     def blind(cfg, conf, run, workers):
         out = ct.local_train(cfg, conf, run, workers)
