@@ -1,6 +1,7 @@
 """Continuous training: the arm's lineage learns from the lake, round after round.
 
     recloop train [--once] [--arm ARM] [--workers N] [--pooled] [--config FILE]
+    recloop train --detach | --stop      # as a long-lived actor of the stack
 
 A round:
 
@@ -1218,6 +1219,76 @@ def freshness(cfg: StackConfig, arm: str | None = None) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------- as a Ray actor
+def actor_name(arm: str) -> str:
+    return f"trainer-{arm}"
+
+
+def _actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_concurrency=2)  # the Ray Train workers hold the CPUs
+    class TrainerActor:
+        def __init__(self, cfg: dict, pooled: bool) -> None:
+            self.cfg = StackConfig.from_dict(cfg)
+            self.pooled = pooled
+            self.stop_event = threading.Event()
+
+        def run(self) -> None:
+            train_forever(self.cfg, self.stop_event, _log, self.pooled)
+
+        def run_once(self) -> dict | None:
+            return run_round(self.cfg, _log, self.pooled)
+
+        def status(self) -> dict[str, Any]:
+            return {"rounds": read_rounds(self.cfg)[-5:], "freshness": freshness(self.cfg)}
+
+        def stop(self) -> None:
+            self.stop_event.set()
+
+    return TrainerActor
+
+
+def start_actor(cfg: StackConfig, pooled: bool = False, progress: Progress = print, run=True):
+    """The arm's trainer as a detached actor of the stack (idempotent); ``run`` starts
+    its rounds (``train_forever``) at once."""
+    import ray
+
+    from recloop.ray_head import connect
+
+    connect(cfg)
+    name = actor_name(cfg.train.arm)
+    try:
+        actor = ray.get_actor(name)
+        progress(f"{name} is running already")
+        return actor
+    except ValueError:
+        pass
+    actor = _actor_class().options(name=name, lifetime="detached").remote(cfg.to_dict(), pooled)
+    if run:
+        actor.run.remote()
+    progress(f"started {name} (detached actor; its rounds run on Ray Train workers)")
+    return actor
+
+
+def stop_actor(cfg: StackConfig, progress: Progress = print) -> bool:
+    import ray
+
+    from recloop.ray_head import connect
+
+    connect(cfg)
+    try:
+        actor = ray.get_actor(actor_name(cfg.train.arm))
+    except ValueError:
+        return False
+    try:
+        ray.get(actor.stop.remote(), timeout=30)
+    finally:
+        ray.kill(actor)  # a round in progress resumes when a trainer starts again
+    progress(f"stopped {actor_name(cfg.train.arm)}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     from recloop.config import load_config
 
@@ -1229,6 +1300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pooled", action="store_true", help="learn from every arm's sessions")
     ap.add_argument("--once", action="store_true", help="one round (or wait for none), then exit")
     ap.add_argument("--freshness", action="store_true", help="print the serving model's freshness")
+    ap.add_argument("--detach", action="store_true", help="run as a detached actor of the stack")
+    ap.add_argument("--stop", action="store_true", help="stop the arm's detached trainer")
     args = ap.parse_args(argv)
     cfg = load_config(
         args.config,
@@ -1237,6 +1310,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.freshness:
         print(json.dumps(freshness(cfg), indent=2))
         return 0
+    if args.detach:
+        start_actor(cfg, args.pooled, _log)
+        return 0
+    if args.stop:
+        return 0 if stop_actor(cfg, _log) else 1
     from recloop.ray_head import connect
 
     connect(cfg)

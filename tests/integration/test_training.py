@@ -177,3 +177,25 @@ def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
     fresh = ct.freshness(cfg)
     assert fresh["version"] == rec["version"] and fresh["event_time_lag_s"] == 0
     assert 0 < fresh["feedback_to_serving_s"] < 900
+
+
+def test_the_trainer_runs_as_a_detached_actor_of_the_stack(
+    ray_driver, synthetic_checkpoints, tmp_path
+):
+    """``recloop train --detach``: the arm's trainer is a named, detached actor whose
+    rounds launch Ray Train from inside it; one round there publishes and promotes."""
+    import ray
+
+    from pipelines import continuous as ct
+
+    cfg = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "home", epochs=1)
+    actor = ct.start_actor(cfg, run=False)
+    try:
+        assert ray.get_actor(ct.actor_name(ARM)) is not None
+        rec = ray.get(actor.run_once.remote(), timeout=600)
+        assert rec["status"] == "promoted", rec.get("gate")
+        status = ray.get(actor.status.remote(), timeout=60)
+        assert status["rounds"][-1]["version"] == rec["version"]
+        assert status["freshness"]["version"] == rec["version"]
+    finally:
+        assert ct.stop_actor(cfg)
