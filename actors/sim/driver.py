@@ -189,34 +189,38 @@ def simulate(
     )
     if sim.seed_histories:
         seed_histories(cfg, pop, say)
-    learners = start_learning(cfg, run, say) if learn else {}
 
     t0_ms = sim.start_ms if sim.start_ms is not None else int(time.time() * 1000)
     run_id = f"{run.experiment.name}-s{sim.seed}-{time.strftime('%Y%m%dT%H%M%S')}"
     url = f"http://{cfg.ray.host}:{cfg.ray.serve_port}/recommend"
     preflight(url, int(pop.user_ids[0]))
-    start = {t: end_offsets(cfg.kafka.bootstrap, t) for t in (INTERACTIONS, IMPRESSIONS)}
-    stats0 = service_stats(url)
-    started = time.time()
-    Shard = _shard_actor()
-    actors = [
-        Shard.options(num_cpus=sim.shard_cpus, name=f"simulator-{run_id}-{i}").remote()
-        for i in range(sim.shards)
-    ]
-    args = (cfg.to_dict(), sim.to_dict(), run_id, t0_ms, str(model_dir), url)
-    refs = [a.run.remote(*args, i, sim.shards) for i, a in enumerate(actors)]
-    say(f"run {run_id}: simulating")
-    pending = list(refs)
-    while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=sim.progress_every_s)
-        snaps = [s for s in ray.get([a.progress.remote() for a in actors]) if s]
-        if snaps and pending:
-            say(_line(snaps, total))
-    results = ray.get(refs)
-    for a in actors:
-        ray.kill(a)
-    finished = time.time()
-    learning = stop_learning(cfg, run, learners, say)
+    learners = start_learning(cfg, run, say) if learn else {}
+    try:
+        start = {t: end_offsets(cfg.kafka.bootstrap, t) for t in (INTERACTIONS, IMPRESSIONS)}
+        stats0 = service_stats(url)
+        started = time.time()
+        Shard = _shard_actor()
+        actors = [
+            Shard.options(num_cpus=sim.shard_cpus, name=f"simulator-{run_id}-{i}").remote()
+            for i in range(sim.shards)
+        ]
+        args = (cfg.to_dict(), sim.to_dict(), run_id, t0_ms, str(model_dir), url)
+        refs = [a.run.remote(*args, i, sim.shards) for i, a in enumerate(actors)]
+        say(f"run {run_id}: simulating")
+        pending = list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=sim.progress_every_s)
+            snaps = [s for s in ray.get([a.progress.remote() for a in actors]) if s]
+            if snaps and pending:
+                say(_line(snaps, total))
+        results = ray.get(refs)
+        for a in actors:
+            ray.kill(a)
+        finished = time.time()
+    except BaseException:
+        stop_learning(cfg, run, learners, say)  # no trainer outlives a failed run
+        raise
+    learning = stop_learning(cfg, run, learners, say, since_s=started)
     end = {t: end_offsets(cfg.kafka.bootstrap, t) for t in (INTERACTIONS, IMPRESSIONS)}
     service = _stats_delta(stats0, service_stats(url))
     degraded = service.get("features", {})
@@ -303,8 +307,11 @@ def start_learning(cfg: StackConfig, run: RunFile, say: Progress) -> dict[str, A
     return procs
 
 
-def stop_learning(cfg: StackConfig, run: RunFile, procs: dict, say: Progress) -> dict[str, Any]:
-    """Stop the trainers; what each learning arm trained and promoted during the run."""
+def stop_learning(
+    cfg: StackConfig, run: RunFile, procs: dict, say: Progress, since_s: float = 0.0
+) -> dict[str, Any]:
+    """Stop the trainers; what each learning arm trained and promoted during the run
+    (rounds completed after ``since_s``, wall clock)."""
     import signal
 
     from serving.control import registry
@@ -320,7 +327,7 @@ def stop_learning(cfg: StackConfig, run: RunFile, procs: dict, say: Progress) ->
         log.close()
         from pipelines.continuous import read_rounds
 
-        rounds = read_rounds(cfg, arm)
+        rounds = [r for r in read_rounds(cfg, arm) if r.get("completed_at_ms", 0) >= since_s * 1000]
         promoted = [h for h in reg.history(arm) if h.get("action") == "promote"]
         out[arm] = {"rounds": rounds, "promotions": promoted, "exit_code": proc.returncode}
         say(
