@@ -94,14 +94,9 @@ class OpenSession:
 
 
 @dataclass
-class UserState:
-    history: list[int] = field(default_factory=list)
-    history_len: int = 0  # items ever appended (the Feast feature of that name)
-    # Sessions at or before these event times are already in the pushed features this
-    # user started from (history and stats are pushed separately, so one base each).
-    history_base_ms: int = -1
-    stats_base_ms: int = -1
-    last_event_ms: int = -1
+class Counts:
+    """Running counts of a user or an item (``STAT_FIELDS``)."""
+
     impressions: int = 0
     clicks: int = 0
     watch_time_s: float = 0.0
@@ -110,12 +105,14 @@ class UserState:
 
 
 @dataclass
-class ItemCounts:
-    impressions: int = 0
-    clicks: int = 0
-    watch_time_s: float = 0.0
-    likes: int = 0
-    follows: int = 0
+class UserState(Counts):
+    history: list[int] = field(default_factory=list)
+    history_len: int = 0  # items ever appended (the Feast feature of that name)
+    # Sessions at or before these event times are already in the pushed features this
+    # user started from (history and stats are pushed separately, so one base each).
+    history_base_ms: int = -1
+    stats_base_ms: int = -1
+    last_event_ms: int = -1
 
 
 @dataclass
@@ -158,7 +155,7 @@ class PartitionState:
         self.waiting: dict[str, list[Feedback]] = {}  # feedback ahead of its impression
         self.recent: dict[str, tuple[int, list[str]]] = {}  # closed: (time, feedback ids)
         self.users: dict[int, UserState] = {}
-        self.items: dict[int, ItemCounts] = {}
+        self.items: dict[int, Counts] = {}
         self.dirty_users: set[int] = set()
         self.dirty_items: set[int] = set()
         self.counters = Counters()
@@ -286,9 +283,9 @@ class PartitionState:
         clicked = [s.items[p] for p in sorted(s.feedback) if s.feedback[p].clicked]
         fbs = list(s.feedback.values())
         for item in s.items:
-            self.items.setdefault(item, ItemCounts()).impressions += 1
+            self.items.setdefault(item, Counts()).impressions += 1
         for fb in fbs:
-            ic = self.items.setdefault(s.items[fb.position], ItemCounts())
+            ic = self.items.setdefault(s.items[fb.position], Counts())
             ic.clicks += int(fb.clicked)
             ic.watch_time_s += fb.watch_time_s
             ic.likes += int(fb.liked)
@@ -389,7 +386,7 @@ class PartitionState:
     def load_items(self, table: pa.Table) -> None:
         for row in table.to_pylist():
             iid = row.pop("item_id")
-            self.items[iid] = ItemCounts(**row)
+            self.items[iid] = Counts(**row)
 
 
 def session_row(c: Closed) -> dict[str, Any]:

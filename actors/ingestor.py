@@ -48,8 +48,8 @@ from actors.ingest_state import (
     STAT_FIELDS,
     Closed,
     Counters,
+    Counts,
     Feedback,
-    ItemCounts,
     PartitionState,
     UserState,
     orphan_row,
@@ -289,10 +289,10 @@ class Ingestor:
             for p in users[u]:
                 self.states[p].users.setdefault(u, st)
 
-    def _item_totals(self, items: set[int]) -> dict[int, ItemCounts]:
+    def _item_totals(self, items: set[int]) -> dict[int, Counts]:
         """Counts summed over every partition: owned ones from memory, others from the
         lake (their last commit)."""
-        totals = {i: ItemCounts() for i in items}
+        totals = {i: Counts() for i in items}
         states = list(self.states.values())
         if self._consumer is not None:
             known = self._consumer.consumer.partitions_for_topic(IMPRESSIONS.name) or set()

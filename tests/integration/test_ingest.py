@@ -65,6 +65,20 @@ def _session(prefix: str, user: int, k: int, t: int) -> tuple[Impression, list[I
     return imp, fbs
 
 
+def _config(stack: StackConfig, tmp: Path, prefix: str, **ingest) -> StackConfig:
+    """The stack with this test's own consumer group and lake, and quick flushes."""
+    values = dict(
+        group_id=f"ingest-{prefix}",
+        lake_dir=tmp / "lake",
+        flush_interval_s=0.3,
+        join_window_ms=10 * 60_000,
+        max_wait_s=2.0,
+        progress_s=0,
+    )
+    values.update(ingest)
+    return dataclasses.replace(stack, ingest=dataclasses.replace(stack.ingest, **values))
+
+
 def _run(cfg_path: Path, crash: str | None, out: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     env.pop("RECLOOP_INGEST_CRASH", None)
@@ -83,20 +97,7 @@ def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path) -> Non
     from recloop.kafka_io import EventProducer, end_offsets, read_range
 
     prefix = f"it-{uuid.uuid4().hex[:8]}"
-    cfg = dataclasses.replace(
-        stack,
-        ingest=dataclasses.replace(
-            stack.ingest,
-            group_id=f"ingest-{prefix}",
-            lake_dir=tmp_path / "lake",
-            batch_events=25,
-            flush_interval_s=0.3,
-            join_window_ms=10 * 60_000,
-            max_wait_s=2.0,
-            snapshot_every=3,
-            progress_s=0,
-        ),
-    )
+    cfg = _config(stack, tmp_path, prefix, batch_events=25, snapshot_every=3)
     cfg_path = tmp_path / "stack.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     dlq_start = end_offsets(cfg.kafka.bootstrap, "recloop.dlq")
@@ -216,17 +217,7 @@ def test_two_consumers_split_the_partitions(stack: StackConfig, tmp_path: Path) 
     from recloop.kafka_io import EventProducer
 
     prefix = f"two-{uuid.uuid4().hex[:8]}"
-    cfg = dataclasses.replace(
-        stack,
-        ingest=dataclasses.replace(
-            stack.ingest,
-            group_id=f"ingest-{prefix}",
-            lake_dir=tmp_path / "lake",
-            flush_interval_s=0.3,
-            max_wait_s=2.0,
-            progress_s=0,
-        ),
-    )
+    cfg = _config(stack, tmp_path, prefix)
     users = range(920_000, 920_030)
     t0 = int(time.time() * 1000) - 600_000
     expected = {}

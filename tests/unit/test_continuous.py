@@ -485,7 +485,8 @@ def _traffic_the_base_likes(lake: Lake, base: Path, n: int) -> Entry:
         order = [j for j in s.argsort(descending=True).tolist() if j and j not in h]
         picks = order[:2] + order[-2:]
         items = [m.to_data[j] for j in picks]
-        rows.append(_session(i, arm="online", history=hist, items=items, clicked=[True, True, False, False]))
+        clicked = [True, True, False, False]
+        rows.append(_session(i, arm="online", history=hist, items=items, clicked=clicked))
     return _commit(lake, rows, "ing-0", 1, at=1)
 
 
