@@ -14,16 +14,18 @@ member, which is where one user's impression and feedback are). Per micro-batch
    (``actors.ingest_state``);
 2. closed sessions and orphan feedback are written to the lake as Parquet files under
    hidden names, fsynced and renamed;
-3. the touched users' history and stats and the touched items' stats are pushed to the
-   Feast online store as absolute values (a replay pushes the same values again);
-4. each changed partition's state and the offsets it covers are written, then one lake
+3. each changed partition's state and the offsets it covers are written, then one lake
    commit entry makes files, state and offsets visible together (the commit point);
+4. the touched users' history and stats and the touched items' stats are pushed to the
+   Feast online store as absolute values, so the online store only ever holds
+   committed state;
 5. the offsets are committed to Kafka too (for lag monitoring; the lake is the truth).
 
 After a crash anywhere in 2–5 the ingestor resumes from the last lake commit: files
-written after it are removed, the state is restored and the consumer seeks to the
-committed offsets, so every event lands in the lake exactly once and the Feast counters
-match the lake. Metrics: records/s, consumer lag, and feature freshness (the record's
+written after it are removed, the state is restored, the last commit's users and items
+are pushed again (the crash may have come before their push), and the consumer seeks to
+the committed offsets. So every event lands in the lake exactly once and the Feast
+counters match the lake. Metrics: records/s, consumer lag, and feature freshness (the record's
 Kafka timestamp, i.e. when the event was produced, to its push into the online store).
 """
 
@@ -101,6 +103,8 @@ class Ingestor:
         self.flush_s: deque[float] = deque(maxlen=1000)
         self.retired = Counters()  # counters of partitions given away
         self.last_lag: dict[str, int] = {}
+        self._unpushed: list[int] = []  # newest record time of committed, unpushed sessions
+        self.feast_rows = 0
         self.assigned: list[int] = []  # partitions of the latest assignment
         self.last_error: str | None = None
         self._store: Any = None
@@ -162,6 +166,16 @@ class Ingestor:
             if not items_only:
                 st.load_users(pq.read_table(d / "users.parquet"))
             st.load_items(pq.read_table(d / "items.parquet"))
+        if not items_only:
+            # The push of the last commit may not have happened (a crash between the
+            # commit and the push): push its users and items again; values are absolute.
+            d = self.lake.root / last["state"]
+            st.dirty_users = set(
+                pq.read_table(d / "users.parquet", columns=["user_id"]).column(0).to_pylist()
+            )
+            st.dirty_items = set(
+                pq.read_table(d / "items.parquet", columns=["item_id"]).column(0).to_pylist()
+            )
         return st
 
     # ------------------------------------------------------------------ rebalance
@@ -261,9 +275,9 @@ class Ingestor:
         feats = [
             "user_history:item_ids",
             "user_history:history_len",
-            "user_history:last_event_ms",
+            "user_history:history_until_ms",
             *(f"user_stats:{k}" for k in STAT_FIELDS),
-            "user_stats:last_event_ms",
+            "user_stats:stats_until_ms",
         ]
         out = self.store.get_online_features(
             features=feats, entity_rows=[{"user_id": u} for u in todo], full_feature_names=True
@@ -277,8 +291,8 @@ class Ingestor:
             st = UserState(
                 history=[int(x) for x in col("user_history__item_ids", i, [])],
                 history_len=int(col("user_history__history_len", i, 0)),
-                history_base_ms=int(col("user_history__last_event_ms", i, -1)),
-                stats_base_ms=int(col("user_stats__last_event_ms", i, -1)),
+                history_base_ms=int(col("user_history__history_until_ms", i, -1)),
+                stats_base_ms=int(col("user_stats__stats_until_ms", i, -1)),
                 impressions=int(col("user_stats__impressions", i, 0)),
                 clicks=int(col("user_stats__clicks", i, 0)),
                 watch_time_s=float(col("user_stats__watch_time_s", i, 0.0)),
@@ -329,7 +343,7 @@ class Ingestor:
                     "user_id": [u for u, _ in users],
                     "item_ids": [s.history for _, s in users],
                     "history_len": [s.history_len for _, s in users],
-                    "last_event_ms": [s.last_event_ms for _, s in users],
+                    "history_until_ms": [s.last_event_ms for _, s in users],
                     "event_timestamp": [ts(s.last_event_ms) for _, s in users],
                 }
             )
@@ -337,7 +351,7 @@ class Ingestor:
                 {
                     "user_id": [u for u, _ in users],
                     **{k: [getattr(s, k) for _, s in users] for k in STAT_FIELDS},
-                    "last_event_ms": [s.last_event_ms for _, s in users],
+                    "stats_until_ms": [s.last_event_ms for _, s in users],
                     "event_timestamp": [ts(s.last_event_ms) for _, s in users],
                 }
             )
@@ -362,8 +376,9 @@ class Ingestor:
         return rows
 
     def flush(self, force: bool = False) -> Entry | None:
-        """Close what is due, write the lake and Feast, commit. Safe to call again after
-        it raised: nothing is applied twice."""
+        """Close what is due; commit it to the lake (files, state, offsets); push the
+        changed features to Feast; commit the offsets to Kafka. Safe to call again after
+        it raised: nothing is applied twice, and what was not pushed is pushed then."""
         if not self.states:
             return None
         t0 = self.last_flush = time.monotonic()
@@ -386,9 +401,22 @@ class Ingestor:
             self.orphans.extend(orphans)
             if closed or orphans:
                 self.changed.add(p)
-        if not self.changed and not self.outbox and not self.orphans:
-            self.unflushed, self.first_unflushed = 0, None
-            return None
+        entry = None
+        if self.changed or self.outbox or self.orphans:
+            entry = self._commit_lake(positions)
+        self.unflushed, self.first_unflushed = 0, None
+        if any(st.dirty_users or st.dirty_items for st in self.states.values()):
+            self._push_pending(wall)
+        if entry is not None:
+            self.flushes += 1
+            self.flush_s.append(time.monotonic() - t0)
+            if consumer is not None:
+                self._commit_kafka(entry.partitions)
+        return entry
+
+    def _commit_lake(self, positions: dict[int, dict[str, int]]) -> Entry:
+        """Closed sessions and orphans to the lake, then the partitions' state and the
+        offsets, then the commit entry that makes them visible together."""
         users: dict[int, list[int]] = {}
         for p, c in self.outbox:
             if c.history is None:
@@ -406,9 +434,6 @@ class Ingestor:
         files = self.lake.write_files(SESSIONS, sessions, self.writer, seq)
         files += self.lake.write_files(ORPHANS, orphans, self.writer, seq)
         self._maybe_crash("after-files")
-        feast_rows = self._push_features(wall)
-        pushed_ms = _now_ms()
-        self._maybe_crash("after-feast")
 
         parts: dict[str, dict[str, Any]] = {}
         for p in sorted(self.changed):
@@ -420,6 +445,8 @@ class Ingestor:
             st_json["offsets"] = {**st.offsets, **positions.get(p, {})}
             rel = f"_state/p{p}/{pseq:08d}"
             d = self.lake.root / rel
+            # A delta holds every user and item not yet pushed to Feast: a restart
+            # pushes the last commit's again (see ``restore``).
             write_parquet_atomic(d / "users.parquet", st.users_table(only_dirty=not snapshot))
             write_parquet_atomic(d / "items.parquet", st.items_table(only_dirty=not snapshot))
             write_atomic(d / "state.json", json.dumps(st_json).encode())
@@ -436,35 +463,38 @@ class Ingestor:
             committed_at_ms=_now_ms(),
             files=files,
             partitions=parts,
-            counts={
-                "sessions": sessions.num_rows,
-                "orphans": orphans.num_rows,
-                "feast_rows": feast_rows,
-            },
+            counts={"sessions": sessions.num_rows, "orphans": orphans.num_rows},
         )
         self.lake.commit(entry)
         self._maybe_crash("after-commit")
 
-        # Committed: the in-memory view moves on.
+        # Committed: the in-memory view moves on (the Feast push follows).
         self.seq = seq
         for p in self.changed:
             st = self.states[p]
             st.pseq = parts[str(p)]["pseq"]
             st.offsets = parts[str(p)]["offsets"]
-            st.dirty_users.clear()
-            st.dirty_items.clear()
         for _, c in self.outbox:
             s = c.session
-            newest = max([s.record_ts_ms, *(f.record_ts_ms for f in s.feedback.values())])
-            self.freshness_ms.append(pushed_ms - newest)
+            self._unpushed.append(
+                max([s.record_ts_ms, *(f.record_ts_ms for f in s.feedback.values())])
+            )
         self.outbox, self.orphans = [], []
         self.changed = set()
-        self.unflushed, self.first_unflushed = 0, None
-        self.flushes += 1
-        self.flush_s.append(time.monotonic() - t0)
-        if consumer is not None:
-            self._commit_kafka(parts)
         return entry
+
+    def _push_pending(self, wall_ms: int) -> None:
+        """Push every user and item changed by committed sessions; the online store
+        only ever holds committed state, so a user first seen after a crash starts
+        from values that do not include what the lake does not."""
+        self.feast_rows += self._push_features(wall_ms)
+        pushed_ms = _now_ms()
+        self._maybe_crash("after-feast")
+        for st in self.states.values():
+            st.dirty_users.clear()
+            st.dirty_items.clear()
+        self.freshness_ms.extend(pushed_ms - ts for ts in self._unpushed)
+        self._unpushed = []
 
     def _behind(self, wall_ms: int) -> set[int]:
         """Partitions with records still unread, among those with an open session that

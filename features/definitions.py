@@ -64,7 +64,7 @@ user_history = FeatureView(
         Field(name="history_len", dtype=Int64),
         # event time (ms) of the newest session in the history: lets the ingestor that
         # starts from a pushed history tell what it already holds
-        Field(name="last_event_ms", dtype=Int64),
+        Field(name="history_until_ms", dtype=Int64),
     ],
     source=user_history_push,
     online=True,
@@ -85,7 +85,8 @@ user_stats = FeatureView(
     schema=[
         Field(name="user_id", dtype=Int64),
         *_STATS,
-        Field(name="last_event_ms", dtype=Int64),
+        # the same for the counters (names differ: a feature service joins both views)
+        Field(name="stats_until_ms", dtype=Int64),
     ],
     source=user_stats_push,
     online=True,

