@@ -103,6 +103,15 @@ class Counts:
     likes: int = 0
     follows: int = 0
 
+    def add(self, impressions: int, feedback: list[Feedback]) -> None:
+        """Count ``impressions`` shown items and the signals of their ``feedback``."""
+        self.impressions += impressions
+        for fb in feedback:
+            self.clicks += int(fb.clicked)
+            self.watch_time_s += fb.watch_time_s
+            self.likes += int(fb.liked)
+            self.follows += int(fb.followed)
+
 
 @dataclass
 class UserState(Counts):
@@ -282,14 +291,9 @@ class PartitionState:
         c.history = list(u.history)
         clicked = [s.items[p] for p in sorted(s.feedback) if s.feedback[p].clicked]
         fbs = list(s.feedback.values())
+        by_item = {s.items[fb.position]: [fb] for fb in fbs}
         for item in s.items:
-            self.items.setdefault(item, Counts()).impressions += 1
-        for fb in fbs:
-            ic = self.items.setdefault(s.items[fb.position], Counts())
-            ic.clicks += int(fb.clicked)
-            ic.watch_time_s += fb.watch_time_s
-            ic.likes += int(fb.liked)
-            ic.follows += int(fb.followed)
+            self.items.setdefault(item, Counts()).add(1, by_item.get(item, []))
         self.dirty_items.update(s.items)
         t = s.event_time_ms
         if t > u.history_base_ms:
@@ -297,13 +301,8 @@ class PartitionState:
             u.history_len += len(clicked)
         u.last_event_ms = max(u.last_event_ms, t)
         self.dirty_users.add(s.user_id)
-        if t <= u.stats_base_ms:
-            return
-        u.impressions += len(s.items)
-        u.clicks += len(clicked)
-        u.watch_time_s += sum(fb.watch_time_s for fb in fbs)
-        u.likes += sum(int(fb.liked) for fb in fbs)
-        u.follows += sum(int(fb.followed) for fb in fbs)
+        if t > u.stats_base_ms:
+            u.add(len(s.items), fbs)
 
     # ------------------------------------------------------------------ persistence
     def to_json(self) -> dict[str, Any]:

@@ -198,7 +198,7 @@ class Ingestor:
         if not parts:
             return
         try:
-            self.flush(force=True)
+            self.flush()
         except Exception as exc:  # the next owner resumes from the last commit anyway
             self.last_error = f"flush on revoke: {exc!r}"
             log.warning("%s: %s", self.writer, self.last_error)
@@ -375,7 +375,7 @@ class Ingestor:
             rows += len(ids)
         return rows
 
-    def flush(self, force: bool = False) -> Entry | None:
+    def flush(self) -> Entry | None:
         """Close what is due; commit it to the lake (files, state, offsets); push the
         changed features to Feast; commit the offsets to Kafka. Safe to call again after
         it raised: nothing is applied twice, and what was not pushed is pushed then."""
@@ -624,10 +624,10 @@ class Ingestor:
                     and not sum(self.lag().values())
                 ):
                     self.last_lag = self.lag()
-                    self.flush(force=True)
+                    self.flush()
                     if not any(st.open or st.waiting for st in self.states.values()):
                         break
-            self.flush(force=True)
+            self.flush()
         finally:
             self._consumer.close()
         return self.stats()

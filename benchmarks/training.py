@@ -47,7 +47,13 @@ def local_baseline(cfg: Any, round_no: int) -> dict[str, Any] | None:
     """The round's examples, one epoch, one worker in this process."""
     import torch
 
-    from pipelines.continuous import SessionExamples, local_train, read_rounds, round_dir
+    from pipelines.continuous import (
+        SessionExamples,
+        local_train,
+        read_rounds,
+        round_dir,
+        worker_conf,
+    )
     from serving.control import registry
 
     path = round_dir(cfg, round_no) / "examples.safetensors"
@@ -58,22 +64,15 @@ def local_baseline(cfg: Any, round_no: int) -> dict[str, Any] | None:
     rec = next(r for r in read_rounds(cfg) if r["round"] == round_no)
     tc = cfg.train
     torch.set_num_threads(tc.torch_threads)
-    conf = {
-        "round": 10**6 + round_no,
+    plan = {
         "seed": 0,
         "epochs": 1,
         "batch_size": tc.batch_size * tc.workers,  # the same global batch
         "lr": tc.lr,
-        "weight_decay": 0.01,
-        "torch_threads": tc.torch_threads,
         "checkpoint_every_steps": 10**9,
-        "registry_uri": cfg.registry_uri,
-        "lineage": registry(cfg).arm(tc.arm)["lineage"],
-        "base_version": rec["base_version"],
-        "histories": h,
-        "targets": t,
-        "fault": None,
     }
+    lineage = registry(cfg).arm(tc.arm)["lineage"]
+    conf = worker_conf(cfg, 10**6 + round_no, plan, lineage, rec["base_version"], h, t)
     started = time.perf_counter()
     local_train(cfg, conf, f"baseline-{round_no}", 1)
     wall = time.perf_counter() - started

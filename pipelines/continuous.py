@@ -737,6 +737,35 @@ def local_train(
 Trainer = Callable[[StackConfig, dict, str, int], dict]
 
 
+def worker_conf(
+    cfg: StackConfig,
+    round_no: int,
+    plan: dict[str, Any],
+    lineage: str,
+    base_version: str,
+    histories: torch.Tensor,
+    targets: torch.Tensor,
+) -> dict[str, Any]:
+    """``train_worker``'s config: the round's plan (seed, epochs, batch size, lr,
+    checkpoint cadence), where its base comes from, and its training examples."""
+    return {
+        "round": round_no,
+        "seed": plan["seed"],
+        "epochs": int(plan["epochs"]),
+        "batch_size": plan["batch_size"],
+        "lr": plan["lr"],
+        "weight_decay": WEIGHT_DECAY,
+        "torch_threads": cfg.train.torch_threads,
+        "checkpoint_every_steps": plan["checkpoint_every_steps"],
+        "registry_uri": cfg.registry_uri,
+        "lineage": lineage,
+        "base_version": base_version,
+        "histories": histories,
+        "targets": targets,
+        "fault": None,
+    }
+
+
 # --------------------------------------------------------------------------- promotion
 def promote_serving(cfg: StackConfig, arm: str, version: str, progress: Progress = print) -> Any:
     """Registry promote, then a Serve redeploy (hot swap) when the service is deployed;
@@ -964,22 +993,10 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             from recloop.ray_head import connect
 
             connect(cfg)
-        conf = {
-            "round": ip["round"],
-            "seed": plan["seed"],
-            "epochs": epochs,
-            "batch_size": plan["batch_size"],
-            "lr": plan["lr"],
-            "weight_decay": WEIGHT_DECAY,
-            "torch_threads": tc.torch_threads,
-            "checkpoint_every_steps": plan["checkpoint_every_steps"],
-            "registry_uri": cfg.registry_uri,
-            "lineage": ip["lineage"],
-            "base_version": ip["base_version"],
-            "histories": h_train,
-            "targets": t_train,
-            "fault": _fault_from_env(),
-        }
+        conf = worker_conf(
+            cfg, ip["round"], plan, ip["lineage"], ip["base_version"], h_train, t_train
+        )
+        conf["fault"] = _fault_from_env()
         ip["attempts"] = int(ip.get("attempts", 0)) + 1
         _save_state(cfg, state)
         t0 = time.monotonic()
@@ -1183,10 +1200,7 @@ def freshness(cfg: StackConfig, arm: str | None = None) -> dict[str, Any]:
     version = record["current"]
     out: dict[str, Any] = {"arm": arm, "version": version, "lineage": record["lineage"]}
     lake = Lake(cfg.lake_dir)
-    newest_lake = max(
-        (int(f["max_event_ms"]) for e in lake.entries() for f in e.files if f["table"] == SESSIONS),
-        default=None,
-    )
+    newest_lake = lake.newest_event_ms(SESSIONS)
     out["lake_newest_event_ms"] = newest_lake
     if version is None:
         return out

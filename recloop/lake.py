@@ -292,17 +292,28 @@ class Lake:
         tables = [pq.read_table(p, columns=columns) for p in paths]
         return pa.concat_tables([t.cast(schema) for t in tables])
 
+    def newest_event_ms(self, name: str | None = None) -> int | None:
+        """The newest event time committed (to table ``name``, or any)."""
+        return max(
+            (
+                int(f["max_event_ms"])
+                for e in self.entries()
+                for f in e.files
+                if name is None or f["table"] == name
+            ),
+            default=None,
+        )
+
     def summary(self) -> dict[str, Any]:
         entries = self.entries()
         rows: dict[str, int] = {}
         for e in entries:
             for f in e.files:
                 rows[f["table"]] = rows.get(f["table"], 0) + int(f["rows"])
-        newest = max((f["max_event_ms"] for e in entries for f in e.files), default=None)
         return {
             "root": str(self.root),
             "commits": len(entries),
             "writers": sorted({e.writer for e in entries}),
             "rows": rows,
-            "newest_event_ms": newest,
+            "newest_event_ms": self.newest_event_ms(),
         }

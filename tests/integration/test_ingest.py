@@ -165,7 +165,7 @@ def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path) -> Non
         assert row["items"] == [it.item_id for it in imp.items]
     orphans = lake.read(ORPHANS).to_pylist()
     assert [o["event_id"] for o in orphans if o["event_id"].startswith(prefix)] == [late.event_id]
-    assert stats["dead_lettered"] >= 0 and stats["open_sessions"] == 0
+    assert stats["open_sessions"] == 0  # the dead letter is checked on its topic below
 
     # The malformed record is in the dead-letter topic with its reason.
     letters, _ = read_range(
