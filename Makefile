@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-ab bench-ingest bench-training simulate analyze ingest train serve pretrain eval clean
+.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-ab bench-ingest bench-training bench-ipa simulate analyze ingest train serve pretrain eval clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -117,6 +117,12 @@ bench-ingest: install  ## ingestor: records/s into Feast + lake vs a raw consume
 
 bench-training: install  ## continuous training: examples/s per round, round time, feedback-to-serving delay
 	$(BIN)/python -m benchmarks.training
+
+IPA_RUN := infra/experiments/ipa-vs-online.yaml
+
+bench-ipa: install  ## online-ipa vs online vs frozen through the whole loop, 1% and 5% mirrored (~1 h)
+	$(BIN)/python -m benchmarks.training --run-file $(IPA_RUN) --dpo-fraction 0.01 --out benchmarks/results/ipa_1pct.json
+	$(BIN)/python -m benchmarks.training --run-file $(IPA_RUN) --dpo-fraction 0.05 --out benchmarks/results/ipa_5pct.json
 
 bench-kafka: install  ## producer/consumer throughput of the event helpers vs raw kafka-python
 	$(BIN)/python -m benchmarks.kafka_throughput

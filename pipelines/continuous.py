@@ -105,7 +105,11 @@ SESSION_COLUMNS = [
     "event_time_ms",
     "history",
     "items",
+    "feedback",
     "clicked",
+    "watch_time_s",
+    "liked",
+    "followed",
     "clicks",
     "session_watch_s",
     "likes",
@@ -146,6 +150,7 @@ def load_state(cfg: StackConfig, arm: str | None = None) -> dict[str, Any]:
         return {
             "arm": arm or cfg.train.arm,
             "marks": {},
+            "pref_offsets": {},  # recloop.preferences partition -> next offset to train on
             "round": 0,
             "in_progress": None,
             "rounds": [],
@@ -375,13 +380,14 @@ def epoch_schedule(n: int, world: int, batch_size: int) -> list[tuple[int, int]]
     return out
 
 
-def _mix(*parts: int) -> int:
+def _mix(*parts: int | str) -> int:
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**62 - 1)
 
 
-def epoch_permutation(n: int, seed: int, round_no: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, round_no, epoch)))
+def epoch_permutation(n: int, seed: int, round_no: int, epoch: int, salt: str = "") -> torch.Tensor:
+    parts = (seed, round_no, epoch, salt) if salt else (seed, round_no, epoch)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(*parts)))
 
 
 class InjectedFault(RuntimeError):
@@ -500,9 +506,12 @@ def train_worker(conf: dict[str, Any], io: WorkerIO) -> None:
 
     ``conf``: round, seed, epochs, batch_size, lr, weight_decay, torch_threads,
     checkpoint_every_steps, model_dir (the base checkpoint directory; or registry_uri,
-    lineage, base_version to fetch it), histories (N, H), targets (N, M), fault."""
+    lineage, base_version to fetch it), histories (N, H), targets (N, M), fault; for IPA
+    rounds also pairs (``pipelines.ipa.PairSet.tensors()``), dpo_beta and dpo_weight: every
+    step then also trains on its slice of the epoch's shuffled pairs with the DPO loss."""
     from safetensors.torch import load_file, save_file
 
+    from models.dpo import NtpDpoObjective
     from pipelines.checkpoint import load_checkpoint
     from pipelines.train_onerec import code_table
 
@@ -524,19 +533,24 @@ def train_worker(conf: dict[str, Any], io: WorkerIO) -> None:
         model.parameters(), lr=float(conf["lr"]), weight_decay=float(conf["weight_decay"])
     )
     trained = torch.zeros(n, dtype=torch.int32)  # training passes per example, all ranks
+    pairs = conf.get("pairs") or {}
+    n_pairs = len(pairs.get("chosen", ()))
+    pairs_trained = torch.zeros(n_pairs, dtype=torch.int32)  # passes per pair, all ranks
     st: dict[str, Any] = {
         "epoch": 0,
         "step": 0,
         "global_step": 0,
         "epochs": [],
         "attempts": [],
-        "acc": {"ntp": 0.0, "moe_aux": 0.0, "next_item": 0.0, "steps": 0},
+        "acc": dict(_ACC0),
     }
     with io.restore() as restored:
         if restored is not None:
             model.load_state_dict(load_file(str(restored / "model.safetensors")), strict=True)
             _load_optimizer(opt, restored)
-            trained = load_file(str(restored / "trained.safetensors"))["trained"]
+            counts = load_file(str(restored / "trained.safetensors"))
+            trained = counts["trained"]
+            pairs_trained = counts.get("pairs_trained", pairs_trained)
             st = json.loads((restored / "train_state.json").read_text())
             if st.get("examples") != n:
                 raise ValueError(f"checkpoint is for {st.get('examples')} examples, not {n}")
@@ -552,31 +566,37 @@ def train_worker(conf: dict[str, Any], io: WorkerIO) -> None:
         }
     )
     attempt = st["attempts"][-1]  # where this attempt's time goes: setup, steps, reports
-    net: torch.nn.Module = model
+    # One forward computes both losses, so DDP sees one forward per backward.
+    net: torch.nn.Module = NtpDpoObjective(
+        model, float(conf.get("dpo_beta", 0.1)), float(conf.get("dpo_weight", 1.0))
+    )
     t_ddp = time.monotonic()
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model)  # CPU: gloo, set up by TorchTrainer
+        net = DistributedDataParallel(net)  # CPU: gloo, set up by TorchTrainer
     attempt.update(load_s=loaded_s, ddp_s=time.monotonic() - t_ddp)
     every = max(1, int(conf.get("checkpoint_every_steps") or 50))
     fault = conf.get("fault") or {}
     pending = torch.zeros(n, dtype=torch.int32)  # this rank's passes since the last report
-    sums = torch.zeros(4, dtype=torch.float64)  # ntp, moe_aux, next_item, steps (local)
+    pending_pairs = torch.zeros(n_pairs, dtype=torch.int32)
+    sums = torch.zeros(len(_SUMS), dtype=torch.float64)  # see _SUMS (this rank's)
     reported = False
     attempt.update(setup_s=time.monotonic() - entered, compute_s=0.0, report_s=0.0)
 
     def report(epoch_done: bool) -> None:
-        nonlocal pending, sums, trained, reported
+        nonlocal pending, pending_pairs, sums, trained, pairs_trained, reported
         t_report = time.monotonic()
         trained += io.all_reduce(pending.clone())
         pending.zero_()
+        if n_pairs:
+            pairs_trained += io.all_reduce(pending_pairs.clone())
+            pending_pairs.zero_()
         red = io.all_reduce(sums.clone()) / world
         sums.zero_()
         acc = st["acc"]
-        for i, k in enumerate(("ntp", "moe_aux", "next_item")):
-            acc[k] += float(red[i])
-        acc["steps"] += int(round(float(red[3])))
+        for k, v in zip(_SUMS, red.tolist(), strict=True):
+            acc[k] = acc.get(k, 0.0) + v
         metrics = {
             "round": round_no,
             "epoch": st["epoch"],
@@ -586,18 +606,20 @@ def train_worker(conf: dict[str, Any], io: WorkerIO) -> None:
             "ntp_loss": float(red[0] / red[3]) if red[3] > 0 else None,
         }
         if epoch_done:
-            s = max(1, acc["steps"])
-            st["epochs"].append(
-                {
-                    "epoch": st["epoch"],
-                    "ntp_loss": acc["ntp"] / s,
-                    "moe_aux_loss": acc["moe_aux"] / s,
-                    "next_item_loss": acc["next_item"] / s,
-                    "steps": acc["steps"],
-                }
-            )
+            s, ds = max(1.0, acc["steps"]), acc.get("dpo_steps", 0.0)
+            row = {
+                "epoch": st["epoch"],
+                "ntp_loss": acc["ntp"] / s,
+                "moe_aux_loss": acc["moe_aux"] / s,
+                "next_item_loss": acc["next_item"] / s,
+                "steps": int(round(acc["steps"])),
+            }
+            if ds > 0:
+                row["dpo_loss"] = acc["dpo"] / ds
+                row["dpo_accuracy"] = acc["dpo_accuracy"] / ds
+            st["epochs"].append(row)
             st["epoch"], st["step"] = st["epoch"] + 1, 0
-            st["acc"] = {"ntp": 0.0, "moe_aux": 0.0, "next_item": 0.0, "steps": 0}
+            st["acc"] = dict(_ACC0)
             metrics["epoch_ntp_loss"] = st["epochs"][-1]["ntp_loss"]
         name = f"ckpt-g{st['global_step']:07d}-a{len(st['attempts']) - 1}"
         if rank == 0:
@@ -606,7 +628,10 @@ def train_worker(conf: dict[str, Any], io: WorkerIO) -> None:
                 weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
                 save_file(weights, str(root / "model.safetensors"))
                 _save_optimizer(opt, root)
-                save_file({"trained": trained.contiguous()}, str(root / "trained.safetensors"))
+                counts = {"trained": trained.contiguous()}
+                if n_pairs:
+                    counts["pairs_trained"] = pairs_trained.contiguous()
+                save_file(counts, str(root / "trained.safetensors"))
                 (root / "train_state.json").write_text(json.dumps(_plain(st), indent=1))
                 io.report(metrics, root, name)
         else:
@@ -619,27 +644,36 @@ def train_worker(conf: dict[str, Any], io: WorkerIO) -> None:
         epoch = st["epoch"]
         perm = epoch_permutation(n, seed, round_no, epoch)
         schedule = epoch_schedule(n, world, int(conf["batch_size"]))
+        # The epoch's pairs, shuffled, spread evenly over its steps (each once an epoch).
+        pair_perm = epoch_permutation(n_pairs, seed, round_no, epoch, salt="pairs")
         for step in range(st["step"], len(schedule)):
             t_step = time.monotonic()
             lo, hi = schedule[step]
             idx = perm[lo:hi][rank::world]
             torch.manual_seed(_mix(seed, round_no, epoch, step, rank))  # dropout
             h, t = hist[idx], tgt[idx]
-            loss, parts = net(codes[h], h > 0, codes[t], t > 0, history_items=h, target_items=t)
+            ntp = {
+                "history": codes[h],
+                "history_mask": h > 0,
+                "target": codes[t],
+                "target_mask": t > 0,
+                "history_items": h,
+                "target_items": t,
+            }
+            plo, phi = step * n_pairs // len(schedule), (step + 1) * n_pairs // len(schedule)
+            pidx = pair_perm[plo:phi][rank::world]
+            batch_pairs = _pair_batch(pairs, pidx, codes) if len(pidx) else None
+            loss, parts = net(ntp, batch_pairs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             opt.step()
             pending[idx] += 1
-            sums += torch.tensor(
-                [
-                    float(parts["ntp"]),
-                    float(parts["moe_aux"]),
-                    float(parts.get("next_item", 0.0)),
-                    1.0,
-                ],
-                dtype=torch.float64,
-            )
+            if len(pidx):
+                pending_pairs[pidx] += 1
+            has_dpo = "dpo" in parts
+            parts = {**parts, "steps": 1.0, "dpo_steps": float(has_dpo)}
+            sums += torch.tensor([float(parts.get(k, 0.0)) for k in _SUMS], dtype=torch.float64)
             st["step"], st["global_step"] = step + 1, st["global_step"] + 1
             attempt["compute_s"] += time.monotonic() - t_step
             last = step + 1 == len(schedule)
@@ -672,6 +706,26 @@ def train_worker(conf: dict[str, Any], io: WorkerIO) -> None:
             io.report({"round": round_no, "global_step": st["global_step"]}, None, name)
 
 
+# What a worker sums over its steps between reports (then averaged over the ranks).
+_SUMS = ("ntp", "moe_aux", "next_item", "steps", "dpo", "dpo_accuracy", "dpo_steps")
+_ACC0 = dict.fromkeys(_SUMS, 0.0)
+
+
+def _pair_batch(pairs: dict[str, torch.Tensor], idx: torch.Tensor, codes: torch.Tensor) -> dict:
+    """``NtpDpoObjective``'s pair inputs for pairs ``idx`` (item ids -> SID codes)."""
+    h, c, r = (pairs[k][idx].long() for k in ("histories", "chosen", "rejected"))
+    return {
+        "history": h,
+        "history_codes": codes[h],
+        "chosen_codes": codes[c],
+        "chosen_mask": c > 0,
+        "rejected_codes": codes[r],
+        "rejected_mask": r > 0,
+        "ref_chosen": pairs["ref_chosen"][idx].float(),
+        "ref_rejected": pairs["ref_rejected"][idx].float(),
+    }
+
+
 def _ray_worker(config: dict[str, Any]) -> None:
     train_worker(config, _RayIO())
 
@@ -680,10 +734,12 @@ def read_train_checkpoint(path: Path) -> dict[str, Any]:
     """Weights, training state and per-example counts of a worker checkpoint."""
     from safetensors.torch import load_file
 
+    counts = load_file(str(path / "trained.safetensors"))
     return {
         "weights": load_file(str(path / "model.safetensors")),
         "state": json.loads((path / "train_state.json").read_text()),
-        "trained": load_file(str(path / "trained.safetensors"))["trained"],
+        "trained": counts["trained"],
+        "pairs_trained": counts.get("pairs_trained"),
     }
 
 
@@ -828,6 +884,8 @@ def _complete(cfg: StackConfig, state: dict, record: dict, marks: dict) -> dict:
     """Record the round and advance the marks, in one atomic state write."""
     _append_round(cfg, record)
     state["marks"] = marks
+    if record.get("pref_offsets") is not None:  # the round's pairs are consumed with it
+        state["pref_offsets"] = record["pref_offsets"]
     if record.get("round") is not None:
         state["round"] = record["round"]
     state["in_progress"] = None
@@ -934,6 +992,24 @@ def _run_round(
         round_no = int(state["round"]) + 1
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
         run = f"r{round_no:05d}-{stamp}"
+        pref_after = None
+        if tc.dpo:  # IPA: the reward model, then the pairs its sampler mined
+            from pipelines.ipa import round_inputs
+
+            pairs, pref_after, reward = round_inputs(
+                cfg,
+                reg,
+                state.get("pref_offsets", {}),
+                mine,
+                item_ids,
+                mc,
+                round_no,
+                lineage,
+                train_dir(cfg),
+                progress,
+            )
+            pairs.save(round_dir(cfg, round_no) / "pairs.safetensors")
+            info["pairs"], info["reward_model"] = pairs.info, reward
         ex.save(round_dir(cfg, round_no) / "examples.safetensors", {"round": round_no, **info})
         ip = {
             "round": round_no,
@@ -941,6 +1017,7 @@ def _run_round(
             "version": f"{arm[:40]}-r{round_no:05d}-{stamp}",
             "entries": [[e.writer, e.seq] for e in entries],
             "marks_after": marks_after,
+            "pref_offsets_after": pref_after,
             "lineage": lineage,
             "base_version": base_version,
             "phase": "training",
@@ -975,6 +1052,16 @@ def _run_round(
     return _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promote, trainer)
 
 
+def _round_pairs(cfg: StackConfig, ip: dict):
+    """The round's preference pairs (IPA rounds), None otherwise."""
+    path = round_dir(cfg, ip["round"]) / "pairs.safetensors"
+    if ip.get("pref_offsets_after") is None or not path.exists():
+        return None
+    from pipelines.ipa import PairSet
+
+    return PairSet.load(path)
+
+
 def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promote, trainer) -> dict:
     from pipelines.checkpoint import save_checkpoint
     from pipelines.gate import GateResult, gate
@@ -997,6 +1084,10 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             cfg, ip["round"], plan, ip["lineage"], ip["base_version"], h_train, t_train
         )
         conf["fault"] = _fault_from_env()
+        pairs = _round_pairs(cfg, ip)
+        if pairs is not None and len(pairs):
+            conf["pairs"] = pairs.tensors()
+            conf["dpo_beta"], conf["dpo_weight"] = cfg.dpo.beta, cfg.dpo.weight
         ip["attempts"] = int(ip.get("attempts", 0)) + 1
         _save_state(cfg, state)
         t0 = time.monotonic()
@@ -1010,6 +1101,14 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             raise RuntimeError(
                 f"round {ip['round']}: training passes per example are "
                 f"{sorted(set(trained.tolist()))}, expected exactly {epochs}"
+            )
+        n_pairs = len(conf.get("pairs", {}).get("chosen", ()))
+        pair_passes = out.get("pairs_trained")
+        if n_pairs and (pair_passes is None or not bool((pair_passes == epochs).all())):
+            raise RuntimeError(
+                f"round {ip['round']}: training passes per preference pair are "
+                f"{None if pair_passes is None else sorted(set(pair_passes.tolist()))}, "
+                f"expected exactly {epochs}"
             )
         model = base.model
         model.load_state_dict(out["weights"], strict=True)
@@ -1044,6 +1143,7 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             "attempts": st["attempts"],
             "global_steps": st["global_step"],
             "trained_examples": int(trained.sum()),
+            "trained_pairs": n_pairs,
             "workers": workers,
         }
         ip["phase"] = "trained"
@@ -1117,9 +1217,11 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
         "base_version": ip["base_version"],
         "lineage": ip["lineage"],
         "lake_marks": ip["marks_after"],
+        "pref_offsets": ip.get("pref_offsets_after"),
         "commits": len(ip["entries"]),
         **info,
         "epochs": epochs,
+        "trained_pairs": tr.get("trained_pairs", 0),
         "trained_examples": passes,
         "examples_per_s": passes / ip["train_s"] if ip["train_s"] > 0 else None,
         "compute_examples_per_s": passes / compute_s if compute_s > 0 else None,
@@ -1312,6 +1414,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arm", help="the arm whose lineage is trained (train.arm)")
     ap.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
     ap.add_argument("--pooled", action="store_true", help="learn from every arm's sessions")
+    ap.add_argument(
+        "--dpo",
+        action="store_true",
+        help="iterative preference alignment: the reward model and DPO on the arm's pairs",
+    )
     ap.add_argument("--once", action="store_true", help="one round (or wait for none), then exit")
     ap.add_argument("--freshness", action="store_true", help="print the serving model's freshness")
     ap.add_argument("--detach", action="store_true", help="run as a detached actor of the stack")
@@ -1319,7 +1426,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(
         args.config,
-        overrides={"home": args.home, "train.arm": args.arm, "train.workers": args.workers},
+        overrides={
+            "home": args.home,
+            "train.arm": args.arm,
+            "train.workers": args.workers,
+            "train.dpo": True if args.dpo else None,
+        },
     )
     if args.freshness:
         print(json.dumps(freshness(cfg), indent=2))

@@ -14,6 +14,8 @@
     recloop analyze   the A/B verdict of a simulated run, from its logged events
     recloop ingest    Kafka → Feast + lake, exactly once (foreground, or --detach as actors)
     recloop train     continuous training rounds on the lake; each gated version promoted
+    recloop dpo       the DPO sample server: --detach | --stop | --status
+    recloop reward    fit the session reward model on the lake, per-target held-out AUC
     recloop pretrain  build the tokenizer and pre-train the seed OneRec model (a checkpoint)
     recloop eval      offline evaluation: --model onerec|sasrec|pop on a dataset
     recloop ablate    OneRec ablations: MoE vs dense, M=5 vs M=1, beam 8/32/128
@@ -226,6 +228,8 @@ JOBS = {
     "fit-user-model": "pipelines.fit_user_model",
     "ingest": "actors.ingestor",
     "train": "pipelines.continuous",
+    "dpo": "actors.dpo_sampler",
+    "reward": "pipelines.reward",
 }
 
 

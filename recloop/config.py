@@ -197,6 +197,39 @@ class TrainLoopConfig:
     tolerance: float = 0.02  # relative regression allowed on the held-out metric
     poll_s: float = 10.0
     checkpoint_every_steps: int = 50
+    dpo: bool = False  # also train on the arm's preference pairs (online-ipa; see DpoConfig)
+
+
+@dataclass
+class DpoConfig:
+    """Iterative preference alignment (OneRec 3.3): the DPO sample server that mines
+    preference pairs from the mirrored share of traffic (``serve.dpo_fraction``), the
+    session reward model that ranks them, and the DPO term of the training rounds of the
+    ``online-ipa`` arms."""
+
+    arms: list[str] = field(default_factory=list)  # arms to mine pairs for; [] = every
+    # online-ipa arm of the serving experiment
+    candidates: int = 8  # N sessions generated per mirrored request (the beam's top N)
+    beam_width: int = 16  # beam search width of the sampler (>= candidates)
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"swt": 1.0})
+    queue_size: int = 256  # mirrored requests waiting; beyond it they are dropped (counted)
+    sampler_cpus: float = 0.2
+    torch_threads: int = 1
+    reload_s: float = 5.0  # how often the sampler checks the registry for promotions
+    beta: float = 0.1  # DPO temperature (eq. 10)
+    weight: float = 1.0  # weight of the DPO loss beside the next-token loss
+    max_pairs: int = 20_000  # pairs consumed per round (the rest wait for the next)
+    pairs_per_step: int = 16  # pairs per worker and step (at least; spread over the epoch)
+    reward_epochs: int = 5  # reward-model fine-tuning epochs per round
+    reward_lr: float = 3e-3
+
+    def __post_init__(self) -> None:
+        if self.candidates < 2 or self.beam_width < self.candidates:
+            raise ConfigError("dpo.candidates must be >= 2 and dpo.beam_width >= candidates")
+        if self.beta <= 0 or self.weight < 0:
+            raise ConfigError("dpo.beta must be > 0 and dpo.weight >= 0")
+        if not self.reward_weights:
+            raise ConfigError("dpo.reward_weights must name at least one target")
 
 
 @dataclass
@@ -214,6 +247,7 @@ class StackConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).absolute()

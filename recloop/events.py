@@ -118,12 +118,15 @@ class Preference(Event):
 
     topic: ClassVar[str] = "recloop.preferences"
 
-    model_version: Id
+    model_version: Id  # the version that generated both sessions (the DPO reference)
     history: Annotated[list[NonNegInt], Field(max_length=4096)]
     chosen: Annotated[list[NonNegInt], Field(min_length=1, max_length=256)]
     rejected: Annotated[list[NonNegInt], Field(min_length=1, max_length=256)]
     chosen_reward: float = Field(allow_inf_nan=False)
     rejected_reward: float = Field(allow_inf_nan=False)
+    arm: Id | None = None  # the arm whose lineage generated the pair (its trainer uses it)
+    reward_version: Id | None = None  # the reward model that ranked the candidates
+    candidates: Annotated[int, Field(ge=2, le=1024)] | None = None  # sessions ranked
 
     @model_validator(mode="after")
     def _ordered(self) -> Preference:

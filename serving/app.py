@@ -379,12 +379,11 @@ class Router:
             raise HTTPException(503, result["error"])
         items = [ServedItem(**i) for i in result["items"]]
         version = result["model_version"]
+        event_ms = body.event_time_ms if body.event_time_ms is not None else int(time.time() * 1000)
         if items:
             self.impressions.offer(
                 Impression(
-                    event_time_ms=body.event_time_ms
-                    if body.event_time_ms is not None
-                    else int(time.time() * 1000),
+                    event_time_ms=event_ms,
                     request_id=request_id,
                     user_id=body.user_id,
                     arm=arm,
@@ -400,6 +399,7 @@ class Router:
                 "user_id": body.user_id,
                 "arm": arm,
                 "model_version": version,
+                "event_time_ms": event_ms,
                 "history": feats.history,
                 "items": [i.item_id for i in items],
             },

@@ -292,6 +292,11 @@ def start_learning(cfg: StackConfig, run: RunFile, say: Progress) -> dict[str, A
     from actors.ingestor import start_actors
 
     start_actors(cfg, say)
+    ipa = [a.name for a in run.experiment.arms if a.learning == "online-ipa"]
+    if ipa:  # the DPO sample server mines pairs from the mirrored share of their traffic
+        from actors.dpo_sampler import start_sampler
+
+        start_sampler(cfg, ipa, say)
     tdir = cfg.home / "train"
     tdir.mkdir(parents=True, exist_ok=True)
     conf = tdir / "stack.yaml"
@@ -301,6 +306,8 @@ def start_learning(cfg: StackConfig, run: RunFile, say: Progress) -> dict[str, A
         cmd = [sys.executable, "-m", "pipelines.continuous", "--config", str(conf), "--arm", arm]
         if run.experiment.data_policy == "pooled":
             cmd.append("--pooled")
+        if arm in ipa:
+            cmd.append("--dpo")
         log = open(tdir / f"{arm}.log", "ab")  # noqa: SIM115 (closed in stop_learning)
         procs[arm] = (subprocess.Popen(cmd, stdout=log, stderr=log, cwd=PROJECT_ROOT), log)
         say(f"arm {arm}: continuous training started (log {tdir / f'{arm}.log'})")
@@ -334,6 +341,13 @@ def stop_learning(
             f"arm {arm}: {len(rounds)} training round(s), "
             f"{sum(1 for r in rounds if r.get('promoted'))} promoted; serving {reg.current(arm)}"
         )
+    if any(a.learning == "online-ipa" for a in run.experiment.arms):
+        from actors.dpo_sampler import stop_sampler
+
+        try:
+            out["dpo_sampler"] = stop_sampler(cfg, say)  # its counters over the run
+        except Exception as exc:
+            say(f"warning: the DPO sampler did not stop cleanly: {exc}")
     return out
 
 
