@@ -9,6 +9,11 @@ A checkpoint is a directory::
 It is written into a hidden sibling directory and renamed into place, so a reader sees
 either nothing or the whole checkpoint. Loading refuses non-finite weights and any shape
 or key mismatch: bad weights are never served. No pickle anywhere.
+
+Two other formats share the layout minus the tokenizer: baseline arms
+(``recloop.baseline/1``) and session reward models (``recloop.reward/1``, OneRec §3.3.1,
+``models/reward``). ``FILES`` lists each format's files and ``validate_checkpoint``
+loads any of them, which is what the model registry checks before publishing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.onerec import OneRec, OneRecConfig
+from models.reward import RewardConfig, SessionRewardModel
 from models.tokenizer import SemanticIdTokenizer
 
 FORMAT = "recloop.onerec/2"  # 2: causal encoder, decoder conditioned on its summary
@@ -197,6 +203,73 @@ def load_baseline(path: str | os.PathLike[str]) -> BaselineCheckpoint:
     )
 
 
+# --------------------------------------------------------------------------- reward models
+REWARD_FORMAT = "recloop.reward/1"
+
+
+@dataclass
+class RewardCheckpoint:
+    """A session reward model (``models/reward``): ``model.safetensors`` + ``config.json``
+    (``reward``: its config, ``item_ids``: the data id of model item m + 1)."""
+
+    model: SessionRewardModel
+    item_ids: list[int]
+    meta: dict
+    path: Path
+
+
+def save_reward(
+    path: str | os.PathLike[str],
+    model: SessionRewardModel,
+    item_ids: list[int],
+    meta: dict | None = None,
+) -> Path:
+    """Write a reward checkpoint directory atomically (it must not exist yet)."""
+    if len(item_ids) != model.cfg.num_items:
+        raise CheckpointError(f"{len(item_ids)} item ids for {model.cfg.num_items} model items")
+    with _staged_dir(path) as tmp:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        config = {
+            **(meta or {}),
+            "format": REWARD_FORMAT,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "reward": model.cfg.to_dict(),
+            "item_ids": [int(i) for i in item_ids],
+            "params": model.num_params(),
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return Path(path)
+
+
+def load_reward(path: str | os.PathLike[str]) -> RewardCheckpoint:
+    root = Path(path)
+    config = _read_config(root)
+    if config.get("format") != REWARD_FORMAT:
+        raise CheckpointError(
+            f"{root}: format {config.get('format')!r}, expected {REWARD_FORMAT!r}"
+        )
+    try:
+        weights = load_file(str(root / "model.safetensors"))
+    except (FileNotFoundError, OSError) as exc:
+        raise CheckpointError(f"{root}: unreadable weights: {exc}") from exc
+    except Exception as exc:  # safetensors raises its own error type on corrupt files
+        raise CheckpointError(f"{root}: corrupt safetensors file: {exc}") from exc
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{root}: non-finite weights in {', '.join(sorted(bad)[:5])}")
+    try:
+        model = SessionRewardModel(RewardConfig(**config["reward"]))
+        model.load_state_dict(weights, strict=True)
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{root}: weights do not match the config: {exc}") from exc
+    item_ids = config.get("item_ids")
+    ok = isinstance(item_ids, list) and all(isinstance(i, int) for i in item_ids)
+    if not ok or len(item_ids) != model.cfg.num_items:
+        raise CheckpointError(f"{root}: item_ids do not match the {model.cfg.num_items} items")
+    return RewardCheckpoint(model.eval(), [int(i) for i in item_ids], config, root)
+
+
 def checkpoint_format(path: str | os.PathLike[str]) -> str:
     """The ``format`` a checkpoint directory declares (CheckpointError if unreadable)."""
     return str(_read_config(Path(path)).get("format"))
@@ -206,12 +279,16 @@ def checkpoint_format(path: str | os.PathLike[str]) -> str:
 FILES = {
     FORMAT: ("model.safetensors", "tokenizer.safetensors", "config.json"),
     BASELINE_FORMAT: ("model.safetensors", "config.json"),
+    REWARD_FORMAT: ("model.safetensors", "config.json"),
 }
 
 
 def validate_checkpoint(path: str | os.PathLike[str]) -> None:
     """Load the checkpoint whatever its format; CheckpointError for bad weights."""
-    if checkpoint_format(path) == BASELINE_FORMAT:
+    fmt = checkpoint_format(path)
+    if fmt == BASELINE_FORMAT:
         load_baseline(path)
+    elif fmt == REWARD_FORMAT:
+        load_reward(path)
     else:
         load_checkpoint(path)

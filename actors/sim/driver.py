@@ -341,8 +341,8 @@ def stop_learning(
             f"arm {arm}: {len(rounds)} training round(s), "
             f"{sum(1 for r in rounds if r.get('promoted'))} promoted; serving {reg.current(arm)}"
         )
-    if any(a.learning == "online-ipa" for a in run.experiment.arms):
-        from actors.dpo_sampler import stop_sampler
+    if procs and any(a.learning == "online-ipa" for a in run.experiment.arms):
+        from actors.dpo_sampler import stop_sampler  # started by start_learning
 
         try:
             out["dpo_sampler"] = stop_sampler(cfg, say)  # its counters over the run

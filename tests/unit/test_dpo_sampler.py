@@ -40,6 +40,9 @@ def _reward_ckpt(path: Path) -> Path:
 
     torch.manual_seed(0)
     model = SessionRewardModel(RewardConfig(num_items=len(RAW), max_history=8))
+    with torch.no_grad():  # a fresh model starts neutral (zero branches): make it opinionated
+        for p in model.parameters():
+            p.normal_(std=0.3)
     return save_reward(path, model, RAW)
 
 
