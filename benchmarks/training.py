@@ -165,7 +165,9 @@ def main() -> int:
     )
     if args.dpo_fraction is not None:
         serve = dataclasses.replace(serve, dpo_fraction=args.dpo_fraction)
-    train = dataclasses.replace(cfg.train, arm=learning[0])
+    train = dataclasses.replace(
+        cfg.train, arm=learning[0], cpus_per_worker=file_cfg.train.cpus_per_worker
+    )
     if args.workers:
         train = dataclasses.replace(train, workers=args.workers)
     cfg = dataclasses.replace(cfg, serve=serve, train=train, dpo=file_cfg.dpo)
@@ -209,7 +211,11 @@ def main() -> int:
         sampler.start()
         manifest = simulate(cfg, args.run_file, _say, True, overrides)
         stop.set()
-        result = analyze_run(cfg, cfg.home / "sim" / "runs" / manifest["run_id"])
+        run_dir = cfg.home / "sim" / "runs" / manifest["run_id"]
+        result = analyze_run(cfg, run_dir)
+        if ipa and len(learning) > 1:  # the IPA arm against the arm that learns without it
+            vs = analyze_run(cfg, run_dir, {"control": learning[0]})
+            out["ab_vs_" + learning[0]] = [c for c in vs["comparisons"] if c["arm"] in ipa]
         out["ab"] = {
             "policy": result["policy"],
             "comparisons": result["comparisons"],

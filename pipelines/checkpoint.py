@@ -96,21 +96,32 @@ def _staged_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def _read_tensors(root: Path, *names: str) -> list[dict[str, torch.Tensor]]:
+    """The checkpoint's safetensors files ``names``; CheckpointError when one is missing,
+    corrupt, or holds a non-finite float."""
+    out = []
+    for name in names:
+        try:
+            tensors = load_file(str(root / name))
+        except (FileNotFoundError, OSError) as exc:
+            raise CheckpointError(f"{root}: unreadable weights: {exc}") from exc
+        except Exception as exc:  # safetensors raises its own error type on corrupt files
+            raise CheckpointError(f"{root}: corrupt safetensors file: {exc}") from exc
+        bad = [
+            k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()
+        ]
+        if bad:
+            raise CheckpointError(f"{root}: non-finite weights in {', '.join(sorted(bad)[:5])}")
+        out.append(tensors)
+    return out
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     root = Path(path)
     config = _read_config(root)
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{root}: format {config.get('format')!r}, expected {FORMAT!r}")
-    try:
-        weights = load_file(str(root / "model.safetensors"))
-        tok_tensors = load_file(str(root / "tokenizer.safetensors"))
-    except (FileNotFoundError, OSError) as exc:
-        raise CheckpointError(f"{root}: unreadable weights: {exc}") from exc
-    except Exception as exc:  # safetensors raises its own error type on corrupt files
-        raise CheckpointError(f"{root}: corrupt safetensors file: {exc}") from exc
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{root}: non-finite weights in {', '.join(sorted(bad)[:5])}")
+    weights, tok_tensors = _read_tensors(root, "model.safetensors", "tokenizer.safetensors")
     try:
         model = OneRec(OneRecConfig(**config["model"]))
         model.load_state_dict(weights, strict=True)
@@ -249,15 +260,7 @@ def load_reward(path: str | os.PathLike[str]) -> RewardCheckpoint:
         raise CheckpointError(
             f"{root}: format {config.get('format')!r}, expected {REWARD_FORMAT!r}"
         )
-    try:
-        weights = load_file(str(root / "model.safetensors"))
-    except (FileNotFoundError, OSError) as exc:
-        raise CheckpointError(f"{root}: unreadable weights: {exc}") from exc
-    except Exception as exc:  # safetensors raises its own error type on corrupt files
-        raise CheckpointError(f"{root}: corrupt safetensors file: {exc}") from exc
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{root}: non-finite weights in {', '.join(sorted(bad)[:5])}")
+    (weights,) = _read_tensors(root, "model.safetensors")
     try:
         model = SessionRewardModel(RewardConfig(**config["reward"]))
         model.load_state_dict(weights, strict=True)
