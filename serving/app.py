@@ -457,7 +457,7 @@ def build_app(cfg: StackConfig, versions: dict[str, str | None] | None = None):
     s = cfg.serve
     experiment = load_experiment(s.experiment)
     versions = {**current_versions(cfg), **(versions or {})}
-    plain = cfg.to_dict()
+    plain = service_config(cfg)
     recommenders = {}
     for spec in experiment.arms:
         recommenders[spec.name] = Recommender.options(
@@ -469,12 +469,26 @@ def build_app(cfg: StackConfig, versions: dict[str, str | None] | None = None):
     return Router.options(ray_actor_options={"num_cpus": s.router_cpus}).bind(plain, recommenders)
 
 
+# Config sections the service does not read. They stay out of the application's args:
+# Serve redeploys every replica when the args change, so a trainer promoting with its own
+# train/dpo settings (two learning arms: two trainers) would restart the whole service.
+NOT_SERVICE_CONFIG = ("train", "dpo", "ingest")
+
+
+def service_config(cfg: StackConfig) -> dict:
+    """``cfg`` as the service receives it: the sections it reads, the rest at defaults."""
+    conf = cfg.to_dict()
+    for section in NOT_SERVICE_CONFIG:
+        conf.pop(section, None)
+    return conf
+
+
 def deploy_config(cfg: StackConfig, versions: dict[str, str | None] | None = None) -> dict:
     """The declarative Serve config of the service for ``cfg``, with each arm's model
     version (from the registry unless given) in its ``user_config``."""
     conf = render_serve_config(cfg)
     app = conf["applications"][0]
-    app["args"] = {"config_dict": cfg.to_dict()}
+    app["args"] = {"config_dict": service_config(cfg)}
     versions = {**current_versions(cfg), **(versions or {})}
     for d in app["deployments"]:
         arm = d["name"].removeprefix("recommender-")

@@ -79,6 +79,30 @@ def test_serve_deploy_config_in_infra_matches_what_recloop_serve_deploys():
     validate(shipped)  # Serve itself accepts the file
 
 
+def test_trainers_with_their_own_settings_deploy_the_same_service_args(tmp_path):
+    """Serve restarts every replica when the app's args change: two trainers (one per
+    learning arm, with their own train/dpo settings) must promote the same args."""
+    from serving.app import deploy_config
+
+    reg = str(tmp_path / "registry")
+    a = load_config(overrides={"serve.registry_uri": reg, "train.arm": "online"}, env={})
+    b = load_config(
+        overrides={
+            "serve.registry_uri": reg,
+            "train.arm": "online-ipa",
+            "train.dpo": True,
+            "dpo.beta": 0.5,
+            "ingest.consumers": 2,
+        },
+        env={},
+    )
+    args_a = deploy_config(a, versions={})["applications"][0]["args"]
+    args_b = deploy_config(b, versions={})["applications"][0]["args"]
+    assert args_a == args_b
+    c = load_config(overrides={"serve.registry_uri": reg, "serve.dpo_fraction": 0.05}, env={})
+    assert deploy_config(c, versions={})["applications"][0]["args"] != args_a  # serve's own
+
+
 def test_impression_logger_counts_drops_when_its_buffer_is_full():
     from recloop.events import Impression
     from serving.impressions import ImpressionLogger
