@@ -924,6 +924,9 @@ def run_round(
     ``promote(cfg, arm, version, progress)`` defaults to ``promote_serving`` (registry +
     Serve hot swap when the service is deployed); ``trainer(cfg, conf, run_name,
     workers)`` to ``ray_train``."""
+    # The driver's own torch work (reward model, reference log p, the gate) on
+    # train.torch_threads: torch's default of every core spins on a shared 2-core machine.
+    torch.set_num_threads(cfg.train.torch_threads)
     with _arm_lock(cfg):
         return _run_round(cfg, progress, pooled, promote or promote_serving, trainer or ray_train)
 
