@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-ab bench-ingest bench-training bench-ipa simulate analyze ingest train serve pretrain eval clean
+.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-ab bench-ingest bench-training bench-ipa bench-ipa-offline simulate analyze ingest train serve pretrain eval clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -123,6 +123,9 @@ IPA_RUN := infra/experiments/ipa-vs-online.yaml
 bench-ipa: install  ## online-ipa vs online vs frozen through the whole loop, 1% and 5% mirrored (~1 h)
 	$(BIN)/python -m benchmarks.training --run-file $(IPA_RUN) --dpo-fraction 0.01 --out benchmarks/results/ipa_1pct.json
 	$(BIN)/python -m benchmarks.training --run-file $(IPA_RUN) --dpo-fraction 0.05 --out benchmarks/results/ipa_5pct.json
+
+bench-ipa-offline: install  ## IPA offline and paired: DPO vs next-token only, hidden-model ground truth (~3 min)
+	$(BIN)/python -m benchmarks.ipa_offline --steps 4 --ratios 0.01,0.05,0.2 --holdout-users 0.3
 
 bench-kafka: install  ## producer/consumer throughput of the event helpers vs raw kafka-python
 	$(BIN)/python -m benchmarks.kafka_throughput

@@ -191,11 +191,17 @@ def main() -> int:
     # 4. Fine-tune the seed per variant, exactly like a round's worker.
     hq = [r for r in rows if is_high_quality(r, cfg.train.min_clicks, cfg.train.min_watch_s)]
     ex = build_examples(hq, item_ids, mh, policy.session_len, 0.0)
-    variants: dict[str, dict] = {}
-    for ratio in [0.0, *ratios]:
+    variants: dict[str, dict] = {
+        "seed": {"pairs": 0, "train_s": 0.0, "losses": [], "model": policy}
+    }
+    # "0" is the baseline; "0/seed+1" the same training under another seed: the noise
+    # floor of one training run, which the paired SE over users does not include.
+    plan = [("0", 0.0, args.seed), ("0/seed+1", 0.0, args.seed + 1)]
+    plan += [(f"{r:g}", r, args.seed) for r in ratios]
+    for name, ratio, train_seed in plan:
         n = int(round(ratio * len(rows)))
         conf = {
-            "round": 1, "seed": args.seed, "epochs": epochs, "batch_size": cfg.train.batch_size,
+            "round": 1, "seed": train_seed, "epochs": epochs, "batch_size": cfg.train.batch_size,
             "lr": cfg.train.lr, "weight_decay": 0.01, "torch_threads": 1,
             "checkpoint_every_steps": 10**9, "model_dir": str(seed_dir),
             "histories": ex.histories, "targets": ex.targets, "fault": None,
@@ -205,21 +211,22 @@ def main() -> int:
                 events[:n], "offline", item_ids, mh, policy.session_len, lambda v: seed_ck
             )
             conf.update(pairs=pairs.tensors(), dpo_beta=beta, dpo_weight=cfg.dpo.weight)
-        io = LocalIO(tmp / f"run-{ratio}")
+            n = len(pairs)
+        io = LocalIO(tmp / f"run-{name.replace('/', '-')}")
         io.root.mkdir(parents=True)
         t0 = time.monotonic()
         train_worker(conf, io)
         out = read_train_checkpoint(io.latest())
-        model = LoadedModel.load(str(seed_dir), f"ratio-{ratio}")
+        model = LoadedModel.load(str(seed_dir), name)
         model.ranker.model.load_state_dict(out["weights"])
         model.ranker.model.eval()
-        variants[f"{ratio:g}"] = {
+        variants[name] = {
             "pairs": n,
             "train_s": time.monotonic() - t0,
             "losses": out["state"]["epochs"],
             "model": model,
         }
-        _say(f"ratio {ratio:g}: {n} pairs, losses {out['state']['epochs']}")
+        _say(f"{name}: {n} pairs, losses {out['state']['epochs']}")
 
     # 5. Held-out users: reward-model score and the hidden model's expected watch time.
     t_eval = T0 + args.steps * SESSION_GAP_MS
@@ -265,7 +272,7 @@ def main() -> int:
     )
     for name, r in summary.items():
         print(
-            f"{name:>6} {r['pairs']:>6} {r['reward']:>10.2f} "
+            f"{name:>9} {r['pairs']:>6} {r['reward']:>10.2f} "
             f"{r['reward_lift'] * 100:>+7.2f}±{r['reward_lift_se'] * 100:.2f}% "
             f"{r['expected_watch_s']:>11.2f} "
             f"{r['expected_watch_s_lift'] * 100:>+7.2f}±{r['expected_watch_s_lift_se'] * 100:.2f}%"
