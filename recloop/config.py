@@ -219,7 +219,6 @@ class DpoConfig:
     beta: float = 0.1  # DPO temperature (eq. 10)
     weight: float = 1.0  # weight of the DPO loss beside the next-token loss
     max_pairs: int = 20_000  # pairs consumed per round (the rest wait for the next)
-    pairs_per_step: int = 16  # pairs per worker and step (at least; spread over the epoch)
     reward_epochs: int = 5  # reward-model fine-tuning epochs per round
     reward_lr: float = 3e-3
 
