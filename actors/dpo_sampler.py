@@ -44,7 +44,6 @@ import torch
 from recloop.config import StackConfig
 
 Progress = Callable[[str], None]
-ACTOR_CPUS_DEFAULT = 0.2
 BATCH = 8  # mirrored requests generated in one beam search
 
 
@@ -85,11 +84,10 @@ class RewardScorer:
     def score(self, history: Sequence[int], sessions: Sequence[Sequence[int]]) -> list[float]:
         """The combined reward of each candidate session (data item ids)."""
         from models.reward import combine
+        from pipelines.train_onerec import pad_histories
 
-        hist = [self.to_model[i] for i in history if i in self.to_model][-self.max_history :]
-        h = torch.zeros(len(sessions), self.max_history, dtype=torch.long)
-        if hist:
-            h[:, self.max_history - len(hist) :] = torch.tensor(hist)
+        hist = [self.to_model[i] for i in history if i in self.to_model]
+        h = pad_histories([hist], self.max_history).expand(len(sessions), -1)
         m = max(len(s) for s in sessions)
         items = torch.zeros(len(sessions), m, dtype=torch.long)
         for j, s in enumerate(sessions):

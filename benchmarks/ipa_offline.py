@@ -77,6 +77,7 @@ def main() -> int:
         is_high_quality,
         read_train_checkpoint,
         train_worker,
+        worker_conf,
     )
     from pipelines.data import load
     from pipelines.ipa import build_pairs
@@ -196,16 +197,16 @@ def main() -> int:
     }
     # "0" is the baseline; "0/seed+1" the same training under another seed: the noise
     # floor of one training run, which the paired SE over users does not include.
-    plan = [("0", 0.0, args.seed), ("0/seed+1", 0.0, args.seed + 1)]
-    plan += [(f"{r:g}", r, args.seed) for r in ratios]
-    for name, ratio, train_seed in plan:
+    runs = [("0", 0.0, args.seed), ("0/seed+1", 0.0, args.seed + 1)]
+    runs += [(f"{r:g}", r, args.seed) for r in ratios]
+    for name, ratio, train_seed in runs:
         n = int(round(ratio * len(rows)))
-        conf = {
-            "round": 1, "seed": train_seed, "epochs": epochs, "batch_size": cfg.train.batch_size,
-            "lr": cfg.train.lr, "weight_decay": 0.01, "torch_threads": 1,
-            "checkpoint_every_steps": 10**9, "model_dir": str(seed_dir),
-            "histories": ex.histories, "targets": ex.targets, "fault": None,
+        plan = {
+            "seed": train_seed, "epochs": epochs, "batch_size": cfg.train.batch_size,
+            "lr": cfg.train.lr, "checkpoint_every_steps": 10**9,
         }  # fmt: skip
+        conf = worker_conf(cfg, 1, plan, "offline", "seed", ex.histories, ex.targets)
+        conf.update(model_dir=str(seed_dir), torch_threads=1)  # the seed from disk
         if n:
             pairs = build_pairs(
                 events[:n], "offline", item_ids, mh, policy.session_len, lambda v: seed_ck
@@ -268,7 +269,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     print(
-        f"{'ratio':>6} {'pairs':>6} {'RM reward':>10} {'lift':>14} {'E[watch] s':>11} {'lift':>14}"
+        f"{'variant':>9} {'pairs':>6} {'RM reward':>10} {'lift':>14} "
+        f"{'E[watch] s':>11} {'lift':>14}"
     )
     for name, r in summary.items():
         print(

@@ -118,9 +118,7 @@ def _read_tensors(root: Path, *names: str) -> list[dict[str, torch.Tensor]]:
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     root = Path(path)
-    config = _read_config(root)
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{root}: format {config.get('format')!r}, expected {FORMAT!r}")
+    config = _read_config(root, FORMAT)
     weights, tok_tensors = _read_tensors(root, "model.safetensors", "tokenizer.safetensors")
     try:
         model = OneRec(OneRecConfig(**config["model"]))
@@ -177,22 +175,25 @@ def save_baseline(
     return Path(path)
 
 
-def _read_config(root: Path) -> dict:
+def _read_config(root: Path, expected_format: str | None = None) -> dict:
+    """The checkpoint's config.json; CheckpointError when missing, not JSON, or (with
+    ``expected_format``) of another format."""
     try:
-        return json.loads((root / "config.json").read_text())
+        config = json.loads((root / "config.json").read_text())
     except FileNotFoundError as exc:
         raise CheckpointError(f"{root}: no config.json (not a checkpoint?)") from exc
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{root}/config.json is not valid JSON: {exc}") from exc
+    if expected_format is not None and config.get("format") != expected_format:
+        raise CheckpointError(
+            f"{root}: format {config.get('format')!r}, expected {expected_format!r}"
+        )
+    return config
 
 
 def load_baseline(path: str | os.PathLike[str]) -> BaselineCheckpoint:
     root = Path(path)
-    config = _read_config(root)
-    if config.get("format") != BASELINE_FORMAT:
-        raise CheckpointError(
-            f"{root}: format {config.get('format')!r}, expected {BASELINE_FORMAT!r}"
-        )
+    config = _read_config(root, BASELINE_FORMAT)
     if config.get("kind") not in BASELINE_KINDS:
         raise CheckpointError(f"{root}: unknown baseline kind {config.get('kind')!r}")
     try:
@@ -255,11 +256,7 @@ def save_reward(
 
 def load_reward(path: str | os.PathLike[str]) -> RewardCheckpoint:
     root = Path(path)
-    config = _read_config(root)
-    if config.get("format") != REWARD_FORMAT:
-        raise CheckpointError(
-            f"{root}: format {config.get('format')!r}, expected {REWARD_FORMAT!r}"
-        )
+    config = _read_config(root, REWARD_FORMAT)
     (weights,) = _read_tensors(root, "model.safetensors")
     try:
         model = SessionRewardModel(RewardConfig(**config["reward"]))

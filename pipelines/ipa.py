@@ -32,7 +32,6 @@ import torch
 from recloop.config import StackConfig
 
 Progress = Callable[[str], None]
-PREFERENCES = "recloop.preferences"
 PAIR_KEYS = ("histories", "chosen", "rejected", "ref_chosen", "ref_rejected")
 MIN_REWARD_AUC = 0.5  # a reward model is made current only if it ranks views above chance
 
@@ -44,12 +43,13 @@ def read_pairs(
     """Preference events after ``start`` (partition -> next offset, as strings in JSON
     state) up to the topic's end now, at most ``max_pairs`` per partition. Returns (the
     events, the offsets after them, records that failed their contract)."""
+    from recloop.events import Preference
     from recloop.kafka_io import end_offsets, read_range
 
     begin = {int(p): int(o) for p, o in start.items()}
-    end = end_offsets(cfg.kafka.bootstrap, PREFERENCES)
+    end = end_offsets(cfg.kafka.bootstrap, Preference.topic)
     end = {p: min(e, begin.get(p, 0) + max_pairs) for p, e in end.items()}
-    events, invalid = read_range(cfg.kafka.bootstrap, PREFERENCES, begin, end)
+    events, invalid = read_range(cfg.kafka.bootstrap, Preference.topic, begin, end)
     after = {str(p): max(e, begin.get(p, 0)) for p, e in end.items()}
     return events, after, len(invalid)
 
@@ -94,7 +94,7 @@ class PairSet:
         from safetensors.torch import load_file
 
         t = load_file(str(path))
-        return cls(t["histories"], t["chosen"], t["rejected"], t["ref_chosen"], t["ref_rejected"])
+        return cls(*(t[k] for k in PAIR_KEYS))
 
 
 def _ids(items: Sequence[int], to_model: dict[int, int]) -> list[int] | None:
@@ -154,7 +154,7 @@ def build_pairs(
     return out
 
 
-def registry_reference(cfg: StackConfig, reg: Any, lineage: str, cache_dir: Path):
+def registry_reference(reg: Any, lineage: str, cache_dir: Path):
     """``reference`` for ``build_pairs``: a version of ``lineage`` loaded from the
     registry (None when the lineage does not hold it)."""
     from pipelines.checkpoint import load_checkpoint
@@ -272,7 +272,7 @@ def round_inputs(
         progress,
     )
     events, after, invalid = read_pairs(cfg, offsets, cfg.dpo.max_pairs)
-    ref = registry_reference(cfg, reg, lineage, work_dir / "cache")
+    ref = registry_reference(reg, lineage, work_dir / "cache")
     pairs = build_pairs(events, arm, item_ids, model_cfg.max_history, model_cfg.session_len, ref)
     pairs.info.update(invalid=invalid, offsets_before=dict(offsets), offsets_after=after)
     progress(
