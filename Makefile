@@ -1,5 +1,6 @@
 # recloop: the one place every command lives. README, CI and developers use these targets.
 #
+#   make demo     install (once), then the whole loop on the embedded stack and its report
 #   make test     install (once) and run the whole suite against a real local stack
 #   make smoke    start the local stack and push a round trip through every part
 #   make help     everything else
@@ -18,7 +19,7 @@ PYTEST_ARGS ?=
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help uv install system-deps test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-ab bench-ingest bench-training bench-ipa bench-ipa-offline simulate analyze ingest train serve pretrain eval clean
+.PHONY: help uv install system-deps demo demo-quick test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-ab bench-ingest bench-training bench-ipa bench-ipa-offline simulate analyze ingest train serve pretrain eval clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -41,6 +42,12 @@ $(STAMP): pyproject.toml uv.lock infra/kafka/pom.xml | uv
 	@touch $@
 
 install: $(STAMP)  ## install everything (Python deps from uv.lock, Kafka jars); idempotent
+
+demo: install  ## the main job: stack, seed model, three-arm A/B through the whole loop, report (~15 min)
+	$(BIN)/recloop demo
+
+demo-quick: install  ## the same on a sample of users, smaller rounds (~5 min)
+	$(BIN)/recloop demo --quick
 
 test: install  ## the whole suite: unit + integration against a real Kafka, Ray and Feast
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -67,7 +67,8 @@ Result of :func:`analyze` (JSON-able: no NaN/inf, those become ``None``)::
                        "p_value", "p_always_valid"?, "p_fixed_looks"?, "tau2"?,
                        "verdict", "interim": bool}],
       "over_time": {arm: [{"t_ms_start", "t_ms_end", "sessions", "swt", "vtr", "ltr",
-                           "wtr", "expected_swt"?, "oracle_swt"?, "oracle_gap"?}]},
+                           "wtr", "expected_swt"?, "oracle_swt"?, "oracle_gap"?,
+                           "<metric>_ci": [lo, hi] | None (95%, sessions as units)}]},
     }
 
 ``comparisons`` covers :data:`METRICS` and, when ``expected_watch_s`` is present,
@@ -428,6 +429,16 @@ def analyze(
         )
         with np.errstate(divide="ignore", invalid="ignore"):
             vals = sums_n / sums_d
+            # The ratio's linearised variance within the bucket, sessions as units (a
+            # band for plots; the tests above use users as units).
+            resid = d.num - vals[b] * d.den
+            ss = np.column_stack(
+                [
+                    np.bincount(b, weights=resid[:, j] ** 2, minlength=n_buckets)
+                    for j in range(len(names))
+                ]
+            )
+            half = 1.96 * np.sqrt(ss) / sums_d
         rows = []
         for i in range(n_buckets):
             r: dict[str, Any] = {
@@ -437,6 +448,13 @@ def analyze(
             }
             for m in series_names:
                 r[m] = _clean(vals[i, col[m]])
+                lo, hi = (
+                    _clean(vals[i, col[m]] - half[i, col[m]]),
+                    _clean(vals[i, col[m]] + half[i, col[m]]),
+                )
+                r[f"{m}_ci"] = (
+                    [lo, hi] if lo is not None and hi is not None and count[i] > 1 else None
+                )
             if _GAP in col:
                 r["oracle_gap"] = _clean(1.0 - vals[i, col[_GAP]])
             rows.append(r)

@@ -72,6 +72,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -768,7 +769,14 @@ def ray_train(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    # Ray Train installs its own SIGINT handler for the run and leaves it behind: put this
+    # process's back, or a Ctrl-C between rounds would never stop the trainer.
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {run_name} ended without a checkpoint")
     with result.checkpoint.as_directory() as d:

@@ -1,7 +1,7 @@
 """``recloop``: the command line of the local stack.
 
     recloop up        start Kafka, a Ray head (with Serve HTTP) and apply the Feast repo
-    recloop status    one line per part
+    recloop status    one line per part; --watch: the live loop, refreshed every few seconds
     recloop fetch     fetch the Kafka broker's jars with Maven (once; `up` does it too)
     recloop smoke     a round trip through every part (Kafka, Feast, Serve over HTTP)
     recloop down      stop what `up` started (--purge also deletes the stack's data)
@@ -16,6 +16,7 @@
     recloop train     continuous training rounds on the lake; each gated version promoted
     recloop dpo       the DPO sample server: --detach | --stop | --status
     recloop reward    fit the session reward model on the lake, per-target held-out AUC
+    recloop demo      the whole loop on the embedded stack: A/B through it, then the report
     recloop pretrain  build the tokenizer and pre-train the seed OneRec model (a checkpoint)
     recloop eval      offline evaluation: --model onerec|sasrec|pop on a dataset
     recloop ablate    OneRec ablations: MoE vs dense, M=5 vs M=1, beam 8/32/128
@@ -69,7 +70,42 @@ def cmd_status(cfg: StackConfig, args: argparse.Namespace) -> int:
     parts = Stack(cfg).status()
     for part in parts:
         print(part.line(), flush=True)
-    return 0 if all(p.ok for p in parts) else 1
+    ok = all(p.ok for p in parts)
+    if not args.watch:
+        return 0 if ok else 1
+    if not ok:
+        _say("the stack is not up: nothing to watch")
+        return 1
+    return watch(cfg, args.interval, args.looks)
+
+
+def watch(cfg: StackConfig, interval_s: float, looks: int | None = None) -> int:
+    """The loop's terminal view every ``interval_s`` (the dashboard's newest snapshot, or
+    one collected here when the dashboard is not deployed), until Ctrl-C."""
+    import requests
+
+    from recloop.monitor import Monitor, format_snapshot
+    from serving.dashboard import dashboard_url
+
+    url = dashboard_url(cfg) + "/api/snapshot"
+    local: Monitor | None = None
+    clear = "\033[H\033[2J" if sys.stdout.isatty() else ""
+    n = 0
+    while looks is None or n < looks:
+        snap = None
+        if local is None:
+            try:
+                snap = requests.get(url, timeout=10).json() or None
+            except (requests.RequestException, ValueError):
+                snap = None
+        if snap is None or "t" not in snap:
+            local = local or Monitor(cfg)
+            snap = local.collect()
+        print(clear + format_snapshot(snap), flush=True)
+        n += 1
+        if looks is None or n < looks:
+            time.sleep(interval_s)
+    return 0
 
 
 def cmd_down(cfg: StackConfig, args: argparse.Namespace) -> int:
@@ -172,9 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     for job, module in JOBS.items():
         sub.add_parser(job, help=f"run {module} (see `recloop {job} --help`)", add_help=False)
     sub.add_parser("up", parents=[common], help="start the local stack").set_defaults(fn=cmd_up)
-    sub.add_parser("status", parents=[common], help="health of each part").set_defaults(
-        fn=cmd_status
-    )
+    st = sub.add_parser("status", parents=[common], help="health of each part; --watch: the loop")
+    st.add_argument("--watch", action="store_true", help="the live loop, refreshed (Ctrl-C ends)")
+    st.add_argument("--interval", type=float, default=3.0, help="seconds between refreshes")
+    st.add_argument("--looks", type=int, help="with --watch: stop after this many refreshes")
+    st.set_defaults(fn=cmd_status)
     sub.add_parser("smoke", parents=[common], help="round trip through every part").set_defaults(
         fn=cmd_smoke
     )
@@ -230,6 +268,7 @@ JOBS = {
     "train": "pipelines.continuous",
     "dpo": "actors.dpo_sampler",
     "reward": "pipelines.reward",
+    "demo": "pipelines.demo",
 }
 
 

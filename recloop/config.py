@@ -145,6 +145,9 @@ class ServeConfig:
     impression_buffer: int = 10_000  # events waiting for Kafka; beyond it they are dropped
     dpo_fraction: float = 0.01  # share of requests mirrored to the DPO sampler
     dpo_actor: str = "dpo_sampler"
+    dashboard: bool = True  # the live dashboard at /dashboard (serving.dashboard)
+    dashboard_cpus: float = 0.05
+    dashboard_interval_s: float = 5.0  # between the monitor's snapshots
 
     def __post_init__(self) -> None:
         self.experiment = Path(self.experiment)

@@ -21,11 +21,13 @@ one assignment; requests in flight finish on the model they started with.
 # run time, and Serve's ingress wrapper cannot resolve string annotations.
 
 import asyncio
+import collections
 import hashlib
 import logging
 import math
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -314,6 +316,21 @@ class DpoMirror:
 
 
 # --------------------------------------------------------------------------- ingress
+LATENCY_WINDOW = 2000
+
+
+def latency_summary(values: Iterable[float]) -> dict[str, float | int | None]:
+    """p50 / p90 / p99 (nearest rank) and count of ``values``, in their unit."""
+    xs = sorted(values)
+    if not xs:
+        return {"p50": None, "p90": None, "p99": None, "n": 0}
+
+    def q(p: float) -> float:
+        return round(xs[min(len(xs) - 1, max(0, math.ceil(p * len(xs)) - 1))], 2)
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "n": len(xs)}
+
+
 api = FastAPI(
     title="recloop",
     version="1",
@@ -351,6 +368,9 @@ class Router:
         self.dpo = DpoMirror(s.dpo_actor, s.dpo_fraction)
         _MAX_BODY[0] = s.max_body_bytes
         self.counts = {"requests": 0, "ok": 0, "errors": 0}
+        # Router-side latency of the last LATENCY_WINDOW answered requests (features +
+        # generation + logging), for /stats and the dashboard.
+        self.latency_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self.features.warm_up()
 
     @api.get("/healthz")
@@ -360,6 +380,7 @@ class Router:
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
         self.counts["requests"] += 1
+        started = time.perf_counter()
         request_id = uuid.uuid4().hex
         arm = self.experiment.assign(body.user_id)
         feats = await self.features.user(body.user_id)
@@ -405,6 +426,7 @@ class Router:
             },
         )
         self.counts["ok"] += 1
+        self.latency_ms.append((time.perf_counter() - started) * 1000)
         return RecommendResponse(request_id=request_id, arm=arm, model_version=version, items=items)
 
     @api.get("/arms", response_model=list[ArmInfo])
@@ -430,6 +452,7 @@ class Router:
             "features": self.features.stats(),
             "impressions": self.impressions.stats(),
             "dpo_mirror": self.dpo.counts,
+            "latency_ms": latency_summary(self.latency_ms),
         }
 
 
@@ -494,6 +517,10 @@ def deploy_config(cfg: StackConfig, versions: dict[str, str | None] | None = Non
         arm = d["name"].removeprefix("recommender-")
         if arm in versions:
             d["user_config"] = {"version": versions[arm]}
+    if cfg.serve.dashboard:
+        from serving.dashboard import dashboard_app_config
+
+        conf["applications"].append(dashboard_app_config(cfg))
     # The HTTP options `recloop up` started Serve with: unchanged for a running Serve, and
     # the right port for one started again (after a shutdown) by this very deploy.
     conf["http_options"] = {"host": cfg.ray.host, "port": cfg.ray.serve_port}

@@ -220,7 +220,7 @@ def simulate(
     except BaseException:
         stop_learning(cfg, run, learners, say)  # no trainer outlives a failed run
         raise
-    learning = stop_learning(cfg, run, learners, say, since_s=started)
+    learning = stop_learning(cfg, run, learners, say, since_s=started, drain_s=sim.drain_s)
     end = {t: end_offsets(cfg.kafka.bootstrap, t) for t in (INTERACTIONS, IMPRESSIONS)}
     service = _stats_delta(stats0, service_stats(url))
     degraded = service.get("features", {})
@@ -315,18 +315,50 @@ def start_learning(cfg: StackConfig, run: RunFile, say: Progress) -> dict[str, A
 
 
 def stop_learning(
-    cfg: StackConfig, run: RunFile, procs: dict, say: Progress, since_s: float = 0.0
+    cfg: StackConfig,
+    run: RunFile,
+    procs: dict,
+    say: Progress,
+    since_s: float = 0.0,
+    drain_s: float = 0.0,
 ) -> dict[str, Any]:
     """Stop the trainers; what each learning arm trained and promoted during the run
-    (rounds completed after ``since_s``, wall clock)."""
+    (rounds completed after ``since_s``, wall clock). With ``drain_s``, each trainer is
+    stopped as soon as it is between rounds, waiting at most that long."""
     import signal
 
+    from pipelines.continuous import load_state
     from serving.control import registry
 
     out: dict[str, Any] = {}
     reg = registry(cfg)
+    deadline = time.monotonic() + drain_s
+    states = {arm: load_state(cfg, arm) for arm in procs}
+    # The round each busy arm is in: done once the completed round count passes it.
+    busy = {a: int(st["round"]) for a, st in states.items() if st.get("in_progress") and drain_s}
+    if busy:
+        say(f"traffic done; letting the round(s) in progress finish ({', '.join(sorted(busy))})")
+
+    def between_rounds(arm: str) -> bool:
+        st = load_state(cfg, arm)
+        return not st.get("in_progress") or int(st["round"]) > busy[arm]
+
+    pending = dict(procs)
+    while pending:  # every trainer gets SIGINT once it is between rounds (or time is up)
+        for arm, (proc, _) in list(pending.items()):
+            running = proc.poll() is None
+            if (
+                not running
+                or arm not in busy
+                or time.monotonic() >= deadline
+                or between_rounds(arm)
+            ):
+                if running:
+                    proc.send_signal(signal.SIGINT)  # between rounds: it exits at once
+                del pending[arm]
+        if pending:
+            time.sleep(1.0)
     for arm, (proc, log) in procs.items():
-        proc.send_signal(signal.SIGINT)
         try:
             proc.wait(120)
         except Exception:
@@ -384,7 +416,9 @@ def _stats_delta(before: dict, after: dict) -> dict:
     """after - before for the numeric counters of /stats (one router replica)."""
     out: dict[str, dict] = {}
     for part, counts in after.items():
-        if isinstance(counts, dict):
+        if part == "latency_ms":  # a recent window's percentiles, not counters
+            out[part] = dict(counts)
+        elif isinstance(counts, dict):
             prev = before.get(part, {})
             out[part] = {
                 k: v - prev.get(k, 0)

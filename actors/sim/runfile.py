@@ -52,6 +52,10 @@ class SimulationConfig:
     start_ms: int | None = None  # virtual clock at t=0 (default: wall clock at the start)
     user_model: str | None = None  # fitted hidden model dir (default: fitted on first use)
     progress_every_s: float = 5.0
+    # After the traffic: wait up to this long for the learning arms' training rounds in
+    # progress to finish (each trainer stops as soon as it is between rounds); 0 stops
+    # them at once, aborting a round midway (it resumes when training starts again).
+    drain_s: float = 0.0
     # overrides of the hidden model's response settings (actors.sim.user_model's
     # ResponseConfig), e.g. {drift_days: 2, drift_strength: 0.8} for faster taste drift
     response: dict[str, float] = field(default_factory=dict)

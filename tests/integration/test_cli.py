@@ -68,6 +68,11 @@ def test_up_status_down_twice_leaves_nothing_behind(tmp_path):
             lines = status.stdout.strip().splitlines()
             assert [ln.split()[0] for ln in lines] == ["kafka", "ray", "feast"]
             assert all(ln.split()[1] == "ok" for ln in lines), status.stdout
+            if round_ == 1:  # the loop's terminal view (no service deployed: empty parts)
+                view = _run("status", "--watch", "--looks", "2", "--interval", "0.5", config=config)
+                assert view.returncode == 0, view.stdout + view.stderr
+                assert view.stdout.count("recloop loop at") == 2, view.stdout
+                assert "serving:" in view.stdout and "ingest:" in view.stdout
 
             down = _run("down", config=config)
             assert down.returncode == 0, down.stdout + down.stderr
