@@ -47,6 +47,7 @@ QUICK = {  # --quick: a sample of the users over a shorter virtual horizon, smal
         "serve.dpo_fraction": 0.25,
     },  # fmt: skip
 }
+MOVIELENS_USERS = 943
 SEED_MINUTES = 3.0  # pre-training budget when no seed checkpoint exists (15 min in all)
 METRIC_WORDS = {"swt": "session watch time", "vtr": "view rate", "ltr": "like rate"}
 
@@ -163,8 +164,10 @@ def build_summary(
     history: list[dict],
     seed: Path,
     quick: bool,
+    initial: dict[str, str | None],
 ) -> dict[str, Any]:
-    """The report's data (the schema is in ``pipelines.report``)."""
+    """The report's data (the schema is in ``pipelines.report``); ``initial``: each arm's
+    version when the traffic started."""
     import pandas as pd
 
     t0 = float(manifest["started_at"])
@@ -205,14 +208,13 @@ def build_summary(
     versions: dict[str, list[dict]] = {}
     training: dict[str, list[dict]] = {}
     per_version = []
-    seed_version = {a: (analysis["meta"]["model_versions"].get(a) or [None])[0] for a in online}
     for a in arms:
         arm = a["name"]
         versions[arm] = [
             {
                 "t_s": 0.0,
                 "round": None,
-                "version": seed_version.get(arm),
+                "version": initial.get(arm),
                 "status": "seed",
                 "reason": "the seed checkpoint",
             }  # fmt: skip
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.report import render_report
     from recloop.ray_head import connect
     from recloop.stack import Stack
-    from serving.control import ensure_arms
+    from serving.control import ensure_arms, registry
     from serving.dashboard import dashboard_url
 
     base = Path(args.home or os.environ.get("RECLOOP_HOME") or PROJECT_ROOT / ".recloop")
@@ -403,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.minutes:
         sim_overrides["duration_s"] = args.minutes * 60 * run.simulation.speedup
     cfg = demo_config(home, args.run_file, args.quick, args.synthetic)
+    if cfg.data.use_synthetic:  # fewer users than MovieLens: as many sessions from them
+        want = QUICK["simulation"]["users"] if args.quick else MOVIELENS_USERS
+        scale = max(1.0, want / cfg.data.synthetic_users)
+        sim_overrides["sessions_per_user_day"] = run.simulation.sessions_per_user_day * scale
     if (home / "run").exists():  # a previous demo's stack (left up with --keep-up, or killed)
         Stack(cfg).down(_say)
     reset_home(home)
@@ -418,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         ensure_arms(cfg, seed, _say)
         url = dashboard_url(cfg)
+        reg = registry(cfg)
+        initial = {a.name: reg.current(a.name) for a in run.experiment.arms}
 
         def progress() -> None:  # the loop's state every 30 s, from the dashboard
             while not stop.wait(30.0):
@@ -434,11 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         history = _fetch(url + "/api/history", timeout=60)["snapshots"]
         _say(f"{len(history)} dashboard snapshots; analysing the run")
         analysis = analyze_run(cfg, run_dir)
-        summary = build_summary(cfg, manifest, analysis, history, seed, args.quick)
+        summary = build_summary(cfg, manifest, analysis, history, seed, args.quick, initial)
         out = args.out or base / "reports" / manifest["run_id"]
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (out / "analysis.json").write_text(json.dumps(analysis, indent=2, default=str))
+        (out / "snapshots.json").write_text(json.dumps(history, default=str))  # the dashboard's
         report = render_report(summary, out)
         stop.set()
         stop_actors(cfg, _say)

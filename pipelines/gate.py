@@ -231,6 +231,12 @@ def gate(
     reason = "passed"
     if c is not None and b is not None:
         reason = f"{key} {c:.4f} vs base {b:.4f} (tolerance {tolerance:.1%})"
+        if c < b * (1.0 - tolerance) - 1e-12:  # below the floor, within the slice's noise
+            se = metrics.get("paired_diff_se") or 0.0
+            reason += (
+                f"; below the floor but within {NOISE_Z:g} paired SE ({se:.4f}) on "
+                f"{cm['sessions']} held-out sessions"
+            )
     if base_note:
         reason += f"; {base_note}"
     return GateResult(True, reason, metrics)
