@@ -517,10 +517,10 @@ def deploy_config(cfg: StackConfig, versions: dict[str, str | None] | None = Non
         arm = d["name"].removeprefix("recommender-")
         if arm in versions:
             d["user_config"] = {"version": versions[arm]}
-    if cfg.serve.dashboard:
-        from serving.dashboard import dashboard_app_config
+    if cfg.serve.dashboard:  # the whole config, as JSON, like the service's
+        from serving.dashboard import dashboard_config
 
-        conf["applications"].append(dashboard_app_config(cfg))
+        conf["applications"][1]["args"] = {"config_dict": dashboard_config(cfg)}
     # The HTTP options `recloop up` started Serve with: unchanged for a running Serve, and
     # the right port for one started again (after a shutdown) by this very deploy.
     conf["http_options"] = {"host": cfg.ray.host, "port": cfg.ray.serve_port}
@@ -612,16 +612,21 @@ def render_serve_config(cfg: StackConfig) -> dict[str, Any]:
                 "ray_actor_options": {"num_cpus": s.replica_cpus},
             }
         )
+    applications = [
+        {
+            "name": s.app_name,
+            "route_prefix": "/",
+            "import_path": "serving.app:app_builder",
+            "args": {"config": None, "overrides": {}},
+            "deployments": deployments,
+        }
+    ]
+    if s.dashboard:
+        from serving.dashboard import dashboard_app_config
+
+        applications.append(dashboard_app_config(cfg))
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": cfg.ray.serve_port},
-        "applications": [
-            {
-                "name": s.app_name,
-                "route_prefix": "/",
-                "import_path": "serving.app:app_builder",
-                "args": {"config": None, "overrides": {}},
-                "deployments": deployments,
-            }
-        ],
+        "applications": applications,
     }

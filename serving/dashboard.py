@@ -78,7 +78,14 @@ class Dashboard:
 
 
 def app_builder(args: dict[str, Any]):
-    return Dashboard.bind(args["config_dict"])
+    """Entry point of the dashboard's application: ``config_dict`` (what ``deploy``
+    sends), or a run file (``config``) and dotted ``overrides``, as the service's."""
+    if args.get("config_dict"):
+        return Dashboard.bind(args["config_dict"])
+    from recloop.config import load_config
+
+    cfg = load_config(args.get("config"), overrides=args.get("overrides") or {})
+    return Dashboard.bind(dashboard_config(cfg))
 
 
 def dashboard_config(cfg: StackConfig) -> dict:
@@ -93,12 +100,13 @@ def dashboard_config(cfg: StackConfig) -> dict:
 
 
 def dashboard_app_config(cfg: StackConfig) -> dict:
-    """The dashboard's entry in the declarative Serve config."""
+    """The dashboard's entry in the declarative Serve config (``deploy`` fills in the
+    config itself)."""
     return {
         "name": APP_NAME,
         "route_prefix": ROUTE,
         "import_path": "serving.dashboard:app_builder",
-        "args": {"config_dict": dashboard_config(cfg)},
+        "args": {"config": None, "overrides": {}},
         "deployments": [
             {"name": "Dashboard", "ray_actor_options": {"num_cpus": cfg.serve.dashboard_cpus}}
         ],
