@@ -152,16 +152,27 @@ def fig_online_metrics(s: dict) -> tuple[Figure, str]:
             ax.fill_between(x, lo, hi, color=c, alpha=0.15, linewidth=0)
         _finish(ax, TIME if key == "ltr" else None, ylab, legend=key == "swt")
     control, parts = (s.get("run") or {}).get("control"), []
-    ref = {r["t_s"]: r["swt"] for r in series.get(control, []) if r.get("swt")}
+    # The second half of the run, session-weighted: one bucket alone is too noisy to read.
+    ref_rows = {r["t_s"]: r for r in series.get(control, []) if r.get("swt") is not None}
     for arm, rows in series.items():
         both = [
-            (ref[r["t_s"]], r["swt"]) for r in rows if r.get("swt") is not None and r["t_s"] in ref
+            (ref_rows[r["t_s"]], r)
+            for r in rows
+            if r.get("swt") is not None and r["t_s"] in ref_rows
         ]
+        both = both[len(both) // 2 :]
         if arm != control and both:
-            lift = both[-1][1] / both[-1][0] - 1
+            arm_w = sum(r["swt"] * r["sessions"] for _, r in both) / sum(
+                r["sessions"] for _, r in both
+            )
+            ref_w = sum(c["swt"] * c["sessions"] for c, _ in both) / sum(
+                c["sessions"] for c, _ in both
+            )
+            lift = arm_w / ref_w - 1 if ref_w else 0.0
             parts.append(
-                f"{arm} ended {abs(lift) * 100:.1f}% {'above' if lift >= 0 else 'below'} "
-                f"{control} in session watch time (last bucket); {_p_text(s, arm, 'swt')}"
+                f"{arm} {abs(lift) * 100:.1f}% {'above' if lift >= 0 else 'below'} "
+                f"{control} in session watch time over the second half of the run; "
+                f"{_p_text(s, arm, 'swt')}"
             )
     if not parts:
         ends = [f"{a} {r[-1]['swt']:.1f} s" for a, r in series.items() if r[-1].get("swt")]
