@@ -376,9 +376,13 @@ def headline(verdict: list[dict], control: str) -> str:
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="recloop demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller, ~5 min")
+    ap.add_argument(
+        "--quick", action="store_true", help="a sample of users, smaller rounds (~5 min)"
+    )
     ap.add_argument("--home", help="state folder (default .recloop; env RECLOOP_HOME)")
-    ap.add_argument("--run-file", type=Path, default=RUN_FILE)
+    ap.add_argument(
+        "--run-file", type=Path, default=RUN_FILE, help="arms and traffic (default demo.yaml)"
+    )
     ap.add_argument("--checkpoint", help="seed checkpoint (default: the newest, or pre-train)")
     ap.add_argument("--synthetic", action="store_true", help="generated data, not MovieLens")
     ap.add_argument("--keep-up", action="store_true", help="leave the stack and dashboard up")
