@@ -35,7 +35,7 @@ from typing import Any
 from recloop.config import PROJECT_ROOT, StackConfig
 
 RUN_FILE = PROJECT_ROOT / "infra" / "experiments" / "demo.yaml"
-KEEP_ACROSS_RUNS = ("sim/user_model",)  # fitted once per dataset (about a minute)
+KEEP_ACROSS_RUNS = ("sim/user_model",)  # fitted once per dataset (~10 s on MovieLens)
 QUICK = {  # --quick: a sample of the users over a shorter virtual horizon, smaller rounds,
     # and a quarter of the requests mirrored, so pairs are mined in the minute or so between
     # the first reward model and the end of the traffic
@@ -45,7 +45,7 @@ QUICK = {  # --quick: a sample of the users over a shorter virtual horizon, smal
         "train.workers": 1,
         "train.epochs": 1,
         "serve.dpo_fraction": 0.25,
-    },  # fmt: skip
+    },
 }
 MOVIELENS_USERS = 943
 SEED_MINUTES = 3.0  # pre-training budget when no seed checkpoint exists (15 min in all)
@@ -58,36 +58,32 @@ def _say(msg: str) -> None:
 
 # --------------------------------------------------------------------------- set-up
 def reset_home(home: Path) -> None:
-    """Clear a previous demo's state under ``home`` (its stack must be down)."""
-    if not home.exists():
-        return
-    keep = {home / k for k in KEEP_ACROSS_RUNS}
-    for path in sorted(home.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if any(path == k or k in path.parents for k in keep) or any(
-            k.is_relative_to(path) for k in keep
-        ):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    """Clear a previous demo's state under ``home`` (its stack must be down), keeping the
+    paths of ``KEEP_ACROSS_RUNS``."""
+    keep = [home / k for k in KEEP_ACROSS_RUNS]
+
+    def clear(folder: Path) -> None:
+        for path in folder.iterdir():
+            if path in keep:
+                continue
+            if any(k.is_relative_to(path) for k in keep):
+                clear(path)
+            elif path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    if home.exists():
+        clear(home)
 
 
 def demo_config(home: Path, run_file: Path, quick: bool, synthetic: bool) -> StackConfig:
     """The stack config: free ports under ``home``, the run file's ``stack:`` section."""
-    from recloop.config import load_config
-    from recloop.stack import isolated_ports
+    from recloop.stack import isolated_config
 
-    overrides: dict[str, Any] = {
-        **isolated_ports(),
-        "home": str(home),
-        "cache_dir": os.environ.get("RECLOOP_CACHE") or str(PROJECT_ROOT / ".recloop" / "cache"),
-        "ray.num_cpus": 2,
-        "data.synthetic": True if synthetic else None,
-    }
-    if quick:
-        overrides.update(QUICK["stack"])
-    cfg = load_config(run_file, overrides=overrides, env={})
+    cache = os.environ.get("RECLOOP_CACHE")
+    overrides = {"data.synthetic": True if synthetic else None, **(QUICK["stack"] if quick else {})}
+    cfg = isolated_config(home, Path(cache) if cache else None, run_file, **overrides)
     return dataclasses.replace(
         cfg, serve=dataclasses.replace(cfg.serve, experiment=run_file, dashboard=True)
     )
@@ -147,16 +143,6 @@ def _fetch(url: str, timeout: float = 10.0) -> Any:
 
 
 # --------------------------------------------------------------------------- summary
-def _round_rows(cfg: StackConfig, arm: str, t0: float) -> list[dict]:
-    from pipelines.continuous import read_rounds
-
-    return [
-        r
-        for r in read_rounds(cfg, arm)
-        if r.get("round") is not None and r.get("completed_at_ms", 0) / 1000 >= t0 - 1
-    ]
-
-
 def build_summary(
     cfg: StackConfig,
     manifest: dict[str, Any],
@@ -169,6 +155,8 @@ def build_summary(
     """The report's data (the schema is in ``pipelines.report``); ``initial``: each arm's
     version when the traffic started."""
     import pandas as pd
+
+    from recloop.monitor import dpo_counts
 
     t0 = float(manifest["started_at"])
     speed = float(manifest["simulation"]["speedup"]) or 1.0
@@ -217,12 +205,14 @@ def build_summary(
                 "version": initial.get(arm),
                 "status": "seed",
                 "reason": "the seed checkpoint",
-            }  # fmt: skip
+            }
         ]
         if arm not in learning:
             continue
         training[arm] = []
-        for r in _round_rows(cfg, arm, t0):
+        # The rounds completed during the run, as the trainers' stop reported them.
+        rounds = (manifest.get("learning") or {}).get(arm, {}).get("rounds", [])
+        for r in (r for r in rounds if r.get("round") is not None):
             t_s = round(r["completed_at_ms"] / 1000 - t0, 2)
             gate = r.get("gate") or {}
             versions[arm].append(
@@ -232,7 +222,7 @@ def build_summary(
                     "version": r.get("version"),
                     "status": r["status"],
                     "reason": gate.get("reason", ""),
-                }  # fmt: skip
+                }
             )
             last = (r.get("losses") or [{}])[-1]
             rm = r.get("reward_model") or {}
@@ -268,15 +258,8 @@ def build_summary(
         return round(s["t"] - t0, 2)
 
     dpo_tl = [{"t_s": t_of(s), **s["dpo"]} for s in history if s.get("dpo")]
-    sampler = (manifest.get("learning") or {}).get("dpo_sampler") or {}
-    counts = sampler.get("counts") or {}
-    dpo_totals = {
-        "offered": counts.get("offered"),
-        "processed": counts.get("processed"),
-        "emitted": counts.get("emitted"),
-        "dropped": counts.get("dropped_full"),
-        "cpu_s_per_request": sampler.get("cpu_s_per_request"),
-    }
+    sampler = (manifest.get("learning") or {}).get("dpo_sampler")
+    dpo_totals = dpo_counts(sampler) if sampler else {}
     ingest_tl = [
         {
             "t_s": t_of(s),
@@ -284,7 +267,7 @@ def build_summary(
                 k: s["ingest"].get(k)
                 for k in ("lag", "freshness_p50_ms", "freshness_p99_ms", "records")
             },
-        }  # fmt: skip
+        }
         for s in history
         if s.get("ingest")
     ]
@@ -350,7 +333,7 @@ def build_summary(
                     "p50_ms": pct(g["latency_ms"], 0.5),
                     "p99_ms": pct(g["latency_ms"], 0.99),
                     "n": len(g),
-                }  # fmt: skip
+                }
                 for arm, g in ok.groupby("arm")
             },
         },
@@ -472,8 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"report: {report['html']}")
     _say(f"summary: {out / 'summary.json'}")
     if args.keep_up:
-        _say(f"the stack and the dashboard stay up: {url}; stop them with "
-             f"`recloop down --home {home}`")  # fmt: skip
+        _say(
+            f"the stack and the dashboard stay up: {url}; stop them with "
+            f"`recloop down --home {home}`"
+        )
     _say(f"demo done in {(time.monotonic() - started) / 60:.1f} min")
     return 0
 

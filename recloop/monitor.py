@@ -36,12 +36,19 @@ from typing import Any
 from recloop.config import StackConfig
 from recloop.ray_head import NAMESPACE
 
-INTERACTIONS = "recloop.interactions"
-RATES = {"vtr": "clicks", "ltr": "likes", "wtr": "follows"}
+RATES = {"vtr": "clicks", "ltr": "likes", "wtr": "follows"}  # metric: its numerator
+FIELDS = ("items", "watch_s", "clicks", "likes", "follows")  # summed per arm
 
 
 def _ratio(num: float, den: float) -> float | None:
     return round(num / den, 6) if den > 0 else None
+
+
+def _metrics(sessions: int, t: dict[str, float]) -> dict[str, Any]:
+    out: dict[str, Any] = {"sessions": sessions, "swt": _ratio(t["watch_s"], sessions)}
+    for name, col in RATES.items():
+        out[name] = _ratio(t[col], t["items"])
+    return out
 
 
 class _OnlineTally:
@@ -53,9 +60,8 @@ class _OnlineTally:
         self.lake = Lake(lake_dir)
         self.window_s = window_s
         self.marks: dict[str, int] = {}
-        self.total: dict[str, dict[str, float]] = {}
-        # Recent sessions, per arm: (record_ts_ms, items, watch_s, clicks, likes, follows).
-        self.recent: dict[str, collections.deque] = {}
+        self.total: dict[str, dict[str, float]] = {}  # arm: sessions and FIELDS' sums
+        self.recent: dict[str, collections.deque] = {}  # arm: (record_ts_ms, FIELDS values)
         self.sessions = 0
 
     def update(self) -> dict[str, Any]:
@@ -66,20 +72,21 @@ class _OnlineTally:
             cols = ["arm", "items", "session_watch_s", "clicks", "likes", "follows"]
             rows = self.lake.read(SESSIONS, entries, columns=[*cols, "record_ts_ms"])
             for r in rows.to_pylist():
-                arm = r["arm"]
-                n = len(r["items"] or [])
-                t = self.total.setdefault(
-                    arm,
-                    {"sessions": 0, "items": 0, "watch_s": 0.0, **dict.fromkeys(RATES.values(), 0)},
+                vals = (
+                    len(r["items"] or []),
+                    r["session_watch_s"] or 0.0,
+                    r["clicks"],
+                    r["likes"],
+                    r["follows"],
                 )
-                vals = (n, r["session_watch_s"] or 0.0, r["clicks"], r["likes"], r["follows"])
+                t = self.total.setdefault(r["arm"], dict.fromkeys(("sessions", *FIELDS), 0))
                 t["sessions"] += 1
-                for k, v in zip(
-                    ("items", "watch_s", "clicks", "likes", "follows"), vals, strict=True
-                ):
+                for k, v in zip(FIELDS, vals, strict=True):
                     t[k] += v
-                self.recent.setdefault(arm, collections.deque()).append((r["record_ts_ms"], *vals))
-                self.sessions += 1
+                self.recent.setdefault(r["arm"], collections.deque()).append(
+                    (r["record_ts_ms"], vals)
+                )
+            self.sessions += rows.num_rows
             self.marks = Lake.advance(self.marks, entries)
         cutoff = time.time() * 1000 - self.window_s * 1000
         out: dict[str, Any] = {}
@@ -87,22 +94,26 @@ class _OnlineTally:
             q = self.recent[arm]
             while q and q[0][0] < cutoff:
                 q.popleft()
-            rec = {"items": 0, "watch_s": 0.0, "clicks": 0, "likes": 0, "follows": 0}
-            for _, n, w, c, lk, f in q:
-                for k, v in zip(rec, (n, w, c, lk, f), strict=True):
-                    rec[k] += v
+            sums = [sum(col) for col in zip(*(v for _, v in q), strict=True)] or [0] * len(FIELDS)
+            recent = _metrics(len(q), dict(zip(FIELDS, sums, strict=True)))
             out[arm] = {
-                **self._metrics(t["sessions"], t),
-                "recent": {"window_s": self.window_s, **self._metrics(len(q), rec)},
+                **_metrics(t["sessions"], t),
+                "recent": {"window_s": self.window_s, **recent},
             }
         return out
 
-    @staticmethod
-    def _metrics(sessions: int, t: dict[str, float]) -> dict[str, Any]:
-        out: dict[str, Any] = {"sessions": sessions, "swt": _ratio(t["watch_s"], sessions)}
-        for name, col in RATES.items():
-            out[name] = _ratio(t[col], t["items"])
-        return out
+
+def dpo_counts(stats: dict[str, Any]) -> dict[str, Any]:
+    """The DPO sampler's ``stats`` as the snapshot's ``dpo`` section."""
+    c = stats["counts"]
+    return {
+        "offered": c["offered"],
+        "processed": c["processed"],
+        "emitted": c["emitted"],
+        "dropped": c["dropped_full"],
+        "queue": stats.get("queue"),
+        "cpu_s_per_request": stats.get("cpu_s_per_request"),
+    }
 
 
 class Monitor:
@@ -114,6 +125,7 @@ class Monitor:
         self.lock = threading.Lock()
         self._online = _OnlineTally(cfg.lake_dir, window_s)
         self._prev_requests: tuple[float, int] | None = None
+        self._fresh: dict[str, dict[str, Any]] = {}  # arm: freshness() of its version
 
     # ------------------------------------------------------------------ sections
     def _arms(self) -> dict[str, Any]:
@@ -129,7 +141,7 @@ class Monitor:
                 version = None
             out[spec.name] = {
                 "share": spec.share,
-                "learning": getattr(spec, "learning", "frozen"),
+                "learning": spec.learning,
                 "version": version,
             }
         return out
@@ -191,9 +203,15 @@ class Monitor:
                 "feedback_age_s": None,
                 "feedback_to_serving_s": None,
             }
-            if info["version"] is not None:
-                f = freshness(self.cfg, arm)
-                entry["feedback_age_s"] = f.get("feedback_age_s")
+            version = info["version"]
+            if version is not None:
+                # A version's newest record and promotion never change: read them once
+                # (``freshness`` verifies the checkpoint's files).
+                if self._fresh.get(arm, {}).get("version") != version:
+                    self._fresh[arm] = freshness(self.cfg, arm)
+                f = self._fresh[arm]
+                rec_ts = f.get("newest_record_ts_ms")
+                entry["feedback_age_s"] = time.time() - rec_ts / 1000 if rec_ts else None
                 entry["feedback_to_serving_s"] = f.get("feedback_to_serving_s")
             out[arm] = entry
         return out
@@ -205,16 +223,7 @@ class Monitor:
             actor = ray.get_actor(self.cfg.serve.dpo_actor, namespace=NAMESPACE)
         except ValueError:
             return None
-        st = ray.get(actor.stats.remote(), timeout=10)
-        c = st["counts"]
-        return {
-            "offered": c["offered"],
-            "processed": c["processed"],
-            "emitted": c["emitted"],
-            "dropped": c["dropped_full"],
-            "queue": st["queue"],
-            "cpu_s_per_request": st.get("cpu_s_per_request"),
-        }
+        return dpo_counts(ray.get(actor.stats.remote(), timeout=10))
 
     def _serving(self, now: float) -> dict[str, Any]:
         import requests
@@ -264,6 +273,10 @@ class Monitor:
     def since(self, t: float | None = None) -> list[dict]:
         with self.lock:
             return [s for s in self.history if t is None or s["t"] > t]
+
+    def latest(self) -> dict | None:
+        with self.lock:
+            return self.history[-1] if self.history else None
 
     def run(self, stop: threading.Event, interval_s: float) -> None:
         """Collect every ``interval_s`` until ``stop`` is set."""

@@ -169,15 +169,21 @@ class Stack:
         return leftovers
 
 
-def isolated_ports() -> dict[str, int]:
-    """Config overrides that put every port of a provisioned stack on a free one."""
+def isolated_config(
+    home: Path, cache_dir: Path | None = None, run_file: Path | None = None, **extra: object
+) -> StackConfig:
+    """A stack config on free ports under ``home`` (generated data unless overridden),
+    sharing the jar cache, with ``run_file``'s ``stack:`` section when given: for tests,
+    benchmarks and the demo, which bring up a stack of their own next to a running one."""
     from recloop.procs import free_port
 
     ports: set[int] = set()
     while len(ports) < 7:
         ports.add(free_port())
     kafka, controller, gcs, dash, client, agent, serve = sorted(ports)
-    return {
+    overrides: dict[str, object] = {
+        "home": str(home),
+        "cache_dir": str(cache_dir or PROJECT_ROOT / ".recloop" / "cache"),
         "kafka.port": kafka,
         "kafka.controller_port": controller,
         "ray.port": gcs,
@@ -185,19 +191,8 @@ def isolated_ports() -> dict[str, int]:
         "ray.client_port": client,
         "ray.agent_listen_port": agent,
         "ray.serve_port": serve,
-    }
-
-
-def isolated_config(home: Path, cache_dir: Path | None = None, **extra: object) -> StackConfig:
-    """A stack config on free ports under ``home`` (generated data unless overridden),
-    sharing the jar cache: for tests and benchmarks that bring up a stack of their own
-    next to a running one."""
-    overrides: dict[str, object] = {
-        "home": str(home),
-        "cache_dir": str(cache_dir or PROJECT_ROOT / ".recloop" / "cache"),
-        **isolated_ports(),
         "ray.num_cpus": 2,
         "data.synthetic": True,
         **extra,
     }
-    return load_config(overrides=overrides, env={})
+    return load_config(run_file, overrides=overrides, env={})

@@ -518,9 +518,10 @@ def deploy_config(cfg: StackConfig, versions: dict[str, str | None] | None = Non
         if arm in versions:
             d["user_config"] = {"version": versions[arm]}
     if cfg.serve.dashboard:  # the whole config, as JSON, like the service's
-        from serving.dashboard import dashboard_config
+        from serving.dashboard import APP_NAME, dashboard_config
 
-        conf["applications"][1]["args"] = {"config_dict": dashboard_config(cfg)}
+        dash = next(a for a in conf["applications"] if a["name"] == APP_NAME)
+        dash["args"] = {"config_dict": dashboard_config(cfg)}
     # The HTTP options `recloop up` started Serve with: unchanged for a running Serve, and
     # the right port for one started again (after a shutdown) by this very deploy.
     conf["http_options"] = {"host": cfg.ray.host, "port": cfg.ray.serve_port}

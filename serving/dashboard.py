@@ -44,7 +44,7 @@ class Dashboard:
         self.cfg = StackConfig.from_dict(config_dict)
         self.interval_s = self.cfg.serve.dashboard_interval_s
         self.monitor = Monitor(self.cfg, keep=KEEP)
-        self.page = PAGE.read_text()
+        self.html = PAGE.read_text()
         self.stop = threading.Event()
         threading.Thread(
             target=self.monitor.run, args=(self.stop, self.interval_s), daemon=True
@@ -55,7 +55,7 @@ class Dashboard:
 
     @api.get("/", response_class=HTMLResponse)
     def page(self) -> HTMLResponse:
-        return HTMLResponse(self.page, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(self.html, headers={"Cache-Control": "no-store"})
 
     @api.get("/api/history")
     def history(self, since: float | None = Query(None, description="unix seconds")) -> dict:
@@ -63,16 +63,14 @@ class Dashboard:
 
     @api.get("/api/snapshot")
     def snapshot(self) -> dict:
-        last = self.monitor.since()
-        return last[-1] if last else {}
+        return self.monitor.latest() or {}
 
     @api.get("/metrics", response_class=PlainTextResponse)
     def metrics(self) -> PlainTextResponse:
         from recloop.monitor import prometheus_text
 
-        last = self.monitor.since()
         return PlainTextResponse(
-            prometheus_text(last[-1] if last else None),
+            prometheus_text(self.monitor.latest()),
             media_type="text/plain; version=0.0.4; charset=utf-8",
         )
 
