@@ -84,7 +84,7 @@ StepFn = Callable[[Encoded, Tensor, int, list[dict]], Tensor]
 
 
 def _step_cached(model: OneRec, enc: Encoded, tokens: Tensor, t: int, caches: list[dict]) -> Tensor:
-    return model.decode(enc, tokens[:, -1:], start_pos=t, caches=caches)[:, -1]
+    return model.decode(enc, tokens[:, -1:], start_pos=t, caches=caches, past=tokens[:, :-1])[:, -1]
 
 
 def _step_full(model: OneRec, enc: Encoded, tokens: Tensor, t: int, caches: list[dict]) -> Tensor:
@@ -220,12 +220,18 @@ def score_all_items(model: OneRec, enc: Encoded, trie: CompiledTrie) -> Tensor:
     K = model.cfg.codebook_size
     child, leaf = trie.child.to(dev), trie.leaf_item.to(dev)
     nodes = torch.zeros(1, dtype=torch.long, device=dev)  # frontier: trie nodes at depth d
-    token = torch.zeros(1, dtype=torch.long, device=dev)  # last token of each prefix
+    path = torch.zeros(1, 1, dtype=torch.long, device=dev)  # each prefix's tokens so far
     acc = torch.zeros(B, 1, device=dev)  # log p of each frontier prefix
     caches: list[dict] = [{} for _ in model.dec_layers]
     for d in range(trie.levels):
         P = len(nodes)
-        logits = model.decode(enc, token.expand(B, P)[..., None], start_pos=d, caches=caches)
+        logits = model.decode(
+            enc,
+            path[:, -1:].expand(B, P, 1),
+            start_pos=d,
+            caches=caches,
+            past=path[:, :-1].expand(B, P, d),
+        )
         total = acc[:, :, None] + logits[:, :, -1].float().log_softmax(dim=-1)  # (B, P, K)
         nxt = child[nodes]  # (P, K)
         p_idx, code = (nxt >= 0).nonzero(as_tuple=True)
@@ -235,7 +241,7 @@ def score_all_items(model: OneRec, enc: Encoded, trie: CompiledTrie) -> Tensor:
                 x = c[kv]  # (B*P, H, d+1, hd)
                 c[kv] = x.view(B, P, *x.shape[1:])[:, p_idx].reshape(-1, *x.shape[1:])
         nodes = nxt[p_idx, code]
-        token = 1 + d * K + code
+        path = torch.cat([path[p_idx], (1 + d * K + code)[:, None]], dim=1)
     out = torch.full((B, trie.max_item + 1), NEG_INF, device=dev)
     out[:, leaf[nodes]] = acc
     return out

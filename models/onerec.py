@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+LEAF_TABLE_MAX = 1 << 22  # entries of the (K^(L-1), K) table of leaf items
+
+
 @dataclass
 class OneRecConfig:
     levels: int = 3  # L: codes per item
@@ -59,6 +62,12 @@ class OneRecConfig:
     # at each prefix's latest item (a softmax over the id embeddings, as in SASRec). It
     # trains the encoder with dense item-level gradients; ranking stays generative.
     next_item_weight: float = 0.0
+    # True (needs item_vocab): the last SID level's logits also get an item-specific term,
+    # h · e(item) with e the id embeddings, for the items under the decoded prefix. The
+    # last code is shared by every prefix and tells apart only the few items under one, so
+    # a per-code output vector cannot be specific to any of them; the id embedding can.
+    # Items without an id embedding (cold start) keep the code term alone.
+    leaf_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -67,6 +76,11 @@ class OneRecConfig:
             raise ValueError("moe_top_k must be within 1..moe_experts")
         if min(self.levels, self.codebook_size, self.session_len, self.max_history) < 1:
             raise ValueError("levels, codebook_size, session_len, max_history must be >= 1")
+        if self.leaf_logits and self.codebook_size**self.levels > LEAF_TABLE_MAX:
+            raise ValueError(
+                f"leaf_logits: K^L = {self.codebook_size}^{self.levels} exceeds the "
+                f"prefix table's limit of {LEAF_TABLE_MAX} entries"
+            )
         if self.expert_hidden is None and self.moe_experts:
             self.expert_hidden = max(1, self.ffn_hidden // self.moe_top_k)
 
@@ -286,6 +300,8 @@ class OneRec(nn.Module):
         super().__init__()
         if cfg.next_item_weight and not cfg.item_vocab:
             raise ValueError("next_item_weight needs item_vocab > 0 (the id embeddings)")
+        if cfg.leaf_logits and not cfg.item_vocab:
+            raise ValueError("leaf_logits needs item_vocab > 0 (the id embeddings)")
         self.cfg = cfg
         d, L, K = cfg.dim, cfg.levels, cfg.codebook_size
         # Encoder: an item is the sum of its level-wise code embeddings.
@@ -304,7 +320,67 @@ class OneRec(nn.Module):
         self.dec_ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, L * K, bias=False)  # level l's logits: slice l*K:(l+1)*K
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.leaf_logits:
+            # leaf_table[prefix, c]: the item whose SID is (prefix, c), 0 if none or unknown;
+            # prefix = the first L-1 codes read as a base-K number. Set by set_leaf_items.
+            self.register_buffer("leaf_table", torch.zeros(K ** (L - 1), K, dtype=torch.long))
         self.apply(self._init)
+
+    # ------------------------------------------------------------------ leaf items
+    def set_leaf_items(self, codes: Tensor) -> None:
+        """Fill the leaf table from ``codes`` (N + 1, L), the SIDs by item id (row 0 is
+        padding). Ids at or above ``item_vocab`` have no embedding and are left out."""
+        cfg = self.cfg
+        if not cfg.leaf_logits:
+            return
+        ids = torch.arange(1, min(codes.shape[0], cfg.item_vocab), device=codes.device)
+        table = torch.zeros_like(self.leaf_table)
+        table[self._prefix_index(codes[ids, :-1]), codes[ids, -1]] = ids.to(table.device)
+        self.leaf_table.copy_(table)
+
+    def _prefix_index(self, prefix: Tensor) -> Tensor:  # (..., L-1) codes -> (...,)
+        weights = self.cfg.codebook_size ** torch.arange(
+            prefix.shape[-1] - 1, -1, -1, device=prefix.device
+        )
+        return (prefix * weights).sum(dim=-1)
+
+    def leaf_items(self, prefix: Tensor) -> Tensor:
+        """(..., L-1) codes of the first L-1 levels -> (..., K) items under that prefix."""
+        return self.leaf_table[self._prefix_index(prefix)]
+
+    def _leaf_term(self, h: Tensor, tokens: Tensor, start_pos: int, past: Tensor | None) -> Tensor:
+        """The item-specific logits (..., T, K) at last-level positions (zero elsewhere).
+        The prefix of the item being completed at position j is read from the L-1 tokens
+        before it: in ``tokens`` itself, or in ``past`` for an incremental step."""
+        cfg = self.cfg
+        L, K, t = cfg.levels, cfg.codebook_size, tokens.shape[-1]
+        levels = (torch.arange(start_pos, start_pos + t) % L).tolist()
+        last = [j for j, lv in enumerate(levels) if lv == L - 1]
+        out = h.new_zeros(*h.shape[:-1], K)
+        if not last:
+            return out
+        ctx = tokens if past is None else torch.cat([past, tokens], dim=-1)
+        shift = ctx.shape[-1] - t  # index of tokens[..., 0] in ctx
+        if L == 1:
+            prefix = tokens.new_zeros(*tokens.shape[:-1], len(last), 0)
+        else:
+            if last[0] + shift - (L - 2) < 0:
+                raise ValueError(
+                    "leaf_logits: decoding a last-level position needs the L-1 tokens "
+                    "before it (pass past= for an incremental step)"
+                )
+            # Position j predicts the code after the input tokens j-L+2..j (1-based codes).
+            cols = torch.tensor(
+                [[j + shift - (L - 2) + i for i in range(L - 1)] for j in last],
+                device=tokens.device,
+            )  # (J, L-1)
+            tok = ctx[..., cols]  # (..., J, L-1)
+            prefix = (tok - 1 - torch.arange(L - 1, device=tok.device) * K).clamp(0, K - 1)
+        items = self.leaf_items(prefix)  # (..., J, K)
+        assert self.item_emb is not None
+        sel = torch.tensor(last, device=h.device)
+        term = torch.einsum("...jd,...jkd->...jk", h.index_select(-2, sel), self.item_emb(items))
+        return out.index_copy(-2, sel, term)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -370,10 +446,13 @@ class OneRec(nn.Module):
         tokens: Tensor,  # (B, T) or (B, C, T) decoder input ids, from the start token on
         start_pos: int = 0,
         caches: list[dict] | None = None,
+        past: Tensor | None = None,  # (B, [C,] P) tokens before ``tokens``: for leaf_logits
     ) -> Tensor:
         """Level-wise logits (B, [C,] T, K). Target position ``start_pos + t`` predicts
         the code of level (start_pos + t) % L. With (B, C, T) tokens, C sequences share
-        request b's encoder output (teacher-forced scoring of candidates)."""
+        request b's encoder output (teacher-forced scoring of candidates). With
+        ``leaf_logits`` an incremental step that completes an item needs ``past``, the
+        tokens decoded before (at least the item's first L-1)."""
         cfg = self.cfg
         t = tokens.shape[-1]
         pos = torch.arange(start_pos, start_pos + t, device=tokens.device)
@@ -385,7 +464,10 @@ class OneRec(nn.Module):
         h = self.dec_ln(x)
         levels = pos % cfg.levels  # (T,)
         weight = self.head.weight.view(cfg.levels, cfg.codebook_size, cfg.dim)[levels]
-        return torch.einsum("...td,tkd->...tk", h, weight)  # (B, [C,] T, K)
+        logits = torch.einsum("...td,tkd->...tk", h, weight)  # (B, [C,] T, K)
+        if cfg.leaf_logits:
+            logits = logits + self._leaf_term(h, tokens, start_pos, past)
+        return logits
 
     def forward(
         self,

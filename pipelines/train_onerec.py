@@ -234,6 +234,7 @@ def train_onerec(
     mc = cfg.model
     examples = make_examples(sequences, mc.max_history, mc.session_len, cfg.stride)
     model = init if init is not None else OneRec(mc)
+    model.set_leaf_items(codes)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = sum(1 for _ in examples.groups(cfg.batch_size, torch.Generator()))
     total = steps_per_epoch * cfg.epochs

@@ -45,11 +45,18 @@ def random_codes(n: int, seed: int = 1) -> torch.Tensor:
     return torch.stack([flat // (K * K), (flat // K) % K, flat % K], dim=1)  # (n, L)
 
 
-@pytest.fixture
-def setup():
+@pytest.fixture(params=[False, True], ids=["code-head", "leaf-logits"])
+def setup(request):
+    """A tiny model; with leaf logits, item embeddings large enough to matter."""
     torch.manual_seed(0)
-    model = OneRec(tiny_config()).eval()
     codes = random_codes(120)
+    if request.param:
+        model = OneRec(tiny_config(item_vocab=121, leaf_logits=True)).eval()
+        with torch.no_grad():
+            model.item_emb.weight[1:].normal_(std=0.5)
+        model.set_leaf_items(torch.cat([torch.zeros(1, L, dtype=torch.long), codes]))
+    else:
+        model = OneRec(tiny_config()).eval()
     trie = CompiledTrie(codes, torch.arange(1, 121), K)
     g = torch.Generator().manual_seed(2)
     hist_items = torch.randint(1, 121, (4, 10), generator=g)
@@ -392,3 +399,54 @@ def test_item_id_embeddings_tell_items_apart_and_unknown_ids_fall_back_to_codes(
     torch.testing.assert_close(
         unseen, model.encode(codes, mask, history_items=torch.zeros(1, 3, dtype=torch.long)).memory
     )
+
+
+def _leaf_model(codes: torch.Tensor, vocab: int) -> OneRec:
+    torch.manual_seed(0)
+    model = OneRec(tiny_config(item_vocab=vocab, leaf_logits=True)).eval()
+    with torch.no_grad():
+        model.item_emb.weight[1:].normal_(std=0.5)
+    model.set_leaf_items(torch.cat([torch.zeros(1, L, dtype=torch.long), codes]))
+    return model
+
+
+def test_leaf_logits_give_the_items_under_the_prefix_their_own_last_level_logit():
+    codes = random_codes(40)
+    model = _leaf_model(codes, vocab=31)  # items 31..40 have no id embedding (cold start)
+    # The table holds exactly the known items, under their own SIDs.
+    for item in (1, 17, 30):
+        assert int(model.leaf_items(codes[item - 1, :-1])[codes[item - 1, -1]]) == item
+    for item in (31, 40):
+        assert int(model.leaf_items(codes[item - 1, :-1])[codes[item - 1, -1]]) == 0
+    plain = OneRec(tiny_config(item_vocab=31)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "leaf_table"})
+    enc = model.encode(codes[None, :5], torch.ones(1, 5, dtype=torch.bool))
+    session = codes[None, 5:8]  # (1, M, L): items 6, 7, 8
+    tokens = torch.cat([torch.zeros(1, 1, dtype=torch.long), model.target_tokens(session)], 1)
+    diff = model.decode(enc, tokens[:, :-1]) - plain.decode(enc, tokens[:, :-1])  # (1, 9, K)
+    last = torch.arange(9) % L == L - 1
+    assert diff[0, ~last].abs().max() == 0  # levels before the last are untouched
+    for m, j in enumerate(torch.nonzero(last).flatten().tolist()):
+        under = model.leaf_items(session[0, m, :-1])  # (K,) items sharing the prefix
+        assert diff[0, j, under == 0].abs().max() == 0  # no item there: code logit alone
+        assert diff[0, j, under > 0].abs().min() > 0
+        # Moving one item's embedding moves only that item's logit.
+        code = int(session[0, m, -1])
+        with torch.no_grad():
+            model.item_emb.weight[int(under[code])] += 1.0
+        moved = model.decode(enc, tokens[:, :-1]) - plain.decode(enc, tokens[:, :-1]) - diff
+        assert moved[0, j, code].abs() > 0
+        moved[0, j, code] = 0
+        assert moved.abs().max() < 1e-5
+        with torch.no_grad():
+            model.item_emb.weight[int(under[code])] -= 1.0
+
+
+def test_leaf_logits_need_the_prefix_on_an_incremental_step():
+    codes = random_codes(20)
+    model = _leaf_model(codes, vocab=21)
+    enc = model.encode(codes[None, :5], torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pass past="):
+        model.decode(enc, torch.tensor([[3]]), start_pos=L - 1, caches=[{} for _ in range(2)])
+    with pytest.raises(ValueError, match="item_vocab"):
+        OneRec(tiny_config(leaf_logits=True))
