@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 LEAF_TABLE_MAX = 1 << 22  # entries of the (K^(L-1), K) table of leaf items
 
 
