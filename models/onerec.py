@@ -67,6 +67,9 @@ class OneRecConfig:
     # a per-code output vector cannot be specific to any of them; the id embedding can.
     # Items without an id embedding (cold start) keep the code term alone.
     leaf_logits: bool = False
+    # True: logits at the inner levels 2..L-1 also get a learned output vector per trie
+    # node (prefix, code), K^l of them at level l, beside the level's shared code vectors.
+    prefix_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -323,6 +326,9 @@ class OneRec(nn.Module):
             # leaf_table[prefix, c]: the item whose SID is (prefix, c), 0 if none or unknown;
             # prefix = the first L-1 codes read as a base-K number. Set by set_leaf_items.
             self.register_buffer("leaf_table", torch.zeros(K ** (L - 1), K, dtype=torch.long))
+        self.node_emb = nn.ModuleList(
+            nn.Embedding(K ** (lv + 1), d) for lv in range(1, L - 1) if cfg.prefix_logits
+        )
         self.apply(self._init)
 
     # ------------------------------------------------------------------ leaf items
@@ -347,39 +353,52 @@ class OneRec(nn.Module):
         """(..., L-1) codes of the first L-1 levels -> (..., K) items under that prefix."""
         return self.leaf_table[self._prefix_index(prefix)]
 
-    def _leaf_term(self, h: Tensor, tokens: Tensor, start_pos: int, past: Tensor | None) -> Tensor:
-        """The item-specific logits (..., T, K) at last-level positions (zero elsewhere).
-        The prefix of the item being completed at position j is read from the L-1 tokens
-        before it: in ``tokens`` itself, or in ``past`` for an incremental step."""
+    def _prefix_codes(self, ctx: Tensor, cols: list[int], level: int) -> Tensor:
+        """(..., J, level) codes of the item's first ``level`` levels for the positions
+        whose input token sits at ``cols`` of ``ctx`` (the token before position j is the
+        code of level ``level - 1``; the ``level`` tokens up to it are the prefix)."""
+        K = self.cfg.codebook_size
+        idx = torch.tensor([[c - level + 1 + i for i in range(level)] for c in cols])
+        tok = ctx[..., idx.to(ctx.device)]  # (..., J, level) 1-based token ids
+        return (tok - 1 - torch.arange(level, device=tok.device) * K).clamp(0, K - 1)
+
+    def _prefix_terms(
+        self, h: Tensor, tokens: Tensor, start_pos: int, past: Tensor | None
+    ) -> Tensor:
+        """Prefix-specific logits (..., T, K): at the last level h · e(item) for the items
+        under the decoded prefix (``leaf_logits``); at inner levels l > 1 h · n(prefix, c),
+        a learned vector per trie node (``prefix_logits``). The prefix at position j is read
+        from the tokens before it: in ``tokens`` itself, or in ``past`` for an incremental
+        step. Level 1 has no prefix: its code vectors are already node-specific."""
         cfg = self.cfg
         L, K, t = cfg.levels, cfg.codebook_size, tokens.shape[-1]
-        levels = (torch.arange(start_pos, start_pos + t) % L).tolist()
-        last = [j for j, lv in enumerate(levels) if lv == L - 1]
+        levels = [(start_pos + j) % L for j in range(t)]
         out = h.new_zeros(*h.shape[:-1], K)
-        if not last:
-            return out
         ctx = tokens if past is None else torch.cat([past, tokens], dim=-1)
         shift = ctx.shape[-1] - t  # index of tokens[..., 0] in ctx
-        if L == 1:
-            prefix = tokens.new_zeros(*tokens.shape[:-1], len(last), 0)
-        else:
-            if last[0] + shift - (L - 2) < 0:
+        for lv in range(1, L):
+            last = lv == L - 1
+            if not (cfg.leaf_logits if last else cfg.prefix_logits):
+                continue
+            where = [j for j in range(t) if levels[j] == lv]
+            if not where:
+                continue
+            if where[0] + shift - lv + 1 < 0:  # the prefix reaches before the context
                 raise ValueError(
-                    "leaf_logits: decoding a last-level position needs the L-1 tokens "
-                    "before it (pass past= for an incremental step)"
+                    "prefix logits: decoding a position of level > 1 needs the tokens of the "
+                    "item's earlier levels (pass past= for an incremental step)"
                 )
-            # Position j predicts the code after the input tokens j-L+2..j (1-based codes).
-            cols = torch.tensor(
-                [[j + shift - (L - 2) + i for i in range(L - 1)] for j in last],
-                device=tokens.device,
-            )  # (J, L-1)
-            tok = ctx[..., cols]  # (..., J, L-1)
-            prefix = (tok - 1 - torch.arange(L - 1, device=tok.device) * K).clamp(0, K - 1)
-        items = self.leaf_items(prefix)  # (..., J, K)
-        assert self.item_emb is not None
-        sel = torch.tensor(last, device=h.device)
-        term = torch.einsum("...jd,...jkd->...jk", h.index_select(-2, sel), self.item_emb(items))
-        return out.index_copy(-2, sel, term)
+            prefix = self._prefix_codes(ctx, [j + shift for j in where], lv)  # (..., J, lv)
+            if last:
+                assert self.item_emb is not None
+                vectors = self.item_emb(self.leaf_items(prefix))  # (..., J, K, D)
+            else:
+                rows = self._prefix_index(prefix)[..., None] * K + torch.arange(K, device=h.device)
+                vectors = self.node_emb[lv - 1](rows)
+            sel = torch.tensor(where, device=h.device)
+            term = torch.einsum("...jd,...jkd->...jk", h.index_select(-2, sel), vectors)
+            out = out.index_copy(-2, sel, term)
+        return out
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -464,8 +483,8 @@ class OneRec(nn.Module):
         levels = pos % cfg.levels  # (T,)
         weight = self.head.weight.view(cfg.levels, cfg.codebook_size, cfg.dim)[levels]
         logits = torch.einsum("...td,tkd->...tk", h, weight)  # (B, [C,] T, K)
-        if cfg.leaf_logits:
-            logits = logits + self._leaf_term(h, tokens, start_pos, past)
+        if cfg.leaf_logits or cfg.prefix_logits:
+            logits = logits + self._prefix_terms(h, tokens, start_pos, past)
         return logits
 
     def forward(

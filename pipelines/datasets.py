@@ -31,13 +31,15 @@ TEXT_SUFFIXES = {".txt"}
 @dataclass(frozen=True)
 class SequenceDataset:
     """sequences: contiguous user id -> contiguous item ids (1..num_items), oldest first.
-    item_id_map / user_id_map: original id -> contiguous id."""
+    item_id_map / user_id_map: original id -> contiguous id. timestamps: per user, the
+    time of each interaction (aligned with ``sequences``), when the source has them."""
 
     sequences: dict[int, list[int]]
     num_items: int
     item_id_map: dict[Any, int]
     user_id_map: dict[Any, int]
     name: str
+    timestamps: dict[int, list[int]] | None = None
 
     @property
     def num_users(self) -> int:
@@ -78,18 +80,19 @@ def from_frame(df: pd.DataFrame, name: str, min_interactions: int = 5) -> Sequen
     user_codes = np.searchsorted(users, df["user_id"].to_numpy()) + 1
     # Rows are grouped by user (sorted above), so each user is one contiguous slice.
     bounds = np.flatnonzero(np.diff(user_codes)) + 1
+    user_chunks = np.split(user_codes, bounds)
     sequences = {
-        int(chunk_users[0]): chunk_items.tolist()
-        for chunk_users, chunk_items in zip(
-            np.split(user_codes, bounds), np.split(item_codes, bounds), strict=True
-        )
+        int(u[0]): chunk.tolist()
+        for u, chunk in zip(user_chunks, np.split(item_codes, bounds), strict=True)
     }
+    times = np.split(df["timestamp"].to_numpy(), bounds)
     return SequenceDataset(
         sequences=sequences,
         num_items=len(items),
         item_id_map={k: i + 1 for i, k in enumerate(items.tolist())},
         user_id_map={k: i + 1 for i, k in enumerate(users.tolist())},
         name=name,
+        timestamps={int(u[0]): t.tolist() for u, t in zip(user_chunks, times, strict=True)},
     )
 
 

@@ -24,10 +24,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipelines.datasets import load_dataset, movielens_folder
-from pipelines.evaluation import Ranker, Split, evaluate_full, evaluate_sampled, leave_one_out
+from pipelines.evaluation import (
+    Ranker,
+    Split,
+    evaluate_sampled,
+    leave_one_out,
+    rank_full,
+    ranks_to_metrics,
+)
 
 ModelBuilder = Callable[[Split, int, dict[str, Any]], Ranker]
 
@@ -139,6 +147,14 @@ def _table(result: dict[str, Any]) -> str:
         f"{'full ranking':<22}"
         + "".join(f"{full[f'HR@{k}']:>9.4f}{full[f'NDCG@{k}']:>9.4f}" for k in ks),
     ]
+    by_tie = result["metrics"].get("full_by_tie")
+    if by_tie:
+        share = by_tie["tied_share"]
+        for part, label in (("tied", f"  tied ({share:.0%})"), ("untied", "  untied")):
+            m = by_tie[part]
+            lines.append(
+                f"{label:<22}" + "".join(f"{m[f'HR@{k}']:>9.4f}{m[f'NDCG@{k}']:>9.4f}" for k in ks)
+            )
     n = sampled["num_negatives"]
     pad = ks.index(10) if 10 in ks else 0
     lines.append(
@@ -190,7 +206,16 @@ def run_eval(
     ranker = MODELS[model](split, seed, dict(options))
     train_seconds = time.monotonic() - start
     start = time.monotonic()
-    full = evaluate_full(ranker, split.test_histories, split.test_targets, ks=ks)
+    ranks = rank_full(ranker, split.test_histories, split.test_targets)
+    full = ranks_to_metrics(ranks, ks)
+    by_tie = None
+    if split.test_tied is not None:
+        tied = np.asarray(split.test_tied, dtype=bool)
+        by_tie = {
+            "tied_share": float(tied.mean()),
+            "tied": ranks_to_metrics(ranks[tied], ks),
+            "untied": ranks_to_metrics(ranks[~tied], ks),
+        }
     sampled = evaluate_sampled(
         ranker,
         split.test_histories,
@@ -211,7 +236,7 @@ def run_eval(
         "num_interactions": ds.num_interactions,
         "min_interactions": min_interactions,
         "options": options,
-        "metrics": {"full": full, "sampled": sampled},
+        "metrics": {"full": full, "sampled": sampled, "full_by_tie": by_tie},
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
         "protocol": PROTOCOL,
@@ -234,14 +259,21 @@ def _comparison_table(results: list[dict[str, Any]]) -> str:
     ks = [int(k.split("@")[1]) for k in results[0]["metrics"]["full"] if k.startswith("NDCG@")]
     head = f"{'model':<10}" + "".join(f"{'HR@' + str(k):>9}{'NDCG@' + str(k):>9}" for k in ks)
     head += f"{'s-HR@10':>9}{'s-NDCG@10':>10}{'train s':>9}"
+    ties = 10 in ks and all(r["metrics"].get("full_by_tie") for r in results)
+    if ties:  # NDCG@10 on test targets tied in time with the item before them, and not
+        head += f"{'tied N@10':>10}{'untied N@10':>12}"
     lines = [head]
     for r in results:
         full, sampled = r["metrics"]["full"], r["metrics"]["sampled"]
-        lines.append(
+        line = (
             f"{r['model']:<10}"
             + "".join(f"{full[f'HR@{k}']:>9.4f}{full[f'NDCG@{k}']:>9.4f}" for k in ks)
             + f"{sampled['HR@10']:>9.4f}{sampled['NDCG@10']:>10.4f}{r['train_seconds']:>9.1f}"
         )
+        if ties:
+            t = r["metrics"]["full_by_tie"]
+            line += f"{t['tied']['NDCG@10']:>10.4f}{t['untied']['NDCG@10']:>12.4f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

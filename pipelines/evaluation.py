@@ -50,12 +50,16 @@ class Split:
     test_histories: list[list[int]]  # = train + [val target]
     test_targets: list[int]
     num_items: int
+    # Per user, whether the test target has the same timestamp as the item before it
+    # (None when the data has no times). Ties are ordered by item id, an order a model
+    # with id embeddings can learn and a model over semantic IDs hardly can.
+    test_tied: list[bool] | None = None
 
 
 def leave_one_out(ds: SequenceDataset) -> Split:
     """Last item -> test, second-to-last -> validation, the rest -> training. Users with
     fewer than 3 interactions cannot be split and are left out."""
-    users, train, val_t, test_h, test_t = [], [], [], [], []
+    users, train, val_t, test_h, test_t, tied = [], [], [], [], [], []
     for user in sorted(ds.sequences):
         seq = ds.sequences[user]
         if len(seq) < 3:
@@ -65,7 +69,19 @@ def leave_one_out(ds: SequenceDataset) -> Split:
         val_t.append(seq[-2])
         test_h.append(list(seq[:-1]))
         test_t.append(seq[-1])
-    return Split(users, train, train, val_t, test_h, test_t, ds.num_items)
+        if ds.timestamps is not None:
+            times = ds.timestamps[user]
+            tied.append(times[-1] == times[-2])
+    return Split(
+        users,
+        train,
+        train,
+        val_t,
+        test_h,
+        test_t,
+        ds.num_items,
+        tied if ds.timestamps is not None else None,
+    )
 
 
 def hr_at_k(ranks: Sequence[int] | np.ndarray, k: int) -> float:
@@ -157,7 +173,11 @@ def evaluate_full(
     Items in the user's history are excluded from the ranking (scored -inf) when
     ``exclude_history``, the common protocol; the target itself is never excluded. Ties are
     broken pessimistically: rank = 1 + number of other items scoring >= the target."""
-    ranks = rank_full(ranker, histories, targets, batch_size, exclude_history)
+    return ranks_to_metrics(rank_full(ranker, histories, targets, batch_size, exclude_history), ks)
+
+
+def ranks_to_metrics(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
+    """HR@k and NDCG@k of 1-based ranks, and the number of users."""
     out: dict[str, float] = {}
     for k in ks:
         out[f"HR@{k}"] = hr_at_k(ranks, k)

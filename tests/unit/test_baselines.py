@@ -173,3 +173,24 @@ def test_popularity_on_movielens_100k():
     assert full["HR@10"] == pytest.approx(0.0498, abs=1e-3)
     assert full["NDCG@10"] == pytest.approx(0.0249, abs=1e-3)
     assert sampled["HR@10"] == pytest.approx(0.3139, abs=1e-3)
+
+
+def test_eval_splits_full_ranking_by_test_targets_tied_in_time(tmp_path):
+    # Users 1-3: the last two interactions share a timestamp; users 4-6 do not.
+    rows = []
+    for u in range(1, 7):
+        times = [0, 1, 2, 3, 3] if u <= 3 else [0, 1, 2, 3, 4]
+        rows += [(u, (u + j) % 9 + 1, t) for j, t in enumerate(times)]
+    path = tmp_path / "ties.csv"
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(path, index=False)
+    from pipelines.datasets import load_dataset
+    from pipelines.evaluation import leave_one_out
+
+    assert leave_one_out(load_dataset(path)).test_tied == [True] * 3 + [False] * 3
+    res = run_eval("pop", path, num_negatives=3, log=None)
+    by_tie = res["metrics"]["full_by_tie"]
+    assert by_tie["tied_share"] == 0.5
+    assert by_tie["tied"]["users"] == by_tie["untied"]["users"] == 3
+    # The two parts average back to the whole.
+    whole = res["metrics"]["full"]["NDCG@10"]
+    assert (by_tie["tied"]["NDCG@10"] + by_tie["untied"]["NDCG@10"]) / 2 == pytest.approx(whole)

@@ -45,15 +45,16 @@ def random_codes(n: int, seed: int = 1) -> torch.Tensor:
     return torch.stack([flat // (K * K), (flat // K) % K, flat % K], dim=1)  # (n, L)
 
 
-@pytest.fixture(params=[False, True], ids=["code-head", "leaf-logits"])
+@pytest.fixture(params=[False, True], ids=["code-head", "prefix-logits"])
 def setup(request):
     """A tiny model; with leaf logits, item embeddings large enough to matter."""
     torch.manual_seed(0)
     codes = random_codes(120)
     if request.param:
-        model = OneRec(tiny_config(item_vocab=121, leaf_logits=True)).eval()
+        model = OneRec(tiny_config(item_vocab=121, leaf_logits=True, prefix_logits=True)).eval()
         with torch.no_grad():
             model.item_emb.weight[1:].normal_(std=0.5)
+            model.node_emb[0].weight.normal_(std=0.5)
         model.set_leaf_items(torch.cat([torch.zeros(1, L, dtype=torch.long), codes]))
     else:
         model = OneRec(tiny_config()).eval()
