@@ -67,9 +67,13 @@ class OneRecConfig:
     # a per-code output vector cannot be specific to any of them; the id embedding can.
     # Items without an id embedding (cold start) keep the code term alone.
     leaf_logits: bool = False
-    # True: logits at the inner levels 2..L-1 also get a learned output vector per trie
-    # node (prefix, code), K^l of them at level l, beside the level's shared code vectors.
-    prefix_logits: bool = False
+    # True (needs item_vocab): the logit of code c under prefix P at every level also gets
+    # log sum_i exp(h · e(i)) over the known items i whose SID starts with (P, c): the
+    # item-level scores of the subtree, aggregated. At the last level the subtree is one
+    # item and this is the leaf term; at level 1 it gives the decoder item-level resolution
+    # where a single code vector stands for ~N/K items. Subtrees without a known item keep
+    # the code logit alone.
+    tree_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -78,7 +82,9 @@ class OneRecConfig:
             raise ValueError("moe_top_k must be within 1..moe_experts")
         if min(self.levels, self.codebook_size, self.session_len, self.max_history) < 1:
             raise ValueError("levels, codebook_size, session_len, max_history must be >= 1")
-        if self.leaf_logits and self.codebook_size**self.levels > LEAF_TABLE_MAX:
+        if (
+            self.leaf_logits or self.tree_logits
+        ) and self.codebook_size**self.levels > LEAF_TABLE_MAX:
             raise ValueError(
                 f"leaf_logits: K^L = {self.codebook_size}^{self.levels} exceeds the "
                 f"prefix table's limit of {LEAF_TABLE_MAX} entries"
@@ -302,8 +308,8 @@ class OneRec(nn.Module):
         super().__init__()
         if cfg.next_item_weight and not cfg.item_vocab:
             raise ValueError("next_item_weight needs item_vocab > 0 (the id embeddings)")
-        if cfg.leaf_logits and not cfg.item_vocab:
-            raise ValueError("leaf_logits needs item_vocab > 0 (the id embeddings)")
+        if (cfg.leaf_logits or cfg.tree_logits) and not cfg.item_vocab:
+            raise ValueError("leaf_logits / tree_logits need item_vocab > 0 (the id embeddings)")
         self.cfg = cfg
         d, L, K = cfg.dim, cfg.levels, cfg.codebook_size
         # Encoder: an item is the sum of its level-wise code embeddings.
@@ -322,13 +328,15 @@ class OneRec(nn.Module):
         self.dec_ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, L * K, bias=False)  # level l's logits: slice l*K:(l+1)*K
         self.drop = nn.Dropout(cfg.dropout)
-        if cfg.leaf_logits:
+        if cfg.leaf_logits or cfg.tree_logits:
             # leaf_table[prefix, c]: the item whose SID is (prefix, c), 0 if none or unknown;
             # prefix = the first L-1 codes read as a base-K number. Set by set_leaf_items.
             self.register_buffer("leaf_table", torch.zeros(K ** (L - 1), K, dtype=torch.long))
-        self.node_emb = nn.ModuleList(
-            nn.Embedding(K ** (lv + 1), d) for lv in range(1, L - 1) if cfg.prefix_logits
-        )
+        if cfg.tree_logits:
+            # item_nodes[l, i]: item i's trie node at level l+1 (its first l+1 codes read as a
+            # base-K number), for the inner levels; K^(l+1) (a spare slot) if i is unknown.
+            spare = (K ** torch.arange(1, L)).reshape(-1, 1).expand(-1, cfg.item_vocab)
+            self.register_buffer("item_nodes", spare.clone())
         self.apply(self._init)
 
     # ------------------------------------------------------------------ leaf items
@@ -336,12 +344,38 @@ class OneRec(nn.Module):
         """Fill the leaf table from ``codes`` (N + 1, L), the SIDs by item id (row 0 is
         padding). Ids at or above ``item_vocab`` have no embedding and are left out."""
         cfg = self.cfg
-        if not cfg.leaf_logits:
+        if not (cfg.leaf_logits or cfg.tree_logits):
             return
         ids = torch.arange(1, min(codes.shape[0], cfg.item_vocab), device=codes.device)
         table = torch.zeros_like(self.leaf_table)
         table[self._prefix_index(codes[ids, :-1]), codes[ids, -1]] = ids.to(table.device)
         self.leaf_table.copy_(table)
+        if cfg.tree_logits:
+            nodes = (cfg.codebook_size ** torch.arange(1, cfg.levels)).reshape(-1, 1)
+            nodes = nodes.expand(-1, cfg.item_vocab).clone()
+            for lv in range(cfg.levels - 1):
+                nodes[lv, ids] = self._prefix_index(codes[ids, : lv + 1]).to(nodes.device)
+            self.item_nodes.copy_(nodes)
+
+    def _subtree_logits(self, h: Tensor, prefix: Tensor, level: int) -> Tensor:
+        """(..., J, K): log sum exp of h · e(i) over the known items under each child of
+        ``prefix`` (..., J, level) at ``level`` (0-based, an inner level); 0 for a child
+        with no known item."""
+        K = self.cfg.codebook_size
+        assert self.item_emb is not None
+        scores = h @ self.item_emb.weight[1:].T  # (..., J, V-1): items 1..V-1
+        idx = self.item_nodes[level, 1:].expand_as(scores)
+        slots = K ** (level + 1) + 1
+        with torch.no_grad():  # a stabiliser only: the log-sum-exp's gradient ignores it
+            top = scores.new_full((*scores.shape[:-1], slots), float("-inf"))
+            top = top.scatter_reduce(-1, idx, scores, "amax")
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        mass = scores.new_zeros(*scores.shape[:-1], slots)
+        mass = mass.scatter_add(-1, idx, (scores - top.gather(-1, idx)).exp())
+        rows = self._prefix_index(prefix)[..., None] * K + torch.arange(K, device=h.device)
+        picked = mass.gather(-1, rows)
+        lse = top.gather(-1, rows) + picked.clamp_min(1e-30).log()
+        return torch.where(picked > 0, lse, torch.zeros_like(lse))
 
     def _prefix_index(self, prefix: Tensor) -> Tensor:  # (..., L-1) codes -> (...,)
         weights = self.cfg.codebook_size ** torch.arange(
@@ -358,7 +392,9 @@ class OneRec(nn.Module):
         whose input token sits at ``cols`` of ``ctx`` (the token before position j is the
         code of level ``level - 1``; the ``level`` tokens up to it are the prefix)."""
         K = self.cfg.codebook_size
-        idx = torch.tensor([[c - level + 1 + i for i in range(level)] for c in cols])
+        idx = torch.tensor(
+            [[c - level + 1 + i for i in range(level)] for c in cols], dtype=torch.long
+        ).reshape(len(cols), level)
         tok = ctx[..., idx.to(ctx.device)]  # (..., J, level) 1-based token ids
         return (tok - 1 - torch.arange(level, device=tok.device) * K).clamp(0, K - 1)
 
@@ -366,37 +402,38 @@ class OneRec(nn.Module):
         self, h: Tensor, tokens: Tensor, start_pos: int, past: Tensor | None
     ) -> Tensor:
         """Prefix-specific logits (..., T, K): at the last level h · e(item) for the items
-        under the decoded prefix (``leaf_logits``); at inner levels l > 1 h · n(prefix, c),
-        a learned vector per trie node (``prefix_logits``). The prefix at position j is read
-        from the tokens before it: in ``tokens`` itself, or in ``past`` for an incremental
-        step. Level 1 has no prefix: its code vectors are already node-specific."""
+        under the decoded prefix (``leaf_logits``); at the inner levels the log-sum-exp of
+        the subtrees' item scores (``tree_logits``). The prefix at position j is read from
+        the tokens before it: in ``tokens`` itself, or in ``past`` for an incremental step."""
         cfg = self.cfg
         L, K, t = cfg.levels, cfg.codebook_size, tokens.shape[-1]
         levels = [(start_pos + j) % L for j in range(t)]
         out = h.new_zeros(*h.shape[:-1], K)
         ctx = tokens if past is None else torch.cat([past, tokens], dim=-1)
         shift = ctx.shape[-1] - t  # index of tokens[..., 0] in ctx
-        for lv in range(1, L):
+        for lv in range(L):
             last = lv == L - 1
-            if not (cfg.leaf_logits if last else cfg.prefix_logits):
+            leaf = last and (cfg.leaf_logits or cfg.tree_logits)
+            if not (leaf or cfg.tree_logits):
                 continue
             where = [j for j in range(t) if levels[j] == lv]
             if not where:
                 continue
             if where[0] + shift - lv + 1 < 0:  # the prefix reaches before the context
                 raise ValueError(
-                    "prefix logits: decoding a position of level > 1 needs the tokens of the "
+                    "leaf/tree logits: decoding a position of level > 1 needs the tokens of the "
                     "item's earlier levels (pass past= for an incremental step)"
                 )
             prefix = self._prefix_codes(ctx, [j + shift for j in where], lv)  # (..., J, lv)
-            if last:
+            sel = torch.tensor(where, device=h.device)
+            hs = h.index_select(-2, sel)  # (..., J, D)
+            term = hs.new_zeros(*hs.shape[:-1], K)
+            if leaf:
                 assert self.item_emb is not None
                 vectors = self.item_emb(self.leaf_items(prefix))  # (..., J, K, D)
+                term = term + torch.einsum("...jd,...jkd->...jk", hs, vectors)
             else:
-                rows = self._prefix_index(prefix)[..., None] * K + torch.arange(K, device=h.device)
-                vectors = self.node_emb[lv - 1](rows)
-            sel = torch.tensor(where, device=h.device)
-            term = torch.einsum("...jd,...jkd->...jk", h.index_select(-2, sel), vectors)
+                term = term + self._subtree_logits(hs, prefix, lv)
             out = out.index_copy(-2, sel, term)
         return out
 
@@ -483,7 +520,7 @@ class OneRec(nn.Module):
         levels = pos % cfg.levels  # (T,)
         weight = self.head.weight.view(cfg.levels, cfg.codebook_size, cfg.dim)[levels]
         logits = torch.einsum("...td,tkd->...tk", h, weight)  # (B, [C,] T, K)
-        if cfg.leaf_logits or cfg.prefix_logits:
+        if cfg.leaf_logits or cfg.tree_logits:
             logits = logits + self._prefix_terms(h, tokens, start_pos, past)
         return logits
 

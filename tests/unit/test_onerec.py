@@ -45,16 +45,16 @@ def random_codes(n: int, seed: int = 1) -> torch.Tensor:
     return torch.stack([flat // (K * K), (flat // K) % K, flat % K], dim=1)  # (n, L)
 
 
-@pytest.fixture(params=[False, True], ids=["code-head", "prefix-logits"])
+@pytest.fixture(params=["code-head", "leaf-logits", "tree-logits"])
 def setup(request):
-    """A tiny model; with leaf logits, item embeddings large enough to matter."""
+    """A tiny model; with item-aware logits, item embeddings large enough to matter."""
     torch.manual_seed(0)
     codes = random_codes(120)
-    if request.param:
-        model = OneRec(tiny_config(item_vocab=121, leaf_logits=True, prefix_logits=True)).eval()
+    if request.param != "code-head":
+        flag = request.param.replace("-", "_")
+        model = OneRec(tiny_config(item_vocab=121, **{flag: True})).eval()
         with torch.no_grad():
             model.item_emb.weight[1:].normal_(std=0.5)
-            model.node_emb[0].weight.normal_(std=0.5)
         model.set_leaf_items(torch.cat([torch.zeros(1, L, dtype=torch.long), codes]))
     else:
         model = OneRec(tiny_config()).eval()
@@ -451,3 +451,31 @@ def test_leaf_logits_need_the_prefix_on_an_incremental_step():
         model.decode(enc, torch.tensor([[3]]), start_pos=L - 1, caches=[{} for _ in range(2)])
     with pytest.raises(ValueError, match="item_vocab"):
         OneRec(tiny_config(leaf_logits=True))
+
+
+def test_tree_logits_add_the_log_sum_exp_of_the_subtrees_item_scores():
+    codes = random_codes(40)
+    torch.manual_seed(0)
+    model = OneRec(tiny_config(item_vocab=31, tree_logits=True)).eval()
+    with torch.no_grad():
+        model.item_emb.weight[1:].normal_(std=0.5)
+    model.set_leaf_items(torch.cat([torch.zeros(1, L, dtype=torch.long), codes]))
+    plain = OneRec(tiny_config(item_vocab=31)).eval()
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k not in ("leaf_table", "item_nodes")}
+    )
+    seen = {}
+    model.dec_ln.register_forward_hook(lambda m, i, o: seen.update(h=o))
+    enc = model.encode(codes[None, :5], torch.ones(1, 5, dtype=torch.bool))
+    session = codes[None, 5:8]
+    tokens = torch.cat([torch.zeros(1, 1, dtype=torch.long), model.target_tokens(session)], 1)
+    diff = model.decode(enc, tokens[:, :-1]) - plain.decode(enc, tokens[:, :-1])  # (1, 9, K)
+    h, known = seen["h"][0], codes[:30]  # items 1..30 have embeddings; 31..40 are cold
+    scores = h @ model.item_emb.weight[1:31].T  # (9, 30)
+    for j in range(9):
+        m, level = j // L, j % L
+        prefix = session[0, m, :level]
+        for c in range(K):
+            under = (known[:, :level] == prefix).all(1) & (known[:, level] == c)
+            want = torch.logsumexp(scores[j, under], 0) if under.any() else torch.tensor(0.0)
+            torch.testing.assert_close(diff[0, j, c], want, rtol=1e-4, atol=1e-4)
