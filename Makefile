@@ -36,7 +36,7 @@ system-deps:  ## check Java 17 and Maven (install them with apt-get when missing
 $(STAMP): pyproject.toml uv.lock infra/kafka/pom.xml | uv
 	@$(MAKE) --no-print-directory system-deps
 	@echo "== installing the locked Python dependencies into $(VENV) (first time: a few minutes, torch is large)"
-	$(UV) sync --frozen
+	$(UV) sync --frozen --extra cluster  # cluster: the Redis client Feast uses on a cluster (small)
 	@echo "== fetching the Kafka broker's jars (first time: Maven, ~20 s)"
 	$(BIN)/recloop fetch
 	@touch $@

@@ -1416,9 +1416,7 @@ def stop_actor(cfg: StackConfig, progress: Progress = print) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    from recloop.config import load_config
-
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="recloop train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="stack run file (home, Ray, registry)")
     ap.add_argument("--home", help="state folder (default .recloop)")
@@ -1434,7 +1432,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--freshness", action="store_true", help="print the serving model's freshness")
     ap.add_argument("--detach", action="store_true", help="run as a detached actor of the stack")
     ap.add_argument("--stop", action="store_true", help="stop the arm's detached trainer")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from recloop.config import load_config
+
+    args = build_parser().parse_args(argv)
     cfg = load_config(
         args.config,
         overrides={

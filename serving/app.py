@@ -595,9 +595,11 @@ def app_builder(args: dict[str, Any]):
     return build_app(cfg)
 
 
-def render_serve_config(cfg: StackConfig) -> dict[str, Any]:
+def render_serve_config(cfg: StackConfig, run_file: str | None = None) -> dict[str, Any]:
     """The Serve deploy config equivalent to ``recloop serve`` for this experiment
-    (``infra/serve/config.yaml`` is this, for the defaults; a test keeps them equal)."""
+    (``infra/serve/config.yaml`` is this, for the defaults; a test keeps them equal).
+    ``run_file``: the run file the applications load where they run (e.g. a mounted
+    ConfigMap on Kubernetes); None = the defaults and the environment."""
     from serving.experiment import load_experiment
 
     s = cfg.serve
@@ -626,6 +628,8 @@ def render_serve_config(cfg: StackConfig) -> dict[str, Any]:
         from serving.dashboard import dashboard_app_config
 
         applications.append(dashboard_app_config(cfg))
+    for app in applications:
+        app["args"]["config"] = run_file
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": cfg.ray.serve_port},
