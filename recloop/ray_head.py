@@ -30,9 +30,47 @@ READY_LINE = "Ray runtime started"
 NAMESPACE = "recloop"
 
 
+def auth_token_path(cfg: StackConfig) -> Path:
+    """Where the token of Ray's token authentication is read (RAY_AUTH_TOKEN_PATH wins)."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or cfg.home / "ray-auth-token")
+
+
 def auth_env(cfg: StackConfig) -> None:
-    """Put the stack's Ray auth mode in this process's environment (children inherit)."""
+    """Put the stack's Ray auth mode in this process's environment (children inherit).
+
+    In ``token`` mode every client of the cluster (drivers, ``ray`` CLI, the dashboard's
+    REST API that deploys, promotes and rolls back) must present the cluster's token. A
+    head recloop starts gets a fresh random token in ``<home>/ray-auth-token`` (mode
+    0600) unless ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` gives one."""
     os.environ.setdefault("RAY_AUTH_MODE", cfg.ray.auth_mode)
+    if os.environ["RAY_AUTH_MODE"] != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = auth_token_path(cfg)
+    if not path.exists() and cfg.ray.provisioned:
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(path))
+
+
+def auth_headers(cfg: StackConfig) -> dict[str, str]:
+    """HTTP headers for the dashboard's REST API: the bearer token in ``token`` mode."""
+    auth_env(cfg)
+    if os.environ["RAY_AUTH_MODE"] != "token":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        path = auth_token_path(cfg)
+        if not path.exists():
+            raise ConfigError(
+                f"ray.auth_mode is 'token' but there is no token: set RAY_AUTH_TOKEN, or "
+                f"RAY_AUTH_TOKEN_PATH to the cluster's token file (looked at {path})"
+            )
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"}
 
 
 def connect(cfg: StackConfig) -> None:
@@ -41,7 +79,10 @@ def connect(cfg: StackConfig) -> None:
 
     auth_env(cfg)
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.gcs_address, namespace=NAMESPACE, log_to_driver=False)
+        # A driver of the local head runs on the head's (loopback) address too; left to
+        # itself Ray picks the machine's IP for the driver's own servers.
+        extra = {"_node_ip_address": cfg.ray.host} if cfg.ray.provisioned else {}
+        ray.init(address=cfg.ray.gcs_address, namespace=NAMESPACE, log_to_driver=False, **extra)
 
 
 class RayHead:

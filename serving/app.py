@@ -41,6 +41,7 @@ from ray.serve.handle import DeploymentHandle
 from models.beam_search import beam_search
 from recloop.config import StackConfig
 from recloop.events import Impression
+from recloop.ray_head import auth_headers
 
 log = logging.getLogger("recloop.serve")
 
@@ -542,7 +543,9 @@ def deploy(cfg: StackConfig, timeout_s: float = 300.0) -> None:
     instead of replacing them (``serve.run`` would start new replicas every time)."""
     import requests
 
-    resp = requests.put(_serve_api(cfg), json=deploy_config(cfg), timeout=60)
+    resp = requests.put(
+        _serve_api(cfg), json=deploy_config(cfg), headers=auth_headers(cfg), timeout=60
+    )
     if resp.status_code >= 400:
         raise RuntimeError(f"Serve refused the deploy config ({resp.status_code}): {resp.text}")
     wait_running(cfg, timeout_s)
@@ -551,7 +554,8 @@ def deploy(cfg: StackConfig, timeout_s: float = 300.0) -> None:
 def app_status(cfg: StackConfig) -> dict:
     import requests
 
-    apps = requests.get(_serve_api(cfg), timeout=30).json().get("applications", {})
+    resp = requests.get(_serve_api(cfg), headers=auth_headers(cfg), timeout=30)
+    apps = resp.json().get("applications", {})
     return apps.get(cfg.serve.app_name) or {}
 
 
@@ -578,7 +582,9 @@ def delete(cfg: StackConfig) -> None:
     import requests
 
     conf = {"http_options": {"host": cfg.ray.host, "port": cfg.ray.serve_port}}
-    resp = requests.put(_serve_api(cfg), json={**conf, "applications": []}, timeout=60)
+    resp = requests.put(
+        _serve_api(cfg), json={**conf, "applications": []}, headers=auth_headers(cfg), timeout=60
+    )
     if resp.status_code >= 400:
         raise RuntimeError(f"Serve refused to remove the applications: {resp.text}")
 
