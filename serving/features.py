@@ -77,9 +77,11 @@ class FeatureClient:
         return UserFeatures(history=items, profile=profile)
 
     def warm_up(self) -> None:
-        """Open the store now (the first open imports Feast: seconds)."""
+        """Open the store and make one lookup now: the first open imports Feast and the
+        first read loads its registry (seconds), beyond a request's lookup timeout."""
         try:
             self._open()
+            self._lookup(0)  # no such user: the answer is empty, the store is warm
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
 

@@ -73,7 +73,7 @@ def test_a_user_with_a_feast_history_gets_a_session_outside_it(service, feature_
     assert len(ids) == 5 and len(set(ids)) == 5 and not set(ids) & set(history)
     assert [i["position"] for i in body["items"]] == list(range(5))
     stats = requests.get(f"{base}/stats", timeout=10).json()
-    assert stats["features"]["found"] >= 1
+    assert stats["features"]["found"] >= 1, str(stats["features"])
 
 
 def test_the_router_reads_profiles_from_feast(service):
