@@ -377,7 +377,7 @@ class OneRec(nn.Module):
         lse = top.gather(-1, rows) + picked.clamp_min(1e-30).log()
         return torch.where(picked > 0, lse, torch.zeros_like(lse))
 
-    def _prefix_index(self, prefix: Tensor) -> Tensor:  # (..., L-1) codes -> (...,)
+    def _prefix_index(self, prefix: Tensor) -> Tensor:  # (..., l) codes -> (...,) base K
         weights = self.cfg.codebook_size ** torch.arange(
             prefix.shape[-1] - 1, -1, -1, device=prefix.device
         )
