@@ -113,7 +113,23 @@ def _redeploy(cfg: StackConfig, progress: Progress) -> None:
     progress("replicas reconfigured")
 
 
+def verify_version(cfg: StackConfig, arm: str, version: str) -> None:
+    """Refuse a version whose files no longer match what was published (sha256, size) or
+    whose weights do not load: RegistryError / CheckpointError with the reason."""
+    import tempfile
+
+    from pipelines.checkpoint import validate_checkpoint
+
+    reg = registry(cfg)
+    with tempfile.TemporaryDirectory(prefix="recloop-verify-") as tmp:
+        validate_checkpoint(reg.fetch(reg.arm(arm)["lineage"], version, cache_dir=tmp))
+
+
 def promote(cfg: StackConfig, arm: str, version: str, progress: Progress = print) -> dict:
+    """Make ``version`` current for ``arm`` and reconfigure the replicas; a version that
+    fails ``verify_version`` is refused and nothing changes. (Replicas verify again when
+    they load, so a version corrupted after this check is not served either.)"""
+    verify_version(cfg, arm, version)
     record = registry(cfg).promote(arm, version)
     progress(f"arm {arm}: {version} is current; reconfiguring replicas")
     _redeploy(cfg, progress)

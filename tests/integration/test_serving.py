@@ -250,6 +250,50 @@ def test_promotion_and_rollback_under_load_fail_no_request(service, checkpoints)
     assert reg.current("treatment") == before
 
 
+def test_a_corrupted_version_is_never_promoted_nor_served(service, checkpoints):
+    """Bad weights never serve: ``promote`` refuses a version whose files no longer match
+    what was published, and a version that rots after the pointer moved is refused by the
+    replicas, which keep serving the last good one. Requests keep succeeding throughout."""
+    from serving.control import _redeploy, promote, registry
+    from serving.registry import RegistryError
+
+    cfg, base = service
+    reg = registry(cfg)
+    good = reg.current("treatment")
+    bad = reg.publish("treatment", checkpoints[1])
+    weights = Path(reg.uri) / "lineages" / reg.arm("treatment")["lineage"] / bad
+    weights = weights / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # same size, different bytes
+    weights.write_bytes(bytes(data))
+
+    def attempt() -> None:
+        with pytest.raises(RegistryError, match="does not match"):
+            promote(cfg, "treatment", bad, print)
+        assert reg.current("treatment") == good  # nothing moved
+        reg.promote("treatment", bad)  # the pointer moves past the check (storage rot)
+        _redeploy(cfg, print)
+
+    from serving.experiment import load_experiment
+
+    exp = load_experiment(cfg.serve.experiment)
+    users = [u for u in range(5000, 5400) if exp.assign(u) == "treatment"][:50]
+    with _Load(base, users) as load:
+        time.sleep(2)
+        attempt()
+        time.sleep(3)
+    statuses = Counter(s for _, s, _ in load.results)
+    served = {v for _, s, v in load.results if s == 200}
+    assert set(statuses) == {200}, statuses
+    assert bad not in served and good in served
+    arms = {a["arm"]: a for a in requests.get(f"{base}/arms", timeout=10).json()}
+    replicas = arms["treatment"]["replicas"]
+    assert replicas and all(r["model_version"] == good for r in replicas), replicas
+    assert all(bad in (r["load_error"] or "") for r in replicas), replicas
+    reg.rollback("treatment")  # the registry agrees with serving again
+    assert reg.current("treatment") == good
+
+
 def test_schemathesis_finds_no_server_error_in_the_published_api(service):
     _, base = service
     out = subprocess.run(

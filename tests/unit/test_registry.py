@@ -355,3 +355,20 @@ def test_non_local_filesystem_path(tmp_path, checkpoint):
     reg.create_arm("t", "t")
     assert reg.promote("t", "v1")["current"] == "v1"
     assert reg.arms()["t"]["current"] == "v1"
+
+
+def test_promotion_verifies_the_version_before_the_pointer_moves(tmp_path, checkpoint):
+    from recloop.config import load_config
+    from serving.control import promote, registry
+
+    cfg = load_config(overrides={"serve.registry_uri": str(tmp_path / "reg")}, env={})
+    reg = registry(cfg)
+    reg.create_arm("a", "lin")
+    good = reg.publish("lin", checkpoint, version="good")
+    reg.promote("a", good)
+    bad = reg.publish("lin", checkpoint, version="bad")
+    f = Path(reg.uri) / "lineages" / "lin" / bad / "tokenizer.safetensors"
+    f.write_bytes(f.read_bytes()[:-1])  # truncated after publication
+    with pytest.raises(RegistryError, match="corrupt|does not match"):
+        promote(cfg, "a", bad, progress=lambda _: None)  # refused before any deploy
+    assert reg.current("a") == "good"
