@@ -208,9 +208,12 @@ def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path) -> Non
             assert r["history"] == before[-cfg.ingest.history_len :]
 
 
-def test_two_consumers_split_the_partitions(stack: StackConfig, tmp_path: Path) -> None:
-    """Two members of one group: each owns some partitions, and the lake holds every
-    session once."""
+def test_two_consumers_split_the_partitions_and_rebalances_lose_nothing(
+    stack: StackConfig, tmp_path: Path
+) -> None:
+    """Members of one group while traffic flows: one member alone, a second joins (the
+    group rebalances), both own some partitions, the first leaves (it rebalances again).
+    The lake holds every session exactly once, whoever owned its partition."""
     import threading
 
     from actors.ingestor import Ingestor
@@ -218,38 +221,54 @@ def test_two_consumers_split_the_partitions(stack: StackConfig, tmp_path: Path) 
 
     prefix = f"two-{uuid.uuid4().hex[:8]}"
     cfg = _config(stack, tmp_path, prefix)
-    users = range(920_000, 920_030)
     t0 = int(time.time() * 1000) - 600_000
     expected = {}
-    with EventProducer(cfg.kafka.bootstrap) as prod:
-        for u in users:
-            imp, fbs = _session(prefix, u, 0, t0 + u % 1000)
-            expected[imp.request_id] = imp
-            prod.send(imp)
-            for fb in fbs:
-                prod.send(fb)
-        prod.flush()
+    lake = Lake(cfg.lake_dir)
+
+    def produce(users: range) -> None:
+        with EventProducer(cfg.kafka.bootstrap) as prod:
+            for u in users:
+                imp, fbs = _session(prefix, u, 0, t0 + u % 1000)
+                expected[imp.request_id] = imp
+                prod.send(imp)
+                for fb in fbs:
+                    prod.send(fb)
+            prod.flush()
+
+    def landed() -> list[str]:
+        table = lake.read(SESSIONS, columns=["request_id"])
+        return [r for r in table.column("request_id").to_pylist() if r.startswith(prefix)]
+
+    def wait_all(timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(set(landed())) < len(expected) and time.monotonic() < deadline:
+            time.sleep(1)
 
     members = [Ingestor(cfg, i, print) for i in range(2)]
-    stop = threading.Event()
-    threads = [threading.Thread(target=m.run, args=(stop,), daemon=True) for m in members]
-    for t in threads:
-        t.start()
-    lake = Lake(cfg.lake_dir)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        table = lake.read(SESSIONS, columns=["request_id"])
-        got = [r for r in table.column("request_id").to_pylist() if r.startswith(prefix)]
-        if len(got) >= len(expected):
-            break
-        time.sleep(1)
-    time.sleep(2)  # the last flushes
-    stop.set()
-    for t in threads:
-        t.join(60)
+    stops = [threading.Event() for _ in members]
+    threads = [
+        threading.Thread(target=m.run, args=(stop,), daemon=True)
+        for m, stop in zip(members, stops, strict=True)
+    ]
+    produce(range(920_000, 920_020))
+    threads[0].start()  # alone: owns every partition
+    wait_all()
+    threads[1].start()  # joins: the group rebalances while sessions keep coming
+    produce(range(920_020, 920_040))
+    wait_all()
+    deadline = time.monotonic() + 60
+    while not (members[0].assigned and members[1].assigned) and time.monotonic() < deadline:
+        time.sleep(0.5)
     owned = [set(m.assigned) for m in members]
     assert owned[0] and owned[1] and not owned[0] & owned[1], owned
-    table = lake.read(SESSIONS, columns=["request_id"])
-    got = [r for r in table.column("request_id").to_pylist() if r.startswith(prefix)]
-    assert sorted(got) == sorted(expected)  # each once, whoever owned it
+    stops[0].set()  # leaves: its partitions move to the other member
+    threads[0].join(60)
+    produce(range(920_040, 920_060))
+    wait_all()
+    time.sleep(2)  # the last flushes
+    stops[1].set()
+    threads[1].join(60)
+    got = landed()
+    assert len(expected) == 60
+    assert sorted(got) == sorted(expected)  # each once: nothing lost, nothing twice
     assert {e.writer for e in lake.entries()} == {"ingestor-0", "ingestor-1"}
