@@ -98,9 +98,11 @@ def fit_onerec(
 # about 90 s each with a cosine schedule that completes inside the budget. K = 16 codes
 # per level: on MovieLens-100k test NDCG@10 0.070 against 0.057 with K = 32, whose third
 # level mostly told apart one or two items.
-SEED_MODEL = dict(
-    dim=64, ffn_hidden=256, heads=4, next_item_weight=1.0, codebook_size=16, leaf_logits=True
-)
+# Leaf logits (the last level's item-specific logits) lift offline NDCG@10 by 12% at
+# equal epochs, but with them the quick seed of the generated data no longer beat
+# popularity significantly in the simulated A/B of tests/integration/test_simulation.py;
+# until that is understood the seed keeps them off (`recloop eval -o leaf_logits=true`).
+SEED_MODEL = dict(dim=64, ffn_hidden=256, heads=4, next_item_weight=1.0, codebook_size=16)
 SEED_TRAIN = dict(epochs=5, lr=3e-3)
 
 

@@ -79,10 +79,7 @@ def connect(cfg: StackConfig) -> None:
 
     auth_env(cfg)
     if not ray.is_initialized():
-        # A driver of the local head runs on the head's (loopback) address too; left to
-        # itself Ray picks the machine's IP for the driver's own servers.
-        extra = {"_node_ip_address": cfg.ray.host} if cfg.ray.provisioned else {}
-        ray.init(address=cfg.ray.gcs_address, namespace=NAMESPACE, log_to_driver=False, **extra)
+        ray.init(address=cfg.ray.gcs_address, namespace=NAMESPACE, log_to_driver=False)
 
 
 class RayHead:
