@@ -26,6 +26,10 @@ from pydantic import (
 SCHEMA_VERSION = 1
 
 NonNegInt = Annotated[int, Field(ge=0)]
+# Event times up to the end of year 9999 UTC: the lake stores them as timestamps, and a
+# time beyond what a timestamp holds would stop every flush of the partition it is in.
+MAX_EVENT_TIME_MS = 253_402_300_799_999
+EventTimeMs = Annotated[int, Field(ge=0, le=MAX_EVENT_TIME_MS)]
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
@@ -50,7 +54,7 @@ class Event(BaseModel):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: Id = Field(default_factory=new_event_id)
-    event_time_ms: NonNegInt
+    event_time_ms: EventTimeMs
     request_id: Id
     user_id: NonNegInt
 

@@ -40,7 +40,7 @@ from ray.serve.handle import DeploymentHandle
 
 from models.beam_search import beam_search
 from recloop.config import StackConfig
-from recloop.events import Impression
+from recloop.events import MAX_EVENT_TIME_MS, Impression
 from recloop.ray_head import auth_headers
 
 log = logging.getLogger("recloop.serve")
@@ -65,7 +65,7 @@ class RecommendRequest(BaseModel):
     event_time_ms: int | None = Field(
         default=None,
         ge=0,
-        le=2**53,
+        le=MAX_EVENT_TIME_MS,
         description="the client's clock (ms since the epoch) for the impression's event "
         "time; default the server's. Simulators on a virtual clock send theirs.",
     )

@@ -190,3 +190,16 @@ def test_dead_letter_keeps_raw_bytes_and_rejects_non_base64():
             source_offset=0,
             value_b64="not base64!",
         )
+
+
+def test_event_times_beyond_year_9999_are_refused():
+    # Such a time is a valid integer but no timestamp: it would stop the lake's flushes.
+    from recloop.events import MAX_EVENT_TIME_MS
+
+    assert impression(event_time_ms=MAX_EVENT_TIME_MS).event_time_ms == MAX_EVENT_TIME_MS
+    with pytest.raises(ValueError, match="event_time_ms"):
+        impression(event_time_ms=MAX_EVENT_TIME_MS + 1)
+    doc = json.loads(encode(impression()))
+    doc["event_time_ms"] = 9_069_000_000_000_000  # year 287396
+    with pytest.raises(EventError, match="event_time_ms"):
+        decode(Impression, json.dumps(doc).encode())
