@@ -14,50 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka.structs import TopicPartition
 
-from recloop.events import (
-    DeadLetter,
-    EventError,
-    Impression,
-    Interaction,
-    Preference,
-    ServedItem,
-    decode,
-    encode,
-)
+from recloop.events import DeadLetter, EventError, Interaction, decode, encode
 from recloop.kafka_io import EventConsumer
+from tests.unit.test_events import samples
 
-VALID = {
-    Impression: Impression(
-        event_time_ms=1_700_000_000_000,
-        request_id="req-1",
-        user_id=42,
-        arm="control",
-        model_version="v3",
-        items=[ServedItem(item_id=i, position=p, score=0.5) for p, i in enumerate([7, 3, 9])],
-    ),
-    Interaction: Interaction(
-        event_time_ms=5,
-        request_id="r",
-        user_id=1,
-        item_id=2,
-        position=0,
-        arm="a",
-        model_version="v",
-        clicked=True,
-        watch_time_s=12.5,
-    ),
-    Preference: Preference(
-        event_time_ms=5,
-        request_id="r",
-        user_id=1,
-        model_version="v",
-        history=[1, 2],
-        chosen=[3, 4],
-        rejected=[5, 6],
-        chosen_reward=0.9,
-        rejected_reward=0.1,
-    ),
-}
+VALID = {type(ev): ev for ev in samples() if not isinstance(ev, DeadLetter)}
 MODELS = list(VALID)
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
