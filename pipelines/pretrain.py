@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dim", type=int)
     parser.add_argument("--experts", type=int, help="MoE experts (0 = dense FFN)")
+    parser.add_argument(
+        "--leaf-logits", action="store_true", help="item-specific logits at the last SID level"
+    )
     parser.add_argument("--codebook-size", type=int, help="K, codes per SID level (default 16)")
     parser.add_argument("--session-len", type=int)
     parser.add_argument("--seed", type=int, default=0)
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             "moe_experts": args.experts,
             "codebook_size": args.codebook_size,
             "session_len": args.session_len,
+            "leaf_logits": True if args.leaf_logits else None,
         }.items()
         if v is not None
     }
