@@ -5,21 +5,26 @@ of partitions, so a session's impression and its feedback share a partition numb
 one ingestor owns both. Per partition it keeps:
 
 - open sessions (an impression waiting for its feedback), closed when every position has
-  feedback (``complete``), when the partition's watermark passes the impression time plus
+  feedback (``complete``), when the user's own event clock passes the impression time plus
   the join window (``window``), or after ``max_wait_s`` of wall time without either once
-  nothing is left to read (``wait``: traffic stopped, so the watermark stands still). The
-  watermark is the smaller of the newest event times read from the two topics: one topic
-  may be read ahead of the other, and its newer times say nothing about what the other
-  still holds;
+  nothing is left to read (``wait``: traffic stopped, so the clock stands still). A
+  user's clock is the smaller of the newest event times read for that user from the two
+  topics: one topic may be read ahead of the other, and its newer times say nothing about
+  what the other still holds. The clock is per user, not per partition, because a user's
+  events come from one client in order, while a partition mixes clients whose clocks
+  disagree: a simulation running in virtual time a day ahead, or one client whose clock
+  says year 9999, would otherwise close every other user's sessions before their
+  feedback arrived;
 - feedback that arrived before its impression (out of order), held for the window; then
   it is an orphan (``missing-impression``);
-- recently closed sessions with the event ids of their feedback, for two windows: feedback
-  for one of them is a duplicate (same event id) or late (an orphan with reason ``late``);
+- recently closed sessions with the event ids of their feedback, for two windows of the
+  user's clock (or of wall time, for a user who does not come back): feedback for one of
+  them is a duplicate (same event id) or late (an orphan with reason ``late``);
 - each user's recent history (clicked items, oldest first) and running counts, and each
   item's counts for this partition.
 
 Everything here is plain data and deterministic given the order of records (apart from
-``wait`` closes), so it is saved with each lake commit and restored after a crash or a
+``wait`` closes and the wall-time expiry of closed sessions), so it is saved with each lake commit and restored after a crash or a
 rebalance; features pushed from it are absolute values, which makes a replay harmless.
 """
 
@@ -162,7 +167,9 @@ class PartitionState:
         self.newest_ms = {"impressions": -1, "interactions": -1}  # per topic
         self.open: dict[str, OpenSession] = {}  # by request id
         self.waiting: dict[str, list[Feedback]] = {}  # feedback ahead of its impression
-        self.recent: dict[str, tuple[int, list[str]]] = {}  # closed: (time, feedback ids)
+        # closed, by request id: (event time, feedback ids, user, wall time of the close)
+        self.recent: dict[str, tuple[int, list[str], int, int]] = {}
+        self.clocks: dict[int, list[int]] = {}  # user -> newest [impression, interaction] ms
         self.users: dict[int, UserState] = {}
         self.items: dict[int, Counts] = {}
         self.dirty_users: set[int] = set()
@@ -172,14 +179,25 @@ class PartitionState:
     # ------------------------------------------------------------------ records in
     @property
     def watermark_ms(self) -> int:
+        """The partition's event time (for the item features' timestamps and reports; the
+        join itself runs on each user's clock)."""
         return min(self.newest_ms.values())
 
-    def _advance(self, topic: str, t: int) -> None:
+    def user_clock_ms(self, user: int) -> int:
+        """How far ``user``'s events have been read on both topics (-1: not on both)."""
+        c = self.clocks.get(user)
+        return min(c) if c else -1
+
+    def _advance(self, topic: str, user: int, t: int) -> None:
         if t > self.newest_ms[topic]:
             self.newest_ms[topic] = t
+        c = self.clocks.setdefault(user, [-1, -1])
+        k = 0 if topic == "impressions" else 1
+        if t > c[k]:
+            c[k] = t
 
     def on_impression(self, ev: Impression, record_ts_ms: int, wall_ms: int) -> None:
-        self._advance("impressions", ev.event_time_ms)
+        self._advance("impressions", ev.user_id, ev.event_time_ms)
         rid = ev.request_id
         if rid in self.open or rid in self.recent:
             self.counters.duplicates += 1
@@ -206,7 +224,7 @@ class PartitionState:
         self, ev: Interaction, record_ts_ms: int, wall_ms: int = 0
     ) -> Feedback | None:
         """Join or hold the feedback; returns it when it is late (an orphan to write)."""
-        self._advance("interactions", ev.event_time_ms)
+        self._advance("interactions", ev.user_id, ev.event_time_ms)
         fb = Feedback.of(ev, record_ts_ms)
         fb.held_wall_ms = wall_ms
         rid = ev.request_id
@@ -260,28 +278,36 @@ class PartitionState:
         for rid, s in list(self.open.items()):
             if s.complete:
                 why = "complete"
-            elif self.watermark_ms >= s.event_time_ms + self.window_ms:
+            elif self.user_clock_ms(s.user_id) >= s.event_time_ms + self.window_ms:
                 why = "window"
             elif caught_up and wall_ms - s.opened_wall_ms >= self.max_wait_ms:
                 why = "wait"
             else:
                 continue
             del self.open[rid]
-            self.recent[rid] = (s.event_time_ms, [f.event_id for f in s.feedback.values()])
+            ids = [f.event_id for f in s.feedback.values()]
+            self.recent[rid] = (s.event_time_ms, ids, s.user_id, wall_ms)
             setattr(self.counters, f"closed_{why}", getattr(self.counters, f"closed_{why}") + 1)
             closed.append(Closed(s, why))
         orphans: list[tuple[Feedback, str]] = []
         for rid, held in list(self.waiting.items()):
             newest = max(h.event_time_ms for h in held)
             waited = wall_ms - max(h.held_wall_ms for h in held) >= self.max_wait_ms
-            if self.watermark_ms >= newest + self.window_ms or (caught_up and waited):
+            passed = self.user_clock_ms(held[0].user_id) >= newest + self.window_ms
+            if passed or (caught_up and waited):
                 del self.waiting[rid]
                 self.counters.missing_impression += len(held)
                 orphans.extend((h, "missing-impression") for h in held)
-        horizon = self.watermark_ms - 2 * self.window_ms
-        for rid, (t, _) in list(self.recent.items()):
-            if t < horizon:
+        keep = 2 * self.window_ms
+        for rid, (t, _, user, closed_wall) in list(self.recent.items()):
+            if self.user_clock_ms(user) - t > keep or wall_ms - closed_wall > keep:
                 del self.recent[rid]
+        # A clock is needed while its user has something open, held or recently closed.
+        active = {s.user_id for s in self.open.values()}
+        active.update(held[0].user_id for held in self.waiting.values())
+        active.update(user for _, _, user, _ in self.recent.values())
+        for user in [u for u in self.clocks if u not in active]:
+            del self.clocks[user]
         return closed, orphans
 
     def apply(self, c: Closed) -> None:
@@ -322,7 +348,8 @@ class PartitionState:
                 for s in self.open.values()
             ],
             "waiting": {rid: [fb_json(f) for f in held] for rid, held in self.waiting.items()},
-            "recent": {rid: [t, ids] for rid, (t, ids) in self.recent.items()},
+            "recent": {rid: list(r) for rid, r in self.recent.items()},
+            "clocks": {str(u): c for u, c in self.clocks.items()},
             "counters": vars(self.counters),
         }
 
@@ -337,7 +364,12 @@ class PartitionState:
             s.feedback = {f.position: f for f in fbs}
             self.open[s.request_id] = s
         self.waiting = {rid: [Feedback(**f) for f in held] for rid, held in data["waiting"].items()}
-        self.recent = {rid: (int(t), list(ids)) for rid, (t, ids) in data["recent"].items()}
+        # (States written before user clocks kept [time, ids]: such entries expire at once.)
+        self.recent = {
+            rid: (int(r[0]), list(r[1]), int(r[2]) if len(r) > 2 else -1, int(r[3]) if len(r) > 3 else 0)
+            for rid, r in data["recent"].items()
+        }
+        self.clocks = {int(u): [int(c[0]), int(c[1])] for u, c in data.get("clocks", {}).items()}
         self.counters = Counters(**data.get("counters", {}))
 
     def users_table(self, only_dirty: bool) -> pa.Table:

@@ -64,7 +64,10 @@ from recloop.lake import ORPHANS, SCHEMAS, SESSIONS, Entry, Lake, write_atomic, 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 TOPICS = (IMPRESSIONS.name, INTERACTIONS.name)
-CRASH_ENV = "RECLOOP_INGEST_CRASH"  # "<point>:<n>": exit at the n-th flush reaching point
+# "<point>:<n>": exit at the n-th flush that carries closed sessions past ``point``. Only
+# such flushes count: how many flushes merely move offsets depends on the order in which
+# the broker hands out the two topics, which no test controls.
+CRASH_ENV = "RECLOOP_INGEST_CRASH"
 
 
 def _now_ms() -> int:
@@ -122,8 +125,8 @@ class Ingestor:
         point, _, n = spec.partition(":")
         return point, int(n or 1)
 
-    def _maybe_crash(self, point: str) -> None:
-        if self._crash is None or self._crash[0] != point:
+    def _maybe_crash(self, point: str, sessions: int) -> None:
+        if self._crash is None or self._crash[0] != point or not sessions:
             return
         self._crash_seen[point] = self._crash_seen.get(point, 0) + 1
         if self._crash_seen[point] >= self._crash[1]:
@@ -363,12 +366,15 @@ class Ingestor:
         if dirty_items:
             totals = self._item_totals(dirty_items)
             ids = sorted(totals)
-            wm = max(st.watermark_ms for st in self.states.values())
+            # Totals over every partition, as of this push: stamped with the wall clock,
+            # not an event time. A client's clock (year 9999, say) would otherwise stamp
+            # everyone's item rows, and a store that keeps the newest stamp (Redis) would
+            # then refuse every later push of those items.
             items = pd.DataFrame(
                 {
                     "item_id": ids,
                     **{k: [getattr(totals[i], k) for i in ids] for k in STAT_FIELDS},
-                    "event_timestamp": [ts(wm)] * len(ids),
+                    "event_timestamp": [ts(wall_ms)] * len(ids),
                 }
             )
             push(self.store, "item_stats_push", items, offline=self.ic.offline_push)
@@ -433,7 +439,7 @@ class Ingestor:
         )
         files = self.lake.write_files(SESSIONS, sessions, self.writer, seq)
         files += self.lake.write_files(ORPHANS, orphans, self.writer, seq)
-        self._maybe_crash("after-files")
+        self._maybe_crash("after-files", sessions.num_rows)
 
         parts: dict[str, dict[str, Any]] = {}
         for p in sorted(self.changed):
@@ -466,7 +472,7 @@ class Ingestor:
             counts={"sessions": sessions.num_rows, "orphans": orphans.num_rows},
         )
         self.lake.commit(entry)
-        self._maybe_crash("after-commit")
+        self._maybe_crash("after-commit", sessions.num_rows)
 
         # Committed: the in-memory view moves on (the Feast push follows).
         self.seq = seq
@@ -489,7 +495,7 @@ class Ingestor:
         from values that do not include what the lake does not."""
         self.feast_rows += self._push_features(wall_ms)
         pushed_ms = _now_ms()
-        self._maybe_crash("after-feast")
+        self._maybe_crash("after-feast", len(self._unpushed))
         for st in self.states.values():
             st.dirty_users.clear()
             st.dirty_items.clear()

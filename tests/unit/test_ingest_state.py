@@ -74,11 +74,16 @@ def test_out_of_order_duplicates_late_and_missing():
     st.on_interaction(feedback("a", 7, 1100, 0, 11, eid="other"), 1)
     st.on_impression(impression("a", 7, 1000), 1, 0)
     assert st.counters.duplicates == 2
-    # one topic read ahead does not move the watermark ...
+    # another user's events, however far ahead, do not close it (its user's clock does)
     st.on_impression(impression("b", 8, 1000 + WINDOW), 1, 0)
-    assert st.close_due(0)[0] == []
-    # ... both do: closed with the feedback it has
     st.on_interaction(feedback("b", 8, 1000 + WINDOW, 0, 11), 1)
+    assert st.close_due(0)[0] == []
+    # its user's next impression alone does not move that clock (the feedback topic may be
+    # read behind) ...
+    st.on_impression(impression("a2", 7, 1000 + WINDOW), 1, 0)
+    assert st.close_due(0)[0] == []
+    # ... both topics do: closed with the feedback it has
+    st.on_interaction(feedback("a2", 7, 1000 + WINDOW, 0, 11), 1)
     closed, _ = st.close_due(0)
     assert [(c.session.request_id, c.closed_by) for c in closed] == [("a", "window")]
     # feedback for a closed session: late (an orphan), and its replay is a duplicate
@@ -88,12 +93,57 @@ def test_out_of_order_duplicates_late_and_missing():
     assert st.counters.duplicates == 3
     # feedback whose impression never comes: an orphan once the window has passed
     st.on_interaction(feedback("zz", 9, 2000 + WINDOW, 0, 5), 1)
-    st.on_impression(impression("c", 8, 3000 + 2 * WINDOW), 1, 0)
-    st.on_interaction(feedback("c", 8, 3000 + 2 * WINDOW, 0, 11), 1)
+    st.on_impression(impression("c", 9, 3000 + 2 * WINDOW), 1, 0)
+    st.on_interaction(feedback("c", 9, 3000 + 2 * WINDOW, 0, 11), 1)
     _, orphans = st.close_due(0)
     assert [(f.request_id, why) for f, why in orphans] == [("zz", "missing-impression")]
     rows = pa.Table.from_pylist([orphan_row(f, w) for f, w in orphans], SCHEMAS[ORPHANS])
     assert rows.column("reason").to_pylist() == ["missing-impression"]
+
+
+def test_one_client_far_ahead_in_time_closes_no_one_elses_session():
+    """A simulation in virtual time days ahead, or a client whose clock says year 9999,
+    shares the partition with everyone else: their sessions still wait for their
+    feedback, and the closed-session memory still classifies it."""
+    from recloop.events import MAX_EVENT_TIME_MS
+
+    st = state()
+    st.on_impression(impression("a", 7, 1000), 1, 0)
+    st.on_interaction(feedback("a", 7, 1001, 0, 11), 1)
+    for t in (1000 + 2 * 86_400_000, MAX_EVENT_TIME_MS):
+        st.on_impression(impression(f"far-{t}", 8, t), 1, 0)
+        st.on_interaction(feedback(f"far-{t}", 8, t, 0, 11), 1)
+    # only the far user's own earlier session closes, by its own clock; a stays open
+    closed, _ = st.close_due(0)
+    assert [(c.session.request_id, c.closed_by) for c in closed] == [("far-172801000", "window")]
+    assert set(st.open) == {"a", f"far-{MAX_EVENT_TIME_MS}"}
+    for pos, item in ((1, 12), (2, 13)):
+        st.on_interaction(feedback("a", 7, 1002, pos, item), 1)
+    closed, _ = st.close_due(0)
+    assert [(c.session.request_id, c.closed_by) for c in closed] == [("a", "complete")]
+    # a replay of a's feedback is still known as a duplicate, not a missing impression
+    assert st.on_interaction(feedback("a", 7, 1002, 2, 13), 1) is None
+    assert st.counters.duplicates == 1 and not st.waiting
+
+
+def test_closed_sessions_expire_by_their_users_clock_or_by_wall_time():
+    st = state()
+    st.on_impression(impression("a", 7, 1000), 1, 0)
+    st.on_impression(impression("b", 8, 1000), 1, 0)
+    for rid, user in (("a", 7), ("b", 8)):
+        for pos, item in enumerate((11, 12, 13)):
+            st.on_interaction(feedback(rid, user, 1001, pos, item), 1)
+    assert len(st.close_due(0)[0]) == 2
+    assert set(st.recent) == {"a", "b"} and set(st.clocks) == {7, 8}
+    # user 7 comes back more than two windows later: a expires, b (user 8 is away) stays
+    later = 1002 + 2 * WINDOW
+    st.on_impression(impression("a2", 7, later), 1, 0)
+    st.on_interaction(feedback("a2", 7, later, 0, 11), 1)
+    st.close_due(0)
+    assert set(st.recent) == {"b"}
+    # two windows of wall time later b expires too, and user 8's clock goes with it
+    st.close_due(2 * WINDOW + 1)
+    assert "b" not in st.recent and 8 not in st.clocks and 7 in st.clocks  # a2 is open
 
 
 def test_wait_closes_a_session_when_traffic_stops():
