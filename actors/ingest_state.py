@@ -24,8 +24,8 @@ one ingestor owns both. Per partition it keeps:
   item's counts for this partition.
 
 Everything here is plain data and deterministic given the order of records (apart from
-``wait`` closes and the wall-time expiry of closed sessions), so it is saved with each lake commit and restored after a crash or a
-rebalance; features pushed from it are absolute values, which makes a replay harmless.
+``wait`` closes and the wall-time expiry of closed sessions), so it is saved with each
+lake commit and restored after a crash or a rebalance; features pushed from it are absolute values, which makes a replay harmless.
 """
 
 from __future__ import annotations
@@ -366,7 +366,12 @@ class PartitionState:
         self.waiting = {rid: [Feedback(**f) for f in held] for rid, held in data["waiting"].items()}
         # (States written before user clocks kept [time, ids]: such entries expire at once.)
         self.recent = {
-            rid: (int(r[0]), list(r[1]), int(r[2]) if len(r) > 2 else -1, int(r[3]) if len(r) > 3 else 0)
+            rid: (
+                int(r[0]),
+                list(r[1]),
+                int(r[2]) if len(r) > 2 else -1,
+                int(r[3]) if len(r) > 3 else 0,
+            )
             for rid, r in data["recent"].items()
         }
         self.clocks = {int(u): [int(c[0]), int(c[1])] for u, c in data.get("clocks", {}).items()}

@@ -529,14 +529,20 @@ class Ingestor:
             self.last_error = f"kafka commit: {exc!r}"
 
     # ------------------------------------------------------------------ metrics
-    def lag(self) -> dict[str, int]:
+    def lag(self) -> dict[str, int] | None:
+        """Records not yet read, per topic; None when the broker does not answer (it is
+        restarting, say): the consumer reconnects by itself, and nothing is idle then."""
         if self._consumer is None:
             return {}
         c = self._consumer.consumer
         tps = list(c.assignment())
         if not tps:
             return {}
-        ends = c.end_offsets(tps)
+        try:
+            ends = c.end_offsets(tps)
+        except Exception as exc:  # KafkaTimeoutError and friends: the broker is away
+            self.last_error = f"lag: {exc!r}"[:500]
+            return None
         out: dict[str, int] = {}
         for tp in tps:
             key = tp.topic.split(".")[-1]
@@ -578,6 +584,8 @@ class Ingestor:
     ) -> dict[str, Any]:
         """Consume until ``stop`` is set, or ``until_idle_s`` without records and with no
         session left open."""
+        from kafka.errors import KafkaError
+
         from recloop.kafka_io import EventConsumer
 
         stop = stop or threading.Event()
@@ -598,7 +606,15 @@ class Ingestor:
         backoff = 1.0
         try:
             while not stop.is_set():
-                records = self._consumer.poll(timeout_ms=200)
+                try:
+                    records = self._consumer.poll(timeout_ms=200)
+                except KafkaError as exc:  # the broker is away: the client reconnects
+                    self.last_error = f"poll: {exc!r}"[:500]
+                    self.say(f"{self.writer}: poll failed, retrying in {backoff:.0f} s: {exc!r}")
+                    if stop.wait(backoff):
+                        break
+                    backoff = min(30.0, backoff * 2)
+                    continue
                 if self._fatal:
                     raise RuntimeError(self._fatal)
                 self.handle(records)
@@ -620,16 +636,19 @@ class Ingestor:
                     # The consumer is not thread-safe: lag is measured here, in the
                     # consuming thread, and ``stats`` (any thread) reports the last one.
                     last_progress = time.monotonic()
-                    self.last_lag = self.lag()
+                    lag = self.lag()
+                    if lag is not None:
+                        self.last_lag = lag
                     if progress_s:
                         self.say(self.progress_line())
                 if (
                     until_idle_s is not None
                     and self.states  # assigned: the group join takes a few seconds
                     and time.monotonic() - last_record >= until_idle_s
-                    and not sum(self.lag().values())
+                    and (lag := self.lag()) is not None
+                    and not sum(lag.values())
                 ):
-                    self.last_lag = self.lag()
+                    self.last_lag = lag
                     self.flush()
                     if not any(st.open or st.waiting for st in self.states.values()):
                         break

@@ -118,3 +118,27 @@ def ray_driver(stack: StackConfig) -> Iterator[StackConfig]:
     connect(stack)
     yield stack
     ray.shutdown()
+
+
+FAULTS_JSON = PROJECT_ROOT / "tests" / "artifacts" / "faults.json"
+
+
+@pytest.fixture(scope="session")
+def _fault_records() -> Iterator[list[dict]]:
+    records: list[dict] = []
+    yield records
+    if records:
+        import json
+
+        FAULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+        FAULTS_JSON.write_text(json.dumps({"faults": records}, indent=1))
+
+
+@pytest.fixture
+def fault_record(_fault_records: list[dict], request: pytest.FixtureRequest):
+    """Record what a fault-injection test measured (``benchmarks.faults`` renders them)."""
+
+    def record(**fields: object) -> None:
+        _fault_records.append({"test": request.node.nodeid, **fields})
+
+    return record
