@@ -25,7 +25,8 @@ one ingestor owns both. Per partition it keeps:
 
 Everything here is plain data and deterministic given the order of records (apart from
 ``wait`` closes and the wall-time expiry of closed sessions), so it is saved with each
-lake commit and restored after a crash or a rebalance; features pushed from it are absolute values, which makes a replay harmless.
+lake commit and restored after a crash or a rebalance; features pushed from it are
+absolute values, which makes a replay harmless.
 """
 
 from __future__ import annotations
