@@ -318,6 +318,7 @@ class DpoMirror:
 
 # --------------------------------------------------------------------------- ingress
 LATENCY_WINDOW = 2000
+GENERATE_ATTEMPTS = 3  # a request whose recommender replica died is tried again, twice
 
 
 def latency_summary(values: Iterable[float]) -> dict[str, float | int | None]:
@@ -368,7 +369,7 @@ class Router:
         self.impressions = ImpressionLogger(self.cfg.kafka.bootstrap, s.impression_buffer)
         self.dpo = DpoMirror(s.dpo_actor, s.dpo_fraction)
         _MAX_BODY[0] = s.max_body_bytes
-        self.counts = {"requests": 0, "ok": 0, "errors": 0}
+        self.counts = {"requests": 0, "ok": 0, "errors": 0, "retries": 0}
         # Router-side latency of the last LATENCY_WINDOW answered requests (features +
         # generation + logging), for /stats and the dashboard.
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
@@ -392,7 +393,7 @@ class Router:
             "exclude_seen": body.exclude_seen,
         }
         try:
-            result = await self.recommenders[arm].generate.remote(req)
+            result = await self._generate(arm, req)
         except Exception as exc:
             self.counts["errors"] += 1
             raise HTTPException(503, f"arm {arm} unavailable: {type(exc).__name__}") from exc
@@ -429,6 +430,22 @@ class Router:
         self.counts["ok"] += 1
         self.latency_ms.append((time.perf_counter() - started) * 1000)
         return RecommendResponse(request_id=request_id, arm=arm, model_version=version, items=items)
+
+    async def _generate(self, arm: str, req: dict) -> dict:
+        """Ask the arm's recommender; a replica that died with the request (killed, its
+        node lost) is retried: generation has no side effect, and the handle holds the
+        retry until Serve has a replica again. Other errors are not retried."""
+        from ray.exceptions import RayActorError
+
+        for attempt in range(GENERATE_ATTEMPTS):
+            try:
+                return await self.recommenders[arm].generate.remote(req)
+            except RayActorError:
+                if attempt == GENERATE_ATTEMPTS - 1:
+                    raise
+                self.counts["retries"] += 1
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     @api.get("/arms", response_model=list[ArmInfo])
     async def arms(self) -> list[ArmInfo]:

@@ -4,6 +4,12 @@ A lookup that errors or takes longer than ``timeout_s`` returns what is known (a
 history: the user gets a cold-start session) and is counted. After a failure the store
 is left alone for ``backoff_s`` so an unreachable store costs each request nothing
 instead of a timeout each (no storm of slow requests or 5xx).
+
+Lookups run one at a time on a thread of their own. Feast's SQLite store shares one
+connection, so concurrent lookups would queue there anyway; against a locked database
+they queued for its busy timeout (5 s) each, and the router stopped answering anything,
+``/healthz`` included, for 15 s (found by the fault test). Now requests wait on the
+event loop instead, and one whose lookup did not start in time is cancelled unrun.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +41,7 @@ class FeatureClient:
         self.backoff_s = backoff_s
         self._store: Any = None
         self._open_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-lookup")
         self._skip_until = 0.0
         self.counts = {"lookups": 0, "found": 0, "missing": 0, "errors": 0, "skipped": 0}
         self.last_error: str | None = None
@@ -62,8 +70,9 @@ class FeatureClient:
             self.counts["skipped"] += 1
             return UserFeatures(source="degraded")
         try:
+            loop = asyncio.get_running_loop()
             items, profile = await asyncio.wait_for(
-                asyncio.to_thread(self._lookup, user_id), timeout=self.timeout_s
+                loop.run_in_executor(self._pool, self._lookup, user_id), timeout=self.timeout_s
             )
         except Exception as exc:  # store unreachable, slow or broken: serve what is known
             self.counts["errors"] += 1

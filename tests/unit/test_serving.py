@@ -143,3 +143,40 @@ def test_an_unreachable_feature_store_degrades_to_cold_start_and_backs_off():
     assert Broken.calls == 1  # the back-off spares the store (and the requests)
     assert client.stats()["errors"] == 1 and client.stats()["skipped"] == 4
     assert "store down" in client.stats()["last_error"]
+
+
+def test_a_hanging_store_gets_one_lookup_at_a_time_and_requests_do_not_wait_for_it():
+    """Concurrent requests against a store that hangs (a locked SQLite file): each gets a
+    degraded answer within the timeout, and only one lookup ever runs; the queued ones
+    are cancelled unrun instead of piling onto the store's one connection."""
+    import asyncio
+    import threading
+
+    from serving.features import FeatureClient
+
+    release = threading.Event()
+
+    class Hanging:
+        running = 0
+        most = 0
+        calls = 0
+
+        def get_online_features(self, **_):
+            Hanging.calls += 1
+            Hanging.running += 1
+            Hanging.most = max(Hanging.most, Hanging.running)
+            release.wait(10)
+            Hanging.running -= 1
+            raise TimeoutError("database is locked")
+
+    client = FeatureClient(load_config(env={}), timeout_s=0.3, backoff_s=0)
+    client._store = Hanging()
+
+    async def burst():
+        return await asyncio.gather(*(client.user(u) for u in range(8)))
+
+    got = asyncio.run(burst())
+    release.set()
+    assert all(g.source == "degraded" for g in got)
+    assert Hanging.most == 1 and Hanging.calls == 1
+    assert client.stats()["errors"] == 8
