@@ -92,7 +92,8 @@ def _run(cfg_path: Path, crash: str | None, out: Path | None = None) -> subproce
     )
 
 
-def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path) -> None:
+@pytest.mark.faults
+def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path, fault_record) -> None:
     from features.store import open_store
     from recloop.kafka_io import EventProducer, end_offsets, read_range
 
@@ -129,12 +130,14 @@ def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path) -> Non
         prod.send_raw("recloop.interactions", bad, key=str(USERS[2]).encode())
         prod.flush()
 
+        crashes = 0
         # Crash in the middle of a flush that closes sessions: after the lake files (not
         # committed), then after the Feast push (committed, Kafka's offsets not).
         for crash in ("after-files:1", "after-feast:1"):
             r = _run(cfg_path, crash)
             assert r.returncode == 17, r.stderr[-3000:]
             assert "injected crash" in r.stderr
+            crashes += 1
 
         send(range(2, 3))
         # Late feedback: its session closed long ago (the watermark is 4 min past it).
@@ -148,6 +151,7 @@ def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path) -> Non
         prod.flush()
         r = _run(cfg_path, "after-commit:1")  # crash after the commit, before Kafka's
         assert r.returncode == 17, r.stderr[-3000:]
+        crashes += 1
     r = _run(cfg_path, None, tmp_path / "stats.json")
     assert r.returncode == 0, r.stderr[-3000:]
     stats = json.loads((tmp_path / "stats.json").read_text())
@@ -207,6 +211,20 @@ def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path) -> Non
                 it for q in rows[:k] for it, c in zip(q["items"], q["clicked"], strict=True) if c
             ]
             assert r["history"] == before[-cfg.ingest.history_len :]
+    sent = len(expected) + sum(
+        len(imp.items) for rid, imp in expected.items() if not rid.endswith("-9")
+    )
+    fault_record(
+        fault="ingestor killed mid-flush (after the lake files, after the Feast push, "
+        "after the lake commit)",
+        load=f"{len(expected)} sessions of {len(USERS)} users, a duplicate, a late and a "
+        "malformed event",
+        survived=True,
+        produced=sent,
+        landed=sum(1 + r["n_feedback"] for r in ours),
+        detail=f"{crashes} crashes (os._exit) and restarts; every session once in the lake, "
+        "Feast equal to the lake per user",
+    )
 
 
 def test_two_consumers_split_the_partitions_and_rebalances_lose_nothing(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -250,7 +251,8 @@ def test_promotion_and_rollback_under_load_fail_no_request(service, checkpoints)
     assert reg.current("treatment") == before
 
 
-def test_a_corrupted_version_is_never_promoted_nor_served(service, checkpoints):
+@pytest.mark.faults
+def test_a_corrupted_version_is_never_promoted_nor_served(service, checkpoints, fault_record):
     """Bad weights never serve: ``promote`` refuses a version whose files no longer match
     what was published, and a version that rots after the pointer moved is refused by the
     replicas, which keep serving the last good one. Requests keep succeeding throughout."""
@@ -292,6 +294,14 @@ def test_a_corrupted_version_is_never_promoted_nor_served(service, checkpoints):
     assert all(bad in (r["load_error"] or "") for r in replicas), replicas
     reg.rollback("treatment")  # the registry agrees with serving again
     assert reg.current("treatment") == good
+    fault_record(
+        fault="corrupted checkpoint: at promotion, and rotting after it",
+        load=f"{sum(statuses.values())} requests from {len(load.threads)} clients",
+        survived=True,
+        success_ratio=round(statuses[200] / sum(statuses.values()), 5),
+        detail="promote refused it (sha256 mismatch); the replicas refused the rotten "
+        "version and kept serving the last good one",
+    )
 
 
 def _replica_actors(deployment: str) -> list[str]:
@@ -426,7 +436,8 @@ def test_the_feature_store_away_degrades_serving_without_errors(service, fault_r
     )
 
 
-def test_schemathesis_finds_no_server_error_in_the_published_api(service):
+@pytest.mark.faults
+def test_schemathesis_finds_no_server_error_in_the_published_api(service, fault_record):
     _, base = service
     out = subprocess.run(
         [
@@ -447,3 +458,11 @@ def test_schemathesis_finds_no_server_error_in_the_published_api(service):
         timeout=600,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    cases = re.search(r"(\d+) generated", out.stdout)
+    fault_record(
+        fault="schemathesis on the published HTTP API (no 5xx check)",
+        load="30 examples per operation, seed 1",
+        survived=True,
+        bad_inputs=int(cases.group(1)) if cases else None,
+        detail=" ".join(out.stdout.strip().splitlines()[-1:])[:160],
+    )

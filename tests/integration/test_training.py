@@ -117,8 +117,9 @@ def _setup(ray_driver: StackConfig, seed_dir: Path, home: Path, **train) -> Stac
     return cfg
 
 
+@pytest.mark.faults
 def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
-    ray_driver, synthetic_checkpoints, tmp_path, monkeypatch
+    ray_driver, synthetic_checkpoints, tmp_path, monkeypatch, fault_record
 ):
     """One round on Ray Train with 2 workers, killed after its first checkpoint and run
     again: it resumes from that checkpoint (not step 0), trains every example exactly
@@ -148,9 +149,10 @@ def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
 
     started = time.monotonic()
     rec = ct.run_round(cfg, promote=ct.promote_registry)  # the restarted trainer
+    resumed_s = time.monotonic() - started
     print(json.dumps({k: v for k, v in rec.items() if k != "gate"}, indent=1))
     print(json.dumps(rec["gate"], indent=1))
-    print(f"resumed round in {time.monotonic() - started:.1f} s")
+    print(f"resumed round in {resumed_s:.1f} s")
     # the same round: same entries, base and Ray Train run
     assert rec["round"] == 1 and rec["run"] == ip["run"] and rec["base_version"] == "seed"
     assert rec["commits"] == len(ip["entries"]) == 3
@@ -177,6 +179,15 @@ def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
     fresh = ct.freshness(cfg)
     assert fresh["version"] == rec["version"] and fresh["event_time_lag_s"] == 0
     assert 0 < fresh["feedback_to_serving_s"] < 900
+    fault_record(
+        fault="trainer killed mid-round (rank 0 exits after a checkpoint)",
+        load=f"1 round, 2 Ray Train workers, {rec['train_examples']} examples",
+        survived=True,
+        recovery_s=round(resumed_s, 1),
+        detail=f"resumed from step {rec['resumed_from_step']}; {rec['trained_examples']} of "
+        f"{rec['train_examples'] * cfg.train.epochs} example steps, each example "
+        f"{cfg.train.epochs}x over both attempts; promoted",
+    )
 
 
 def test_the_trainer_runs_as_a_detached_actor_of_the_stack(

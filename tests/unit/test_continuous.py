@@ -504,7 +504,8 @@ def test_a_crashed_round_resumes_with_the_same_entries_and_advances_the_marks_on
     assert reg.current("online") == rec2["version"]
 
 
-def test_bad_weights_are_never_promoted(base_ckpt, tmp_path):
+@pytest.mark.faults
+def test_bad_weights_are_never_promoted(base_ckpt, tmp_path, fault_record):
     cfg, reg = _stack(tmp_path, base_ckpt)
     _traffic(Lake(cfg.lake_dir), "ing-0", 1, 0, 60)
 
@@ -518,6 +519,13 @@ def test_bad_weights_are_never_promoted(base_ckpt, tmp_path):
     assert "non-finite" in rec["gate"]["reason"]
     assert reg.current("online") == "seed"
     assert ct.load_state(cfg)["marks"] == {"ing-0": 1}  # consumed: the next round moves on
+    fault_record(
+        fault="a training round that produced NaN weights",
+        load="1 round on 60 sessions",
+        survived=True,
+        detail="the registry refused to publish it (non-finite weights); the arm stayed on "
+        "its seed version",
+    )
 
 
 def _traffic_the_base_likes(lake: Lake, base: Path, n: int) -> Entry:

@@ -26,14 +26,36 @@ JSON = st.recursive(
     max_leaves=12,
 )
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TRIED = {"records": 0, "refused": 0, "dead_lettered": 0, "batches": 0}  # for the fault table
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _record_what_was_tried(_fault_records):
+    yield
+    if TRIED["records"]:
+        _fault_records.append(
+            {
+                "test": __name__,
+                "fault": "malformed events (hypothesis: bytes, JSON, one field broken)",
+                "load": f"{TRIED['records']} records, {TRIED['batches']} consumer batches",
+                "survived": True,
+                "bad_inputs": TRIED["refused"] + TRIED["dead_lettered"],
+                "detail": f"{TRIED['refused']} refused with a reason by the contracts, "
+                f"{TRIED['dead_lettered']} dead-lettered by the consumer, none lost",
+            }
+        )
 
 
 def _decodes_or_explains(model, value: bytes | None) -> bool:
     """True if valid; an invalid record must raise EventError with a reason."""
+    TRIED["records"] += 1
     try:
         event = decode(model, value)
     except EventError as exc:
         assert exc.reason and isinstance(exc.reason, str)
+        TRIED["refused"] += 1
         return False
     assert isinstance(event, model)
     assert decode(model, encode(event)) == event  # what passes also round-trips
@@ -125,3 +147,6 @@ def test_the_consumer_dead_letters_each_bad_record_with_its_reason_and_keeps_the
             decode(Interaction, raw.value)
         assert letter.reason == info.value.reason
     assert consumer.stats.valid == len(good) and consumer.stats.dead_lettered == len(bad)
+    TRIED["batches"] += 1
+    TRIED["records"] += len(values)
+    TRIED["dead_lettered"] += len(bad)
