@@ -234,15 +234,42 @@ class Recommender:
         if not version or (self.model is not None and self.model.version == version):
             return
         try:  # load beside the serving model; swap only a complete, valid one
-            path = await asyncio.to_thread(self.registry.fetch, self.lineage, version)
-            loaded = await asyncio.to_thread(LoadedModel.load, str(path), version)
+            loaded = await asyncio.to_thread(self._load, version)
         except Exception as exc:
             self.load_error = f"{version}: {type(exc).__name__}: {exc}"[:500]
             log.error("arm %s: keeping %s, cannot load %s", self.arm, self.version(), exc)
+            if self.model is None:  # a new replica has nothing to keep: the last good one
+                await asyncio.to_thread(self._fall_back, version)
             return
         self.model = loaded  # one reference assignment: atomic for requests
         self.load_error = None
         self.swaps += 1
+
+    def _load(self, version: str) -> LoadedModel:
+        path = self.registry.fetch(self.lineage, version)
+        return LoadedModel.load(str(path), version)
+
+    def _fall_back(self, failed: str) -> None:
+        """A replica started (restarted, scaled up) after its version went bad: serve the
+        newest version of the arm's history that still verifies and loads, the registry's
+        current one first, as the replicas that were running already do."""
+        try:
+            candidates = [
+                self.registry.current(self.arm),
+                *reversed(self.registry.served(self.arm)),
+            ]
+        except Exception as exc:
+            log.error("arm %s: no fallback, the registry is unreadable: %s", self.arm, exc)
+            return
+        for version in dict.fromkeys(v for v in candidates if v and v != failed):
+            try:
+                self.model = self._load(version)
+            except Exception as exc:
+                log.error("arm %s: fallback %s does not load either: %s", self.arm, version, exc)
+                continue
+            self.load_error = f"{self.load_error}; serving {version} instead"[:500]
+            self.swaps += 1
+            return
 
     def version(self) -> str | None:
         return None if self.model is None else self.model.version

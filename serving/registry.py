@@ -517,6 +517,11 @@ class ModelRegistry:
         """Promote/rollback entries of ``arm``, oldest first."""
         return list(self.arm(arm)["history"])
 
+    def served(self, arm: str) -> list[str]:
+        """The versions ``arm`` has served that a rollback could return to, oldest first
+        (the current one last)."""
+        return _served_stack(self.arm(arm)["history"])
+
     def promote(self, arm: str, version: str) -> dict:
         """Make ``version`` (complete, in the arm's lineage) current for ``arm``.
 

@@ -180,3 +180,33 @@ def test_a_hanging_store_gets_one_lookup_at_a_time_and_requests_do_not_wait_for_
     assert all(g.source == "degraded" for g in got)
     assert Hanging.most == 1 and Hanging.calls == 1
     assert client.stats()["errors"] == 8
+
+
+def test_a_new_replica_whose_version_rotted_serves_the_last_good_one(tiny_checkpoint, tmp_path):
+    """A replica started after the deployed version went bad (a restart, a scale-up) has
+    no model to keep: it serves the newest version of the arm's history that loads."""
+    import asyncio
+
+    from serving.app import Recommender
+    from serving.registry import ModelRegistry
+
+    reg = ModelRegistry(str(tmp_path / "registry"))
+    reg.create_arm("treatment", "treatment")
+    good = reg.publish("treatment", tiny_checkpoint, version="good")
+    reg.promote("treatment", good)
+    bad = reg.publish("treatment", tiny_checkpoint, version="bad")
+    reg.promote("treatment", bad)
+    weights = tmp_path / "registry" / "lineages" / "treatment" / bad / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    cfg = load_config(overrides={"serve.registry_uri": str(tmp_path / "registry")}, env={})
+    replica = Recommender.func_or_class(cfg.to_dict(), "treatment", "treatment")
+    asyncio.run(replica.reconfigure({"version": bad}))
+    info = replica.info()
+    assert info["model_version"] == good
+    assert bad in info["load_error"] and f"serving {good} instead" in info["load_error"]
+    # a running replica keeps what it serves, with no fallback hunt
+    asyncio.run(replica.reconfigure({"version": bad}))
+    assert replica.info()["model_version"] == good
