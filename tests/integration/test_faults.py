@@ -20,13 +20,12 @@ from collections.abc import Iterator
 import pytest
 
 from recloop.config import StackConfig
-from recloop.events import Impression, Interaction, ServedItem
 from tests.conftest import isolated_config, short_home
+from tests.integration.test_ingest import _session
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
 USERS = range(920_000, 920_040)
-ITEMS = 4
 
 
 @pytest.fixture(scope="module")
@@ -50,35 +49,6 @@ def own_stack() -> Iterator[StackConfig]:
     finally:
         broker.stop()
         shutil.rmtree(home, ignore_errors=True)
-
-
-def _session(prefix: str, user: int, k: int, t: int) -> tuple[Impression, list[Interaction]]:
-    rid = f"{prefix}-{user}-{k}"
-    items = [1 + (user * 5 + k * 3 + p) % 60 for p in range(ITEMS)]
-    imp = Impression(
-        event_time_ms=t,
-        request_id=rid,
-        user_id=user,
-        arm="online",
-        model_version="v1",
-        items=[ServedItem(item_id=i, position=p, score=-p) for p, i in enumerate(items)],
-    )
-    fbs = [
-        Interaction(
-            event_id=f"{rid}-{p}",
-            event_time_ms=t + 500 * (p + 1),
-            request_id=rid,
-            user_id=user,
-            item_id=i,
-            position=p,
-            arm="online",
-            model_version="v1",
-            clicked=(user + k + p) % 3 == 0,
-            watch_time_s=5.0 * (p + 1) if (user + k + p) % 3 == 0 else 0.0,
-        )
-        for p, i in enumerate(items)
-    ]
-    return imp, fbs
 
 
 def _kill_broker(cfg: StackConfig) -> int:
@@ -196,7 +166,8 @@ def test_broker_killed_and_restarted_during_traffic_loses_and_duplicates_nothing
     ing.join(60)
     rids = [r["request_id"] for r in rows]
     assert len(rids) == len(set(rids)) == len(want_rids), (len(rids), len(set(rids)))
-    assert all(r["n_feedback"] == ITEMS for r in rows)
+    sizes = {imp.request_id: len(imp.items) for imp, _ in plan}
+    assert all(r["n_feedback"] == sizes[r["request_id"]] for r in rows)
     assert ing_out.get("open_sessions", 0) == 0
 
     events_sent = len(futures)
@@ -206,7 +177,7 @@ def test_broker_killed_and_restarted_during_traffic_loses_and_duplicates_nothing
         load=f"{len(plan)} sessions, {events_sent} events at ~{rate:.0f} sessions/s",
         survived=True,
         produced=events_sent,
-        landed=len(rows) * (1 + ITEMS),
+        landed=sum(1 + r["n_feedback"] for r in rows),
         recovery_s=round(first_ack_after - down_at, 2),
         detail=f"broker pid {pid} killed; down {restarted['at'] - down_at:.1f} s incl. restart; "
         f"first ack {first_ack_after - restarted['at']:.2f} s after it answered again",
