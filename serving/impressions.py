@@ -3,8 +3,12 @@
 ``offer`` never blocks: the request handler hands the event over and returns. A thread
 sends queued events with the idempotent producer; when Kafka is slow or away the queue
 fills and further events are dropped and counted (the goal is zero drops, and the
-counter says when it is not met). Nothing else is lost silently: send errors are counted
-and the last one is kept for ``stats``.
+counter says when it is not met). A record the producer gave up on is sent again by a
+fresh producer (the ingestor drops a repeated impression by its request id), up to
+``SEND_ATTEMPTS`` times; only then is it counted as ``failed``. While the broker does
+not answer at all the batch is kept and retried, with a pause growing to 8 s. Send
+errors are counted and the last one is kept for ``stats``; ``pending`` (queued or being
+sent) tells a client when everything it was served has reached Kafka.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any
 
 from recloop.events import Impression
 
+SEND_ATTEMPTS = 5  # per record, each by a fresh producer after the last one failed
+
 
 class ImpressionLogger:
     def __init__(self, bootstrap_servers: str, capacity: int = 10_000, client_id: str = "serve"):
@@ -24,7 +30,8 @@ class ImpressionLogger:
         self.client_id = client_id
         self._queue: queue.Queue[Impression | None] = queue.Queue(maxsize=capacity)
         self._lock = threading.Lock()
-        self._counts = {"offered": 0, "sent": 0, "dropped": 0, "send_errors": 0}
+        self._counts = {"offered": 0, "sent": 0, "dropped": 0, "failed": 0, "send_errors": 0}
+        self._sending = 0  # taken from the queue, not yet sent or given up
         self._last_error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="impression-logger", daemon=True)
@@ -47,6 +54,7 @@ class ImpressionLogger:
             return {
                 **self._counts,
                 "queued": self._queue.qsize(),
+                "pending": self._queue.qsize() + self._sending,
                 "capacity": self.capacity,
                 "last_error": self._last_error,
             }
@@ -76,30 +84,54 @@ class ImpressionLogger:
                     self._stop.set()
                     break
                 batch.append(nxt)
-            while True:
+            with self._lock:
+                self._sending = len(batch)
+            rejected = 0  # times the producer gave up on records of this batch
+            pause = 0.5
+            while batch:
                 try:
                     if producer is None:
                         producer = EventProducer(self.bootstrap_servers, client_id=self.client_id)
-                    futures = [producer.send(e) for e in batch]
-                    producer.flush(timeout_s=30)
-                    failed = [f for f in futures if f.failed()]
-                    self._count("sent", len(batch) - len(failed))
-                    if failed:
-                        self._count("send_errors", len(failed))
-                        self._last_error = repr(failed[0].exception)
-                    break
-                except Exception as exc:  # broker away: keep the batch, retry after a pause
-                    self._count("send_errors")
-                    self._last_error = repr(exc)
-                    if producer is not None:
+                    futures, kept = [], []
+                    for e in batch:
                         try:
-                            producer.close()
-                        except Exception:
-                            pass
-                        producer = None
-                    if self._stop.wait(1.0):
-                        self._count("dropped", len(batch))
+                            futures.append(producer.send(e))
+                            kept.append(e)
+                        except ValueError as bad:  # breaks the contract: never sendable
+                            self._count("failed")
+                            with self._lock:
+                                self._last_error = repr(bad)[:500]
+                    batch = kept
+                    producer.flush(timeout_s=30)
+                except Exception as exc:  # broker away: keep the batch, retry after a pause
+                    error = exc
+                else:
+                    failed = [(e, f) for e, f in zip(batch, futures, strict=True) if f.failed()]
+                    self._count("sent", len(batch) - len(failed))
+                    batch = [e for e, _ in failed]
+                    if not batch:
                         break
+                    error = failed[0][1].exception
+                    rejected += 1
+                self._count("send_errors")
+                with self._lock:
+                    self._last_error = repr(error)[:500]
+                    self._sending = len(batch)
+                if producer is not None:  # a fresh producer: new connections, new sequence
+                    try:
+                        producer.close(timeout_s=1.0)
+                    except Exception:
+                        pass
+                    producer = None
+                if rejected >= SEND_ATTEMPTS:
+                    self._count("failed", len(batch))
+                    break
+                if self._stop.wait(pause):
+                    self._count("dropped", len(batch))
+                    break
+                pause = min(8.0, 2 * pause)
+            with self._lock:
+                self._sending = 0
         if producer is not None:
             producer.close()
 

@@ -217,6 +217,7 @@ def simulate(
         for a in actors:
             ray.kill(a)
         finished = time.time()
+        unlogged = wait_impressions_logged(url, say)
     except BaseException:
         stop_learning(cfg, run, learners, say)  # no trainer outlives a failed run
         raise
@@ -229,6 +230,13 @@ def simulate(
             f"warning: {degraded.get('errors', 0)} feature lookups failed and "
             f"{degraded.get('skipped', 0)} were skipped (store backing off): those users got "
             "sessions without their history"
+        )
+
+    lost = service.get("impressions", {})
+    if lost.get("dropped") or lost.get("failed"):
+        say(
+            f"warning: {lost.get('dropped', 0)} impressions were dropped (buffer full) and "
+            f"{lost.get('failed', 0)} refused by Kafka: their sessions will not reach the lake"
         )
 
     summaries = [r["summary"] for r in results]
@@ -261,6 +269,7 @@ def simulate(
         "wall_s": round(wall, 2),
         "offsets": {t: {"start": start[t], "end": end[t]} for t in start},
         "service": service,  # the router's /stats counters over the run
+        "impressions_pending": unlogged,  # not in Kafka when the run ended (None: unknown)
         "totals": totals,
         "shards": summaries,
         "learning": learning,  # per learning arm: the rounds trained and versions promoted
@@ -410,6 +419,26 @@ def service_stats(url: str) -> dict:
         return requests.get(url.rsplit("/", 1)[0] + "/stats", timeout=10).json()
     except (requests.RequestException, ValueError):
         return {}
+
+
+def wait_impressions_logged(url: str, say: Progress, timeout_s: float = 60.0) -> int | None:
+    """Wait until the router has handed every impression it served to Kafka (they are
+    sent off the request path, so the last ones may still be queued when the users are
+    done); say so when it has not after ``timeout_s``. Returns how many are still
+    pending (None: the service does not say)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        imp = service_stats(url).get("impressions", {})
+        pending = imp.get("pending")
+        if not pending:  # (None: a service without the counter, no wait)
+            return pending
+        if time.monotonic() > deadline:
+            say(
+                f"warning: {pending} impressions still waiting for Kafka after {timeout_s:.0f} s "
+                f"(last error: {imp.get('last_error')})"
+            )
+            return pending
+        time.sleep(0.2)
 
 
 def _stats_delta(before: dict, after: dict) -> dict:

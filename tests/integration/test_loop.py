@@ -75,6 +75,8 @@ def test_feedback_reaches_the_weights_and_the_features(
     try:
         manifest = simulate(cfg, run, print, deploy=True, learn=False)
         assert manifest["totals"]["failed"] == 0
+        imp = manifest["service"]["impressions"]  # every served session reached Kafka
+        assert manifest["impressions_pending"] == imp["dropped"] == imp["failed"] == 0, imp
         stats = Ingestor(cfg, 0, print).run(until_idle_s=3.0, progress_s=0)
         assert stats["open_sessions"] == 0  # (dead letters: other tests' bad records)
 

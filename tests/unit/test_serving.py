@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,71 @@ def test_impression_logger_counts_drops_when_its_buffer_is_full():
     assert stats["offered"] == 50
     assert stats["dropped"] == accepted.count(False) and stats["dropped"] >= 40
     logger.close(timeout_s=0.5)
+
+
+def test_impression_logger_resends_what_the_producer_gave_up_and_skips_what_breaks_the_contract(
+    monkeypatch,
+):
+    import recloop.kafka_io
+    from recloop.events import Impression
+    from serving import impressions
+
+    class Future:
+        def __init__(self, error: Exception | None):
+            self.exception = error
+
+        def failed(self) -> bool:
+            return self.exception is not None
+
+    delivered: list[str] = []
+    made: list[int] = []
+
+    class Producer:  # the first producer loses every other record, later ones none
+        def __init__(self, *_a, **_k):
+            made.append(1)
+            self.n = len(made)
+            self.i = 0
+
+        def send(self, ev):
+            if ev.request_id == "poison":
+                raise ValueError("breaks the contract")
+            self.i += 1
+            if self.n == 1 and self.i % 2:
+                return Future(RuntimeError("OutOfOrderSequenceNumber"))
+            delivered.append(ev.request_id)
+            return Future(None)
+
+        def flush(self, timeout_s=None):
+            pass
+
+        def close(self, timeout_s=None):
+            pass
+
+    monkeypatch.setattr(recloop.kafka_io, "EventProducer", Producer)
+    monkeypatch.setattr(impressions, "SEND_ATTEMPTS", 3)
+    logger = impressions.ImpressionLogger("unused:1", capacity=100)
+
+    def ev(rid: str) -> Impression:
+        return Impression(
+            event_time_ms=1,
+            request_id=rid,
+            user_id=1,
+            arm="a",
+            model_version="v",
+            items=[{"item_id": 1, "position": 0, "score": -1.0}],
+        )
+
+    for i in range(10):
+        logger.offer(ev(f"r{i}"))
+    logger.offer(ev("poison"))
+    deadline = time.monotonic() + 10
+    while logger.stats()["pending"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = logger.stats()
+    logger.close(timeout_s=1)
+    assert sorted(delivered) == sorted(f"r{i}" for i in range(10))  # each once
+    assert (stats["sent"], stats["failed"], stats["dropped"], stats["pending"]) == (10, 1, 0, 0)
+    assert stats["send_errors"] >= 1 and len(made) >= 2
 
 
 def test_an_unreachable_feature_store_degrades_to_cold_start_and_backs_off():
