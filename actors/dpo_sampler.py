@@ -376,7 +376,12 @@ def start_sampler(
     arms = list(arms) if arms is not None else mined_arms(cfg)
     actor = (
         _actor_class()
-        .options(name=name, lifetime="detached", num_cpus=cfg.dpo.sampler_cpus)
+        .options(
+            name=name,
+            lifetime="detached",
+            num_cpus=cfg.dpo.sampler_cpus,
+            resources=cfg.dpo.sampler_resources or None,
+        )
         .remote(cfg.to_dict(), arms)
     )
     actor.run.remote()

@@ -719,7 +719,10 @@ def start_actors(cfg: StackConfig, say: Progress = print) -> list[Any]:
             say(f"{actor_name(i)} is running already")
         except ValueError:
             a = cls.options(
-                name=actor_name(i), lifetime="detached", num_cpus=cfg.ingest.consumer_cpus
+                name=actor_name(i),
+                lifetime="detached",
+                num_cpus=cfg.ingest.consumer_cpus,
+                resources=cfg.ingest.consumer_resources or None,
             ).remote(cfg.to_dict(), i)
             a.run.remote()
             say(f"started {actor_name(i)} (detached actor, {cfg.ingest.consumer_cpus} CPU)")

@@ -760,7 +760,7 @@ def ray_train(
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=False,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **cfg.train.worker_resources},
         ),
         run_config=RunConfig(
             name=run_name,

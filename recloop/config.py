@@ -57,6 +57,25 @@ class KafkaConfig:
         return self.bootstrap_servers or f"{self.host}:{self.port}"
 
 
+def _resources(name: str, resources: Any) -> dict[str, float]:
+    """Custom Ray resources a part asks for (names other than Ray's own, amounts > 0;
+    numbers written as text, as ``-o`` overrides give them, are read as numbers)."""
+    if not isinstance(resources, dict):
+        raise ConfigError(f"{name} must be a mapping of resource name to amount")
+    out: dict[str, float] = {}
+    for k, v in resources.items():
+        if k in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ConfigError(f"{name}: {k!r} has its own setting; list custom resources only")
+        try:
+            amount = float(v) if not isinstance(v, bool) else float("nan")
+        except (TypeError, ValueError):
+            amount = float("nan")
+        if not amount > 0:
+            raise ConfigError(f"{name}[{k!r}] must be a number > 0, got {v!r}")
+        out[str(k)] = amount
+    return out
+
+
 @dataclass
 class RayConfig:
     """Ray: a local head started by ``recloop up``, or an existing cluster's address."""
@@ -138,6 +157,11 @@ class ServeConfig:
     batch_wait_ms: float = 5.0
     replica_cpus: float = 0.25  # fractional: replicas share 2 cores with training
     router_cpus: float = 0.1
+    # Custom Ray resources each replica / the router asks for, to place them on the
+    # nodes that declare them (e.g. {"recloop_serve": 0.01}; see "Run on a Ray cluster").
+    replica_resources: dict[str, float] = field(default_factory=dict)
+    router_resources: dict[str, float] = field(default_factory=dict)
+    proxy_location: str = "EveryNode"  # Serve's HTTP proxies: EveryNode, HeadOnly
     torch_threads: int = 1
     max_ongoing_requests: int = 64
     max_body_bytes: int = 8192
@@ -155,6 +179,12 @@ class ServeConfig:
             raise ValueError(f"serve.dpo_fraction must be within [0, 1], got {self.dpo_fraction}")
         if self.beam_width < 1 or self.max_batch_size < 1:
             raise ValueError("serve.beam_width and serve.max_batch_size must be >= 1")
+        if self.proxy_location not in ("EveryNode", "HeadOnly"):
+            raise ConfigError(
+                f"serve.proxy_location must be EveryNode or HeadOnly, got {self.proxy_location!r}"
+            )
+        self.replica_resources = _resources("serve.replica_resources", self.replica_resources)
+        self.router_resources = _resources("serve.router_resources", self.router_resources)
 
 
 @dataclass
@@ -164,6 +194,7 @@ class IngestConfig:
     group_id: str = "recloop-ingestor"
     consumers: int = 1  # ingestor actors in the group (each owns some partitions)
     consumer_cpus: float = 0.2
+    consumer_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     batch_events: int = 2000  # flush after this many records ...
     flush_interval_s: float = 2.0  # ... or this long after the first unflushed one
     join_window_ms: int = 30 * 60 * 1000  # event time: feedback later than this is late
@@ -179,6 +210,7 @@ class IngestConfig:
         self.lake_dir = Path(self.lake_dir) if self.lake_dir else None
         if self.consumers < 1 or self.batch_events < 1 or self.join_window_ms < 1:
             raise ConfigError("ingest.consumers, batch_events and join_window_ms must be >= 1")
+        self.consumer_resources = _resources("ingest.consumer_resources", self.consumer_resources)
 
 
 @dataclass
@@ -188,6 +220,7 @@ class TrainLoopConfig:
     arm: str = "online"  # the arm whose lineage the rounds publish to and promote
     workers: int = 2  # Ray Train workers (DDP over gloo on CPU)
     cpus_per_worker: float = 0.4
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     torch_threads: int = 1
     min_sessions: int = 200  # high-quality sessions needed before a round starts
     max_sessions: int = 20_000  # per round; the rest waits for the next round
@@ -201,6 +234,9 @@ class TrainLoopConfig:
     poll_s: float = 10.0
     checkpoint_every_steps: int = 50
     dpo: bool = False  # also train on the arm's preference pairs (online-ipa; see DpoConfig)
+
+    def __post_init__(self) -> None:
+        self.worker_resources = _resources("train.worker_resources", self.worker_resources)
 
 
 @dataclass
@@ -217,6 +253,7 @@ class DpoConfig:
     reward_weights: dict[str, float] = field(default_factory=lambda: {"swt": 1.0})
     queue_size: int = 256  # mirrored requests waiting; beyond it they are dropped (counted)
     sampler_cpus: float = 0.2
+    sampler_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     torch_threads: int = 1
     reload_s: float = 5.0  # how often the sampler checks the registry for promotions
     beta: float = 0.1  # DPO temperature (eq. 10)
@@ -232,6 +269,7 @@ class DpoConfig:
             raise ConfigError("dpo.beta must be > 0 and dpo.weight >= 0")
         if not self.reward_weights:
             raise ConfigError("dpo.reward_weights must name at least one target")
+        self.sampler_resources = _resources("dpo.sampler_resources", self.sampler_resources)
 
 
 @dataclass

@@ -88,7 +88,10 @@ class Stack:
 
         connect(self.cfg)
         try:
-            serve.start(http_options={"host": r.host, "port": r.serve_port})
+            serve.start(
+                proxy_location=self.cfg.serve.proxy_location,
+                http_options={"host": r.host, "port": r.serve_port},
+            )
         finally:
             ray.shutdown()
         progress(f"ray: Serve HTTP proxy on http://{r.host}:{r.serve_port}")

@@ -531,10 +531,21 @@ def build_app(cfg: StackConfig, versions: dict[str, str | None] | None = None):
         recommenders[spec.name] = Recommender.options(
             name=f"recommender-{spec.name}",
             num_replicas=spec.replicas,
-            ray_actor_options={"num_cpus": s.replica_cpus},
+            ray_actor_options=actor_options(s.replica_cpus, s.replica_resources),
             user_config={"version": versions.get(spec.name)},
         ).bind(plain, spec.name, spec.lineage)
-    return Router.options(ray_actor_options={"num_cpus": s.router_cpus}).bind(plain, recommenders)
+    return Router.options(ray_actor_options=actor_options(s.router_cpus, s.router_resources)).bind(
+        plain, recommenders
+    )
+
+
+def actor_options(cpus: float, resources: dict[str, float]) -> dict[str, Any]:
+    """``ray_actor_options``: the CPU share, and custom resources only when some are asked
+    for (so the default Serve config stays as it is checked in)."""
+    out: dict[str, Any] = {"num_cpus": cpus}
+    if resources:
+        out["resources"] = dict(resources)
+    return out
 
 
 # Config sections the service does not read. They stay out of the application's args:
@@ -655,14 +666,14 @@ def render_serve_config(cfg: StackConfig, run_file: str | None = None) -> dict[s
     s = cfg.serve
     experiment = load_experiment(s.experiment)
     deployments: list[dict[str, Any]] = [
-        {"name": "Router", "ray_actor_options": {"num_cpus": s.router_cpus}}
+        {"name": "Router", "ray_actor_options": actor_options(s.router_cpus, s.router_resources)}
     ]
     for spec in experiment.arms:
         deployments.append(
             {
                 "name": f"recommender-{spec.name}",
                 "num_replicas": spec.replicas,
-                "ray_actor_options": {"num_cpus": s.replica_cpus},
+                "ray_actor_options": actor_options(s.replica_cpus, s.replica_resources),
             }
         )
     applications = [
@@ -681,7 +692,7 @@ def render_serve_config(cfg: StackConfig, run_file: str | None = None) -> dict[s
     for app in applications:
         app["args"]["config"] = run_file
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": s.proxy_location,
         "http_options": {"host": "0.0.0.0", "port": cfg.ray.serve_port},
         "applications": applications,
     }

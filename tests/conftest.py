@@ -8,6 +8,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,29 @@ def isolated_config(home: Path, **extra: object) -> StackConfig:
 def short_home(prefix: str) -> Path:
     # Ray's Unix socket paths live under the home: keep it short.
     return Path(tempfile.mkdtemp(prefix=f"rl-{prefix}-", dir="/tmp"))
+
+
+@contextmanager
+def broker_and_feast(prefix: str) -> Iterator[StackConfig]:
+    """A Kafka broker with the loop's topics and a Feast store, of their own, on free
+    ports under a throw-away home (no Ray): for tests that break or replace parts the
+    session stack's other users rely on."""
+    from features import store
+    from infra.kafka.broker import KafkaBroker
+    from infra.kafka.topics import TOPICS, ensure_topics
+    from pipelines.data import load
+
+    home = short_home(prefix)
+    cfg = isolated_config(home)
+    broker = KafkaBroker(cfg)
+    try:
+        broker.start()
+        ensure_topics(cfg.kafka.bootstrap, TOPICS)
+        store.apply(cfg, load(cfg.data).users)
+        yield cfg
+    finally:
+        broker.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

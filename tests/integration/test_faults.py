@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from recloop.config import StackConfig
-from tests.conftest import isolated_config, short_home
+from tests.conftest import broker_and_feast
 from tests.integration.test_ingest import _session
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
@@ -31,24 +31,8 @@ USERS = range(920_000, 920_040)
 @pytest.fixture(scope="module")
 def own_stack() -> Iterator[StackConfig]:
     """A broker and a Feast store of this module's own (no Ray: nothing here needs it)."""
-    import shutil
-
-    from features import store
-    from infra.kafka.broker import KafkaBroker
-    from infra.kafka.topics import TOPICS, ensure_topics
-    from pipelines.data import load
-
-    home = short_home("flt")
-    cfg = isolated_config(home)
-    broker = KafkaBroker(cfg)
-    try:
-        broker.start()
-        ensure_topics(cfg.kafka.bootstrap, TOPICS)
-        store.apply(cfg, load(cfg.data).users)
+    with broker_and_feast("flt") as cfg:
         yield cfg
-    finally:
-        broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _kill_broker(cfg: StackConfig) -> int:

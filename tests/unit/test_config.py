@@ -60,6 +60,10 @@ def test_external_kafka_and_ray_are_used_not_provisioned():
         ({"kafka": {"port": 1, "controller_port": 1}}, "must differ"),
         ({"feast": {"online_store": "dynamo"}}, "must be 'sqlite' or 'redis'"),
         ({"kafka": 3}, "kafka must be a mapping"),
+        ({"serve": {"replica_resources": {"CPU": 1}}}, "has its own setting"),
+        ({"ingest": {"consumer_resources": {"recloop_ingest": 0}}}, "must be a number > 0"),
+        ({"train": {"worker_resources": ["gpu"]}}, "train.worker_resources must be a mapping"),
+        ({"serve": {"proxy_location": "Everywhere"}}, "EveryNode or HeadOnly"),
     ],
 )
 def test_bad_config_is_refused_with_the_key_named(tmp_path, stack, message):
@@ -73,3 +77,33 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path, stack, message):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_custom_resources_place_each_part_and_stay_out_of_the_default_serve_config():
+    from serving.app import build_app, render_serve_config
+
+    cfg = load_config(
+        overrides={
+            "serve.replica_resources.recloop_serve": "0.01",  # as `-o` gives it: text
+            "serve.router_resources": {"recloop_edge": 1},
+            "ingest.consumer_resources.recloop_ingest": 0.5,
+            "train.worker_resources.recloop_train": 0.01,
+            "dpo.sampler_resources.recloop_ingest": 0.01,
+            "serve.proxy_location": "HeadOnly",
+        },
+        env={},
+    )
+    assert cfg.serve.replica_resources == {"recloop_serve": 0.01}
+    assert cfg.ingest.consumer_resources == {"recloop_ingest": 0.5}
+    conf = render_serve_config(cfg)
+    assert conf["proxy_location"] == "HeadOnly"
+    opts = {d["name"]: d["ray_actor_options"] for d in conf["applications"][0]["deployments"]}
+    assert opts["Router"] == {"num_cpus": cfg.serve.router_cpus, "resources": {"recloop_edge": 1}}
+    assert all(o["resources"] == {"recloop_serve": 0.01} for n, o in opts.items() if n != "Router")
+    router = build_app(cfg, versions={})
+    assert router._bound_deployment.ray_actor_options["resources"] == {"recloop_edge": 1.0}
+    default = render_serve_config(load_config(env={}))
+    assert all(
+        set(d["ray_actor_options"]) == {"num_cpus"}
+        for d in default["applications"][0]["deployments"]
+    )
