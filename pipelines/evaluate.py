@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.datasets import load_dataset, movielens_folder
+from pipelines.datasets import TIES, load_dataset, movielens_folder
 from pipelines.evaluation import (
     Ranker,
     Split,
@@ -46,6 +46,8 @@ PROTOCOL = {
     "ties": "pessimistic: rank = 1 + number of other items scoring >= the target",
     "ndcg": "1/log2(rank+1) if rank <= k else 0, one relevant item",
     "filter": "users with fewer than min_interactions interactions dropped before the split",
+    "order": "by timestamp; same-timestamp interactions in the file's order, or by item id "
+    "(the result's `ties`)",
 }
 
 
@@ -186,6 +188,7 @@ def run_eval(
     num_negatives: int = 100,
     out_json: Path | None = None,
     log: Callable[[str], None] | None = print,
+    ties: str = "file",
 ) -> dict[str, Any]:
     """Split ``dataset`` leave-one-out, build ``model`` from ``MODELS`` on it, evaluate on
     the test targets (full ranking and sampled); print a table, write ``out_json``."""
@@ -197,7 +200,7 @@ def run_eval(
     folder = movielens_folder(dataset)
     if model == "onerec" and folder is not None:
         options.setdefault("content_dir", str(folder))  # genres feed the SID tokenizer
-    ds = load_dataset(dataset, min_interactions=min_interactions)
+    ds = load_dataset(dataset, min_interactions=min_interactions, ties=ties)
     split = leave_one_out(ds)
     if log:
         log(f"{ds.summary()}; {len(split.users)} users evaluated")
@@ -235,6 +238,7 @@ def run_eval(
         "num_items": ds.num_items,
         "num_interactions": ds.num_interactions,
         "min_interactions": min_interactions,
+        "ties": ties,
         "options": options,
         "metrics": {"full": full, "sampled": sampled, "full_by_tie": by_tie},
         "train_seconds": round(train_seconds, 2),
@@ -346,6 +350,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--min-interactions", type=int, default=5)
     parser.add_argument(
+        "--ties",
+        choices=TIES,
+        default="file",
+        help="order of interactions with the same timestamp: the file's (default, as "
+        "SASRec's preprocessing) or by item id",
+    )
+    parser.add_argument(
         "-o",
         "--option",
         action="append",
@@ -362,7 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not models:
             raise ValueError(f"no model given; known: {', '.join(sorted(MODELS))}")
-        common = dict(seed=args.seed, epochs=args.epochs, min_interactions=args.min_interactions)
+        common = dict(
+            seed=args.seed,
+            epochs=args.epochs,
+            min_interactions=args.min_interactions,
+            ties=args.ties,
+        )
         if len(models) == 1:
             run_eval(models[0], args.data, options=dict(args.option), out_json=args.out, **common)
         else:

@@ -220,7 +220,8 @@ def _write_all_formats(tmp_path):
 def test_the_readers_give_the_same_dataset_for_the_same_interactions(tmp_path):
     _write_all_formats(tmp_path)
     paths = ["events.csv", "events.parquet", "events.txt", "ml"]
-    got = [load_dataset(tmp_path / p, min_interactions=5) for p in paths]
+    # The files hold the events in different orders: ties by item id order them alike.
+    got = [load_dataset(tmp_path / p, min_interactions=5, ties="item") for p in paths]
     assert [d.name for d in got] == ["events", "events", "events", "ml"]
     first = got[0]
     assert first.sequences == EXPECTED_SEQUENCES
@@ -236,6 +237,23 @@ def test_the_readers_give_the_same_dataset_for_the_same_interactions(tmp_path):
     # With a lower threshold user 9 stays, and its items get ids too.
     low = read_table(tmp_path / "events.csv", min_interactions=1)
     assert low.num_users == 4 and low.num_items == 9 and low.sequences[4] == [2, 4, 8]
+
+
+def test_same_timestamp_interactions_keep_the_files_order_by_default(tmp_path):
+    # EVENTS lists user 4's tie at ts 100 as item 30 then 12: not the item-id order.
+    df = pd.DataFrame(EVENTS, columns=["user_id", "item_id", "timestamp"])
+    df.to_csv(tmp_path / "events.csv", index=False)
+    ds = load_dataset(tmp_path / "events.csv", min_interactions=5)
+    assert ds.sequences != EXPECTED_SEQUENCES
+    for user, ts in {4: 100, 7: 20}.items():  # the tied pairs
+        in_file = df[(df.user_id == user) & (df.timestamp == ts)].item_id
+        u = ds.user_id_map[user]
+        seq = [i for i, t in zip(ds.sequences[u], ds.timestamps[u], strict=True) if t == ts]
+        assert seq == [ds.item_id_map[i] for i in in_file]
+    # ... and the item-id order is there when asked for; anything else is refused.
+    assert load_dataset(tmp_path / "events.csv", ties="item").sequences == EXPECTED_SEQUENCES
+    with pytest.raises(ValueError, match="ties must be one of"):
+        load_dataset(tmp_path / "events.csv", ties="random")
 
 
 def test_missing_columns_and_unknown_formats_are_clear_errors(tmp_path):
