@@ -51,8 +51,8 @@ class Split:
     test_targets: list[int]
     num_items: int
     # Per user, whether the test target has the same timestamp as the item before it
-    # (None when the data has no times). Ties are ordered by item id, an order a model
-    # with id embeddings can learn and a model over semantic IDs hardly can.
+    # (None when the data has no times): the order of such pairs is the file's, or the
+    # item ids' (``pipelines.datasets``), not the user's.
     test_tied: list[bool] | None = None
 
 
