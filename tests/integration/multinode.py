@@ -38,7 +38,6 @@ NODES = {  # label -> (logical CPUs, custom resources)
     "ingest": (1, {"recloop_ingest": 10}),
     "train": (1, {"recloop_train": 10}),
 }
-USER_OFFSET = 0  # the simulated population's own ids
 
 
 def _say(msg: str) -> None:
@@ -80,8 +79,8 @@ def run_file(work: Path, seed: int, sessions: int) -> Path:
 
 
 def placements(nodes: dict[str, str]) -> dict[str, list[str]]:
-    """Per actor class (the name after any ``module.`` or ``:`` qualifier): the labels of
-    the nodes its actors, alive or dead, ran on."""
+    """Per actor class name, as Ray's state API gives it: the labels of the nodes its
+    actors, alive or dead, ran on."""
     from ray.util.state import list_actors
 
     out: dict[str, list[str]] = {}
@@ -224,26 +223,22 @@ def main(argv: list[str] | None = None) -> int:
 
         # Every session lands in the lake, each once (the preflight request has no
         # feedback and waits for the join window's wall-time bound).
-        lake = Lake(cfg.lake_dir)
         run_id = manifest["run_id"]
-        deadline = time.monotonic() + 180
-        ran: list[dict] = []
-        while time.monotonic() < deadline:
-            lake = Lake(cfg.lake_dir)
+
+        def landed() -> list[dict]:
+            """This run's sessions in the lake (none while nothing is committed)."""
             try:
-                sessions = lake.read(SESSIONS)
+                sessions = Lake(cfg.lake_dir).read(SESSIONS)
             except Exception:  # nothing committed yet
-                time.sleep(2.0)
-                continue
+                return []
             mine = sessions.filter(pc.equal(sessions.column("arm"), ARM)).to_pylist()
-            ran = [r for r in mine if json.loads(r["context"]).get("sim_run") == run_id]
-            if len(ran) >= manifest["totals"]["sessions"]:
-                break
+            return [r for r in mine if json.loads(r["context"]).get("sim_run") == run_id]
+
+        deadline = time.monotonic() + 180
+        while len(landed()) < manifest["totals"]["sessions"] and time.monotonic() < deadline:
             time.sleep(2.0)
         time.sleep(3.0)  # a duplicate would land in a later commit: give it the chance
-        sessions = Lake(cfg.lake_dir).read(SESSIONS)
-        mine = sessions.filter(pc.equal(sessions.column("arm"), ARM)).to_pylist()
-        ran = [r for r in mine if json.loads(r["context"]).get("sim_run") == run_id]
+        ran = landed()
         ids = [r["request_id"] for r in ran]
         result["lake"] = {
             "sessions": len(ids),
