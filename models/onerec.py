@@ -74,6 +74,21 @@ class OneRecConfig:
     # where a single code vector stands for ~N/K items. Subtrees without a known item keep
     # the code logit alone.
     tree_logits: bool = False
+    # OnePiece's joint objective. > 0 (needs item_vocab): an embedding head on the encoder
+    # state (the user vector) trained with InfoNCE against item vectors (id embedding + the
+    # sum of the item's SID code embeddings, so a cold item has one too): the next item is
+    # the positive, the batch's other next items and ``infonce_negatives`` items drawn
+    # uniformly are the negatives. Its scores can re-rank beam search's candidates.
+    infonce_weight: float = 0.0
+    infonce_negatives: int = 127
+    infonce_temperature: float = 1.0
+    # > 0 (needs the head): a BCE calibration term on the same logits, positive 1 and each
+    # negative 0. Softmax is blind to a shift of all logits; BCE pins their scale.
+    bce_weight: float = 0.0
+
+    @property
+    def contrastive_head(self) -> bool:
+        return bool(self.infonce_weight or self.bce_weight)
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -89,6 +104,10 @@ class OneRecConfig:
                 f"leaf_logits: K^L = {self.codebook_size}^{self.levels} exceeds the "
                 f"prefix table's limit of {LEAF_TABLE_MAX} entries"
             )
+        if self.infonce_negatives < 0 or self.infonce_temperature <= 0:
+            raise ValueError("infonce_negatives must be >= 0 and infonce_temperature > 0")
+        if min(self.infonce_weight, self.bce_weight) < 0:
+            raise ValueError("infonce_weight and bce_weight must be >= 0")
         if self.expert_hidden is None and self.moe_experts:
             self.expert_hidden = max(1, self.ffn_hidden // self.moe_top_k)
 
@@ -310,6 +329,8 @@ class OneRec(nn.Module):
             raise ValueError("next_item_weight needs item_vocab > 0 (the id embeddings)")
         if (cfg.leaf_logits or cfg.tree_logits) and not cfg.item_vocab:
             raise ValueError("leaf_logits / tree_logits need item_vocab > 0 (the id embeddings)")
+        if cfg.contrastive_head and cfg.item_vocab < 2:
+            raise ValueError("infonce_weight / bce_weight need item_vocab > 1 (the catalogue)")
         self.cfg = cfg
         d, L, K = cfg.dim, cfg.levels, cfg.codebook_size
         # Encoder: an item is the sum of its level-wise code embeddings.
@@ -337,16 +358,27 @@ class OneRec(nn.Module):
             # base-K number), for the inner levels; K^(l+1) (a spare slot) if i is unknown.
             spare = (K ** torch.arange(1, L)).reshape(-1, 1).expand(-1, cfg.item_vocab)
             self.register_buffer("item_nodes", spare.clone())
+        if cfg.contrastive_head:
+            self.user_head = nn.Linear(d, d)  # encoder state -> user vector
+            # item_codes[i]: item i's SID, for the item vectors of sampled negatives.
+            self.register_buffer("item_codes", torch.zeros(cfg.item_vocab, L, dtype=torch.long))
         self.apply(self._init)
 
     # ------------------------------------------------------------------ leaf items
     def set_leaf_items(self, codes: Tensor) -> None:
-        """Fill the leaf table from ``codes`` (N + 1, L), the SIDs by item id (row 0 is
-        padding). Ids at or above ``item_vocab`` have no embedding and are left out."""
+        """Fill the leaf table and the contrastive head's item codes from ``codes``
+        (N + 1, L), the SIDs by item id (row 0 is padding). Ids at or above ``item_vocab``
+        have no embedding and are left out."""
         cfg = self.cfg
-        if not (cfg.leaf_logits or cfg.tree_logits):
+        if not (cfg.leaf_logits or cfg.tree_logits or cfg.contrastive_head):
             return
         ids = torch.arange(1, min(codes.shape[0], cfg.item_vocab), device=codes.device)
+        if cfg.contrastive_head:
+            table = torch.zeros_like(self.item_codes)
+            table[ids] = codes[ids].to(table.device)
+            self.item_codes.copy_(table)
+        if not (cfg.leaf_logits or cfg.tree_logits):
+            return
         table = torch.zeros_like(self.leaf_table)
         table[self._prefix_index(codes[ids, :-1]), codes[ids, -1]] = ids.to(table.device)
         self.leaf_table.copy_(table)
@@ -571,7 +603,66 @@ class OneRec(nn.Module):
             )
             loss = loss + cfg.next_item_weight * item_loss
             parts["next_item"] = item_loss.detach()
+        if cfg.contrastive_head and target_items is not None:
+            nxt = target_items[..., 0].reshape(-1)
+            valid = (nxt > 0) & (nxt < cfg.item_vocab)
+            if valid.any():
+                user = self.user_vectors(enc).reshape(-1, cfg.dim)[valid]
+                nce, bce = self.contrastive_losses(user, nxt[valid])
+                loss = loss + cfg.infonce_weight * nce + cfg.bce_weight * bce
+                parts["infonce"], parts["bce"] = nce.detach(), bce.detach()
         return loss, parts
+
+    # ------------------------------------------------------------------ contrastive head
+    def item_vectors(self, items: Tensor, codes: Tensor | None = None) -> Tensor:
+        """(...,) item ids -> (..., D): the id embedding (ids the model knows) plus the sum
+        of the SID code embeddings; ``codes`` (..., L) for items the model's table lacks
+        (cold start), else they are read from it."""
+        cfg = self.cfg
+        assert self.item_emb is not None
+        known = (items > 0) & (items < cfg.item_vocab)
+        if codes is None:
+            codes = self.item_codes[items * known]
+        offsets = torch.arange(cfg.levels, device=codes.device) * cfg.codebook_size
+        vec = self.code_emb(codes.clamp(min=0) + offsets).sum(dim=-2)
+        return vec + self.item_emb(items * known)
+
+    def user_vectors(self, enc: Encoded) -> Tensor:
+        """(B, [C,] D) the user vectors of the contrastive head."""
+        if not self.cfg.contrastive_head:
+            raise ValueError(
+                "this model has no contrastive head (trained with infonce_weight = "
+                "bce_weight = 0): InfoNCE scores and cascade re-ranking need one"
+            )
+        return self.user_head(enc.summary)
+
+    def contrastive_scores(
+        self, enc: Encoded, items: Tensor, codes: Tensor | None = None
+    ) -> Tensor:
+        """(B, C) logits u · v(item) / temperature for C candidates per request."""
+        user = self.user_vectors(enc)  # (B, D)
+        vec = self.item_vectors(items, codes)  # (B, C, D)
+        return torch.einsum("bd,bcd->bc", user, vec) / self.cfg.infonce_temperature
+
+    def contrastive_losses(self, user: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+        """InfoNCE and BCE of user vectors (N, D) against their positives (N,): the logits
+        of each row are over every row's positive (in-batch) and ``infonce_negatives``
+        uniformly drawn items; a candidate equal to the row's positive (other than its own
+        slot) is masked, so an item is never its own negative."""
+        cfg = self.cfg
+        n = positive.shape[0]
+        drawn = torch.randint(1, cfg.item_vocab, (cfg.infonce_negatives,), device=user.device)
+        cand = torch.cat([positive, drawn])  # (N + S,)
+        logits = user @ self.item_vectors(cand).T / cfg.infonce_temperature  # (N, N + S)
+        rows = torch.arange(n, device=user.device)
+        own = torch.zeros_like(logits, dtype=torch.bool)
+        own[rows, rows] = True
+        clash = (cand[None, :] == positive[:, None]) & ~own
+        nce = F.cross_entropy(logits.masked_fill(clash, float("-inf")), rows)
+        negative = ~own & ~clash
+        bce_pos = F.softplus(-logits[rows, rows]).mean()  # -log sigmoid(s+)
+        bce_neg = (F.softplus(logits) * negative).sum() / negative.sum().clamp(min=1)
+        return nce, bce_pos + bce_neg
 
     # ------------------------------------------------------------------ MoE reporting
     def moe_layers(self) -> list[MoEFFN]:

@@ -3,6 +3,8 @@
     python -m pipelines.evaluate --model pop --data /path/to/ml-100k
     python -m pipelines.evaluate --model sasrec --data ratings.csv --epochs 50 --out r.json
     python -m pipelines.evaluate --model pop,sasrec,onerec -o sasrec.lr=0.003 --out cmp.json
+    python -m pipelines.evaluate --model onerec,onerec:infonce,onerec:cascade \
+        -o onerec.infonce_weight=1 -o onerec.cascade_weight=1
 
 Several models in one run share the split and the seed and end in one comparison table;
 ``-o MODEL.KEY=VALUE`` gives an option to one of them.
@@ -136,6 +138,25 @@ MODELS: dict[str, ModelBuilder] = {
     "sasrec": build_sasrec,
     "onerec": build_onerec,
 }
+# MODEL:SCORING ranks with another scoring of the same trained model (one training per
+# run): onerec:infonce (the contrastive head alone), onerec:cascade (beam proposals
+# re-ranked by the head; options cascade_weight, cascade_candidates).
+SCORINGS: dict[str, tuple[str, ...]] = {"onerec": ("sid", "infonce", "cascade")}
+INFERENCE_OPTIONS: dict[str, tuple[str, ...]] = {"onerec": ("cascade_weight", "cascade_candidates")}
+
+
+def parse_model(name: str) -> tuple[str, str | None]:
+    """``onerec:cascade`` -> ("onerec", "cascade"); ``sasrec`` -> ("sasrec", None)."""
+    base, sep, scoring = name.partition(":")
+    if base not in MODELS:
+        raise ValueError(f"unknown model {base!r}; known: {', '.join(sorted(MODELS))}")
+    if not sep:
+        return base, None
+    known = SCORINGS.get(base, ())
+    if scoring not in known:
+        hint = f"known: {', '.join(known)}" if known else f"{base} has one scoring"
+        raise ValueError(f"unknown scoring {scoring!r} for {base}; {hint}")
+    return base, scoring
 
 
 def _table(result: dict[str, Any]) -> str:
@@ -189,12 +210,15 @@ def run_eval(
     out_json: Path | None = None,
     log: Callable[[str], None] | None = print,
     ties: str = "file",
+    trained: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Split ``dataset`` leave-one-out, build ``model`` from ``MODELS`` on it, evaluate on
-    the test targets (full ranking and sampled); print a table, write ``out_json``."""
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(MODELS))}")
+    the test targets (full ranking and sampled); print a table, write ``out_json``.
+    ``model`` may name a scoring (``onerec:cascade``); ``trained``, a dict kept across
+    calls, lets several scorings of one model share its training."""
+    base, scoring = parse_model(model)
     options = dict(options or {})
+    inference = {k: options.pop(k) for k in INFERENCE_OPTIONS.get(base, ()) if k in options}
     if epochs is not None:
         options["epochs"] = epochs
     folder = movielens_folder(dataset)
@@ -205,9 +229,18 @@ def run_eval(
     if log:
         log(f"{ds.summary()}; {len(split.users)} users evaluated")
 
-    start = time.monotonic()
-    ranker = MODELS[model](split, seed, dict(options))
-    train_seconds = time.monotonic() - start
+    key = json.dumps([base, options, seed, str(dataset), ties, min_interactions], default=str)
+    if trained is not None and key in trained:
+        ranker, train_seconds = trained[key]
+    else:
+        start = time.monotonic()
+        ranker = MODELS[base](split, seed, dict(options))
+        train_seconds = time.monotonic() - start
+        if trained is not None:
+            trained[key] = (ranker, train_seconds)
+    if scoring is not None or inference:
+        ranker = ranker.with_scoring(scoring or "sid", **inference)
+    options = {**options, **inference}
     start = time.monotonic()
     ranks = rank_full(ranker, split.test_histories, split.test_targets)
     full = ranks_to_metrics(ranks, ks)
@@ -239,6 +272,7 @@ def run_eval(
         "num_interactions": ds.num_interactions,
         "min_interactions": min_interactions,
         "ties": ties,
+        "scoring": scoring or getattr(ranker, "scoring", None),
         "options": options,
         "metrics": {"full": full, "sampled": sampled, "full_by_tie": by_tie},
         "train_seconds": round(train_seconds, 2),
@@ -261,8 +295,8 @@ def run_eval(
 
 def _comparison_table(results: list[dict[str, Any]]) -> str:
     ks = [int(k.split("@")[1]) for k in results[0]["metrics"]["full"] if k.startswith("NDCG@")]
-    head = f"{'model':<10}" + "".join(f"{'HR@' + str(k):>9}{'NDCG@' + str(k):>9}" for k in ks)
-    head += f"{'s-HR@10':>9}{'s-NDCG@10':>10}{'train s':>9}"
+    head = f"{'model':<16}" + "".join(f"{'HR@' + str(k):>9}{'NDCG@' + str(k):>9}" for k in ks)
+    head += f"{'s-HR@10':>9}{'s-NDCG@10':>10}{'train s':>9}{'eval s':>8}"
     ties = 10 in ks and all(r["metrics"].get("full_by_tie") for r in results)
     if ties:  # NDCG@10 on test targets tied in time with the item before them, and not
         head += f"{'tied N@10':>10}{'untied N@10':>12}"
@@ -270,9 +304,10 @@ def _comparison_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         full, sampled = r["metrics"]["full"], r["metrics"]["sampled"]
         line = (
-            f"{r['model']:<10}"
+            f"{r['model']:<16}"
             + "".join(f"{full[f'HR@{k}']:>9.4f}{full[f'NDCG@{k}']:>9.4f}" for k in ks)
             + f"{sampled['HR@10']:>9.4f}{sampled['NDCG@10']:>10.4f}{r['train_seconds']:>9.1f}"
+            + f"{r['eval_seconds']:>8.1f}"
         )
         if ties:
             t = r["metrics"]["full_by_tie"]
@@ -291,15 +326,16 @@ def run_compare(
 ) -> dict[str, Any]:
     """``run_eval`` for each model on the same split and seed; one table, one JSON with
     every result under ``results`` (and each model's NDCG@10 over the best other's)."""
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(sorted(MODELS))}")
+    bases = [parse_model(m)[0] for m in models]
     options = options or {}
+    trained: dict[str, Any] = {}
     results = []
-    for m in models:
+    for m, base in zip(models, bases, strict=True):
         if log:
             log(f"== {m}")
-        results.append(run_eval(m, dataset, options=options.get(m), log=log, **kwargs))
+        results.append(
+            run_eval(m, dataset, options=options.get(base), log=log, trained=trained, **kwargs)
+        )
     table = _comparison_table(results)
     if log:
         log(f"== comparison on {results[0]['dataset']} (seed {results[0]['seed']})\n{table}")
@@ -337,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--model",
         required=True,
-        help=f"one of {', '.join(sorted(MODELS))}, or several joined by commas (one run)",
+        help=f"one of {', '.join(sorted(MODELS))}, or several joined by commas (one run); "
+        "onerec:infonce and onerec:cascade score the one trained onerec otherwise",
     )
     parser.add_argument(
         "--data",
@@ -382,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(models) == 1:
             run_eval(models[0], args.data, options=dict(args.option), out_json=args.out, **common)
         else:
-            per_model: dict[str, dict[str, Any]] = {m: {} for m in models}
+            per_model: dict[str, dict[str, Any]] = {parse_model(m)[0]: {} for m in models}
             for key, value in args.option:
                 target, dot, name = key.partition(".")
                 if not dot or target not in per_model:

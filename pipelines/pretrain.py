@@ -142,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--leaf-logits", action="store_true", help="item-specific logits at the last SID level"
     )
+    parser.add_argument(
+        "--infonce-weight",
+        type=float,
+        help="weight of the contrastive head's InfoNCE loss (OnePiece; an arm can then "
+        "serve by cascade)",
+    )
+    parser.add_argument("--bce-weight", type=float, help="weight of its BCE calibration term")
     parser.add_argument("--codebook-size", type=int, help="K, codes per SID level (default 16)")
     parser.add_argument("--session-len", type=int)
     parser.add_argument("--seed", type=int, default=0)
@@ -164,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             "codebook_size": args.codebook_size,
             "session_len": args.session_len,
             "leaf_logits": True if args.leaf_logits else None,
+            "infonce_weight": args.infonce_weight,
+            "bce_weight": args.bce_weight,
         }.items()
         if v is not None
     }

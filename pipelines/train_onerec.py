@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from models.beam_search import CompiledTrie, beam_search, score_all_items, score_items
+from models.cascade import rerank_scores
 from models.onerec import OneRec, OneRecConfig
 from models.tokenizer import SemanticIdTokenizer, TokenizerConfig, collaborative_item_embeddings
 
@@ -41,6 +42,10 @@ class TrainConfig:
     item_embeddings: bool = True  # learned id embeddings for history items (item_vocab)
     val_users: int | None = None  # validate on a seeded subsample (None: all users)
     max_minutes: float | None = None  # stop after this wall time (checked per epoch)
+    # Training hygiene (OnePiece): embedding tables get their own learning rate (None: lr)
+    # and, with embedding_clip, their values are clipped to [-clip, clip] after each step.
+    embedding_lr: float | None = None
+    embedding_clip: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,22 +177,70 @@ def pad_histories(histories: Sequence[Sequence[int]], max_history: int) -> torch
     return out
 
 
+SCORINGS = ("sid", "infonce", "cascade")
+
+
 class OneRecRanker:
-    """OneRec behind the evaluation harness's ``Ranker`` protocol: an item's score is
-    log p(its SID as the first item of the next session | history)."""
+    """OneRec behind the evaluation harness's ``Ranker`` protocol.
 
-    name = "onerec"
+    ``scoring`` says what an item's score is: ``sid`` (default), log p(its SID as the
+    first item of the next session | history); ``infonce``, the contrastive head's logit
+    u · v(item); ``cascade``, the ``cascade_candidates`` best items by SID score (those a
+    beam of that width keeps), re-ordered by the blend of both scores (``models/cascade``)
+    and placed above the rest."""
 
-    def __init__(self, model: OneRec, codes: torch.Tensor, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model: OneRec,
+        codes: torch.Tensor,
+        batch_size: int = 64,
+        scoring: str = "sid",
+        cascade_weight: float = 1.0,
+        cascade_candidates: int = 32,
+        trie: CompiledTrie | None = None,
+    ) -> None:
+        if scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {scoring!r}; known: {', '.join(SCORINGS)}")
+        if scoring != "sid" and not model.cfg.contrastive_head:
+            raise ValueError(
+                f"scoring {scoring!r} needs the contrastive head: train with "
+                "infonce_weight > 0 (or bce_weight > 0)"
+            )
+        if cascade_candidates < 1:
+            raise ValueError("cascade_candidates must be >= 1")
         self.model = model.eval()
         self.codes = codes  # (N + 1, L)
         self.batch_size = batch_size
+        self.scoring = scoring
+        self.cascade_weight = float(cascade_weight)
+        self.cascade_candidates = int(cascade_candidates)
         n = codes.shape[0] - 1
-        self.trie = CompiledTrie(codes[1:], torch.arange(1, n + 1), model.cfg.codebook_size)
+        self.trie = trie or CompiledTrie(codes[1:], torch.arange(1, n + 1), model.cfg.codebook_size)
+
+    def with_scoring(self, scoring: str, **kw) -> OneRecRanker:
+        """The same model and trie under another scoring."""
+        args = {
+            "cascade_weight": self.cascade_weight,
+            "cascade_candidates": self.cascade_candidates,
+            **kw,
+        }
+        out = OneRecRanker(self.model, self.codes, self.batch_size, scoring, trie=self.trie, **args)
+        if hasattr(self, "train_info"):
+            out.train_info = self.train_info
+        return out
 
     def encode(self, histories: Sequence[Sequence[int]]):
         items = pad_histories(histories, self.model.cfg.max_history)
         return self.model.encode(self.codes[items], items > 0, history_items=items)
+
+    def _contrastive(self, enc, cand: torch.Tensor | None) -> torch.Tensor:
+        if cand is None:  # every item: (B, N + 1), column 0 padding
+            ids = torch.arange(self.codes.shape[0])
+            vec = self.model.item_vectors(ids, self.codes)  # (N + 1, D)
+            out = self.model.user_vectors(enc) @ vec.T / self.model.cfg.infonce_temperature
+            out[:, 0] = float("-inf")
+            return out
+        return self.model.contrastive_scores(enc, cand, self.codes[cand])
 
     @torch.no_grad()
     def score(self, histories: list[list[int]], candidates: torch.Tensor | None) -> torch.Tensor:
@@ -196,11 +249,33 @@ class OneRecRanker:
         for s in range(0, len(histories), self.batch_size):
             part = histories[s : s + self.batch_size]
             enc = self.encode(part)
-            if candidates is None:  # every item: walk the trie once per SID prefix
-                outs.append(score_all_items(self.model, enc, self.trie)[:, : n_items + 1])
+            cand = None if candidates is None else candidates[s : s + self.batch_size]
+            if self.scoring == "infonce":
+                outs.append(self._contrastive(enc, cand))
+                continue
+            if cand is None:  # every item: walk the trie once per SID prefix
+                sid = score_all_items(self.model, enc, self.trie)[:, : n_items + 1]
             else:
-                cand = candidates[s : s + self.batch_size]
-                outs.append(score_items(self.model, enc, self.codes[cand]))
+                sid = score_items(self.model, enc, self.codes[cand])
+            if self.scoring == "sid":
+                outs.append(sid)
+                continue
+            eligible = torch.isfinite(sid)
+            for b, h in enumerate(part):  # the history never takes a proposal's place
+                seen = torch.tensor(list(h), dtype=torch.long)
+                if cand is None:
+                    eligible[b, seen[(seen >= 0) & (seen <= n_items)]] = False
+                else:
+                    eligible[b] &= ~torch.isin(cand[b], seen)
+            outs.append(
+                rerank_scores(
+                    sid,
+                    self._contrastive(enc, cand),
+                    eligible,
+                    self.cascade_candidates,
+                    self.cascade_weight,
+                )
+            )
         return torch.cat(outs)
 
     @torch.no_grad()
@@ -220,6 +295,36 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def gini(shares: Sequence[float]) -> float:
+    """Gini coefficient of a load over experts: 0 = perfectly even, (E-1)/E = one expert
+    takes everything."""
+    x = sorted(float(v) for v in shares)
+    n, total = len(x), sum(x)
+    if n == 0 or total <= 0:
+        return 0.0
+    weighted = sum((i + 1) * v for i, v in enumerate(x))
+    return (2 * weighted) / (n * total) - (n + 1) / n
+
+
+def _param_groups(model: OneRec, cfg: TrainConfig) -> list[dict]:
+    """Embedding tables (with their own lr when ``embedding_lr``) and the dense rest."""
+    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    emb = [p for p in model.parameters() if id(p) in emb_ids]
+    dense = [p for p in model.parameters() if id(p) not in emb_ids]
+    lr_emb = cfg.lr if cfg.embedding_lr is None else cfg.embedding_lr
+    return [
+        {"params": emb, "lr": lr_emb, "base_lr": lr_emb, "name": "embedding"},
+        {"params": dense, "lr": cfg.lr, "base_lr": cfg.lr, "name": "dense"},
+    ]
+
+
+@torch.no_grad()
+def _clip_embeddings(model: OneRec, clip: float) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding):
+            m.weight.clamp_(-clip, clip)
+
+
 def train_onerec(
     sequences: Sequence[Sequence[int]],
     codes: torch.Tensor,  # (N + 1, L) from code_table
@@ -235,7 +340,9 @@ def train_onerec(
     examples = make_examples(sequences, mc.max_history, mc.session_len, cfg.stride)
     model = init if init is not None else OneRec(mc)
     model.set_leaf_items(codes)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.embedding_clip is not None and cfg.embedding_clip <= 0:
+        raise ValueError("embedding_clip must be > 0")
+    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = sum(1 for _ in examples.groups(cfg.batch_size, torch.Generator()))
     total = steps_per_epoch * cfg.epochs
     history: list[dict] = []
@@ -248,11 +355,13 @@ def train_onerec(
     )
     for epoch in range(cfg.epochs):
         model.train()
-        sums = {"ntp": 0.0, "moe_aux": 0.0, "next_item": 0.0}
+        sums = {"ntp": 0.0, "moe_aux": 0.0, "next_item": 0.0, "infonce": 0.0, "bce": 0.0}
+        load = [torch.zeros(m.experts_n) for m in model.moe_layers()]
         t0 = time.monotonic()
         for h, end, t in examples.batches(cfg.batch_size, gen):
+            scale = _lr_at(step, total, cfg) / cfg.lr
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, cfg)
+                group["lr"] = group["base_lr"] * scale
             loss, parts = model(
                 codes[h], h > 0, codes[t], t > 0, history_items=h, prefix_end=end, target_items=t
             )
@@ -260,15 +369,24 @@ def train_onerec(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if cfg.embedding_clip is not None:
+                _clip_embeddings(model, cfg.embedding_clip)
             step += 1
             for k in sums:
                 sums[k] += float(parts.get(k, 0.0))
+            for acc, m in zip(load, model.moe_layers(), strict=True):
+                if m.last is not None:
+                    acc += m.last.counts
         row = {
             "epoch": epoch + 1,
             "ntp_loss": sums["ntp"] / steps_per_epoch,
             "moe_aux_loss": sums["moe_aux"] / steps_per_epoch,
             "next_item_loss": sums["next_item"] / steps_per_epoch,
+            "infonce_loss": sums["infonce"] / steps_per_epoch,
+            "bce_loss": sums["bce"] / steps_per_epoch,
             "expert_utilisation": model.expert_utilisation(),
+            # Over the epoch's tokens, per MoE layer: 0 = even load.
+            "expert_load_gini": [gini((c / c.sum().clamp(min=1)).tolist()) for c in load],
             "epoch_s": time.monotonic() - t0,
         }
         if validate is not None:
@@ -279,8 +397,10 @@ def train_onerec(
             + ", ".join(
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in row.items()
-                if k != "expert_utilisation"
+                if k not in ("expert_utilisation", "expert_load_gini")
+                and not (k.endswith("_loss") and v == 0.0)
             )
+            + "".join(f", gini {g:.3f}" for g in row["expert_load_gini"])
         )
         metric = row.get("val_ndcg10", -row["ntp_loss"])
         if metric > best:

@@ -39,6 +39,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from models.beam_search import beam_search
+from models.cascade import rerank_beams
 from recloop.config import StackConfig
 from recloop.events import MAX_EVENT_TIME_MS, Impression
 from recloop.ray_head import auth_headers
@@ -101,6 +102,7 @@ class ArmInfo(BaseModel):
     share: float
     lineage: str
     model_version: str | None
+    scoring: str = "beam"
     replicas: list[dict[str, Any]]
 
 
@@ -117,7 +119,7 @@ class LoadedModel:
     loaded_at: float
 
     @classmethod
-    def load(cls, path: str, version: str) -> "LoadedModel | BaselineModel":
+    def load(cls, path: str, version: str, scoring: str = "beam") -> "LoadedModel | BaselineModel":
         from pipelines.checkpoint import BASELINE_FORMAT, checkpoint_format, load_checkpoint
         from pipelines.train_onerec import OneRecRanker, code_table
 
@@ -129,22 +131,41 @@ class LoadedModel:
         if len(data_ids) != n:
             raise ValueError(f"{path}: {len(data_ids)} item ids for {n} items")
         ranker = OneRecRanker(ck.model, code_table(ck.tokenizer, n))
+        if scoring == "cascade" and not ck.model.cfg.contrastive_head:
+            raise ValueError(
+                f"{path}: the arm re-ranks by cascade but this checkpoint has no contrastive "
+                "head (train it with infonce_weight > 0)"
+            )
         to_data = [0, *[int(i) for i in data_ids]]
         to_model = {d: m for m, d in enumerate(to_data) if m > 0}
         return cls(version, ranker, to_model, to_data, ck.model.cfg.session_len, time.time())
 
     @torch.no_grad()
-    def generate(self, requests: list[dict], beam_width: int) -> list[dict]:
+    def generate(
+        self, requests: list[dict], beam_width: int, scoring: dict | None = None
+    ) -> list[dict]:
         histories = [
             [self.to_model[i] for i in r["history"] if i in self.to_model] for r in requests
         ]
         exclude = [h if r["exclude_seen"] else [] for h, r in zip(histories, requests, strict=True)]
         enc = self.ranker.encode(histories)
         beams = beam_search(self.ranker.model, enc, self.ranker.trie, beam_width, exclude=exclude)
+        scoring = scoring or {}
+        if scoring.get("scoring") == "cascade":  # every beam's items, re-ranked
+            cas = rerank_beams(
+                self.ranker.model,
+                enc,
+                beams,
+                self.ranker.codes,
+                weight=float(scoring.get("cascade_weight", 1.0)),
+            )
+            sessions, item_scores = cas.items, cas.sid_scores
+        else:
+            sessions, item_scores = beams.items[:, 0], beams.item_scores[:, 0]
         out = []
         for b, r in enumerate(requests):
             size = min(r.get("session_size") or self.session_len, self.session_len)
-            items, scores = beams.items[b, 0].tolist(), beams.item_scores[b, 0].tolist()
+            items, scores = sessions[b].tolist(), item_scores[b].tolist()
             session = [
                 {"item_id": self.to_data[i], "score": float(s), "position": p}
                 for p, (i, s) in enumerate(zip(items[:size], scores[:size], strict=True))
@@ -180,7 +201,9 @@ class BaselineModel:
         return cls(version, ck.kind, ck.scores, ids, ck.session_len, time.time(), logp)
 
     @torch.no_grad()
-    def generate(self, requests: list[dict], beam_width: int) -> list[dict]:
+    def generate(
+        self, requests: list[dict], beam_width: int, scoring: dict | None = None
+    ) -> list[dict]:
         out = []
         for r in requests:
             size = min(r.get("session_size") or self.session_len, len(self.item_ids))
@@ -210,9 +233,10 @@ class BaselineModel:
 class Recommender:
     """One arm's model. ``user_config = {"version": ...}`` selects the registry version."""
 
-    def __init__(self, cfg: dict, arm: str, lineage: str) -> None:
+    def __init__(self, cfg: dict, arm: str, lineage: str, scoring: dict | None = None) -> None:
         from serving.registry import ModelRegistry
 
+        self.scoring = dict(scoring or {"scoring": "beam"})
         self.cfg = StackConfig.from_dict(cfg)
         torch.set_num_threads(self.cfg.serve.torch_threads)
         self.arm, self.lineage = arm, lineage
@@ -247,7 +271,7 @@ class Recommender:
 
     def _load(self, version: str) -> LoadedModel:
         path = self.registry.fetch(self.lineage, version)
-        return LoadedModel.load(str(path), version)
+        return LoadedModel.load(str(path), version, self.scoring.get("scoring", "beam"))
 
     def _fall_back(self, failed: str) -> None:
         """A replica started (restarted, scaled up) after its version went bad: serve the
@@ -282,7 +306,9 @@ class Recommender:
             return [err for _ in requests]
         self.batches += 1
         self.batched_requests += len(requests)
-        return await asyncio.to_thread(model.generate, requests, self.cfg.serve.beam_width)
+        return await asyncio.to_thread(
+            model.generate, requests, self.cfg.serve.beam_width, self.scoring
+        )
 
     async def generate(self, request: dict) -> dict:
         return await self._generate(request)
@@ -291,6 +317,7 @@ class Recommender:
         return {
             "replica": self.replica,
             "model_version": self.version(),
+            "scoring": self.scoring.get("scoring", "beam"),
             "load_error": self.load_error,
             "swaps": self.swaps,
             "batches": self.batches,
@@ -485,6 +512,7 @@ class Router:
                     share=spec.share,
                     lineage=spec.lineage,
                     model_version=info["model_version"],
+                    scoring=spec.scoring,
                     replicas=[info],
                 )
             )
@@ -533,7 +561,7 @@ def build_app(cfg: StackConfig, versions: dict[str, str | None] | None = None):
             num_replicas=spec.replicas,
             ray_actor_options=actor_options(s.replica_cpus, s.replica_resources),
             user_config={"version": versions.get(spec.name)},
-        ).bind(plain, spec.name, spec.lineage)
+        ).bind(plain, spec.name, spec.lineage, spec.scoring_options())
     return Router.options(ray_actor_options=actor_options(s.router_cpus, s.router_resources)).bind(
         plain, recommenders
     )

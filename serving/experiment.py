@@ -41,6 +41,13 @@ class ArmSpec(BaseModel):
         description="what an arm without a version starts from: the seed checkpoint, or a "
         "non-learned baseline (a sanity arm the model must beat)",
     )
+    scoring: Literal["beam", "cascade"] = Field(
+        default="beam",
+        description="beam: the best beam is the session; cascade (OnePiece): every beam's "
+        "items re-ranked by the blend of their beam score and the model's contrastive head "
+        "(the checkpoint must have one: trained with infonce_weight > 0)",
+    )
+    cascade_weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
     learning: Literal["frozen", "online", "online-ipa"] = Field(
         default="frozen",
         description="frozen: never retrained; online: continuous next-token training; "
@@ -54,6 +61,18 @@ class ArmSpec(BaseModel):
         if isinstance(data, dict) and data.get("lineage") in (None, "") and "name" in data:
             data = {**data, "lineage": data["name"]}
         return data
+
+    @model_validator(mode="after")
+    def _cascade_needs_a_model(self) -> ArmSpec:
+        if self.scoring == "cascade" and self.model != "seed":
+            raise ValueError(
+                f"arm {self.name!r}: scoring 'cascade' re-ranks a OneRec model's beams; "
+                f"a {self.model!r} arm has none"
+            )
+        return self
+
+    def scoring_options(self) -> dict[str, Any]:
+        return {"scoring": self.scoring, "cascade_weight": self.cascade_weight}
 
 
 class Experiment(BaseModel):

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from pipelines.train_onerec import OneRecRanker
 from recloop.config import PROJECT_ROOT, load_config
 from serving.app import LoadedModel, RecommendRequest, mirrored, render_serve_config
 
@@ -68,6 +69,41 @@ def test_loaded_model_serves_distinct_real_items_outside_the_history(tiny_checkp
         assert [i["position"] for i in o["items"]] == list(range(len(ids)))
         assert o["model_version"] == "v1"
     assert not set(i["item_id"] for i in out[0]["items"]) & set(history)
+
+
+def test_a_cascade_arm_refuses_a_checkpoint_without_the_contrastive_head(tiny_checkpoint):
+    with pytest.raises(ValueError, match="no contrastive head"):
+        LoadedModel.load(str(tiny_checkpoint), "v1", scoring="cascade")
+
+
+def test_a_cascade_arm_serves_distinct_real_items_outside_the_history():
+    from tests.unit.test_cascade import N, head_model
+
+    model, codes = head_model()
+    ranker = OneRecRanker(model, codes)
+    to_data = [0, *range(101, 101 + N)]  # data ids differ from model ids
+    loaded = LoadedModel("v1", ranker, {d: m for m, d in enumerate(to_data) if m}, to_data, 3, 0.0)
+    history = [101, 102, 103, 104]
+    reqs = [{"history": history, "session_size": None, "exclude_seen": True}]
+    beam = loaded.generate(reqs, beam_width=8)[0]
+    (out,) = loaded.generate(reqs, 8, {"scoring": "cascade", "cascade_weight": 5.0})
+    ids = [i["item_id"] for i in out["items"]]
+    assert len(ids) == 3 == len(set(ids)) and set(ids) <= set(to_data[1:])
+    assert not set(ids) & set(history)
+    assert len(beam["items"]) == 3
+
+
+def test_only_a_model_arm_can_serve_by_cascade():
+    from serving.experiment import ArmSpec
+
+    assert ArmSpec(name="a", share=1.0, scoring="cascade").scoring_options() == {
+        "scoring": "cascade",
+        "cascade_weight": 1.0,
+    }
+    with pytest.raises(ValidationError, match="cascade"):
+        ArmSpec(name="a", share=1.0, scoring="cascade", model="popularity")
+    with pytest.raises(ValidationError):
+        ArmSpec(name="a", share=1.0, scoring="magic")
 
 
 def test_serve_deploy_config_in_infra_matches_what_recloop_serve_deploys():
