@@ -85,6 +85,12 @@ class OneRecConfig:
     # > 0 (needs the head): a BCE calibration term on the same logits, positive 1 and each
     # negative 0. Softmax is blind to a shift of all logits; BCE pins their scale.
     bce_weight: float = 0.0
+    # Latent reasoning (OnePiece): K > 0 appends K steps after the history in the encoder;
+    # each step's input is the previous step's last hidden state (no softmax, no token),
+    # plus a learned step embedding, and it attends to the history and the earlier steps.
+    # The last step's state replaces the encoder state at the latest item as the summary
+    # that conditions the decoder and feeds the heads. K = 0: the model as without it.
+    latent_steps: int = 0
 
     @property
     def contrastive_head(self) -> bool:
@@ -104,6 +110,8 @@ class OneRecConfig:
                 f"leaf_logits: K^L = {self.codebook_size}^{self.levels} exceeds the "
                 f"prefix table's limit of {LEAF_TABLE_MAX} entries"
             )
+        if self.latent_steps < 0:
+            raise ValueError("latent_steps must be >= 0")
         if self.infonce_negatives < 0 or self.infonce_temperature <= 0:
             raise ValueError("infonce_negatives must be >= 0 and infonce_temperature > 0")
         if min(self.infonce_weight, self.bce_weight) < 0:
@@ -297,6 +305,8 @@ class Encoded:
     mask: Tensor  # (B, 1, 1, S) bool, True = a token the decoder may attend to
     cross_kv: list[tuple[Tensor, Tensor]]  # per decoder layer
     summary: Tensor  # (B, [C,] D) decoder conditioning: encoder state at the latest item
+    # Latent reasoning only: per encoder layer, the keys/values of the history (B, H, S, hd).
+    layer_kv: list[tuple[Tensor, Tensor]] | None = None
 
     def index_select(self, index: Tensor) -> Encoded:
         """Rows ``index`` (e.g. repeat each request for its beams)."""
@@ -305,6 +315,9 @@ class Encoded:
             self.mask.index_select(0, index),
             [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv],
             self.summary.index_select(0, index),
+            None
+            if self.layer_kv is None
+            else [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layer_kv],
         )
 
     def prefixes(self, prefix_end: Tensor, tokens: int) -> Encoded:
@@ -319,7 +332,7 @@ class Encoded:
         mask = visible.repeat_interleave(tokens, dim=1)[:, None]  # (B, 1, C*T, S)
         index = prefix_end[:, :, None].expand(-1, -1, self.memory.shape[-1])
         summary = self.memory.gather(1, index)  # (B, C, D)
-        return Encoded(self.memory, mask, self.cross_kv, summary)
+        return Encoded(self.memory, mask, self.cross_kv, summary, self.layer_kv)
 
 
 class OneRec(nn.Module):
@@ -358,6 +371,8 @@ class OneRec(nn.Module):
             # base-K number), for the inner levels; K^(l+1) (a spare slot) if i is unknown.
             spare = (K ** torch.arange(1, L)).reshape(-1, 1).expand(-1, cfg.item_vocab)
             self.register_buffer("item_nodes", spare.clone())
+        if cfg.latent_steps:
+            self.latent_pos = nn.Embedding(cfg.latent_steps, d)
         if cfg.contrastive_head:
             self.user_head = nn.Linear(d, d)  # encoder state -> user vector
             # item_codes[i]: item i's SID, for the item vectors of sampled negatives.
@@ -510,7 +525,10 @@ class OneRec(nn.Module):
         causal = torch.ones(s + 1, s + 1, dtype=torch.bool, device=x.device).tril()
         self_mask = mask & causal  # padding keys masked; the user token is always visible
         x = self.drop(x)
+        layer_kv = [] if cfg.latent_steps else None
         for layer in self.enc_layers:
+            if layer_kv is not None:
+                layer_kv.append(layer.attn.project_kv(layer.ln1(x)))
             x = layer(x, self_mask)
         memory = self.enc_ln(x)
         cross = [layer.cross_attn.project_kv(memory) for layer in self.dec_layers]
@@ -518,7 +536,44 @@ class OneRec(nn.Module):
         # that slot is padding and the user token stands in.
         has_items = history_mask.any(dim=1)
         summary = torch.where(has_items[:, None], memory[:, -1], memory[:, 0])
-        return Encoded(memory, mask, cross, summary)
+        enc = Encoded(memory, mask, cross, summary, layer_kv)
+        if cfg.latent_steps:
+            enc.summary = self.reason(enc, keep[:, None, :])[:, 0]
+        return enc
+
+    def reason(self, enc: Encoded, visible: Tensor) -> Tensor:
+        """Latent reasoning: (B, C, D) the state after ``latent_steps`` steps from each of
+        C starting states ``enc.summary`` (B, [C,] D); step queries of (b, c) see the
+        encoder positions ``visible[b, c]`` (B, C, S) and their own earlier steps."""
+        assert enc.layer_kv is not None
+        state = enc.summary if enc.summary.dim() == 3 else enc.summary[:, None]
+        b, c, d = state.shape
+        heads = self.cfg.heads
+        hd = d // heads
+        mem_mask = visible[:, None]  # (B, 1, C, S)
+        past: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.enc_layers]
+        for step in range(self.cfg.latent_steps):
+            x = state + self.latent_pos.weight[step]  # the last hidden state, fed back
+            for i, layer in enumerate(self.enc_layers):
+                attn = layer.attn
+                h = layer.ln1(x)
+                q = attn._split(attn.q(h))  # (B, H, C, hd)
+                k_new, v_new = attn.project_kv(h)  # (B, H, C, hd): this step, per query
+                past[i].append((k_new, v_new))
+                k_mem, v_mem = enc.layer_kv[i]  # (B, H, S, hd)
+                mem = (q @ k_mem.transpose(-1, -2)) / math.sqrt(hd)  # (B, H, C, S)
+                mem = mem.masked_fill(~mem_mask, float("-inf"))
+                k_lat = torch.stack([k for k, _ in past[i]], dim=3)  # (B, H, C, j, hd)
+                v_lat = torch.stack([v for _, v in past[i]], dim=3)
+                lat = (q[..., None, :] * k_lat).sum(-1) / math.sqrt(hd)  # (B, H, C, j)
+                p = torch.cat([mem, lat], dim=-1).softmax(dim=-1)
+                s = mem.shape[-1]
+                y = p[..., :s] @ v_mem + (p[..., s:, None] * v_lat).sum(dim=-2)
+                y = attn.out(y.transpose(1, 2).reshape(b, c, d))
+                x = x + layer.drop(y)
+                x = x + layer.ffn(layer.ln2(x))
+            state = self.enc_ln(x)
+        return state
 
     # ------------------------------------------------------------------ decoder
     def target_tokens(self, codes: Tensor) -> Tensor:
@@ -580,7 +635,12 @@ class OneRec(nn.Module):
         tgt = tgt.view(*lead, cfg.target_len)
         if prefix_end is not None:
             assert len(lead) == 2, "prefix_end goes with (B, C, M, L) targets"
+            keep = enc.mask[:, 0]  # (B, 1, S) not padding
             enc = enc.prefixes(prefix_end, cfg.target_len)
+            if cfg.latent_steps:  # each prefix reasons from its own latest item
+                pos = torch.arange(enc.memory.shape[1], device=prefix_end.device)
+                visible = (pos[None, None, :] <= prefix_end[:, :, None]) & keep  # (B, C, S)
+                enc.summary = self.reason(enc, visible)
         start = torch.zeros(*lead, 1, dtype=tgt.dtype, device=tgt.device)
         logits = self.decode(enc, torch.cat([start, tgt[..., :-1]], dim=-1))  # (..., M*L, K)
         labels = target.reshape(*lead, cfg.target_len)

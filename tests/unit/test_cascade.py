@@ -197,3 +197,49 @@ def test_embedding_clip_and_learning_rates():
             assert m.weight.abs().max() <= 0.05 + 1e-6
     assert len(history[0]["expert_load_gini"]) == len(model.moe_layers())
     assert all(0.0 <= g < 1.0 for g in history[0]["expert_load_gini"])
+
+
+def test_latent_steps_zero_is_the_model_without_them():
+    torch.manual_seed(3)
+    plain = OneRec(tiny_config(item_vocab=N + 1)).eval()
+    torch.manual_seed(3)
+    zero = OneRec(tiny_config(item_vocab=N + 1, latent_steps=0)).eval()
+    codes = torch.cat([torch.zeros(1, L, dtype=torch.long), random_codes(N)])
+    hist = torch.randint(1, N + 1, (3, 7))
+    a = plain.encode(codes[hist], hist > 0, history_items=hist)
+    b = zero.encode(codes[hist], hist > 0, history_items=hist)
+    assert b.layer_kv is None
+    assert torch.equal(a.summary, b.summary) and torch.equal(a.memory, b.memory)
+    tokens = torch.zeros(3, 1, dtype=torch.long)
+    assert torch.equal(plain.decode(a, tokens), zero.decode(b, tokens))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_latent_steps_change_the_summary_and_keep_the_prefix_trick(steps):
+    torch.manual_seed(3)
+    model = OneRec(tiny_config(item_vocab=N + 1, latent_steps=steps)).eval()
+    codes = torch.cat([torch.zeros(1, L, dtype=torch.long), random_codes(N)])
+    window = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10, 11, 12]])  # max_history 10, left-padded
+    enc = model.encode(codes[window], window > 0, history_items=window)
+    latest = enc.memory[:, -1]
+    assert not torch.allclose(enc.summary, latest)  # the steps did something
+    # A prefix of the window (up to encoder position 6 = item 8) reasons to the same state
+    # as that prefix encoded on its own.
+    alone = torch.tensor([[0, 0, 0, 0, 0, 0, 5, 6, 7, 8]])
+    ref = model.encode(codes[alone], alone > 0, history_items=alone).summary
+    pos = torch.arange(enc.memory.shape[1])
+    visible = (pos[None, None, :] <= torch.tensor([[6]])[:, :, None]) & enc.mask[:, 0]
+    got = model.reason(enc.prefixes(torch.tensor([[6]]), 1), visible)[:, 0]
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_latent_steps_train():
+    torch.manual_seed(0)
+    model = OneRec(tiny_config(item_vocab=N + 1, latent_steps=2, next_item_weight=1.0))
+    codes = torch.cat([torch.zeros(1, L, dtype=torch.long), random_codes(N)])
+    seqs = [torch.randint(1, N + 1, (12,)).tolist() for _ in range(20)]
+    cfg = TrainConfig(model=model.cfg, epochs=3, batch_size=32, warmup_steps=1)
+    before = model.latent_pos.weight.detach().clone()
+    model, history = train_onerec(seqs, codes, cfg, init=model, log=lambda m: None)
+    assert history[-1]["ntp_loss"] < history[0]["ntp_loss"]
+    assert not torch.allclose(model.latent_pos.weight, before)  # the steps get gradients
