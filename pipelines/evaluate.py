@@ -146,8 +146,13 @@ INFERENCE_OPTIONS: dict[str, tuple[str, ...]] = {"onerec": ("cascade_weight", "c
 
 
 def parse_model(name: str) -> tuple[str, str | None]:
-    """``onerec:cascade`` -> ("onerec", "cascade"); ``sasrec`` -> ("sasrec", None)."""
-    base, sep, scoring = name.partition(":")
+    """``onerec:cascade`` -> ("onerec", "cascade"); ``sasrec`` -> ("sasrec", None). A
+    variant, ``onerec@k1:cascade``, is the base model with options of its own
+    (``-o onerec@k1.latent_steps=1`` over the ``onerec.*`` ones)."""
+    trained, sep, scoring = name.partition(":")
+    base, at, label = trained.partition("@")
+    if at and not label.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"variant label {label!r} of {name!r}: letters, digits, - and _")
     if base not in MODELS:
         raise ValueError(f"unknown model {base!r}; known: {', '.join(sorted(MODELS))}")
     if not sep:
@@ -222,7 +227,7 @@ def run_eval(
     if epochs is not None:
         options["epochs"] = epochs
     folder = movielens_folder(dataset)
-    if model == "onerec" and folder is not None:
+    if base == "onerec" and folder is not None:
         options.setdefault("content_dir", str(folder))  # genres feed the SID tokenizer
     ds = load_dataset(dataset, min_interactions=min_interactions, ties=ties)
     split = leave_one_out(ds)
@@ -326,16 +331,17 @@ def run_compare(
 ) -> dict[str, Any]:
     """``run_eval`` for each model on the same split and seed; one table, one JSON with
     every result under ``results`` (and each model's NDCG@10 over the best other's)."""
-    bases = [parse_model(m)[0] for m in models]
+    for m in models:
+        parse_model(m)
     options = options or {}
     trained: dict[str, Any] = {}
     results = []
-    for m, base in zip(models, bases, strict=True):
+    for m in models:
+        variant = m.partition(":")[0]
+        merged = {**options.get(variant.partition("@")[0], {}), **options.get(variant, {})}
         if log:
             log(f"== {m}")
-        results.append(
-            run_eval(m, dataset, options=options.get(base), log=log, trained=trained, **kwargs)
-        )
+        results.append(run_eval(m, dataset, options=merged, log=log, trained=trained, **kwargs))
     table = _comparison_table(results)
     if log:
         log(f"== comparison on {results[0]['dataset']} (seed {results[0]['seed']})\n{table}")
@@ -419,7 +425,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(models) == 1:
             run_eval(models[0], args.data, options=dict(args.option), out_json=args.out, **common)
         else:
-            per_model: dict[str, dict[str, Any]] = {parse_model(m)[0]: {} for m in models}
+            per_model: dict[str, dict[str, Any]] = {}
+            for m in models:
+                parse_model(m)
+                variant = m.partition(":")[0]
+                per_model.update({variant: {}, variant.partition("@")[0]: {}})
             for key, value in args.option:
                 target, dot, name = key.partition(".")
                 if not dot or target not in per_model:
