@@ -20,6 +20,7 @@
     recloop pretrain  build the tokenizer and pre-train the seed OneRec model (a checkpoint)
     recloop eval      offline evaluation: --model onerec|sasrec|pop on a dataset
     recloop ablate    OneRec ablations: MoE vs dense, M=5 vs M=1, beam 8/32/128
+    recloop scaling   power-law fits of held-out SID and InfoNCE losses vs model and data size
 
 Every flag maps onto a key of the stack config (``--config run.yaml``).
 """
@@ -262,6 +263,7 @@ JOBS = {
     "pretrain": "pipelines.pretrain",
     "eval": "pipelines.evaluate",
     "ablate": "pipelines.ablations",
+    "scaling": "pipelines.scaling",
     "analyze": "pipelines.ab_analysis",
     "fit-user-model": "pipelines.fit_user_model",
     "ingest": "actors.ingestor",

@@ -243,3 +243,31 @@ def test_latent_steps_train():
     model, history = train_onerec(seqs, codes, cfg, init=model, log=lambda m: None)
     assert history[-1]["ntp_loss"] < history[0]["ntp_loss"]
     assert not torch.allclose(model.latent_pos.weight, before)  # the steps get gradients
+
+
+def test_power_law_fit_recovers_its_exponent():
+    from pipelines.scaling import fit_power_law
+
+    x = [1e3, 3e3, 1e4, 3e4, 1e5]
+    fit = fit_power_law(x, [5.0 * v**-0.2 for v in x])
+    assert fit["alpha"] == pytest.approx(0.2) and fit["A"] == pytest.approx(5.0)
+    assert fit["r2"] == pytest.approx(1.0)
+    noisy = fit_power_law(x, [5.0 * v**-0.2 * (1.05 if i % 2 else 0.95) for i, v in enumerate(x)])
+    assert 0.5 < noisy["r2"] < 1.0
+    with pytest.raises(ValueError, match="two distinct"):
+        fit_power_law([10, 10], [1, 2])
+
+
+def test_scaling_study_runs_end_to_end_on_generated_data(tmp_path):
+    import json
+
+    from pipelines.scaling import main
+
+    out = tmp_path / "scaling.json"
+    argv = ["--data", "synthetic", "--dims", "8,16", "--fractions", "0.5,1", "--epochs", "1"]
+    assert main([*argv, "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["kind"] for r in result["runs"]] == ["size", "size", "data"]
+    assert all(r["sid_loss"] > 0 and r["infonce_loss"] > 0 for r in result["runs"])
+    assert set(result["fits"]["params"]) == {"sid_loss", "infonce_loss"}
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -302,3 +302,38 @@ def test_beam_retrieval_counts_a_target_no_beam_proposes_as_a_miss():
     ranks = beam_ranks(Fixed(), [[1], [1], [1]], [5, 7, 9], beam=2)
     assert ranks[:2].tolist() == [1, 2]
     assert hr_at_k(ranks, 10) == 2 / 3  # target 9 is missed even at k > beam width
+
+
+def test_model_names_with_variants_and_scorings():
+    from pipelines.evaluate import parse_model
+
+    assert parse_model("sasrec") == ("sasrec", None)
+    assert parse_model("onerec:cascade") == ("onerec", "cascade")
+    assert parse_model("onerec@k1:infonce") == ("onerec", "infonce")
+    for bad, why in (
+        ("onerec:magic", "unknown scoring"),
+        ("sasrec:cascade", "one scoring"),
+        ("nope@x", "unknown model"),
+        ("onerec@a b", "variant label"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            parse_model(bad)
+
+
+def test_scorings_of_a_variant_share_one_training_and_variants_get_their_options(tmp_path):
+    from pipelines.evaluate import run_compare
+
+    base = {"dim": 16, "ffn_hidden": 32, "epochs": 1, "infonce_weight": 1.0}
+    out = run_compare(
+        ["onerec", "onerec:cascade", "onerec@b", "onerec@b:infonce"],
+        "synthetic",
+        options={"onerec": base, "onerec@b": {"bce_weight": 0.5}},
+        log=None,
+    )
+    rows = {r["model"]: r for r in out["results"]}
+    info = {m: r["train_info"]["config"]["model"] for m, r in rows.items()}
+    assert info["onerec"]["bce_weight"] == 0.0 and info["onerec@b"]["bce_weight"] == 0.5
+    assert info["onerec@b"]["dim"] == 16  # the base options reach the variant
+    assert rows["onerec:cascade"]["train_seconds"] == rows["onerec"]["train_seconds"]
+    assert rows["onerec@b:infonce"]["train_seconds"] == rows["onerec@b"]["train_seconds"]
+    assert [rows[m]["scoring"] for m in rows] == ["sid", "cascade", "sid", "infonce"]
