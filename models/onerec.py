@@ -91,10 +91,30 @@ class OneRecConfig:
     # The last step's state replaces the encoder state at the latest item as the summary
     # that conditions the decoder and feeds the heads. K = 0: the model as without it.
     latent_steps: int = 0
+    # Context engineering (OnePiece). Situational descriptors: categorical fields of the
+    # request (name -> cardinality incl. 0 = unknown; e.g. hour, weekday, age, surface),
+    # embedded, summed and passed through their own adapter into one token. Preference
+    # anchors: ``anchors`` item ids curated for the context (e.g. the most popular items
+    # of the user's favourite genre), one token each (item embedding + an anchor type
+    # embedding; id 0 = none). These tokens follow the history as the latent steps do:
+    # per prefix, attending to the history and each other, so a context never leaks
+    # into another prefix. Empty / 0: the model as without them.
+    context_fields: dict[str, int] = field(default_factory=dict)
+    anchors: int = 0
 
     @property
     def contrastive_head(self) -> bool:
         return bool(self.infonce_weight or self.bce_weight)
+
+    @property
+    def context_width(self) -> int:
+        """Columns of a context row: the descriptor fields, then the anchor ids."""
+        return len(self.context_fields) + self.anchors
+
+    @property
+    def has_tail(self) -> bool:
+        """Tokens after the history: context, then latent steps."""
+        return bool(self.latent_steps or self.context_width)
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -110,8 +130,10 @@ class OneRecConfig:
                 f"leaf_logits: K^L = {self.codebook_size}^{self.levels} exceeds the "
                 f"prefix table's limit of {LEAF_TABLE_MAX} entries"
             )
-        if self.latent_steps < 0:
-            raise ValueError("latent_steps must be >= 0")
+        if self.latent_steps < 0 or self.anchors < 0:
+            raise ValueError("latent_steps and anchors must be >= 0")
+        if any(c < 2 for c in self.context_fields.values()):
+            raise ValueError("each context field needs a cardinality >= 2 (0 = unknown)")
         if self.infonce_negatives < 0 or self.infonce_temperature <= 0:
             raise ValueError("infonce_negatives must be >= 0 and infonce_temperature > 0")
         if min(self.infonce_weight, self.bce_weight) < 0:
@@ -342,6 +364,8 @@ class OneRec(nn.Module):
             raise ValueError("next_item_weight needs item_vocab > 0 (the id embeddings)")
         if (cfg.leaf_logits or cfg.tree_logits) and not cfg.item_vocab:
             raise ValueError("leaf_logits / tree_logits need item_vocab > 0 (the id embeddings)")
+        if cfg.anchors and not cfg.item_vocab:
+            raise ValueError("anchors need item_vocab > 0 (the id embeddings)")
         if cfg.contrastive_head and cfg.item_vocab < 2:
             raise ValueError("infonce_weight / bce_weight need item_vocab > 1 (the catalogue)")
         self.cfg = cfg
@@ -373,9 +397,17 @@ class OneRec(nn.Module):
             self.register_buffer("item_nodes", spare.clone())
         if cfg.latent_steps:
             self.latent_pos = nn.Embedding(cfg.latent_steps, d)
+        if cfg.context_fields:
+            self.ctx_emb = nn.ModuleDict(
+                {n: nn.Embedding(c, d) for n, c in cfg.context_fields.items()}
+            )
+            self.ctx_adapter = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        if cfg.anchors:
+            self.anchor_type = nn.Parameter(torch.zeros(d))
         if cfg.contrastive_head:
             self.user_head = nn.Linear(d, d)  # encoder state -> user vector
-            # item_codes[i]: item i's SID, for the item vectors of sampled negatives.
+        if cfg.contrastive_head or cfg.anchors:
+            # item_codes[i]: item i's SID, for the vectors of sampled negatives and anchors.
             self.register_buffer("item_codes", torch.zeros(cfg.item_vocab, L, dtype=torch.long))
         self.apply(self._init)
 
@@ -385,10 +417,10 @@ class OneRec(nn.Module):
         (N + 1, L), the SIDs by item id (row 0 is padding). Ids at or above ``item_vocab``
         have no embedding and are left out."""
         cfg = self.cfg
-        if not (cfg.leaf_logits or cfg.tree_logits or cfg.contrastive_head):
+        if not (cfg.leaf_logits or cfg.tree_logits or cfg.contrastive_head or cfg.anchors):
             return
         ids = torch.arange(1, min(codes.shape[0], cfg.item_vocab), device=codes.device)
-        if cfg.contrastive_head:
+        if cfg.contrastive_head or cfg.anchors:
             table = torch.zeros_like(self.item_codes)
             table[ids] = codes[ids].to(table.device)
             self.item_codes.copy_(table)
@@ -503,6 +535,8 @@ class OneRec(nn.Module):
         history_mask: Tensor,  # (B, S) bool, True = real item
         user_feats: dict[str, Tensor] | None = None,  # name -> (B,) ints, 0 = unknown
         history_items: Tensor | None = None,  # (B, S) item ids, used when item_vocab > 0
+        context: Tensor | None = None,  # (B, context_width) descriptor ids, then anchors
+        with_tail: bool = True,  # False: the caller runs the tail per prefix itself
     ) -> Encoded:
         cfg = self.cfg
         b, s, L = history.shape
@@ -525,7 +559,7 @@ class OneRec(nn.Module):
         causal = torch.ones(s + 1, s + 1, dtype=torch.bool, device=x.device).tril()
         self_mask = mask & causal  # padding keys masked; the user token is always visible
         x = self.drop(x)
-        layer_kv = [] if cfg.latent_steps else None
+        layer_kv = [] if cfg.has_tail else None
         for layer in self.enc_layers:
             if layer_kv is not None:
                 layer_kv.append(layer.attn.project_kv(layer.ln1(x)))
@@ -537,14 +571,48 @@ class OneRec(nn.Module):
         has_items = history_mask.any(dim=1)
         summary = torch.where(has_items[:, None], memory[:, -1], memory[:, 0])
         enc = Encoded(memory, mask, cross, summary, layer_kv)
-        if cfg.latent_steps:
-            enc.summary = self.reason(enc, keep[:, None, :])[:, 0]
+        if cfg.has_tail and with_tail:
+            ctx = None if context is None else context[:, None]
+            enc.summary = self.reason(enc, keep[:, None, :], ctx)[:, 0]
         return enc
 
-    def reason(self, enc: Encoded, visible: Tensor) -> Tensor:
-        """Latent reasoning: (B, C, D) the state after ``latent_steps`` steps from each of
-        C starting states ``enc.summary`` (B, [C,] D); step queries of (b, c) see the
-        encoder positions ``visible[b, c]`` (B, C, S) and their own earlier steps."""
+    def context_tokens(self, context: Tensor | None, shape: tuple[int, int]) -> list[Tensor]:
+        """(B, C, context_width) ids -> the context's tail tokens, each (B, C, D): the
+        descriptors' adapter token, then one per anchor. No context given: every field
+        unknown and no anchors (the tokens still come, so the shapes stay put)."""
+        cfg = self.cfg
+        b, c = shape
+        if context is None:
+            device = self.user_token.device
+            context = torch.zeros(b, c, cfg.context_width, dtype=torch.long, device=device)
+        if context.shape[-1] != cfg.context_width:
+            raise ValueError(
+                f"context has {context.shape[-1]} columns; the model takes "
+                f"{len(cfg.context_fields)} descriptor fields + {cfg.anchors} anchors"
+            )
+        out = []
+        if cfg.context_fields:
+            x = sum(
+                emb(context[..., i].clamp(0, emb.num_embeddings - 1))
+                for i, emb in enumerate(self.ctx_emb.values())
+            )
+            out.append(self.ctx_adapter(x))
+        f = len(cfg.context_fields)
+        for a in range(cfg.anchors):
+            item = context[..., f + a]
+            known = (item > 0) & (item < cfg.item_vocab)
+            item = item * known
+            offsets = torch.arange(cfg.levels, device=item.device) * cfg.codebook_size
+            vec = self.code_emb(self.item_codes[item] + offsets).sum(dim=-2) + self.item_emb(item)
+            out.append((vec + self.anchor_type) * known[..., None])
+        return out
+
+    def reason(self, enc: Encoded, visible: Tensor, context: Tensor | None = None) -> Tensor:
+        """The tail after the history: (B, C, D) the state after the context's tokens
+        (``context`` (B, C, context_width)) and then ``latent_steps`` steps, from each of C
+        starting states ``enc.summary`` (B, [C,] D). The tail of (b, c) sees the encoder
+        positions ``visible[b, c]`` (B, C, S) and its own earlier tail tokens; a latent
+        step's input is the previous token's last hidden state."""
         assert enc.layer_kv is not None
         state = enc.summary if enc.summary.dim() == 3 else enc.summary[:, None]
         b, c, d = state.shape
@@ -552,8 +620,12 @@ class OneRec(nn.Module):
         hd = d // heads
         mem_mask = visible[:, None]  # (B, 1, C, S)
         past: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.enc_layers]
-        for step in range(self.cfg.latent_steps):
-            x = state + self.latent_pos.weight[step]  # the last hidden state, fed back
+        given = self.context_tokens(context, (b, c)) if self.cfg.context_width else []
+        for step in range(len(given) + self.cfg.latent_steps):
+            if step < len(given):
+                x = self.drop(given[step])
+            else:  # the last hidden state, fed back
+                x = state + self.latent_pos.weight[step - len(given)]
             for i, layer in enumerate(self.enc_layers):
                 attn = layer.attn
                 h = layer.ln1(x)
@@ -621,6 +693,7 @@ class OneRec(nn.Module):
         history_items: Tensor | None = None,
         prefix_end: Tensor | None = None,  # (B, C) last visible encoder position
         target_items: Tensor | None = None,  # (B, [C,] M) ids, for next_item_weight
+        context: Tensor | None = None,  # (B, [C,] context_width): each session's context
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Next-token loss (OneRec eq. 4) plus the MoE balance loss; returns (loss, parts).
 
@@ -629,18 +702,21 @@ class OneRec(nn.Module):
         that ends at encoder position ``prefix_end[b, c]`` (the user token is position 0,
         window item j is 1 + j): one encoder pass trains on C sessions per window."""
         cfg = self.cfg
-        enc = self.encode(history, history_mask, user_feats, history_items)
         lead = target.shape[:-2]  # (B,) or (B, C)
+        direct = prefix_end is None
+        enc = self.encode(
+            history, history_mask, user_feats, history_items, context if direct else None, direct
+        )
         tgt = self.target_tokens(target.reshape(-1, cfg.session_len, cfg.levels))
         tgt = tgt.view(*lead, cfg.target_len)
         if prefix_end is not None:
             assert len(lead) == 2, "prefix_end goes with (B, C, M, L) targets"
             keep = enc.mask[:, 0]  # (B, 1, S) not padding
             enc = enc.prefixes(prefix_end, cfg.target_len)
-            if cfg.latent_steps:  # each prefix reasons from its own latest item
+            if cfg.has_tail:  # each prefix's tail starts from its own latest item
                 pos = torch.arange(enc.memory.shape[1], device=prefix_end.device)
                 visible = (pos[None, None, :] <= prefix_end[:, :, None]) & keep  # (B, C, S)
-                enc.summary = self.reason(enc, visible)
+                enc.summary = self.reason(enc, visible, context)
         start = torch.zeros(*lead, 1, dtype=tgt.dtype, device=tgt.device)
         logits = self.decode(enc, torch.cat([start, tgt[..., :-1]], dim=-1))  # (..., M*L, K)
         labels = target.reshape(*lead, cfg.target_len)

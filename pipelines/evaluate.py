@@ -39,7 +39,8 @@ from pipelines.evaluation import (
     ranks_to_metrics,
 )
 
-ModelBuilder = Callable[[Split, int, dict[str, Any]], Ranker]
+# (split, seed, options, the dataset the split came from) -> a trained ranker
+ModelBuilder = Callable[[Split, int, dict[str, Any], Any], Ranker]
 
 PROTOCOL = {
     "split": "leave-one-out: last item = test, second-to-last = validation (early stopping)",
@@ -53,13 +54,13 @@ PROTOCOL = {
 }
 
 
-def build_pop(split: Split, seed: int, options: dict[str, Any]) -> Ranker:
+def build_pop(split: Split, seed: int, options: dict[str, Any], ds: Any = None) -> Ranker:
     from models.popularity import MostPopular
 
     return MostPopular(split.num_items).fit(split.train)
 
 
-def build_sasrec(split: Split, seed: int, options: dict[str, Any]) -> Ranker:
+def build_sasrec(split: Split, seed: int, options: dict[str, Any], ds: Any = None) -> Ranker:
     """Options: epochs, batch_size, lr, patience, weight_decay, device, and any
     ``SASRecConfig`` field (max_len, dim, heads, layers, dropout)."""
     import inspect
@@ -98,7 +99,7 @@ def build_sasrec(split: Split, seed: int, options: dict[str, Any]) -> Ranker:
     return model
 
 
-def build_onerec(split: Split, seed: int, options: dict[str, Any]) -> Ranker:
+def build_onerec(split: Split, seed: int, options: dict[str, Any], ds: Any = None) -> Ranker:
     """Options: epochs, stride, batch_size, lr, patience, val_users, and any ``OneRecConfig``
     field (dim, moe_experts, session_len, ...). Genres join the tokenizer's embeddings
     when the dataset is a MovieLens folder (``content_dir`` option)."""
@@ -110,11 +111,28 @@ def build_onerec(split: Split, seed: int, options: dict[str, Any]) -> Ranker:
 
     options = dict(options)
     content_dir = options.pop("content_dir", None)
+    descriptors = bool(options.pop("descriptors", False))
+    anchor_window = int(options.pop("anchor_window", 20))
     model_keys = {f.name for f in fields(OneRecConfig)}
     train_keys = {f.name for f in fields(TrainConfig)} - {"model", "tokenizer", "seed"}
     unknown = set(options) - model_keys - train_keys
     if unknown:
         raise ValueError(f"unknown onerec option(s): {', '.join(sorted(unknown))}")
+    context = None
+    if descriptors or options.get("anchors"):
+        from pipelines.context import OfflineContext
+
+        if ds is None:
+            raise ValueError("descriptors / anchors need the dataset the split came from")
+        context = OfflineContext(
+            ds,
+            split,
+            content_dir,
+            descriptors=descriptors,
+            anchors=int(options.get("anchors", 0)),
+            window=anchor_window,
+        )
+        options["context_fields"] = context.fields
     cfg = default_config(**{k: v for k, v in options.items() if k in model_keys})
     cfg = replace(cfg, seed=seed, **{k: v for k, v in options.items() if k in train_keys})
     content = None
@@ -122,7 +140,9 @@ def build_onerec(split: Split, seed: int, options: dict[str, Any]) -> Ranker:
         from pipelines.datasets import load_dataset
 
         content = genre_features(load_dataset(content_dir), Path(content_dir))
-    ranker, tokenizer, history, info = fit_onerec(split, cfg, content)
+    ranker, tokenizer, history, info = fit_onerec(split, cfg, content, context=context)
+    if context is not None:
+        ranker.test_contexts = context.rows("test")
     ranker.train_info = {
         "config": info["config"],
         "params": ranker.model.num_params(),
@@ -239,7 +259,7 @@ def run_eval(
         ranker, train_seconds = trained[key]
     else:
         start = time.monotonic()
-        ranker = MODELS[base](split, seed, dict(options))
+        ranker = MODELS[base](split, seed, dict(options), ds)
         train_seconds = time.monotonic() - start
         if trained is not None:
             trained[key] = (ranker, train_seconds)
@@ -247,7 +267,8 @@ def run_eval(
         ranker = ranker.with_scoring(scoring or "sid", **inference)
     options = {**options, **inference}
     start = time.monotonic()
-    ranks = rank_full(ranker, split.test_histories, split.test_targets)
+    contexts = getattr(ranker, "test_contexts", None)
+    ranks = rank_full(ranker, split.test_histories, split.test_targets, contexts=contexts)
     full = ranks_to_metrics(ranks, ks)
     by_tie = None
     if split.test_tied is not None:
@@ -264,6 +285,7 @@ def run_eval(
         num_negatives=num_negatives,
         seed=seed,
         num_items=split.num_items,
+        contexts=contexts,
     )
     eval_seconds = time.monotonic() - start
 

@@ -127,14 +127,16 @@ def rank_full(
     targets: Sequence[int],
     batch_size: int = 256,
     exclude_history: bool = True,
+    contexts: Sequence | None = None,
 ) -> np.ndarray:
-    """1-based rank of each target among all items (see the module docstring for the rules)."""
+    """1-based rank of each target among all items (see the module docstring for the
+    rules). ``contexts``, one row per history, go to a ranker that takes them."""
     _check_inputs(histories, targets)
     ranks = np.empty(len(targets), dtype=np.int64)
     progress = _Progress("eval full", len(targets))
     for lo in range(0, len(targets), batch_size):
         hist = [list(h) for h in histories[lo : lo + batch_size]]
-        scores = ranker.score(hist, None).detach()  # (B, N+1)
+        scores = _score(ranker, hist, None, contexts, lo).detach()  # (B, N+1)
         b = len(hist)
         if scores.dim() != 2 or scores.shape[0] != b:
             raise ValueError(f"ranker returned {tuple(scores.shape)}, expected ({b}, N+1)")
@@ -160,6 +162,12 @@ def rank_full(
     return ranks
 
 
+def _score(ranker: Ranker, hist, cand, contexts: Sequence | None, lo: int):
+    if contexts is None:
+        return ranker.score(hist, cand)
+    return ranker.score(hist, cand, contexts=contexts[lo : lo + len(hist)])
+
+
 def evaluate_full(
     ranker: Ranker,
     histories: Sequence[list[int]],
@@ -167,13 +175,15 @@ def evaluate_full(
     ks: Sequence[int] = (5, 10, 20),
     batch_size: int = 256,
     exclude_history: bool = True,
+    contexts: Sequence | None = None,
 ) -> dict[str, float]:
     """HR@k and NDCG@k with the target ranked against the whole catalogue.
 
     Items in the user's history are excluded from the ranking (scored -inf) when
     ``exclude_history``, the common protocol; the target itself is never excluded. Ties are
     broken pessimistically: rank = 1 + number of other items scoring >= the target."""
-    return ranks_to_metrics(rank_full(ranker, histories, targets, batch_size, exclude_history), ks)
+    ranks = rank_full(ranker, histories, targets, batch_size, exclude_history, contexts)
+    return ranks_to_metrics(ranks, ks)
 
 
 def ranks_to_metrics(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
@@ -232,13 +242,14 @@ def evaluate_sampled(
     num_items: int | None = None,
     k: int = 10,
     batch_size: int = 256,
+    contexts: Sequence | None = None,
 ) -> dict[str, float]:
     """HR@k and NDCG@k with the target ranked against ``num_negatives`` sampled items
     (see ``sample_negatives``); pessimistic ties. ``num_items`` defaults to the width of
     the ranker's full scores."""
     _check_inputs(histories, targets)
     if num_items is None:
-        num_items = ranker.score([list(histories[0])], None).shape[1] - 1
+        num_items = _score(ranker, [list(histories[0])], None, contexts, 0).shape[1] - 1
     negatives = sample_negatives(histories, targets, num_items, num_negatives, seed)
     cands = torch.cat(
         [torch.as_tensor(list(targets), dtype=torch.long)[:, None], torch.from_numpy(negatives)],
@@ -249,7 +260,7 @@ def evaluate_sampled(
     for lo in range(0, len(targets), batch_size):
         hist = [list(h) for h in histories[lo : lo + batch_size]]
         c = cands[lo : lo + len(hist)]
-        scores = ranker.score(hist, c).detach().cpu()  # (B, 1 + num_negatives)
+        scores = _score(ranker, hist, c, contexts, lo).detach().cpu()  # (B, 1 + num_negatives)
         if tuple(scores.shape) != tuple(c.shape):
             raise ValueError(f"ranker returned {tuple(scores.shape)}, expected {tuple(c.shape)}")
         if torch.isnan(scores).any():

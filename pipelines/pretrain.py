@@ -60,6 +60,7 @@ def fit_onerec(
     cfg: TrainConfig,
     content: torch.Tensor | None = None,
     log=_log,
+    context=None,  # pipelines.context.OfflineContext, for a model that takes one
 ) -> tuple[OneRecRanker, SemanticIdTokenizer, list[dict], dict]:
     """Tokenizer + model trained on ``split.train``, early-stopped on validation."""
     torch.manual_seed(cfg.seed)
@@ -82,11 +83,22 @@ def fit_onerec(
         users = sorted(torch.randperm(len(users), generator=g)[: cfg.val_users].tolist())
     val_h = [split.val_histories[i] for i in users]
     val_t = [split.val_targets[i] for i in users]
+    val_c = None
+    if context is not None:
+        rows = context.rows("val")
+        val_c = [rows[i] for i in users]
 
     def validate(ranker: OneRecRanker) -> float:
-        return float(evaluate_full(ranker, val_h, val_t, ks=(10,))["NDCG@10"])
+        return float(evaluate_full(ranker, val_h, val_t, ks=(10,), contexts=val_c)["NDCG@10"])
 
-    model, history = train_onerec(split.train, codes, cfg, validate=validate, log=log)
+    model, history = train_onerec(
+        split.train,
+        codes,
+        cfg,
+        validate=validate,
+        log=log,
+        context=None if context is None else context.train_row,
+    )
     timings = {"tokenizer_s": tok_s, "train_s": time.monotonic() - t0 - tok_s}
     info = {"tokenizer": stats, "config": cfg.to_dict(), **timings}  # the config as trained
     return OneRecRanker(model, codes), tokenizer, history, info

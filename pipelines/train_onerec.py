@@ -84,6 +84,7 @@ class Examples:
     window: torch.Tensor  # (N,) window of each example, non-decreasing
     prefix_end: torch.Tensor  # (N,)
     target: torch.Tensor  # (N, M)
+    context: torch.Tensor | None = None  # (N, context_width): each session's context
 
     def __len__(self) -> int:
         return len(self.window)
@@ -116,9 +117,9 @@ class Examples:
             yield group
 
     def batches(self, batch_size: int, generator: torch.Generator):
-        """Per group of ``groups``: (windows (B, H), prefix_end (B, C), target (B, C, M))
-        with C the most examples of a window in the group; missing examples have
-        prefix_end 0 and target 0."""
+        """Per group of ``groups``: (windows (B, H), prefix_end (B, C), target (B, C, M),
+        context (B, C, F) or None) with C the most examples of a window in the group;
+        missing examples have prefix_end 0, target 0 and context 0."""
         counts = torch.bincount(self.window, minlength=len(self.windows))
         starts = torch.cumsum(counts, 0) - counts
         m = self.target.shape[1]
@@ -126,24 +127,37 @@ class Examples:
             c = int(counts[group].max())
             ends = torch.zeros(len(group), c, dtype=torch.long)
             target = torch.zeros(len(group), c, m, dtype=torch.long)
+            ctx = None
+            if self.context is not None:
+                ctx = torch.zeros(len(group), c, self.context.shape[1], dtype=torch.long)
             for i, g in enumerate(group):
                 rows = slice(int(starts[g]), int(starts[g] + counts[g]))
                 ends[i, : counts[g]] = self.prefix_end[rows]
                 target[i, : counts[g]] = self.target[rows]
-            yield self.windows[group], ends, target
+                if ctx is not None:
+                    ctx[i, : counts[g]] = self.context[rows]
+            yield self.windows[group], ends, target, ctx
+
+
+ContextFn = Callable[[int, int], Sequence[int]]  # (sequence index, position p) -> row
 
 
 def make_examples(
-    sequences: Sequence[Sequence[int]], max_history: int, session_len: int, stride: int = 1
+    sequences: Sequence[Sequence[int]],
+    max_history: int,
+    session_len: int,
+    stride: int = 1,
+    context: ContextFn | None = None,
 ) -> Examples:
     """A session starts at every ``stride``-th position p >= 1 of each sequence; its
     history is the up to ``max_history`` items before p. Windows of ``max_history`` items
     start every ``max_history // 2`` items, and each example goes to the window that
-    gives it the longest history (at least half of ``max_history`` after the first)."""
+    gives it the longest history (at least half of ``max_history`` after the first).
+    ``context(i, p)`` gives the context row of the session at position p of sequence i."""
     half = max(1, max_history // 2)
     windows: list[list[int]] = []
-    window, ends, targets = [], [], []
-    for seq in sequences:
+    window, ends, targets, rows = [], [], [], []
+    for index, seq in enumerate(sequences):
         seq = list(seq)
         n = len(seq)
         by_start: dict[int, int] = {}
@@ -158,6 +172,8 @@ def make_examples(
             ends.append(pad + (p - s))  # encoder position of item p - 1 (user token at 0)
             t = seq[p : p + session_len]
             targets.append(t + [0] * (session_len - len(t)))
+            if context is not None:
+                rows.append(list(context(index, p)))
     if not window:
         raise ValueError("no training examples: sequences need at least two items")
     return Examples(
@@ -165,6 +181,7 @@ def make_examples(
         torch.tensor(window, dtype=torch.long),
         torch.tensor(ends, dtype=torch.long),
         torch.tensor(targets, dtype=torch.long),
+        torch.tensor(rows, dtype=torch.long) if context is not None else None,
     )
 
 
@@ -225,13 +242,15 @@ class OneRecRanker:
             **kw,
         }
         out = OneRecRanker(self.model, self.codes, self.batch_size, scoring, trie=self.trie, **args)
-        if hasattr(self, "train_info"):
-            out.train_info = self.train_info
+        for kept in ("train_info", "test_contexts"):
+            if hasattr(self, kept):
+                setattr(out, kept, getattr(self, kept))
         return out
 
-    def encode(self, histories: Sequence[Sequence[int]]):
+    def encode(self, histories: Sequence[Sequence[int]], contexts=None):
         items = pad_histories(histories, self.model.cfg.max_history)
-        return self.model.encode(self.codes[items], items > 0, history_items=items)
+        ctx = None if contexts is None else torch.as_tensor(contexts, dtype=torch.long)
+        return self.model.encode(self.codes[items], items > 0, history_items=items, context=ctx)
 
     def _contrastive(self, enc, cand: torch.Tensor | None) -> torch.Tensor:
         if cand is None:  # every item: (B, N + 1), column 0 padding
@@ -243,12 +262,19 @@ class OneRecRanker:
         return self.model.contrastive_scores(enc, cand, self.codes[cand])
 
     @torch.no_grad()
-    def score(self, histories: list[list[int]], candidates: torch.Tensor | None) -> torch.Tensor:
+    def score(
+        self,
+        histories: list[list[int]],
+        candidates: torch.Tensor | None,
+        contexts: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor:
+        """Scores (B, N + 1) or (B, C) for ``candidates``; ``contexts``, one row per
+        history, for a model that takes a context."""
         n_items = self.codes.shape[0] - 1
         outs = []
         for s in range(0, len(histories), self.batch_size):
             part = histories[s : s + self.batch_size]
-            enc = self.encode(part)
+            enc = self.encode(part, None if contexts is None else contexts[s : s + self.batch_size])
             cand = None if candidates is None else candidates[s : s + self.batch_size]
             if self.scoring == "infonce":
                 outs.append(self._contrastive(enc, cand))
@@ -332,12 +358,18 @@ def train_onerec(
     validate: Callable[[OneRecRanker], float] | None = None,
     init: OneRec | None = None,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+    context: ContextFn | None = None,
 ) -> tuple[OneRec, list[dict]]:
-    """Next-token training; keeps the weights of the best validation epoch."""
+    """Next-token training; keeps the weights of the best validation epoch. ``context``
+    gives each session's context row when the model takes one (``context_width``)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     mc = cfg.model
-    examples = make_examples(sequences, mc.max_history, mc.session_len, cfg.stride)
+    if mc.context_width and context is None:
+        raise ValueError("the model takes a context (context_fields / anchors): pass context=")
+    examples = make_examples(
+        sequences, mc.max_history, mc.session_len, cfg.stride, context if mc.context_width else None
+    )
     model = init if init is not None else OneRec(mc)
     model.set_leaf_items(codes)
     if cfg.embedding_clip is not None and cfg.embedding_clip <= 0:
@@ -358,12 +390,19 @@ def train_onerec(
         sums = {"ntp": 0.0, "moe_aux": 0.0, "next_item": 0.0, "infonce": 0.0, "bce": 0.0}
         load = [torch.zeros(m.experts_n) for m in model.moe_layers()]
         t0 = time.monotonic()
-        for h, end, t in examples.batches(cfg.batch_size, gen):
+        for h, end, t, ctx in examples.batches(cfg.batch_size, gen):
             scale = _lr_at(step, total, cfg) / cfg.lr
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
             loss, parts = model(
-                codes[h], h > 0, codes[t], t > 0, history_items=h, prefix_end=end, target_items=t
+                codes[h],
+                h > 0,
+                codes[t],
+                t > 0,
+                history_items=h,
+                prefix_end=end,
+                target_items=t,
+                context=ctx,
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()

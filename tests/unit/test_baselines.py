@@ -146,7 +146,7 @@ def test_run_eval_writes_a_result_and_takes_new_models_from_the_registry(tmp_pat
                 full[i, h[-1] % 150 + 1] = 1.0
             return full if candidates is None else full.gather(1, candidates)
 
-    monkeypatch.setitem(MODELS, "next", lambda split, seed, options: Next())
+    monkeypatch.setitem(MODELS, "next", lambda split, seed, options, ds: Next())
     res = run_eval("next", data, log=None)
     assert res["metrics"]["full"]["NDCG@5"] == 1.0 and res["metrics"]["sampled"]["HR@10"] == 1.0
     with pytest.raises(ValueError, match="unknown model"):

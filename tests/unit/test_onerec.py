@@ -152,7 +152,8 @@ def test_prefix_shared_loss_equals_encoding_each_history_alone():
     codes[1:] = random_codes(30)
     seqs = [[(3 * s + 7 * j) % 30 + 1 for j in range(n)] for s, n in enumerate([14, 3, 9])]
     ex = make_examples(seqs, max_history=6, session_len=3, stride=1)
-    h, end, t = next(ex.batches(10_000, torch.Generator().manual_seed(0)))
+    h, end, t, ctx = next(ex.batches(10_000, torch.Generator().manual_seed(0)))
+    assert ctx is None
     _, shared = model(codes[h], h > 0, codes[t], t > 0, history_items=h, prefix_end=end)
     alone_h = ex.histories()
     # the mean over the same sessions, whatever their order and padding

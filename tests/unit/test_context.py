@@ -1,0 +1,125 @@
+"""Context engineering: the offline context rows (descriptors, preference anchors) and the
+model's context tokens (they change the encoder's output only when switched on, and per
+prefix they equal encoding that prefix alone with its context)."""
+
+from __future__ import annotations
+
+import calendar
+
+import pytest
+import torch
+
+from models.onerec import OneRec
+from pipelines.context import OfflineContext
+from pipelines.datasets import load_dataset
+from pipelines.evaluation import leave_one_out
+from tests.unit.test_onerec import L, random_codes, tiny_config
+
+N = 40
+FIELDS = {"hour": 7, "weekday": 8}
+
+
+def _movielens(tmp_path):
+    """3 users; items 1-4 are genre 0 (popular: 1 > 2 > 3 > 4), items 5-8 genre 1."""
+    t0 = calendar.timegm((2024, 1, 1, 9, 0, 0))  # a Monday, 09:00 UTC
+    seqs = {
+        1: [5, 6, 7, 1, 2, 8],  # mostly genre 1 in the recent window
+        2: [1, 2, 3, 5, 1, 4],
+        3: [1, 2, 3, 4, 5, 2],
+    }
+    rows = []
+    for u, items in seqs.items():
+        for j, i in enumerate(items):
+            rows.append(f"{u}\t{i}\t4\t{t0 + 3600 * 24 * j + u}\n")
+    ml = tmp_path / "ml"
+    ml.mkdir()
+    (ml / "u.data").write_text("".join(rows))
+    (ml / "u.user").write_text("1|17|M|student|1\n2|30|F|writer|2\n3|60|M|other|3\n")
+
+    def genres(i: int) -> str:
+        flags = ["0"] * 19
+        flags[0 if i <= 4 else 1] = "1"
+        return "|".join(flags)
+
+    (ml / "u.item").write_text(
+        "".join(f"{i}|Item {i}|01-Jan-1995||http://x|{genres(i)}\n" for i in range(1, 9))
+    )
+    return ml
+
+
+def test_offline_rows_carry_time_demographics_and_genre_anchors(tmp_path):
+    ml = _movielens(tmp_path)
+    ds = load_dataset(ml, min_interactions=1)
+    split = leave_one_out(ds)
+    ctx = OfflineContext(ds, split, ml, descriptors=True, anchors=2, window=3)
+    assert list(ctx.fields) == ["hour", "weekday", "age", "gender", "occupation"]
+    assert ctx.width == 7
+    val = ctx.rows("val")
+    # User 1 (ids are contiguous = the file's here): validation request at day 4, 09:00.
+    hour, weekday, age, gender, occupation = val[0][:5]
+    assert (hour, weekday) == (9 // 4 + 1, (0 + 4) % 7 + 1)
+    assert (age, gender) == (1, 1)  # under 18, M
+    assert occupation > 0
+    assert ctx.rows("val")[1][2:4] == [3, 2]  # 30 -> the 25-34 group; F
+    # Anchors: user 1's validation history is 5, 6, 7, 1; its last 3 (6, 7, 1) vote
+    # genre 1. Training popularity of genre 1: 5 (2), 6 and 7 (1 each); 8 is never in
+    # training. 6 and 7 are in the window, so the one anchor is 5 (and a padding 0).
+    assert val[0][5:] == [5, 0]
+    # Training rows: the session at position p sees the history before p only.
+    row = ctx.train_row(1, 3)  # user 2's history 1, 2, 3: genre 0, by popularity 1, 2, 3, 4
+    assert row[5:] == [4, 0]  # 1-3 are in the window; only 4 is left
+    test = ctx.rows("test")
+    assert len(test) == 3 and all(len(r) == 7 for r in test)
+
+
+def test_anchors_need_genres_and_descriptors_need_times(tmp_path):
+    ml = _movielens(tmp_path)
+    ds = load_dataset(ml, min_interactions=1)
+    with pytest.raises(ValueError, match="genres"):
+        OfflineContext(ds, leave_one_out(ds), None, anchors=2)
+
+
+def _model(**kw) -> tuple[OneRec, torch.Tensor]:
+    torch.manual_seed(5)
+    model = OneRec(tiny_config(item_vocab=N + 1, **kw)).eval()
+    codes = torch.cat([torch.zeros(1, L, dtype=torch.long), random_codes(N)])
+    model.set_leaf_items(codes)
+    return model, codes
+
+
+def test_context_changes_the_encoder_output_only_when_switched_on():
+    hist = torch.randint(1, N + 1, (2, 6))
+    on, codes = _model(context_fields=FIELDS, anchors=2)
+    a = on.encode(
+        codes[hist], hist > 0, history_items=hist, context=torch.tensor([[1, 2, 3, 4]] * 2)
+    )
+    b = on.encode(
+        codes[hist], hist > 0, history_items=hist, context=torch.tensor([[5, 6, 7, 8]] * 2)
+    )
+    assert not torch.allclose(a.summary, b.summary)
+    anchors_only = torch.tensor([[1, 2, 9, 10]] * 2)  # same descriptors, other anchors
+    c = on.encode(codes[hist], hist > 0, history_items=hist, context=anchors_only)
+    assert not torch.allclose(a.summary, c.summary)
+    # Switched off: the same model as without the feature, whatever is passed.
+    off, _ = _model()
+    x = off.encode(codes[hist], hist > 0, history_items=hist)
+    y = off.encode(codes[hist], hist > 0, history_items=hist, context=torch.tensor([[5, 6]] * 2))
+    assert torch.equal(x.summary, y.summary) and y.layer_kv is None
+    with pytest.raises(ValueError, match="columns"):
+        on.encode(codes[hist], hist > 0, history_items=hist, context=torch.tensor([[1, 2]] * 2))
+
+
+def test_each_prefix_reads_its_own_context():
+    model, codes = _model(context_fields=FIELDS, anchors=1, latent_steps=1)
+    window = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10, 11, 12]])
+    ctx = torch.tensor([[[3, 4, 17], [6, 1, 2]]])  # (B, C, width) for prefixes 4 and 6
+    ends = torch.tensor([[4, 6]])
+    enc = model.encode(codes[window], window > 0, history_items=window, with_tail=False)
+    pos = torch.arange(enc.memory.shape[1])
+    visible = (pos[None, None, :] <= ends[:, :, None]) & enc.mask[:, 0]
+    got = model.reason(enc.prefixes(ends, 1), visible, ctx)  # (1, 2, D)
+    for c, alone in enumerate(
+        (torch.tensor([[0] * 8 + [5, 6]]), torch.tensor([[0] * 6 + [5, 6, 7, 8]]))
+    ):
+        ref = model.encode(codes[alone], alone > 0, history_items=alone, context=ctx[:, c])
+        assert torch.allclose(got[:, c], ref.summary, atol=1e-5)
