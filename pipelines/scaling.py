@@ -226,30 +226,32 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ],
         key=lambda r: r["train_tokens"],
     )
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     panels = (
         ("params", "non_embedding_params", sizes, "non-embedding parameters"),
         ("tokens", "train_tokens", by_data, "training tokens"),
     )
-    for ax, (key, col, rows, label) in zip(axes, panels, strict=True):
-        for loss, colour in (("sid_loss", "tab:blue"), ("infonce_loss", "tab:orange")):
+    losses = (("sid_loss", "SID loss", "tab:blue"), ("infonce_loss", "InfoNCE loss", "tab:orange"))
+    for row, (loss, name, colour) in enumerate(losses):
+        for col, (key, field, rows, label) in enumerate(panels):
+            ax = axes[row][col]
             fit = result["fits"][key].get(loss)
             if not rows or fit is None:
+                ax.set_visible(False)
                 continue
-            x = np.array([r[col] for r in rows], float)
+            x = np.array([r[field] for r in rows], float)
             ax.loglog(x, [r[loss] for r in rows], "o", color=colour)
             grid = np.geomspace(x.min(), x.max(), 50)
-            ax.loglog(
-                grid,
-                fit["A"] * grid ** (-fit["alpha"]),
-                "-",
-                color=colour,
-                label=f"{loss.split('_')[0]}: alpha {fit['alpha']:.3f}, R² {fit['r2']:.2f}",
-            )
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out loss")
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
+            ax.loglog(grid, fit["A"] * grid ** (-fit["alpha"]), "-", color=colour)
+            ax.set_title(f"{name}: alpha {fit['alpha']:.3f}, R² {fit['r2']:.2f}", fontsize=10)
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"held-out {name}")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+            ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"recloop scaling on {result['dataset']} ({result['epochs']} epochs per run)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
