@@ -364,20 +364,25 @@ def run_compare(
         if log:
             log(f"== {m}")
         results.append(run_eval(m, dataset, options=merged, log=log, trained=trained, **kwargs))
-    table = _comparison_table(results)
+        if len(results) < len(models):  # a long run keeps what it has so far
+            _write_json(out_json, _comparison(models, results, done=False), None)
+    out = _comparison(models, results, done=True)
     if log:
-        log(f"== comparison on {results[0]['dataset']} (seed {results[0]['seed']})\n{table}")
-    ndcg = {r["model"]: r["metrics"]["full"]["NDCG@10"] for r in results}
-    out = {
-        "models": list(models),
-        "dataset": results[0]["dataset"],
-        "seed": results[0]["seed"],
-        "ndcg10": ndcg,
-        "results": results,
-        "table": table,
-    }
+        log(f"== comparison on {out['dataset']} (seed {out['seed']})\n{out['table']}")
     _write_json(out_json, out, log)
     return out
+
+
+def _comparison(models: Sequence[str], results: list[dict[str, Any]], done: bool) -> dict:
+    return {
+        "models": list(models),
+        "complete": done,
+        "dataset": results[0]["dataset"],
+        "seed": results[0]["seed"],
+        "ndcg10": {r["model"]: r["metrics"]["full"]["NDCG@10"] for r in results},
+        "results": results,
+        "table": _comparison_table(results),
+    }
 
 
 def _parse_option(text: str) -> tuple[str, Any]:

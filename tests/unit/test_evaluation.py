@@ -329,7 +329,12 @@ def test_scorings_of_a_variant_share_one_training_and_variants_get_their_options
         "synthetic",
         options={"onerec": base, "onerec@b": {"bce_weight": 0.5}},
         log=None,
+        out_json=tmp_path / "cmp.json",
     )
+    import json
+
+    saved = json.loads((tmp_path / "cmp.json").read_text())
+    assert saved["complete"] is True and len(saved["results"]) == 4
     rows = {r["model"]: r for r in out["results"]}
     info = {m: r["train_info"]["config"]["model"] for m, r in rows.items()}
     assert info["onerec"]["bce_weight"] == 0.0 and info["onerec@b"]["bce_weight"] == 0.5
