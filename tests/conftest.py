@@ -115,6 +115,34 @@ def feature_store(stack: StackConfig):
     return store.open_store(stack)
 
 
+def logged_impressions(cfg: StackConfig, request_ids, timeout_s: float = 60.0) -> dict:
+    """The impressions of ``request_ids`` on the impressions topic, read from the start
+    until all are found or ``timeout_s`` passes: request id -> Impression."""
+    from kafka import KafkaConsumer
+
+    from recloop.events import Impression, decode
+
+    wanted = set(request_ids)
+    consumer = KafkaConsumer(
+        Impression.topic,
+        bootstrap_servers=cfg.kafka.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=2000,
+    )
+    found = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(found) < len(wanted) and time.monotonic() < deadline:
+            for rec in consumer:
+                ev = decode(Impression, rec.value)
+                if ev.request_id in wanted:
+                    found[ev.request_id] = ev
+    finally:
+        consumer.close()
+    return found
+
+
 def _pretrain(out: Path, seed: int) -> Path:
     import subprocess
     import sys

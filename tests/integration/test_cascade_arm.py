@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from recloop.config import PROJECT_ROOT, StackConfig
+from tests.conftest import logged_impressions
 
 pytestmark = pytest.mark.integration
 
@@ -64,9 +65,6 @@ def cascade_service(ray_driver: StackConfig, head_checkpoint, tmp_path_factory):
 
 
 def test_a_cascade_arm_serves_sessions_and_logs_them(cascade_service):
-    from kafka import KafkaConsumer
-
-    from recloop.events import Impression, decode
     from serving.experiment import load_experiment
 
     cfg, base = cascade_service
@@ -89,21 +87,7 @@ def test_a_cascade_arm_serves_sessions_and_logs_them(cascade_service):
     assert [r["scoring"] for r in arms["cascade"]["replicas"]] == ["cascade"]
     assert [r["scoring"] for r in arms["beam"]["replicas"]] == ["beam"]
 
-    consumer = KafkaConsumer(
-        Impression.topic,
-        bootstrap_servers=cfg.kafka.bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=2000,
-    )
-    found = {}
-    deadline = time.monotonic() + 60
-    while len(found) < len(served) and time.monotonic() < deadline:
-        for rec in consumer:
-            ev = decode(Impression, rec.value)
-            if ev.request_id in served:
-                found[ev.request_id] = ev
-    consumer.close()
+    found = logged_impressions(cfg, served)
     assert set(found) == set(served)
     for rid, ev in found.items():
         assert ev.arm == served[rid]["arm"]

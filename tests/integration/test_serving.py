@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from recloop.config import StackConfig
+from tests.conftest import logged_impressions
 
 pytestmark = pytest.mark.integration
 
@@ -129,30 +130,12 @@ def test_oversized_and_non_json_bodies_are_refused(service):
 
 
 def test_every_served_session_is_on_the_impressions_topic(service):
-    from kafka import KafkaConsumer
-
-    from recloop.events import Impression, decode
-
     cfg, base = service
     served = {}
     for user in range(1000, 1012):
         body = _post(base, {"user_id": user}).json()
         served[body["request_id"]] = body
-    consumer = KafkaConsumer(
-        Impression.topic,
-        bootstrap_servers=cfg.kafka.bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=2000,
-    )
-    found = {}
-    deadline = time.monotonic() + 60
-    while len(found) < len(served) and time.monotonic() < deadline:
-        for rec in consumer:
-            ev = decode(Impression, rec.value)
-            if ev.request_id in served:
-                found[ev.request_id] = ev
-    consumer.close()
+    found = logged_impressions(cfg, served)
     assert set(found) == set(served)
     for rid, ev in found.items():
         body = served[rid]
