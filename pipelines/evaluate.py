@@ -302,6 +302,9 @@ def run_eval(
         "scoring": scoring or getattr(ranker, "scoring", None),
         "options": options,
         "metrics": {"full": full, "sampled": sampled, "full_by_tie": by_tie},
+        # Per test user (split order), the target's full-ranking rank: for paired
+        # comparisons between models of one run (same users, same targets).
+        "test_ranks": [int(r) for r in ranks],
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
         "protocol": PROTOCOL,
