@@ -342,3 +342,32 @@ def test_scorings_of_a_variant_share_one_training_and_variants_get_their_options
     assert rows["onerec:cascade"]["train_seconds"] == rows["onerec"]["train_seconds"]
     assert rows["onerec@b:infonce"]["train_seconds"] == rows["onerec@b"]["train_seconds"]
     assert [rows[m]["scoring"] for m in rows] == ["sid", "cascade", "sid", "infonce"]
+
+
+def test_paired_comparison_of_two_models_on_the_same_users(tmp_path):
+    import json
+
+    from pipelines.paired import compare, main, per_user
+
+    ndcg = per_user([1, 3, 11], 10)["NDCG@10"]
+    assert ndcg.tolist() == pytest.approx([1.0, 1 / math.log2(4), 0.0])
+    result = {
+        "results": [
+            {"model": "a", "test_ranks": [1] * 50 + [20] * 50},
+            {"model": "b", "test_ranks": [2] * 50 + [20] * 50},  # a is ahead on every user
+            {"model": "old"},
+        ]
+    }
+    out = compare(result, "a", "b", resamples=500)
+    r = out["NDCG@10"]
+    assert r["diff"] == pytest.approx(0.5 * (1 - 1 / math.log2(3)))
+    assert r["ci95"][0] > 0 and r["p_a_ahead"] == 1.0 and r["users"] == 100
+    assert out["HR@10"]["diff"] == 0.0
+    with pytest.raises(ValueError, match="no test_ranks"):
+        compare(result, "a", "old")
+    with pytest.raises(ValueError, match="not in the result"):
+        compare(result, "a", "zzz")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    assert main([str(path), "a", "b", "--resamples", "200"]) == 0
+    assert main([str(path), "a", "zzz"]) == 2
