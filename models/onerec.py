@@ -327,7 +327,8 @@ class Encoded:
     mask: Tensor  # (B, 1, 1, S) bool, True = a token the decoder may attend to
     cross_kv: list[tuple[Tensor, Tensor]]  # per decoder layer
     summary: Tensor  # (B, [C,] D) decoder conditioning: encoder state at the latest item
-    # Latent reasoning only: per encoder layer, the keys/values of the history (B, H, S, hd).
+    # With a tail (context, latent steps) only: per encoder layer, the history's keys and
+    # values (B, H, S, hd) that the tail tokens attend to.
     layer_kv: list[tuple[Tensor, Tensor]] | None = None
 
     def index_select(self, index: Tensor) -> Encoded:
@@ -600,11 +601,8 @@ class OneRec(nn.Module):
         f = len(cfg.context_fields)
         for a in range(cfg.anchors):
             item = context[..., f + a]
-            known = (item > 0) & (item < cfg.item_vocab)
-            item = item * known
-            offsets = torch.arange(cfg.levels, device=item.device) * cfg.codebook_size
-            vec = self.code_emb(self.item_codes[item] + offsets).sum(dim=-2) + self.item_emb(item)
-            out.append((vec + self.anchor_type) * known[..., None])
+            known = (item > 0) & (item < cfg.item_vocab)  # 0 (no anchor) gives a zero token
+            out.append((self.item_vectors(item) + self.anchor_type) * known[..., None])
         return out
 
     def reason(self, enc: Encoded, visible: Tensor, context: Tensor | None = None) -> Tensor:
@@ -775,9 +773,13 @@ class OneRec(nn.Module):
     def contrastive_scores(
         self, enc: Encoded, items: Tensor, codes: Tensor | None = None
     ) -> Tensor:
-        """(B, C) logits u · v(item) / temperature for C candidates per request."""
+        """(B, C) logits u · v(item) / temperature for C candidates per request
+        (``items`` (B, C)), or for the same C candidates for every request (``items``
+        (C,), e.g. the whole catalogue)."""
         user = self.user_vectors(enc)  # (B, D)
-        vec = self.item_vectors(items, codes)  # (B, C, D)
+        vec = self.item_vectors(items, codes)  # (B, C, D) or (C, D)
+        if vec.dim() == 2:
+            return user @ vec.T / self.cfg.infonce_temperature
         return torch.einsum("bd,bcd->bc", user, vec) / self.cfg.infonce_temperature
 
     def contrastive_losses(self, user: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:

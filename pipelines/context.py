@@ -82,7 +82,7 @@ class OfflineContext:
                 raise ValueError(f"{ds.name}: preference anchors need genres (MovieLens u.item)")
             from pipelines.pretrain import genre_features
 
-            self.genres = genre_features(ds, Path(movielens_dir))
+            self.genres = genre_features(ds, Path(movielens_dir), data)
             counts = Counter(i for seq in split.train for i in seq)
             pop = torch.zeros(ds.num_items + 1)
             for item, c in counts.items():

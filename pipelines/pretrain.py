@@ -39,13 +39,15 @@ def _log(msg: str) -> None:
     print(f"[pretrain {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def genre_features(ds: SequenceDataset, movielens_dir: Path) -> torch.Tensor | None:
-    """(N + 1, G) genre multi-hot by contiguous item id, when the data is MovieLens."""
+def genre_features(ds: SequenceDataset, movielens_dir: Path, data=None) -> torch.Tensor | None:
+    """(N + 1, G) genre multi-hot by contiguous item id, when the data is MovieLens
+    (``data``: the folder's ``load_movielens``, if the caller has read it already)."""
     from pipelines.data import load_movielens
 
-    if not (movielens_dir / "u.item").exists():
-        return None
-    data = load_movielens(movielens_dir)
+    if data is None:
+        if not (movielens_dir / "u.item").exists():
+            return None
+        data = load_movielens(movielens_dir)
     genres = {g: i for i, g in enumerate(data.genres)}
     out = torch.zeros(ds.num_items + 1, len(genres))
     for item, gs in zip(data.items["item_id"], data.items["genres"], strict=True):

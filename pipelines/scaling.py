@@ -42,7 +42,6 @@ from pipelines.train_onerec import (
     TrainConfig,
     build_tokenizer,
     code_table,
-    make_examples,
     pad_histories,
     train_onerec,
 )
@@ -69,7 +68,7 @@ def held_out_losses(
     model.eval()
     cfg = model.cfg
     sid_sum, nce_sum, tokens, n = 0.0, 0.0, 0, 0
-    all_items = torch.arange(codes.shape[0])
+    all_items = torch.arange(len(codes))
     for lo in range(0, len(targets), 256):
         items = pad_histories(histories[lo : lo + 256], cfg.max_history)
         tgt = torch.as_tensor(targets[lo : lo + 256], dtype=torch.long)
@@ -83,8 +82,7 @@ def held_out_losses(
             )
         )
         tokens += tok.numel()
-        vec = model.item_vectors(all_items, codes)  # (N + 1, D)
-        head = model.user_vectors(enc) @ vec.T / cfg.infonce_temperature
+        head = model.contrastive_scores(enc, all_items, codes)  # (B, N + 1)
         head[:, 0] = float("-inf")
         nce_sum += float(F.cross_entropy(head, tgt, reduction="sum"))
         n += len(tgt)
@@ -102,6 +100,22 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     ss_tot = float(((ly - ly.mean()) ** 2).sum())
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
     return {"alpha": float(-slope), "A": float(math.exp(intercept)), "r2": r2, "points": len(lx)}
+
+
+def target_items(sequences: Sequence[Sequence[int]], session_len: int, stride: int) -> int:
+    """Items in the targets of ``make_examples``' sessions (one every ``stride`` items
+    from position 1, each the next ``session_len`` items or fewer at the end)."""
+    return sum(
+        min(session_len, len(seq) - p) for seq in sequences for p in range(1, len(seq), stride)
+    )
+
+
+def data_series(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs at the widest size, by training tokens: the data fractions and the full
+    data."""
+    widest = max(r["dim"] for r in runs if r["kind"] == "size")
+    rows = [r for r in runs if r["kind"] == "data" or (r["kind"] == "size" and r["dim"] == widest)]
+    return sorted(rows, key=lambda r: r["train_tokens"])
 
 
 def _subset(split: Split, fraction: float, seed: int) -> list[list[int]]:
@@ -156,7 +170,6 @@ def run_study(
     for i, (kind, dim, fraction) in enumerate(plan):
         cfg = _model_config(base, dim, split.num_items)
         seqs = _subset(split, fraction, seed)
-        examples = make_examples(seqs, cfg.model.max_history, cfg.model.session_len, stride)
         t0 = time.monotonic()
         model, history = train_onerec(seqs, codes, cfg, log=lambda m: None)
         losses = held_out_losses(model, codes, split.val_histories, split.val_targets)
@@ -168,7 +181,9 @@ def run_study(
             "params": params["total"],
             "non_embedding_params": non_embedding_params(model),
             "train_sequences": len(seqs),
-            "train_tokens": int((examples.target > 0).sum()) * cfg.model.levels * epochs,
+            "train_tokens": target_items(seqs, cfg.model.session_len, stride)
+            * cfg.model.levels
+            * epochs,
             "train_s": round(time.monotonic() - t0, 1),
             "final_train_ntp": history[-1]["ntp_loss"],
             "final_train_infonce": history[-1]["infonce_loss"],
@@ -184,10 +199,7 @@ def run_study(
             f"({run['train_s']:.0f} s; about {left / 60:.1f} min left)"
         )
     sizes = [r for r in runs if r["kind"] == "size"]
-    by_data = sorted(
-        [r for r in runs if r["kind"] == "data"] + [r for r in sizes if r["dim"] == widest],
-        key=lambda r: r["train_tokens"],
-    )
+    by_data = data_series(runs)
     fits: dict[str, Any] = {"params": {}, "tokens": {}}
     for loss in ("sid_loss", "infonce_loss"):
         fits["params"][loss] = fit_power_law(
@@ -206,7 +218,7 @@ def run_study(
         "fits": fits,
         "wall_s": round(time.monotonic() - started, 1),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {"torch_threads": torch.get_num_threads(), "torch": torch.__version__},
     }
 
 
@@ -217,15 +229,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = [r for r in result["runs"] if r["kind"] == "size"]
-    widest = max(r["dim"] for r in sizes)
-    by_data = sorted(
-        [
-            r
-            for r in result["runs"]
-            if r["kind"] == "data" or r["dim"] == widest and r["kind"] == "size"
-        ],
-        key=lambda r: r["train_tokens"],
-    )
+    by_data = data_series(result["runs"])
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))

@@ -254,9 +254,7 @@ class OneRecRanker:
 
     def _contrastive(self, enc, cand: torch.Tensor | None) -> torch.Tensor:
         if cand is None:  # every item: (B, N + 1), column 0 padding
-            ids = torch.arange(self.codes.shape[0])
-            vec = self.model.item_vectors(ids, self.codes)  # (N + 1, D)
-            out = self.model.user_vectors(enc) @ vec.T / self.model.cfg.infonce_temperature
+            out = self.model.contrastive_scores(enc, torch.arange(len(self.codes)), self.codes)
             out[:, 0] = float("-inf")
             return out
         return self.model.contrastive_scores(enc, cand, self.codes[cand])

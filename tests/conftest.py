@@ -143,12 +143,35 @@ def logged_impressions(cfg: StackConfig, request_ids, timeout_s: float = 60.0) -
     return found
 
 
-def _pretrain(out: Path, seed: int) -> Path:
+@contextmanager
+def deployed_service(cfg: StackConfig, seed: Path) -> Iterator[str]:
+    """The recommendation service deployed for ``cfg`` from ``seed``, healthy: yields
+    its base URL, and deletes the application after."""
+    import requests
+
+    from serving.app import delete
+    from serving.control import serve_up
+
+    serve_up(cfg, seed=seed, progress=print)
+    base = f"http://{cfg.ray.host}:{cfg.ray.serve_port}"
+    deadline = time.monotonic() + 120
+    while requests.get(f"{base}/healthz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "service not healthy"
+        time.sleep(1)
+    try:
+        yield base
+    finally:
+        delete(cfg)
+
+
+def quick_checkpoint(out: Path, seed: int, *extra: str) -> Path:
+    """A seed checkpoint pre-trained in seconds on generated data; ``extra``: more
+    `recloop pretrain` flags."""
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "pipelines.pretrain", "--data", "synthetic", "--quick"]
-    cmd += ["--dim", "32", "--threads", "1", "--seed", str(seed), "--out", str(out)]
+    cmd += ["--dim", "32", "--threads", "1", "--seed", str(seed), "--out", str(out), *extra]
     subprocess.run(cmd, check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=600)
     return out
 
@@ -157,7 +180,7 @@ def _pretrain(out: Path, seed: int) -> Path:
 def synthetic_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     """Two quick seed checkpoints on the generated data (seeds 0 and 1)."""
     root = tmp_path_factory.mktemp("ckpts")
-    return _pretrain(root / "a", 0), _pretrain(root / "b", 1)
+    return quick_checkpoint(root / "a", 0), quick_checkpoint(root / "b", 1)
 
 
 @pytest.fixture(scope="session")

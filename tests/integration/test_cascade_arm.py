@@ -4,16 +4,13 @@ the registry. Beside it a beam arm on the same checkpoint; both log their sessio
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from recloop.config import PROJECT_ROOT, StackConfig
-from tests.conftest import logged_impressions
+from recloop.config import StackConfig
+from tests.conftest import deployed_service, logged_impressions, quick_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -35,17 +32,11 @@ experiment:
 def head_checkpoint(tmp_path_factory) -> Path:
     """A quick seed checkpoint trained with the contrastive head."""
     out = tmp_path_factory.mktemp("ckpt-head") / "seed"
-    cmd = [sys.executable, "-m", "pipelines.pretrain", "--data", "synthetic", "--quick"]
-    cmd += ["--dim", "32", "--threads", "1", "--infonce-weight", "1", "--bce-weight", "0.1"]
-    subprocess.run(cmd + ["--out", str(out)], check=True, cwd=PROJECT_ROOT, timeout=600)
-    return out
+    return quick_checkpoint(out, 0, "--infonce-weight", "1", "--bce-weight", "0.1")
 
 
 @pytest.fixture(scope="module")
 def cascade_service(ray_driver: StackConfig, head_checkpoint, tmp_path_factory):
-    from serving.app import delete
-    from serving.control import serve_up
-
     root = tmp_path_factory.mktemp("cascade")
     (root / "experiment.yaml").write_text(EXPERIMENT)
     serve = dataclasses.replace(
@@ -54,14 +45,8 @@ def cascade_service(ray_driver: StackConfig, head_checkpoint, tmp_path_factory):
         experiment=root / "experiment.yaml",
     )
     cfg = dataclasses.replace(ray_driver, serve=serve)
-    serve_up(cfg, seed=head_checkpoint, progress=print)
-    base = f"http://{cfg.ray.host}:{cfg.ray.serve_port}"
-    deadline = time.monotonic() + 120
-    while requests.get(f"{base}/healthz", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "service not healthy"
-        time.sleep(1)
-    yield cfg, base
-    delete(cfg)
+    with deployed_service(cfg, head_checkpoint) as base:
+        yield cfg, base
 
 
 def test_a_cascade_arm_serves_sessions_and_logs_them(cascade_service):

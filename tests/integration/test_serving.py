@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from recloop.config import StackConfig
-from tests.conftest import logged_impressions
+from tests.conftest import deployed_service, logged_impressions
 
 pytestmark = pytest.mark.integration
 
@@ -31,21 +31,12 @@ def checkpoints(synthetic_checkpoints) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def service(ray_driver: StackConfig, checkpoints, tmp_path_factory):
     """The service deployed on the stack with a registry of its own."""
-    from serving.app import delete
-    from serving.control import serve_up
-
     registry = tmp_path_factory.mktemp("registry")
     cfg = dataclasses.replace(
         ray_driver, serve=dataclasses.replace(ray_driver.serve, registry_uri=str(registry))
     )
-    serve_up(cfg, seed=checkpoints[0], progress=print)
-    base = f"http://{cfg.ray.host}:{cfg.ray.serve_port}"
-    deadline = time.monotonic() + 120
-    while requests.get(f"{base}/healthz", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "service not healthy"
-        time.sleep(1)
-    yield cfg, base
-    delete(cfg)
+    with deployed_service(cfg, checkpoints[0]) as base:
+        yield cfg, base
 
 
 def _post(base: str, body, **kw) -> requests.Response:
