@@ -291,4 +291,32 @@ def validate_checkpoint(path: str | os.PathLike[str]) -> None:
     elif fmt == REWARD_FORMAT:
         load_reward(path)
     else:
-        load_checkpoint(path)
+        ck = load_checkpoint(path)
+        if ck.model.cfg.context_width:
+            context_builder(ck)
+
+
+def context_builder(ck: Checkpoint):
+    """The ``pipelines.context.ContextBuilder`` of a checkpoint whose model reads a
+    context. One without its spec (fields, occupation vocabulary, item genres and
+    popularity) is refused rather than served on contexts it was not trained on."""
+    from pipelines.context import ContextBuilder
+
+    cfg = ck.model.cfg
+    spec = ck.meta.get("context")
+    if not spec:
+        raise CheckpointError(
+            f"{ck.path}: the model reads a context ({len(cfg.context_fields)} descriptor "
+            f"fields, {cfg.anchors} anchors) but the checkpoint carries no context spec"
+        )
+    try:
+        builder = ContextBuilder.from_spec(spec, cfg.context_fields)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ck.path}: bad context spec: {exc}") from exc
+    if builder.anchors != cfg.anchors:
+        raise CheckpointError(
+            f"{ck.path}: {builder.anchors} anchors in the context spec, {cfg.anchors} in the model"
+        )
+    if builder.anchors and len(builder.popularity) != ck.tokenizer.num_items + 1:
+        raise CheckpointError(f"{ck.path}: the context spec's item tables miss the catalogue")
+    return builder

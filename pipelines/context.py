@@ -1,27 +1,31 @@
-"""Context engineering offline (OnePiece): each session's situational descriptors and
-preference anchors, from the dataset itself.
+"""Context engineering (OnePiece): each session's situational descriptors and preference
+anchors, built the same way offline (from the dataset) and online (from a request).
 
-A session at position p of a user's sequence is requested at the time of its first item,
-``timestamps[p]`` (what a live request knows: now). Its context row is
+A session is requested at a time (offline: the time of its first item, ``timestamps[p]``,
+what a live request knows: now). Its context row is
 
 - **descriptors**: hour of day (6 buckets of 4 h) and day of week of that time, in UTC,
-  and, when the data has them (MovieLens ``u.user``), the user's age group, gender and
-  occupation. Index 0 is "unknown" in every field.
-- **anchors**: the ``anchors`` most popular training items of the user's favourite genre
-  over the last ``window`` items before p (ties: the genre listed first), leaving out
-  items in that history. Popularity counts the training split only (validation and test
-  items never). Needs genres (MovieLens ``u.item``).
+  and, when the data has them (MovieLens ``u.user``, Feast ``user_profile`` online), the
+  user's age group, gender and occupation. Index 0 is "unknown" in every field.
+- **anchors**: the ``anchors`` most popular items of the user's favourite genre over the
+  last ``window`` items of the history (ties: the genre listed first), leaving out items
+  in that window. Offline, popularity counts the training split only (validation and
+  test items never); online it is that count plus the clicks Feast's ``item_stats`` has
+  seen since. Needs genres (MovieLens ``u.item``).
 
 The model reads the row as ``OneRecConfig.context_fields`` (the descriptor fields in the
-order of ``fields``) then ``anchors`` item ids.
+order of ``fields``) then ``anchors`` item ids. ``ContextBuilder`` holds everything a row
+needs; ``spec()`` is its JSON form, which a checkpoint carries so that serving builds the
+very rows the model was trained on.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,92 +35,104 @@ from pipelines.evaluation import Split
 TIME_FIELDS = {"hour": 7, "weekday": 8}  # cardinalities incl. 0 = unknown
 USER_FIELDS = {"age": 8, "gender": 3, "occupation": 32}
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens-1M's groups: <18, 18-24, ..., 56+
+SPEC_VERSION = 1
 
 
-def _hour_bucket(ts: int) -> int:
+def _hour_bucket(ts: float) -> int:
     return time.gmtime(int(ts)).tm_hour // 4 + 1
 
 
-def _weekday(ts: int) -> int:
+def _weekday(ts: float) -> int:
     return time.gmtime(int(ts)).tm_wday + 1
 
 
-class OfflineContext:
-    """Context rows for the sessions of a leave-one-out split of ``ds``."""
+class ContextBuilder:
+    """Context rows from what a request knows: its time, the user's profile and history
+    (model item ids, oldest first). ``genres`` (N + 1, G) multi-hot and ``popularity``
+    (N + 1,) are by model item id; both are needed for anchors only."""
 
     def __init__(
         self,
-        ds: SequenceDataset,
-        split: Split,
-        movielens_dir: str | Path | None = None,
-        descriptors: bool = True,
+        fields: Mapping[str, int],
         anchors: int = 0,
         window: int = 20,
+        occupations: Sequence[str] = (),
+        genres: torch.Tensor | None = None,
+        popularity: torch.Tensor | None = None,
     ) -> None:
-        if ds.timestamps is None and descriptors:
-            raise ValueError(f"{ds.name}: descriptors need timestamps")
-        self.ds, self.split = ds, split
-        self.anchors, self.window = anchors, window
-        self.fields: dict[str, int] = dict(TIME_FIELDS) if descriptors else {}
-        self.user_rows: dict[int, list[int]] = {}
-        self.genres: torch.Tensor | None = None  # (N + 1, G) multi-hot
-        data = None
-        if movielens_dir is not None and (Path(movielens_dir) / "u.user").exists():
-            from pipelines.data import load_movielens
-
-            data = load_movielens(movielens_dir)
-        if descriptors and data is not None:
-            self.fields.update(USER_FIELDS)
-            occupations = {o: i + 1 for i, o in enumerate(sorted(set(data.users["occupation"])))}
-            to_contiguous = ds.user_id_map
-            for row in data.users.itertuples():
-                u = to_contiguous.get(int(row.user_id))
-                if u is None:
-                    continue
-                age = 1 + sum(int(row.age) >= e for e in AGE_EDGES)
-                gender = {"M": 1, "F": 2}.get(str(row.gender), 0)
-                occ = min(occupations.get(row.occupation, 0), USER_FIELDS["occupation"] - 1)
-                self.user_rows[u] = [age, gender, occ]
-        if anchors:
-            if data is None:
-                raise ValueError(f"{ds.name}: preference anchors need genres (MovieLens u.item)")
-            from pipelines.pretrain import genre_features
-
-            self.genres = genre_features(ds, Path(movielens_dir), data)
-            counts = Counter(i for seq in split.train for i in seq)
-            pop = torch.zeros(ds.num_items + 1)
-            for item, c in counts.items():
-                pop[item] = c
-            # Per genre, items by training popularity (enough to skip a window's worth);
-            # items never seen in training are nobody's popular item.
-            depth = anchors + window
-            self.by_genre = []
-            for g in self.genres.T:
-                score = torch.where((g > 0) & (pop > 0), pop, torch.full_like(pop, -1.0))
-                order = torch.argsort(score, descending=True, stable=True)[:depth]
-                self.by_genre.append([int(i) for i in order if score[i] > 0])
+        unknown = set(fields) - set(TIME_FIELDS) - set(USER_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown context field(s): {', '.join(sorted(unknown))}")
+        self.fields = dict(fields)
+        self.anchors, self.window = int(anchors), int(window)
+        self.occupations = list(occupations)
+        self._occupation = {o: i + 1 for i, o in enumerate(self.occupations)}
+        self.genres = genres
+        self.by_genre: list[list[int]] = []
+        self.popularity = popularity
+        if self.anchors:
+            if genres is None or popularity is None:
+                raise ValueError("preference anchors need item genres and popularity")
+            self.set_popularity(popularity)
 
     @property
     def width(self) -> int:
         return len(self.fields) + self.anchors
 
-    def model_options(self) -> dict:
-        return {"context_fields": dict(self.fields), "anchors": self.anchors}
+    def set_popularity(self, popularity: torch.Tensor) -> None:
+        """Re-rank each genre's items by ``popularity`` (N + 1,); items never counted are
+        nobody's popular item."""
+        assert self.genres is not None
+        pop = torch.as_tensor(popularity, dtype=torch.float64)
+        if pop.shape != (self.genres.shape[0],):
+            raise ValueError(f"popularity has shape {tuple(pop.shape)}, genres {self.genres.shape}")
+        depth = self.anchors + self.window  # enough to skip a window's worth
+        by_genre = []
+        for g in self.genres.T:
+            score = torch.where((g > 0) & (pop > 0), pop, torch.full_like(pop, -1.0))
+            order = torch.argsort(score, descending=True, stable=True)[:depth]
+            by_genre.append([int(i) for i in order if score[i] > 0])
+        # Whole lists swapped in: a request reading them meanwhile sees old or new.
+        self.popularity, self.by_genre = pop, by_genre
 
-    def row(self, user: int, history: Sequence[int], request_time: int | None) -> list[int]:
-        out: list[int] = []
+    def user_row(self, profile: Mapping[str, Any] | None) -> list[int]:
+        """[age group, gender, occupation] of a profile (MovieLens ``u.user`` / Feast
+        ``user_profile``: age in years, "M"/"F", occupation name); 0 where unknown."""
+        profile = profile or {}
+        age = profile.get("age")
+        try:
+            group = 1 + sum(int(age) >= e for e in AGE_EDGES) if age is not None else 0
+        except (TypeError, ValueError):
+            group = 0
+        gender = {"M": 1, "F": 2}.get(str(profile.get("gender")), 0)
+        occ = self._occupation.get(str(profile.get("occupation")), 0)
+        return [group, gender, min(occ, USER_FIELDS["occupation"] - 1)]
+
+    def row(
+        self,
+        history: Sequence[int],
+        request_time: float | None,
+        profile: Mapping[str, Any] | Sequence[int] | None = None,
+    ) -> list[int]:
+        """The row of a session requested at ``request_time`` (Unix seconds, None:
+        unknown) after ``history``; ``profile`` as ``user_row`` takes it, or that row.
+        Descriptors come in the order of ``fields`` (the model's), then the anchors."""
+        values: dict[str, int] = {}
         if "hour" in self.fields:
             known = request_time is not None
-            out += [_hour_bucket(request_time), _weekday(request_time)] if known else [0, 0]
+            values["hour"] = _hour_bucket(request_time) if known else 0
+            values["weekday"] = _weekday(request_time) if known else 0
         if "age" in self.fields:
-            out += self.user_rows.get(user, [0, 0, 0])
+            user = list(profile) if isinstance(profile, Sequence) else self.user_row(profile)
+            values.update(zip(USER_FIELDS, user, strict=True))
+        out = [values[name] for name in self.fields]
         if self.anchors:
             out += self._anchors(history)
         return out
 
     def _anchors(self, history: Sequence[int]) -> list[int]:
         assert self.genres is not None
-        recent = list(history)[-self.window :]
+        recent = [int(i) for i in list(history)[-self.window :] if 0 < int(i) < len(self.genres)]
         if not recent:
             return [0] * self.anchors
         votes = self.genres[torch.as_tensor(recent)].sum(dim=0)
@@ -126,6 +142,122 @@ class OfflineContext:
         seen = set(recent)
         picked = [i for i in self.by_genre[genre] if i not in seen][: self.anchors]
         return picked + [0] * (self.anchors - len(picked))
+
+    # ------------------------------------------------------------------ on disk
+    def spec(self) -> dict[str, Any]:
+        """JSON form (a checkpoint's ``context``): fields, anchors, window, the
+        occupation vocabulary, and for anchors each item's genres and popularity."""
+        out: dict[str, Any] = {
+            "version": SPEC_VERSION,
+            "fields": dict(self.fields),
+            "anchors": self.anchors,
+            "window": self.window,
+            "occupations": list(self.occupations),
+        }
+        if self.anchors:
+            assert self.genres is not None and self.popularity is not None
+            out["genres"] = self.genres.shape[1]
+            out["item_genres"] = [torch.nonzero(g).flatten().tolist() for g in self.genres]
+            out["popularity"] = [float(p) for p in self.popularity]
+        return out
+
+    @classmethod
+    def from_spec(
+        cls, spec: Mapping[str, Any], model_fields: Mapping[str, int] | None = None
+    ) -> ContextBuilder:
+        """The builder ``spec`` describes. ``model_fields``: the ``context_fields`` of the
+        model it feeds, whose order it then follows (JSON need not keep key order); they
+        must name the same fields with the same sizes."""
+        fields = dict(spec["fields"])
+        if model_fields is not None:
+            if dict(model_fields) != fields:
+                raise ValueError(
+                    f"the context spec's fields {fields} are not the model's {dict(model_fields)}"
+                )
+            fields = dict(model_fields)
+        if spec.get("version") != SPEC_VERSION:
+            raise ValueError(f"context spec version {spec.get('version')!r}, not {SPEC_VERSION}")
+        genres = popularity = None
+        if spec.get("anchors"):
+            item_genres = spec["item_genres"]
+            genres = torch.zeros(len(item_genres), int(spec["genres"]))
+            for i, gs in enumerate(item_genres):
+                genres[i, gs] = 1.0
+            popularity = torch.tensor(spec["popularity"], dtype=torch.float64)
+        return cls(
+            fields,
+            anchors=int(spec.get("anchors", 0)),
+            window=int(spec.get("window", 20)),
+            occupations=spec.get("occupations", ()),
+            genres=genres,
+            popularity=popularity,
+        )
+
+
+class OfflineContext:
+    """Context rows for the sessions of a leave-one-out split of ``ds``. ``source``: the
+    MovieLens folder ``ds`` came from, or its ``InteractionData`` (users, item genres)."""
+
+    def __init__(
+        self,
+        ds: SequenceDataset,
+        split: Split,
+        source: Any = None,
+        descriptors: bool = True,
+        anchors: int = 0,
+        window: int = 20,
+    ) -> None:
+        if ds.timestamps is None and descriptors:
+            raise ValueError(f"{ds.name}: descriptors need timestamps")
+        self.ds, self.split = ds, split
+        data = source
+        if isinstance(source, (str, Path)):
+            data = None
+            if (Path(source) / "u.user").exists():
+                from pipelines.data import load_movielens
+
+                data = load_movielens(source)
+        fields: dict[str, int] = dict(TIME_FIELDS) if descriptors else {}
+        occupations: list[str] = []
+        if descriptors and data is not None:
+            fields.update(USER_FIELDS)
+            occupations = sorted({str(o) for o in data.users["occupation"]})
+        genres = popularity = None
+        if anchors:
+            if data is None:
+                raise ValueError(f"{ds.name}: preference anchors need genres (MovieLens u.item)")
+            from pipelines.pretrain import genre_features
+
+            genres = genre_features(ds, Path(), data)
+            counts = Counter(i for seq in split.train for i in seq)
+            popularity = torch.zeros(ds.num_items + 1, dtype=torch.float64)
+            for item, c in counts.items():
+                popularity[item] = c
+        self.builder = ContextBuilder(fields, anchors, window, occupations, genres, popularity)
+        self.user_rows: dict[int, list[int]] = {}
+        if "age" in fields:
+            for row in data.users.itertuples():
+                u = ds.user_id_map.get(int(row.user_id))
+                if u is not None:
+                    self.user_rows[u] = self.builder.user_row(row._asdict())
+
+    @property
+    def fields(self) -> dict[str, int]:
+        return self.builder.fields
+
+    @property
+    def anchors(self) -> int:
+        return self.builder.anchors
+
+    @property
+    def width(self) -> int:
+        return self.builder.width
+
+    def model_options(self) -> dict:
+        return {"context_fields": dict(self.fields), "anchors": self.anchors}
+
+    def row(self, user: int, history: Sequence[int], request_time: int | None) -> list[int]:
+        return self.builder.row(history, request_time, self.user_rows.get(user, [0, 0, 0]))
 
     # ------------------------------------------------------------------ per split part
     def _time(self, user: int, position: int) -> int | None:

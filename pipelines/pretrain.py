@@ -163,6 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         "serve by cascade)",
     )
     parser.add_argument("--bce-weight", type=float, help="weight of its BCE calibration term")
+    parser.add_argument(
+        "--descriptors",
+        action="store_true",
+        help="context engineering: the request's hour and weekday, and the user's age, "
+        "gender and occupation when the data has them, as encoder input",
+    )
+    parser.add_argument(
+        "--anchors",
+        type=int,
+        default=0,
+        help="context engineering: this many preference anchors (popular items of the "
+        "user's favourite recent genre; needs genres)",
+    )
     parser.add_argument("--codebook-size", type=int, help="K, codes per SID level (default 16)")
     parser.add_argument("--session-len", type=int)
     parser.add_argument("--seed", type=int, default=0)
@@ -190,6 +203,30 @@ def main(argv: list[str] | None = None) -> int:
         }.items()
         if v is not None
     }
+    started = time.monotonic()
+    if args.data == "synthetic":
+        from pipelines.data import synthetic
+
+        data = synthetic(seed=args.seed)
+        ds = from_interaction_data(data)
+        content = None  # the seed's tokenizer on generated data goes without genres
+    else:
+        ds = load_dataset(args.data)
+        is_dir = Path(args.data).is_dir()
+        data = args.data if is_dir else None
+        content = genre_features(ds, Path(args.data)) if is_dir else None
+    split = leave_one_out(ds)
+    _log(f"data: {ds.name}: {len(split.users)} users, {ds.num_items} items")
+    context = None
+    if args.descriptors or args.anchors:
+        from pipelines.context import OfflineContext
+
+        context = OfflineContext(
+            ds, split, data, descriptors=args.descriptors, anchors=args.anchors
+        )
+        overrides.update(context.model_options())
+        _log(f"context: {', '.join(context.fields) or 'no descriptors'}; {args.anchors} anchors")
+
     cfg = default_config(args.quick, **overrides)
     cfg = replace(
         cfg,
@@ -198,20 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs if args.epochs else cfg.epochs,
         max_minutes=args.max_minutes,
     )
-
-    started = time.monotonic()
-    if args.data == "synthetic":
-        from pipelines.data import synthetic
-
-        ds = from_interaction_data(synthetic(seed=args.seed))
-        content = None
-    else:
-        ds = load_dataset(args.data)
-        content = genre_features(ds, Path(args.data)) if Path(args.data).is_dir() else None
-    split = leave_one_out(ds)
-    _log(f"data: {ds.name}: {len(split.users)} users, {ds.num_items} items")
-    ranker, tokenizer, history, info = fit_onerec(split, cfg, content)
-    test = evaluate_full(ranker, split.test_histories, split.test_targets)
+    ranker, tokenizer, history, info = fit_onerec(split, cfg, content, context=context)
+    test_contexts = None if context is None else context.rows("test")
+    test = evaluate_full(ranker, split.test_histories, split.test_targets, contexts=test_contexts)
     elapsed = time.monotonic() - started
 
     out = (
@@ -229,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": {"test_full": test, **info},
         "wall_s": elapsed,
     }
+    if context is not None:  # what serving needs to build the rows the model learned on
+        meta["context"] = context.builder.spec()
     save_checkpoint(out, ranker.model, tokenizer, meta)
     summary = {
         "checkpoint": str(out),

@@ -166,6 +166,9 @@ class ServeConfig:
     max_ongoing_requests: int = 64
     max_body_bytes: int = 8192
     feature_timeout_s: float = 0.5
+    # A context-trained model's preference anchors rank items by popularity: the
+    # checkpoint's training counts plus Feast item_stats clicks, re-read this often.
+    anchor_refresh_s: float = 30.0
     impression_buffer: int = 10_000  # events waiting for Kafka; beyond it they are dropped
     dpo_fraction: float = 0.01  # share of requests mirrored to the DPO sampler
     dpo_actor: str = "dpo_sampler"

@@ -117,10 +117,19 @@ class LoadedModel:
     to_data: list[int]  # model item id -> data item id (index 0 unused)
     session_len: int
     loaded_at: float
+    # A model trained with context engineering: builds each request's context row (its
+    # time, the user's Feast profile, anchors from the history) as in training.
+    context: Any = None  # pipelines.context.ContextBuilder
+    base_popularity: torch.Tensor | None = None  # the checkpoint's, by model item id
 
     @classmethod
     def load(cls, path: str, version: str, scoring: str = "beam") -> "LoadedModel | BaselineModel":
-        from pipelines.checkpoint import BASELINE_FORMAT, checkpoint_format, load_checkpoint
+        from pipelines.checkpoint import (
+            BASELINE_FORMAT,
+            checkpoint_format,
+            context_builder,
+            load_checkpoint,
+        )
         from pipelines.train_onerec import OneRecRanker, code_table
 
         if checkpoint_format(path) == BASELINE_FORMAT:
@@ -138,7 +147,33 @@ class LoadedModel:
             )
         to_data = [0, *[int(i) for i in data_ids]]
         to_model = {d: m for m, d in enumerate(to_data) if m > 0}
-        return cls(version, ranker, to_model, to_data, ck.model.cfg.session_len, time.time())
+        loaded = cls(version, ranker, to_model, to_data, ck.model.cfg.session_len, time.time())
+        if ck.model.cfg.context_width:
+            loaded.context = context_builder(ck)
+            loaded.base_popularity = loaded.context.popularity
+        return loaded
+
+    def update_popularity(self, clicks: dict[int, int]) -> int:
+        """Anchor popularity = the checkpoint's counts + ``clicks`` (data item id ->
+        clicks, from Feast); returns how many catalogue items had clicks."""
+        if self.context is None or not self.context.anchors:
+            return 0
+        pop = self.base_popularity.clone()
+        known = [(self.to_model[i], c) for i, c in clicks.items() if i in self.to_model and c > 0]
+        for m, c in known:
+            pop[m] += c
+        self.context.set_popularity(pop)
+        return len(known)
+
+    def contexts(self, requests: list[dict], histories: list[list[int]]) -> list[list[int]] | None:
+        """Each request's context row, for a model that takes one: the request's time
+        (``request_time_s``), the user's profile and the history (model ids)."""
+        if self.context is None:
+            return None
+        return [
+            self.context.row(h, r.get("request_time_s"), r.get("profile"))
+            for h, r in zip(histories, requests, strict=True)
+        ]
 
     @torch.no_grad()
     def generate(
@@ -148,7 +183,7 @@ class LoadedModel:
             [self.to_model[i] for i in r["history"] if i in self.to_model] for r in requests
         ]
         exclude = [h if r["exclude_seen"] else [] for h, r in zip(histories, requests, strict=True)]
-        enc = self.ranker.encode(histories)
+        enc = self.ranker.encode(histories, self.contexts(requests, histories))
         beams = beam_search(self.ranker.model, enc, self.ranker.trie, beam_width, exclude=exclude)
         scoring = scoring or {}
         if scoring.get("scoring") == "cascade":  # every beam's items, re-ranked
@@ -246,6 +281,11 @@ class Recommender:
         self.swaps = 0
         self.batches = 0
         self.batched_requests = 0
+        # Anchor popularity of a context-trained model: Feast's clicks, re-read off the
+        # request path every serve.anchor_refresh_s.
+        self._store: Any = None
+        self._anchor_task: asyncio.Task | None = None
+        self.anchors: dict[str, Any] = {"items_clicked": 0, "refreshed_at": None, "error": None}
         self._generate.set_max_batch_size(self.cfg.serve.max_batch_size)
         self._generate.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_ms / 1000)
         try:
@@ -264,14 +304,49 @@ class Recommender:
             log.error("arm %s: keeping %s, cannot load %s", self.arm, self.version(), exc)
             if self.model is None:  # a new replica has nothing to keep: the last good one
                 await asyncio.to_thread(self._fall_back, version)
+                self._keep_anchors_fresh()
             return
         self.model = loaded  # one reference assignment: atomic for requests
         self.load_error = None
         self.swaps += 1
+        self._keep_anchors_fresh()
+
+    def _keep_anchors_fresh(self) -> None:
+        if self._anchor_task is None and _has_anchors(self.model):
+            self._anchor_task = asyncio.get_running_loop().create_task(self._refresh_anchors())
 
     def _load(self, version: str) -> LoadedModel:
         path = self.registry.fetch(self.lineage, version)
-        return LoadedModel.load(str(path), version, self.scoring.get("scoring", "beam"))
+        loaded = LoadedModel.load(str(path), version, self.scoring.get("scoring", "beam"))
+        if _has_anchors(loaded):  # swapped in with live popularity, not last training's
+            self._read_popularity(loaded)
+        return loaded
+
+    def _read_popularity(self, model: LoadedModel) -> None:
+        """Add Feast's item clicks to ``model``'s anchor popularity; a store that cannot
+        be read leaves it as it was (the checkpoint's counts at first) and is reported."""
+        from serving.features import item_clicks
+
+        try:
+            if self._store is None:
+                from features.store import open_store
+
+                self._store = open_store(self.cfg)
+            clicked = model.update_popularity(item_clicks(self._store, model.to_data[1:]))
+        except Exception as exc:
+            self.anchors["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            return
+        self.anchors.update(
+            {"items_clicked": clicked, "refreshed_at": time.time(), "version": model.version}
+        )
+        self.anchors["error"] = None
+
+    async def _refresh_anchors(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.serve.anchor_refresh_s)
+            model = self.model
+            if _has_anchors(model):
+                await asyncio.to_thread(self._read_popularity, model)
 
     def _fall_back(self, failed: str) -> None:
         """A replica started (restarted, scaled up) after its version went bad: serve the
@@ -322,7 +397,23 @@ class Recommender:
             "swaps": self.swaps,
             "batches": self.batches,
             "mean_batch": self.batched_requests / self.batches if self.batches else 0.0,
+            "context": self._context_info(),
         }
+
+    def _context_info(self) -> dict | None:
+        """What a context-trained model reads per request (None: no context)."""
+        ctx = getattr(self.model, "context", None)
+        if ctx is None:
+            return None
+        out: dict[str, Any] = {"fields": list(ctx.fields), "anchors": ctx.anchors}
+        if ctx.anchors:
+            out["popularity"] = dict(self.anchors)
+        return out
+
+
+def _has_anchors(model: Any) -> bool:
+    ctx = getattr(model, "context", None)
+    return ctx is not None and ctx.anchors > 0
 
 
 # --------------------------------------------------------------------------- DPO mirror
@@ -440,9 +531,11 @@ class Router:
         request_id = uuid.uuid4().hex
         arm = self.experiment.assign(body.user_id)
         feats = await self.features.user(body.user_id)
+        event_ms = body.event_time_ms if body.event_time_ms is not None else int(time.time() * 1000)
         req = {
             "history": feats.history,
-            "profile": feats.profile,  # used by models trained with user features
+            "profile": feats.profile,  # descriptors of a context-trained model
+            "request_time_s": event_ms / 1000,  # its hour and weekday
             "session_size": body.session_size,
             "exclude_seen": body.exclude_seen,
         }
@@ -456,7 +549,6 @@ class Router:
             raise HTTPException(503, result["error"])
         items = [ServedItem(**i) for i in result["items"]]
         version = result["model_version"]
-        event_ms = body.event_time_ms if body.event_time_ms is not None else int(time.time() * 1000)
         if items:
             self.impressions.offer(
                 Impression(

@@ -24,6 +24,7 @@ from typing import Any
 from recloop.config import StackConfig
 
 HISTORY_FEATURE = "user_history:item_ids"
+CLICKS_FEATURE = "item_stats:clicks"
 PROFILE_FEATURES = ("user_profile:age", "user_profile:gender", "user_profile:occupation")
 
 
@@ -96,3 +97,14 @@ class FeatureClient:
 
     def stats(self) -> dict[str, Any]:
         return {**self.counts, "last_error": self.last_error}
+
+
+def item_clicks(store: Any, item_ids: list[int]) -> dict[int, int]:
+    """Clicks per item from Feast's ``item_stats`` (items it has none for are left out):
+    the live part of a context model's anchor popularity."""
+    out = store.get_online_features(
+        features=[CLICKS_FEATURE], entity_rows=[{"item_id": int(i)} for i in item_ids]
+    ).to_dict()
+    return {
+        int(i): int(c) for i, c in zip(out["item_id"], out["clicks"], strict=True) if c is not None
+    }

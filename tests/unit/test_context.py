@@ -123,3 +123,101 @@ def test_each_prefix_reads_its_own_context():
     ):
         ref = model.encode(codes[alone], alone > 0, history_items=alone, context=ctx[:, c])
         assert torch.allclose(got[:, c], ref.summary, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- serving
+@pytest.fixture(scope="module")
+def context_checkpoint(tmp_path_factory):
+    """A quick seed checkpoint on generated data trained with descriptors and 3 anchors."""
+    from tests.conftest import quick_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt-ctx") / "seed"
+    return quick_checkpoint(out, 0, "--descriptors", "--anchors", "3")
+
+
+def _offline(seed: int = 0):
+    from pipelines.data import synthetic
+    from pipelines.datasets import from_interaction_data
+
+    data = synthetic(seed=seed)
+    ds = from_interaction_data(data)
+    split = leave_one_out(ds)
+    return data, ds, split, OfflineContext(ds, split, data, descriptors=True, anchors=3)
+
+
+def test_serving_builds_the_context_rows_the_model_was_trained_on(context_checkpoint):
+    """Through the checkpoint (JSON sorts its keys, so the field order is the model's
+    own after loading), a request with the user's Feast profile and the session's time
+    gets exactly the offline row, columns in the order the loaded model reads them."""
+    from serving.app import LoadedModel
+
+    data, ds, split, offline = _offline()
+    loaded = LoadedModel.load(str(context_checkpoint), "v1")
+    ctx = loaded.context
+    assert ctx is not None and ctx.anchors == 3
+    model_fields = list(loaded.ranker.model.cfg.context_fields)
+    assert list(ctx.fields) == model_fields != list(offline.fields)  # reordered on disk
+    profiles = {int(r.user_id): r._asdict() for r in data.users.itertuples()}
+    raw_user = {u: raw for raw, u in ds.user_id_map.items()}
+    order = [list(offline.fields).index(f) for f in model_fields]
+    for i, (user, want) in enumerate(zip(split.users, offline.rows("test"), strict=True)):
+        hist = split.test_histories[i]
+        when = ds.timestamps[user][len(hist)]
+        profile = {k: profiles[raw_user[user]][k] for k in ("age", "gender", "occupation")}
+        got = ctx.row(hist, when, profile)
+        assert got == [want[j] for j in order] + want[len(order) :]
+    # generate() feeds the rows: another time and profile give another encoder state.
+    hist = [loaded.to_data[i] for i in split.test_histories[0]]
+    reqs = [
+        {"history": hist, "exclude_seen": True, "request_time_s": 1.7e9, "profile": profiles[1]},
+        {"history": hist, "exclude_seen": True, "request_time_s": 1.7e9 + 12 * 3600},
+    ]
+    model_hist = [[loaded.to_model[i] for i in hist]] * 2
+    rows = loaded.contexts(reqs, model_hist)
+    assert rows[0] != rows[1]
+    enc = loaded.ranker.encode(model_hist, rows)
+    assert not torch.allclose(enc.summary[0], enc.summary[1])
+    for out in loaded.generate(reqs, beam_width=8):
+        ids = [i["item_id"] for i in out["items"]]
+        assert len(ids) == 5 == len(set(ids)) and not set(ids) & set(hist)
+
+
+def test_live_clicks_move_an_item_into_its_genres_anchors(context_checkpoint):
+    from serving.app import LoadedModel
+
+    loaded = LoadedModel.load(str(context_checkpoint), "v1")
+    ctx = loaded.context
+    genre = 0
+    members = [i for i in range(1, len(ctx.genres)) if ctx.genres[i, genre] > 0]
+    history = members[:2]  # a history of the genre's items votes for it
+    before = ctx.row(history, None, None)[-3:]
+    cold = next(i for i in reversed(members) if i not in before and i not in history)
+    clicked = loaded.update_popularity({loaded.to_data[cold]: 10**6, 10**9: 5})  # + unknown id
+    assert clicked == 1
+    assert ctx.row(history, None, None)[-3:][0] == cold
+    assert loaded.update_popularity({}) == 0  # clicks replace, never accumulate
+    assert ctx.row(history, None, None)[-3:] == before
+
+
+def test_a_context_checkpoint_without_its_spec_is_never_served(context_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from pipelines.checkpoint import CheckpointError, validate_checkpoint
+    from serving.app import LoadedModel
+
+    bad = tmp_path / "no-spec"
+    shutil.copytree(context_checkpoint, bad)
+    conf = json.loads((bad / "config.json").read_text())
+    del conf["context"]
+    (bad / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError, match="no context spec"):
+        validate_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="no context spec"):
+        LoadedModel.load(str(bad), "v1")
+    conf["context"] = {**json.loads((context_checkpoint / "config.json").read_text())["context"]}
+    conf["context"]["fields"] = {"hour": 7}
+    (bad / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError, match="not the model's"):
+        validate_checkpoint(bad)
+    validate_checkpoint(context_checkpoint)
