@@ -228,8 +228,18 @@ class PreferenceMiner:
             histories = [
                 [policy.to_model[i] for i in p["history"] if i in policy.to_model] for _, p in reqs
             ]
+            # A context-trained policy proposes on the context the request was served on.
+            served_on = [
+                {
+                    "request_time_s": None
+                    if p.get("event_time_ms") is None
+                    else p["event_time_ms"] / 1000,
+                    "profile": p.get("profile"),
+                }
+                for _, p in reqs
+            ]
             with torch.no_grad():
-                enc = policy.ranker.encode(histories)
+                enc = policy.ranker.encode(histories, policy.contexts(served_on, histories))
                 width = max(self.cfg.dpo.beam_width, n)
                 beams = beam_search(
                     policy.ranker.model, enc, policy.ranker.trie, width, exclude=histories

@@ -194,6 +194,19 @@ class ContextBuilder:
         )
 
 
+def live_popularity(
+    base: torch.Tensor, to_model: Mapping[int, int], clicks: Mapping[int, int]
+) -> tuple[torch.Tensor, int]:
+    """Anchor popularity online: ``base`` (N + 1,) (the checkpoint's training counts,
+    by model item id) plus ``clicks`` (data item id -> clicks so far, Feast
+    ``item_stats``); and how many catalogue items had clicks."""
+    pop = torch.as_tensor(base, dtype=torch.float64).clone()
+    known = [(to_model[i], c) for i, c in clicks.items() if i in to_model and c > 0]
+    for m, c in known:
+        pop[m] += c
+    return pop, len(known)
+
+
 class OfflineContext:
     """Context rows for the sessions of a leave-one-out split of ``ds``. ``source``: the
     MovieLens folder ``ds`` came from, or its ``InteractionData`` (users, item genres)."""

@@ -277,6 +277,7 @@ class SessionExamples:
     event_time_ms: torch.Tensor  # (N,)
     holdout: torch.Tensor  # (N,) bool: the newest, for the gate only
     served: torch.Tensor | None = None  # (N, M) every served item by position (the gate)
+    context: torch.Tensor | None = None  # (N, W) context rows, for a model that takes them
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -299,6 +300,8 @@ class SessionExamples:
             }
             if served is not None:
                 ex["served"] = [to_data[i] for i in served[j].tolist() if i > 0]
+            if self.context is not None:
+                ex["context"] = self.context[self.holdout][j].tolist()
             out.append(ex)
         return out
 
@@ -313,6 +316,8 @@ class SessionExamples:
         }
         if self.served is not None:
             tensors["served"] = self.served.contiguous()
+        if self.context is not None:
+            tensors["context"] = self.context.contiguous()
         write_with(path, lambda tmp: save_file(tensors, tmp))
         write_atomic(path.with_suffix(".json"), json.dumps(_plain(meta), indent=1).encode())
 
@@ -322,7 +327,12 @@ class SessionExamples:
 
         t = load_file(str(path))
         return cls(
-            t["histories"], t["targets"], t["event_time_ms"], t["holdout"].bool(), t.get("served")
+            t["histories"],
+            t["targets"],
+            t["event_time_ms"],
+            t["holdout"].bool(),
+            t.get("served"),
+            t.get("context"),
         )
 
 
@@ -332,19 +342,23 @@ def build_examples(
     max_history: int,
     session_len: int,
     holdout_fraction: float,
+    context: Callable[[dict, list[int]], list[int]] | None = None,
 ) -> SessionExamples:
     """One example per session with a known clicked item (see the module docstring);
     the newest ``holdout_fraction`` of them (at least one when there are two or more)
-    are held out."""
+    are held out. ``context(session row, history in model ids)``: the session's context
+    row, for a model that takes one."""
     to_model = {int(d): m for m, d in enumerate(item_ids, start=1)}
     rows = sorted(sessions, key=lambda r: (int(r["event_time_ms"]), str(r.get("event_id") or "")))
-    hist, tgt, times, served = [], [], [], []
+    hist, tgt, times, served, ctx = [], [], [], [], []
     for r in rows:
         items, clicked = r.get("items") or [], r.get("clicked") or []
         t = [to_model[i] for i, c in zip(items, clicked, strict=False) if c and i in to_model]
         if not t:
             continue
         hist.append([to_model[i] for i in (r.get("history") or []) if i in to_model])
+        if context is not None:
+            ctx.append(context(r, hist[-1]))
         tgt.append(t[:session_len] + [0] * (session_len - len(t[:session_len])))
         s = [to_model[i] for i in items if i in to_model][:session_len]
         served.append(s + [0] * (session_len - len(s)))
@@ -364,6 +378,7 @@ def build_examples(
         torch.tensor(times, dtype=torch.long),
         holdout,
         torch.tensor(served, dtype=torch.long).view(n, session_len),
+        torch.tensor(ctx, dtype=torch.long).view(n, -1) if context is not None else None,
     )
 
 
@@ -529,6 +544,7 @@ def train_worker(conf: dict[str, Any], io: WorkerIO) -> None:
     model, codes = ck.model, code_table(ck.tokenizer, ck.tokenizer.num_items)
     loaded_s = time.monotonic() - entered
     hist, tgt = conf["histories"].long(), conf["targets"].long()
+    ctx = conf.get("contexts")  # (N, W) for a model that takes a context
     n, epochs, round_no, seed = len(tgt), int(conf["epochs"]), int(conf["round"]), int(conf["seed"])
     opt = torch.optim.AdamW(
         model.parameters(), lr=float(conf["lr"]), weight_decay=float(conf["weight_decay"])
@@ -661,6 +677,8 @@ def train_worker(conf: dict[str, Any], io: WorkerIO) -> None:
                 "history_items": h,
                 "target_items": t,
             }
+            if ctx is not None:
+                ntp["context"] = ctx[idx].long()
             plo, phi = step * n_pairs // len(schedule), (step + 1) * n_pairs // len(schedule)
             pidx = pair_perm[plo:phi][rank::world]
             batch_pairs = _pair_batch(pairs, pidx, codes) if len(pidx) else None
@@ -809,10 +827,12 @@ def worker_conf(
     base_version: str,
     histories: torch.Tensor,
     targets: torch.Tensor,
+    contexts: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """``train_worker``'s config: the round's plan (seed, epochs, batch size, lr,
-    checkpoint cadence), where its base comes from, and its training examples."""
-    return {
+    checkpoint cadence), where its base comes from, and its training examples (with
+    their context rows for a model that takes them)."""
+    conf = {
         "round": round_no,
         "seed": plan["seed"],
         "epochs": int(plan["epochs"]),
@@ -828,6 +848,9 @@ def worker_conf(
         "targets": targets,
         "fault": None,
     }
+    if contexts is not None:
+        conf["contexts"] = contexts
+    return conf
 
 
 # --------------------------------------------------------------------------- promotion
@@ -919,6 +942,40 @@ def _fault_from_env() -> dict | None:
     return {"action": action, "after_step": int(step or 1)}
 
 
+def round_context(
+    cfg: StackConfig, base: Any, sessions: Sequence[dict], progress: Progress
+) -> Callable[[dict, list[int]], list[int]]:
+    """Context rows for a round of a context-trained model, built as serving builds them
+    (``serving.app.LoadedModel.contexts``): each session's event time, its user's Feast
+    profile, anchors by the base's popularity plus Feast's item clicks now. A store that
+    cannot be read leaves profiles unknown and popularity the base's, and says so."""
+    from pipelines.checkpoint import context_builder
+    from pipelines.context import live_popularity
+    from serving.features import item_clicks, user_profiles
+
+    builder = context_builder(base)
+    profiles: dict[int, dict] = {}
+    item_ids = base.meta.get("item_ids") or list(range(1, base.tokenizer.num_items + 1))
+    try:
+        from features.store import open_store
+
+        store = open_store(cfg)
+        if "age" in builder.fields:
+            profiles = user_profiles(store, sorted({int(r["user_id"]) for r in sessions}))
+        if builder.anchors:
+            to_model = {int(d): m for m, d in enumerate(item_ids, start=1)}
+            pop, _ = live_popularity(builder.popularity, to_model, item_clicks(store, item_ids))
+            builder.set_popularity(pop)
+    except Exception as exc:
+        progress(f"context: Feast unreadable ({type(exc).__name__}: {exc}); profiles unknown")
+
+    def row(session: dict, history: list[int]) -> list[int]:
+        when = int(session["event_time_ms"]) / 1000
+        return builder.row(history, when, profiles.get(int(session["user_id"])))
+
+    return row
+
+
 def run_round(
     cfg: StackConfig,
     progress: Progress = print,
@@ -970,7 +1027,10 @@ def _run_round(
         base = load_checkpoint(base_dir)
         item_ids = base.meta.get("item_ids") or list(range(1, base.tokenizer.num_items + 1))
         mc = base.model.cfg
-        ex = build_examples(hq, item_ids, mc.max_history, mc.session_len, tc.holdout_fraction)
+        context = round_context(cfg, base, hq, progress) if mc.context_width else None
+        ex = build_examples(
+            hq, item_ids, mc.max_history, mc.session_len, tc.holdout_fraction, context
+        )
         n_train = int((~ex.holdout).sum())
         info = {
             "sessions": len(rows),
@@ -1091,8 +1151,9 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             from recloop.ray_head import connect
 
             connect(cfg)
+        c_train = None if ex.context is None else ex.context[~ex.holdout]
         conf = worker_conf(
-            cfg, ip["round"], plan, ip["lineage"], ip["base_version"], h_train, t_train
+            cfg, ip["round"], plan, ip["lineage"], ip["base_version"], h_train, t_train, c_train
         )
         conf["fault"] = _fault_from_env()
         pairs = _round_pairs(cfg, ip)
@@ -1148,6 +1209,8 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             "history": st["epochs"],
             "attempts": st["attempts"],
         }
+        if base.meta.get("context"):  # the same rows are built for it in serving
+            meta["context"] = base.meta["context"]
         save_checkpoint(cand_dir, model, base.tokenizer, _plain(meta))
         ip["training"] = {
             "epochs": st["epochs"],

@@ -80,11 +80,14 @@ def holdout_metrics(
     clicked-vs-skipped pair AUC among its served items (see the module docstring);
     ``per_session`` / ``per_session_auc`` receive each session's value. Raises
     ValueError on NaN scores."""
-    hist, targets, skipped = [], [], []
+    hist, targets, skipped, contexts = [], [], [], []
+    takes_context = getattr(model, "context", None) is not None
     for ex in holdout:
         t = [model.to_model[i] for i in ex["items"] if i in model.to_model]
         if not t:
             continue
+        if takes_context:  # the row the round built for the session (as served)
+            contexts.append(ex["context"])
         targets.append(list(dict.fromkeys(t)))  # distinct, in order
         hist.append([model.to_model[i] for i in ex["history"] if i in model.to_model])
         served = [model.to_model[i] for i in ex.get("served", []) if i in model.to_model]
@@ -93,7 +96,8 @@ def holdout_metrics(
     for lo in range(0, len(hist), batch_size):
         h, tg = hist[lo : lo + batch_size], targets[lo : lo + batch_size]
         sk = skipped[lo : lo + batch_size]
-        scores = model.ranker.score(h, None).detach().float()  # (B, N+1)
+        rows = contexts[lo : lo + batch_size] if takes_context else None
+        scores = model.ranker.score(h, None, rows).detach().float()  # (B, N+1)
         if torch.isnan(scores).any():
             raise ValueError("the model gives NaN scores")
         for b, (items, engaged) in enumerate(zip(h, tg, strict=True)):

@@ -156,14 +156,13 @@ class LoadedModel:
     def update_popularity(self, clicks: dict[int, int]) -> int:
         """Anchor popularity = the checkpoint's counts + ``clicks`` (data item id ->
         clicks, from Feast); returns how many catalogue items had clicks."""
+        from pipelines.context import live_popularity
+
         if self.context is None or not self.context.anchors:
             return 0
-        pop = self.base_popularity.clone()
-        known = [(self.to_model[i], c) for i, c in clicks.items() if i in self.to_model and c > 0]
-        for m, c in known:
-            pop[m] += c
+        pop, clicked = live_popularity(self.base_popularity, self.to_model, clicks)
         self.context.set_popularity(pop)
-        return len(known)
+        return clicked
 
     def contexts(self, requests: list[dict], histories: list[list[int]]) -> list[list[int]] | None:
         """Each request's context row, for a model that takes one: the request's time
@@ -570,6 +569,7 @@ class Router:
                 "model_version": version,
                 "event_time_ms": event_ms,
                 "history": feats.history,
+                "profile": feats.profile,
                 "items": [i.item_id for i in items],
             },
         )

@@ -108,3 +108,17 @@ def item_clicks(store: Any, item_ids: list[int]) -> dict[int, int]:
     return {
         int(i): int(c) for i, c in zip(out["item_id"], out["clicks"], strict=True) if c is not None
     }
+
+
+def user_profiles(store: Any, user_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Feast ``user_profile`` rows of ``user_ids`` (users without one are left out)."""
+    out = store.get_online_features(
+        features=list(PROFILE_FEATURES), entity_rows=[{"user_id": int(u)} for u in user_ids]
+    ).to_dict()
+    names = [f.split(":")[1] for f in PROFILE_FEATURES]
+    rows = {}
+    for j, u in enumerate(out["user_id"]):
+        row = {n: out[n][j] for n in names if out[n][j] is not None}
+        if row:
+            rows[int(u)] = row
+    return rows
