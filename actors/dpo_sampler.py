@@ -235,6 +235,7 @@ class PreferenceMiner:
                     if p.get("event_time_ms") is None
                     else p["event_time_ms"] / 1000,
                     "profile": p.get("profile"),
+                    "tags": p.get("tags"),
                 }
                 for _, p in reqs
             ]

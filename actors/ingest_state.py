@@ -93,6 +93,7 @@ class OpenSession:
     record_ts_ms: int
     opened_wall_ms: int
     feedback: dict[int, Feedback] = field(default_factory=dict)  # by position
+    context: dict[str, str] = field(default_factory=dict)  # the request's tags
 
     @property
     def complete(self) -> bool:
@@ -216,6 +217,7 @@ class PartitionState:
             [float(it.score) for it in ordered],
             record_ts_ms,
             wall_ms,
+            context=dict(ev.context),
         )
         self.open[rid] = s
         for fb in self.waiting.pop(rid, []):
@@ -431,7 +433,9 @@ def session_row(c: Closed) -> dict[str, Any]:
     s = c.session
     n = len(s.items)
     fb = [s.feedback.get(p) for p in range(n)]
-    context = next((f.context for f in fb if f is not None and f.context), {})
+    # The request's tags (entry point, device: what a context model reads), then the
+    # feedback's (e.g. the simulation run).
+    context = {**s.context, **next((f.context for f in fb if f is not None and f.context), {})}
     return {
         "event_id": s.event_id,
         "request_id": s.request_id,

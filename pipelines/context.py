@@ -7,6 +7,8 @@ what a live request knows: now). Its context row is
 - **descriptors**: hour of day (6 buckets of 4 h) and day of week of that time, in UTC,
   and, when the data has them (MovieLens ``u.user``, Feast ``user_profile`` online), the
   user's age group, gender and occupation. Index 0 is "unknown" in every field.
+- **request tags** (optional, ``tag:<key>`` fields): the request's ``context[key]`` (entry
+  point, device), hashed into 16 buckets; unknown offline, where the data has none.
 - **anchors**: the ``anchors`` most popular items of the user's favourite genre over the
   last ``window`` items of the history (ties: the genre listed first), leaving out items
   in that window. Offline, popularity counts the training split only (validation and
@@ -21,6 +23,7 @@ very rows the model was trained on.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -35,6 +38,18 @@ from pipelines.evaluation import Split
 TIME_FIELDS = {"hour": 7, "weekday": 8}  # cardinalities incl. 0 = unknown
 USER_FIELDS = {"age": 8, "gender": 3, "occupation": 32}
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # MovieLens-1M's groups: <18, 18-24, ..., 56+
+TAG_PREFIX = "tag:"  # a field "tag:surface" reads the request's context["surface"]
+TAG_BUCKETS = 16  # a tag's values hash into this many buckets (+ 0 = unknown)
+
+
+def tag_bucket(value: str | None, buckets: int) -> int:
+    """A request tag's value -> 1..buckets, the same in every process (0: absent)."""
+    if value is None or value == "":
+        return 0
+    h = int.from_bytes(hashlib.sha256(str(value).encode()).digest()[:8], "big")
+    return 1 + h % buckets
+
+
 SPEC_VERSION = 1
 
 
@@ -60,7 +75,8 @@ class ContextBuilder:
         genres: torch.Tensor | None = None,
         popularity: torch.Tensor | None = None,
     ) -> None:
-        unknown = set(fields) - set(TIME_FIELDS) - set(USER_FIELDS)
+        tags = {f for f in fields if f.startswith(TAG_PREFIX) and len(f) > len(TAG_PREFIX)}
+        unknown = set(fields) - set(TIME_FIELDS) - set(USER_FIELDS) - tags
         if unknown:
             raise ValueError(f"unknown context field(s): {', '.join(sorted(unknown))}")
         self.fields = dict(fields)
@@ -113,11 +129,16 @@ class ContextBuilder:
         history: Sequence[int],
         request_time: float | None,
         profile: Mapping[str, Any] | Sequence[int] | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> list[int]:
         """The row of a session requested at ``request_time`` (Unix seconds, None:
-        unknown) after ``history``; ``profile`` as ``user_row`` takes it, or that row.
-        Descriptors come in the order of ``fields`` (the model's), then the anchors."""
+        unknown) after ``history``; ``profile`` as ``user_row`` takes it, or that row;
+        ``tags``: the request's context (entry point, device, ...). Descriptors come in
+        the order of ``fields`` (the model's), then the anchors."""
         values: dict[str, int] = {}
+        for name, size in self.fields.items():
+            if name.startswith(TAG_PREFIX):
+                values[name] = tag_bucket((tags or {}).get(name[len(TAG_PREFIX) :]), size - 1)
         if "hour" in self.fields:
             known = request_time is not None
             values["hour"] = _hour_bucket(request_time) if known else 0
@@ -219,6 +240,7 @@ class OfflineContext:
         descriptors: bool = True,
         anchors: int = 0,
         window: int = 20,
+        tags: Sequence[str] = (),
     ) -> None:
         if ds.timestamps is None and descriptors:
             raise ValueError(f"{ds.name}: descriptors need timestamps")
@@ -235,6 +257,9 @@ class OfflineContext:
         if descriptors and data is not None:
             fields.update(USER_FIELDS)
             occupations = sorted({str(o) for o in data.users["occupation"]})
+        # Request tags (entry point, device) are unknown offline; served and continuously
+        # trained, the model reads them from the request's context.
+        fields.update({f"{TAG_PREFIX}{t}": TAG_BUCKETS + 1 for t in tags})
         genres = popularity = None
         if anchors:
             if data is None:

@@ -117,6 +117,7 @@ SESSION_COLUMNS = [
     "follows",
     "last_feedback_ms",
     "record_ts_ms",
+    "context",  # the request's tags, for a model that reads them
 ]
 
 
@@ -971,7 +972,12 @@ def round_context(
 
     def row(session: dict, history: list[int]) -> list[int]:
         when = int(session["event_time_ms"]) / 1000
-        return builder.row(history, when, profiles.get(int(session["user_id"])))
+        try:
+            tags = json.loads(session.get("context") or "{}")
+        except ValueError:
+            tags = {}
+        tags = tags if isinstance(tags, dict) else {}
+        return builder.row(history, when, profiles.get(int(session["user_id"])), tags)
 
     return row
 

@@ -176,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         help="context engineering: this many preference anchors (popular items of the "
         "user's favourite recent genre; needs genres)",
     )
+    parser.add_argument(
+        "--context-tags",
+        default="",
+        help="context engineering: request context keys read as descriptors, e.g. "
+        "surface,device (comma-separated; unknown in the offline data)",
+    )
     parser.add_argument("--codebook-size", type=int, help="K, codes per SID level (default 16)")
     parser.add_argument("--session-len", type=int)
     parser.add_argument("--seed", type=int, default=0)
@@ -218,11 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     split = leave_one_out(ds)
     _log(f"data: {ds.name}: {len(split.users)} users, {ds.num_items} items")
     context = None
-    if args.descriptors or args.anchors:
+    tags = [t.strip() for t in args.context_tags.split(",") if t.strip()]
+    if args.descriptors or args.anchors or tags:
         from pipelines.context import OfflineContext
 
         context = OfflineContext(
-            ds, split, data, descriptors=args.descriptors, anchors=args.anchors
+            ds, split, data, descriptors=args.descriptors, anchors=args.anchors, tags=tags
         )
         overrides.update(context.model_options())
         _log(f"context: {', '.join(context.fields) or 'no descriptors'}; {args.anchors} anchors")

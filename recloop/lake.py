@@ -68,7 +68,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("last_feedback_ms", _i64),  # event time of the newest feedback (0: none)
             ("record_ts_ms", _i64),  # newest Kafka timestamp of its records (wall clock)
             ("closed_by", _str),  # complete | window | wait
-            ("context", _str),  # JSON of the feedback's context (e.g. the simulation run)
+            ("context", _str),  # JSON: the request's tags, then the feedback's (the run)
         ]
     ),
     # Feedback that could not be joined: its session closed already (late), or no

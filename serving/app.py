@@ -61,7 +61,8 @@ class RecommendRequest(BaseModel):
     exclude_seen: bool = Field(default=True, description="never recommend history items")
     context: dict[str, str] | None = Field(
         default=None,
-        description=f"free-form tags logged with the impression (≤ {MAX_CONTEXT_KEYS})",
+        description=f"tags logged with the impression (≤ {MAX_CONTEXT_KEYS}), e.g. surface "
+        "or device; a model trained with those tags (pretrain --context-tags) reads them",
     )
     event_time_ms: int | None = Field(
         default=None,
@@ -170,7 +171,7 @@ class LoadedModel:
         if self.context is None:
             return None
         return [
-            self.context.row(h, r.get("request_time_s"), r.get("profile"))
+            self.context.row(h, r.get("request_time_s"), r.get("profile"), r.get("tags"))
             for h, r in zip(histories, requests, strict=True)
         ]
 
@@ -535,6 +536,7 @@ class Router:
             "history": feats.history,
             "profile": feats.profile,  # descriptors of a context-trained model
             "request_time_s": event_ms / 1000,  # its hour and weekday
+            "tags": body.context or {},  # entry point, device: read by a model trained on them
             "session_size": body.session_size,
             "exclude_seen": body.exclude_seen,
         }
@@ -570,6 +572,7 @@ class Router:
                 "event_time_ms": event_ms,
                 "history": feats.history,
                 "profile": feats.profile,
+                "tags": body.context or {},
                 "items": [i.item_id for i in items],
             },
         )

@@ -32,7 +32,7 @@ T0_MS = 1_700_000_000_000  # a Tuesday, 22:13 UTC
 @pytest.fixture(scope="module")
 def context_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt-ctx") / "seed"
-    return quick_checkpoint(out, 0, "--descriptors", "--anchors", "3")
+    return quick_checkpoint(out, 0, "--descriptors", "--anchors", "3", "--context-tags", "surface")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def _context(base: str) -> dict:
 def test_a_context_model_reads_request_time_profile_and_live_clicks(context_service):
     cfg, base = context_service
     ctx = _context(base)
-    assert set(ctx["fields"]) == {"hour", "weekday", "age", "gender", "occupation"}
+    assert set(ctx["fields"]) == {"hour", "weekday", "age", "gender", "occupation", "tag:surface"}
     assert ctx["anchors"] == 3 and ctx["popularity"]["error"] is None
 
     # Live clicks reach the anchors' popularity within a refresh.
@@ -91,8 +91,8 @@ def test_a_context_model_reads_request_time_profile_and_live_clicks(context_serv
         assert time.monotonic() < deadline, _context(base)
         time.sleep(0.5)
 
-    def ask(user: int, at_ms: int) -> dict:
-        body = {"user_id": user, "event_time_ms": at_ms}
+    def ask(user: int, at_ms: int, surface: str = "home") -> dict:
+        body = {"user_id": user, "event_time_ms": at_ms, "context": {"surface": surface}}
         r = requests.post(f"{base}/recommend", json=body, timeout=30)
         assert r.status_code == 200, r.text
         return r.json()
@@ -102,11 +102,13 @@ def test_a_context_model_reads_request_time_profile_and_live_clicks(context_serv
         first = ask(user, T0_MS)
         later = ask(user, T0_MS + 12 * HOUR_MS)  # another time of day and weekday
         again = ask(user, T0_MS)
-        scores = [[i["score"] for i in b["items"]] for b in (first, later, again)]
-        # The request time is model input: 12 h later the session's scores move, and
-        # the same time again gives the same session.
-        assert scores[0] == scores[2] and scores[0] != scores[1]
-        for b in (first, later, again):
+        elsewhere = ask(user, T0_MS, surface="search")
+        scores = [[i["score"] for i in b["items"]] for b in (first, later, again, elsewhere)]
+        # The request time and the entry point are model input: 12 h later, or from
+        # another surface, the session's scores move; the same request again gives the
+        # same session.
+        assert scores[0] == scores[2] and scores[0] != scores[1] and scores[0] != scores[3]
+        for b in (first, later, again, elsewhere):
             ids = [i["item_id"] for i in b["items"]]
             assert len(ids) == 5 == len(set(ids))
             served[b["request_id"]] = b
@@ -114,3 +116,4 @@ def test_a_context_model_reads_request_time_profile_and_live_clicks(context_serv
     assert set(found) == set(served)
     for rid, ev in found.items():
         assert [i.item_id for i in ev.items] == [i["item_id"] for i in served[rid]["items"]]
+        assert ev.context["surface"] in ("home", "search")

@@ -221,3 +221,17 @@ def test_a_context_checkpoint_without_its_spec_is_never_served(context_checkpoin
     with pytest.raises(CheckpointError, match="not the model's"):
         validate_checkpoint(bad)
     validate_checkpoint(context_checkpoint)
+
+
+def test_request_tags_hash_to_stable_buckets_and_are_unknown_when_absent():
+    from pipelines.context import ContextBuilder, tag_bucket
+
+    b = ContextBuilder({"hour": 7, "weekday": 8, "tag:surface": 17})
+    home = b.row([], None, None, {"surface": "home"})
+    assert home[:2] == [0, 0] and 1 <= home[2] <= 16
+    assert b.row([], None, None, {"surface": "home", "device": "tv"}) == home
+    assert b.row([], None, None, {"surface": "search"})[2] == tag_bucket("search", 16)
+    assert tag_bucket("home", 16) != tag_bucket("search", 16)
+    assert b.row([], None, None, None)[2] == 0 == b.row([], None, None, {"surface": ""})[2]
+    with pytest.raises(ValueError, match="unknown context field"):
+        ContextBuilder({"tag:": 3})

@@ -644,6 +644,7 @@ def test_ipa_rounds_fit_the_reward_model_and_train_each_pair_exactly_once(
 
 # ------------------------------------------------------------------------------ context models
 CTX_FIELDS = {"hour": 7, "weekday": 8, "age": 8, "gender": 3, "occupation": 32}
+CTX_FIELDS["tag:surface"] = 17
 
 
 def _context_checkpoint(path: Path) -> Path:
@@ -680,7 +681,9 @@ def test_a_context_model_trains_on_the_rows_serving_builds_and_stays_servable(tm
         hist = [RAW[(i + j) % N_ITEMS] for j in range(4)]
         items = [RAW[(i + 5 + j) % N_ITEMS] for j in range(4)]
         t = 1_700_000_000_000 + i * 5 * 3600 * 1000
-        rows.append(_session(i, t=t, history=hist, items=items, clicked=[True, True, False, False]))
+        tags = json.dumps({"surface": ("home", "search")[i % 2], "run": "r1"})
+        clicked = [True, True, False, False]
+        rows.append(_session(i, t=t, history=hist, items=items, clicked=clicked, context=tags))
     _commit(lake, rows, "ing-0", 1)
     msgs: list[str] = []
     rec = ct.run_round(cfg, msgs.append, promote=ct.promote_registry, trainer=ct.local_train)
@@ -689,13 +692,16 @@ def test_a_context_model_trains_on_the_rows_serving_builds_and_stays_servable(tm
     ex = ct.SessionExamples.load(ct.round_dir(cfg, rec["round"]) / "examples.safetensors")
     spec = json.loads((base / "config.json").read_text())["context"]
     builder = ContextBuilder.from_spec(spec)
-    assert ex.context is not None and ex.context.shape == (len(ex), 7)
+    assert ex.context is not None and ex.context.shape == (len(ex), 8)
     in_order = sorted(rows, key=lambda r: r["event_time_ms"])  # every session clicked
     for r, h, c in zip(in_order, ex.histories, ex.context, strict=True):
-        want = builder.row([i for i in h.tolist() if i > 0], r["event_time_ms"] / 1000, None)
-        assert c.tolist() == want
+        hist = [i for i in h.tolist() if i > 0]
+        tags = json.loads(r["context"])
+        assert c.tolist() == builder.row(hist, r["event_time_ms"] / 1000, None, tags)
     hour = list(builder.fields).index("hour")  # the loaded model's order (JSON sorted it)
     assert len(set(ex.context[:, hour].tolist())) == 6  # every 4-hour bucket
+    surface = list(builder.fields).index("tag:surface")
+    assert len(set(ex.context[:, surface].tolist()) - {0}) == 2  # home and search
     cand = reg.fetch("online", rec["version"])
     validate_checkpoint(cand)  # the spec travelled with the new version
     assert json.loads((cand / "config.json").read_text())["context"] == spec

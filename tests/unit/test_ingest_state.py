@@ -14,7 +14,7 @@ from recloop.lake import ORPHANS, SCHEMAS, SESSIONS, Entry, Lake
 WINDOW = 60_000
 
 
-def impression(rid: str, user: int, t: int, items=(11, 12, 13)) -> Impression:
+def impression(rid: str, user: int, t: int, items=(11, 12, 13), context=None) -> Impression:
     return Impression(
         event_time_ms=t,
         request_id=rid,
@@ -22,6 +22,7 @@ def impression(rid: str, user: int, t: int, items=(11, 12, 13)) -> Impression:
         arm="online",
         model_version="v1",
         items=[ServedItem(item_id=i, position=p, score=-float(p)) for p, i in enumerate(items)],
+        context=context or {},
     )
 
 
@@ -59,6 +60,11 @@ def test_complete_session_closes_and_updates_features():
     assert row["clicks"] == 2 and row["session_watch_s"] == 60.0 and row["likes"] == 1
     assert row["record_ts_ms"] == 6 and json.loads(row["context"]) == {"run": "r1"}
     u = st.users[7]
+    # The request's tags (what a context model reads) join the feedback's in the row.
+    st.on_impression(impression("b", 8, 2000, context={"surface": "home", "run": "x"}), 7, 0)
+    st.on_interaction(feedback("b", 8, 2100, 0, 11), 8)
+    rows = [session_row(c) for c in st.close_due(10**12)[0]]
+    assert json.loads(rows[0]["context"]) == {"surface": "home", "run": "r1"}
     assert u.history == [11, 13] and u.impressions == 3 and u.clicks == 2 and u.likes == 1
     assert st.items[12].impressions == 1 and st.items[12].clicks == 0
     assert st.dirty_users == {7} and st.dirty_items == {11, 12, 13}
