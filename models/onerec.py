@@ -577,6 +577,12 @@ class OneRec(nn.Module):
             enc.summary = self.reason(enc, keep[:, None, :], ctx)[:, 0]
         return enc
 
+    def next_item_logits(self, enc: Encoded) -> Tensor:
+        """(B, item_vocab) logits of the next item from the encoder state: the head the
+        auxiliary loss (``next_item_weight``) trains."""
+        assert self.item_emb is not None, "next-item logits need item_vocab > 0"
+        return enc.summary @ self.item_emb.weight.T
+
     def context_tokens(self, context: Tensor | None, shape: tuple[int, int]) -> list[Tensor]:
         """(B, C, context_width) ids -> the context's tail tokens, each (B, C, D): the
         descriptors' adapter token, then one per anchor. No context given: every field
@@ -731,7 +737,7 @@ class OneRec(nn.Module):
             assert self.item_emb is not None
             nxt = target_items[..., 0]  # (B, [C]) the next item
             nxt = nxt.masked_fill((nxt <= 0) | (nxt >= cfg.item_vocab), -100)
-            logits_item = enc.summary @ self.item_emb.weight.T  # (B, [C,] V)
+            logits_item = self.next_item_logits(enc)  # (B, [C,] V)
             item_loss = F.cross_entropy(
                 logits_item.reshape(-1, cfg.item_vocab), nxt.reshape(-1), ignore_index=-100
             )

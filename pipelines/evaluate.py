@@ -143,6 +143,7 @@ def build_onerec(split: Split, seed: int, options: dict[str, Any], ds: Any = Non
     ranker, tokenizer, history, info = fit_onerec(split, cfg, content, context=context)
     if context is not None:
         ranker.test_contexts = context.rows("test")
+        ranker.val_contexts = context.rows("val")
     ranker.train_info = {
         "config": info["config"],
         "params": ranker.model.num_params(),
@@ -161,8 +162,10 @@ MODELS: dict[str, ModelBuilder] = {
 # MODEL:SCORING ranks with another scoring of the same trained model (one training per
 # run): onerec:infonce (the contrastive head alone), onerec:cascade (beam proposals
 # re-ranked by the head; options cascade_weight, cascade_candidates).
-SCORINGS: dict[str, tuple[str, ...]] = {"onerec": ("sid", "infonce", "cascade")}
-INFERENCE_OPTIONS: dict[str, tuple[str, ...]] = {"onerec": ("cascade_weight", "cascade_candidates")}
+SCORINGS: dict[str, tuple[str, ...]] = {"onerec": ("sid", "infonce", "cascade", "item", "hybrid")}
+INFERENCE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "onerec": ("cascade_weight", "cascade_candidates", "hybrid_weight")
+}
 
 
 def parse_model(name: str) -> tuple[str, str | None]:
@@ -288,6 +291,14 @@ def run_eval(
         contexts=contexts,
     )
     eval_seconds = time.monotonic() - start
+    # The same full ranking on the validation targets: what a choice between models or
+    # scorings of one run may look at (the test split never chooses).
+    val_ranks = rank_full(
+        ranker,
+        split.val_histories,
+        split.val_targets,
+        contexts=getattr(ranker, "val_contexts", None),
+    )
 
     result: dict[str, Any] = {
         "model": model,
@@ -301,7 +312,12 @@ def run_eval(
         "ties": ties,
         "scoring": scoring or getattr(ranker, "scoring", None),
         "options": options,
-        "metrics": {"full": full, "sampled": sampled, "full_by_tie": by_tie},
+        "metrics": {
+            "full": full,
+            "sampled": sampled,
+            "full_by_tie": by_tie,
+            "val_full": ranks_to_metrics(val_ranks, ks),
+        },
         # Per test user (split order), the target's full-ranking rank: for paired
         # comparisons between models of one run (same users, same targets).
         "test_ranks": [int(r) for r in ranks],
@@ -326,7 +342,7 @@ def run_eval(
 def _comparison_table(results: list[dict[str, Any]]) -> str:
     ks = [int(k.split("@")[1]) for k in results[0]["metrics"]["full"] if k.startswith("NDCG@")]
     head = f"{'model':<16}" + "".join(f"{'HR@' + str(k):>9}{'NDCG@' + str(k):>9}" for k in ks)
-    head += f"{'s-HR@10':>9}{'s-NDCG@10':>10}{'train s':>9}{'eval s':>8}"
+    head += f"{'s-HR@10':>9}{'s-NDCG@10':>10}{'val N@10':>9}{'train s':>9}{'eval s':>8}"
     ties = 10 in ks and all(r["metrics"].get("full_by_tie") for r in results)
     if ties:  # NDCG@10 on test targets tied in time with the item before them, and not
         head += f"{'tied N@10':>10}{'untied N@10':>12}"
@@ -336,7 +352,9 @@ def _comparison_table(results: list[dict[str, Any]]) -> str:
         line = (
             f"{r['model']:<16}"
             + "".join(f"{full[f'HR@{k}']:>9.4f}{full[f'NDCG@{k}']:>9.4f}" for k in ks)
-            + f"{sampled['HR@10']:>9.4f}{sampled['NDCG@10']:>10.4f}{r['train_seconds']:>9.1f}"
+            + f"{sampled['HR@10']:>9.4f}{sampled['NDCG@10']:>10.4f}"
+            + f"{r['metrics'].get('val_full', {}).get('NDCG@10', float('nan')):>9.4f}"
+            + f"{r['train_seconds']:>9.1f}"
             + f"{r['eval_seconds']:>8.1f}"
         )
         if ties:

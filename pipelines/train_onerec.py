@@ -194,7 +194,9 @@ def pad_histories(histories: Sequence[Sequence[int]], max_history: int) -> torch
     return out
 
 
-SCORINGS = ("sid", "infonce", "cascade")
+SCORINGS = ("sid", "infonce", "cascade", "item", "hybrid")
+HEAD_SCORINGS = ("infonce", "cascade")  # need the contrastive head
+ITEM_SCORINGS = ("item", "hybrid")  # need the encoder's next-item head
 
 
 class OneRecRanker:
@@ -204,7 +206,9 @@ class OneRecRanker:
     first item of the next session | history); ``infonce``, the contrastive head's logit
     u · v(item); ``cascade``, the ``cascade_candidates`` best items by SID score (those a
     beam of that width keeps), re-ordered by the blend of both scores (``models/cascade``)
-    and placed above the rest."""
+    and placed above the rest; ``item``, the log-softmax over the catalogue of the
+    encoder's next-item head (the auxiliary loss ``next_item_weight`` trains); ``hybrid``,
+    log p(SID) + ``hybrid_weight`` · that, over every item (one model, two heads)."""
 
     def __init__(
         self,
@@ -215,13 +219,18 @@ class OneRecRanker:
         cascade_weight: float = 1.0,
         cascade_candidates: int = 32,
         trie: CompiledTrie | None = None,
+        hybrid_weight: float = 1.0,
     ) -> None:
         if scoring not in SCORINGS:
             raise ValueError(f"unknown scoring {scoring!r}; known: {', '.join(SCORINGS)}")
-        if scoring != "sid" and not model.cfg.contrastive_head:
+        if scoring in HEAD_SCORINGS and not model.cfg.contrastive_head:
             raise ValueError(
                 f"scoring {scoring!r} needs the contrastive head: train with "
                 "infonce_weight > 0 (or bce_weight > 0)"
+            )
+        if scoring in ITEM_SCORINGS and not (model.cfg.next_item_weight and model.cfg.item_vocab):
+            raise ValueError(
+                f"scoring {scoring!r} needs the next-item head: train with next_item_weight > 0"
             )
         if cascade_candidates < 1:
             raise ValueError("cascade_candidates must be >= 1")
@@ -231,6 +240,7 @@ class OneRecRanker:
         self.scoring = scoring
         self.cascade_weight = float(cascade_weight)
         self.cascade_candidates = int(cascade_candidates)
+        self.hybrid_weight = float(hybrid_weight)
         n = codes.shape[0] - 1
         self.trie = trie or CompiledTrie(codes[1:], torch.arange(1, n + 1), model.cfg.codebook_size)
 
@@ -239,10 +249,11 @@ class OneRecRanker:
         args = {
             "cascade_weight": self.cascade_weight,
             "cascade_candidates": self.cascade_candidates,
+            "hybrid_weight": self.hybrid_weight,
             **kw,
         }
         out = OneRecRanker(self.model, self.codes, self.batch_size, scoring, trie=self.trie, **args)
-        for kept in ("train_info", "test_contexts"):
+        for kept in ("train_info", "test_contexts", "val_contexts"):
             if hasattr(self, kept):
                 setattr(out, kept, getattr(self, kept))
         return out
@@ -258,6 +269,14 @@ class OneRecRanker:
             out[:, 0] = float("-inf")
             return out
         return self.model.contrastive_scores(enc, cand, self.codes[cand])
+
+    def _next_item(self, enc, cand: torch.Tensor | None) -> torch.Tensor:
+        """log softmax over the catalogue of the next-item head, (B, N + 1) or (B, C)."""
+        n_items = self.codes.shape[0] - 1
+        logits = self.model.next_item_logits(enc)[:, : n_items + 1].clone()
+        logits[:, 0] = float("-inf")
+        logp = torch.log_softmax(logits, dim=-1)
+        return logp if cand is None else logp.gather(1, cand)
 
     @torch.no_grad()
     def score(
@@ -277,12 +296,21 @@ class OneRecRanker:
             if self.scoring == "infonce":
                 outs.append(self._contrastive(enc, cand))
                 continue
+            if self.scoring == "item":
+                outs.append(self._next_item(enc, cand))
+                continue
             if cand is None:  # every item: walk the trie once per SID prefix
                 sid = score_all_items(self.model, enc, self.trie)[:, : n_items + 1]
             else:
                 sid = score_items(self.model, enc, self.codes[cand])
             if self.scoring == "sid":
                 outs.append(sid)
+                continue
+            if self.scoring == "hybrid":  # items outside the trie stay at -inf
+                item = self._next_item(enc, cand)
+                never = torch.isneginf(item)  # the padding id (0 · -inf would be NaN)
+                hyb = sid + self.hybrid_weight * item.masked_fill(never, 0.0)
+                outs.append(hyb.masked_fill(never, float("-inf")))
                 continue
             eligible = torch.isfinite(sid)
             for b, h in enumerate(part):  # the history never takes a proposal's place

@@ -174,6 +174,28 @@ def test_ranker_scorings_cover_the_catalogue(scoring):
             assert set(top) == set(sid.topk(5).indices.tolist())
 
 
+def test_item_and_hybrid_scorings_read_the_next_item_head():
+    model, codes = head_model(next_item_weight=1.0)
+    sid = OneRecRanker(model, codes)
+    hist = [[1, 2, 3], [4, 5]]
+    enc = sid.encode(hist)
+    logits = model.next_item_logits(enc).clone()
+    logits[:, 0] = float("-inf")
+    want_item = torch.log_softmax(logits, dim=-1)
+    item = sid.with_scoring("item").score(hist, None)
+    assert torch.allclose(item, want_item) and torch.exp(item).sum(1).allclose(torch.ones(2))
+    hybrid = sid.with_scoring("hybrid", hybrid_weight=0.5)
+    assert torch.allclose(hybrid.score(hist, None), sid.score(hist, None) + 0.5 * want_item)
+    cand = torch.tensor([[7, 8, 9, 1], [10, 11, 12, 4]])
+    assert torch.allclose(hybrid.score(hist, cand), hybrid.score(hist, None).gather(1, cand))
+    assert torch.equal(  # weight 0: the SID ranking
+        sid.with_scoring("hybrid", hybrid_weight=0.0).score(hist, None), sid.score(hist, None)
+    )
+    plain, codes = head_model()  # no next-item loss: its head is untrained, refused
+    with pytest.raises(ValueError, match="next-item head"):
+        OneRecRanker(plain, codes, scoring="hybrid")
+
+
 def test_gini_of_expert_loads():
     assert gini([0.25, 0.25, 0.25, 0.25]) == pytest.approx(0.0)
     assert gini([1.0, 0.0, 0.0, 0.0]) == pytest.approx(0.75)
