@@ -164,6 +164,24 @@ def deployed_service(cfg: StackConfig, seed: Path) -> Iterator[str]:
         delete(cfg)
 
 
+@contextmanager
+def experiment_service(
+    cfg: StackConfig, root: Path, experiment: str, seed: Path, **serve: object
+) -> Iterator[tuple[StackConfig, str]]:
+    """``deployed_service`` for an experiment file (YAML text) and a registry of its own
+    under ``root``, with ``serve`` overriding other serve settings: yields the config it
+    deployed and the base URL."""
+    import dataclasses
+
+    (root / "experiment.yaml").write_text(experiment)
+    settings = dataclasses.replace(
+        cfg.serve, registry_uri=str(root / "registry"), experiment=root / "experiment.yaml", **serve
+    )
+    cfg = dataclasses.replace(cfg, serve=settings)
+    with deployed_service(cfg, seed) as base:
+        yield cfg, base
+
+
 def quick_checkpoint(out: Path, seed: int, *extra: str) -> Path:
     """A seed checkpoint pre-trained in seconds on generated data; ``extra``: more
     `recloop pretrain` flags."""

@@ -3,14 +3,13 @@ the registry. Beside it a beam arm on the same checkpoint; both log their sessio
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import requests
 
 from recloop.config import StackConfig
-from tests.conftest import deployed_service, logged_impressions, quick_checkpoint
+from tests.conftest import experiment_service, logged_impressions, quick_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -38,15 +37,8 @@ def head_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cascade_service(ray_driver: StackConfig, head_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("cascade")
-    (root / "experiment.yaml").write_text(EXPERIMENT)
-    serve = dataclasses.replace(
-        ray_driver.serve,
-        registry_uri=str(root / "registry"),
-        experiment=root / "experiment.yaml",
-    )
-    cfg = dataclasses.replace(ray_driver, serve=serve)
-    with deployed_service(cfg, head_checkpoint) as base:
-        yield cfg, base
+    with experiment_service(ray_driver, root, EXPERIMENT, head_checkpoint) as service:
+        yield service
 
 
 def test_a_cascade_arm_serves_sessions_and_logs_them(cascade_service):

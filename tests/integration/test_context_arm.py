@@ -4,7 +4,6 @@ preference anchors from the checkpoint's genre table and Feast's item clicks."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import requests
 
 from recloop.config import StackConfig
-from tests.conftest import deployed_service, logged_impressions, quick_checkpoint
+from tests.conftest import experiment_service, logged_impressions, quick_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -38,16 +37,10 @@ def context_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def context_service(ray_driver: StackConfig, context_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("context")
-    (root / "experiment.yaml").write_text(EXPERIMENT)
-    serve = dataclasses.replace(
-        ray_driver.serve,
-        registry_uri=str(root / "registry"),
-        experiment=root / "experiment.yaml",
-        anchor_refresh_s=1.0,
-    )
-    cfg = dataclasses.replace(ray_driver, serve=serve)
-    with deployed_service(cfg, context_checkpoint) as base:
-        yield cfg, base
+    with experiment_service(
+        ray_driver, root, EXPERIMENT, context_checkpoint, anchor_refresh_s=1.0
+    ) as service:
+        yield service
 
 
 def _push_clicks(cfg: StackConfig, items: list[int], clicks: int) -> None:
