@@ -1,4 +1,6 @@
 """Cascade inference (OnePiece): beam search proposes, the contrastive head re-scores.
+(``head="item"``: the encoder's next-item head re-scores instead, the ``hybrid`` scoring;
+a log-softmax over the candidates orders them as one over the catalogue would.)
 
 The generative score of a candidate is log p(its SID | history, ...) from the decoder; the
 contrastive score is u · v(item) from the InfoNCE head (``OneRec.contrastive_scores``).
@@ -34,7 +36,7 @@ class CascadeSessions:
     items: Tensor  # (B, M) item ids, best first; -1 where fewer candidates than M
     scores: Tensor  # (B, M) blended scores
     sid_scores: Tensor  # (B, M) the beam's log p of each item
-    contrastive: Tensor  # (B, M) the head's logit of each item
+    contrastive: Tensor  # (B, M) the re-scoring head's logit of each item
     candidates: Tensor  # (B,) distinct items the beams proposed
 
 
@@ -46,6 +48,7 @@ def rerank_beams(
     codes: Tensor,  # (max_item + 1, L) the SIDs by item id (cold items included)
     weight: float = 1.0,
     session_len: int | None = None,
+    head: str = "contrastive",
 ) -> CascadeSessions:
     """The session of the best ``session_len`` distinct items among every beam's items.
 
@@ -64,8 +67,13 @@ def rerank_beams(
     sid, cand = best.topk(c, dim=1)  # distinct candidates, by generative score
     valid = sid > NEG_INF
     cand = torch.where(valid, cand, torch.zeros_like(cand))
-    head = model.contrastive_scores(enc, cand, codes[cand])  # (B, C)
-    scores = blend(sid, head, valid, weight)
+    if head == "contrastive":
+        logits = model.contrastive_scores(enc, cand, codes[cand])  # (B, C)
+    elif head == "item":
+        logits = model.next_item_logits(enc).gather(1, cand.clamp(max=model.cfg.item_vocab - 1))
+    else:
+        raise ValueError(f"unknown head {head!r}: contrastive or item")
+    scores = blend(sid, logits, valid, weight)
     k = min(m, c)
     top, idx = scores.topk(k, dim=1)
     alive = top > NEG_INF
@@ -79,7 +87,7 @@ def rerank_beams(
         items=padded(items, -1),
         scores=padded(top, NEG_INF),
         sid_scores=padded(sid.gather(1, idx), NEG_INF),
-        contrastive=padded(head.gather(1, idx), NEG_INF),
+        contrastive=padded(logits.gather(1, idx), NEG_INF),
         candidates=valid.sum(dim=1),
     )
 

@@ -146,6 +146,11 @@ class LoadedModel:
                 f"{path}: the arm re-ranks by cascade but this checkpoint has no contrastive "
                 "head (train it with infonce_weight > 0)"
             )
+        if scoring == "hybrid" and not (ck.model.cfg.next_item_weight and ck.model.cfg.item_vocab):
+            raise ValueError(
+                f"{path}: the arm re-ranks by the next-item head but this checkpoint has none "
+                "trained (next_item_weight > 0)"
+            )
         to_data = [0, *[int(i) for i in data_ids]]
         to_model = {d: m for m, d in enumerate(to_data) if m > 0}
         loaded = cls(version, ranker, to_model, to_data, ck.model.cfg.session_len, time.time())
@@ -186,13 +191,15 @@ class LoadedModel:
         enc = self.ranker.encode(histories, self.contexts(requests, histories))
         beams = beam_search(self.ranker.model, enc, self.ranker.trie, beam_width, exclude=exclude)
         scoring = scoring or {}
-        if scoring.get("scoring") == "cascade":  # every beam's items, re-ranked
+        rerank = scoring.get("scoring")
+        if rerank in ("cascade", "hybrid"):  # every beam's items, re-ranked by a head
             cas = rerank_beams(
                 self.ranker.model,
                 enc,
                 beams,
                 self.ranker.codes,
                 weight=float(scoring.get("cascade_weight", 1.0)),
+                head="contrastive" if rerank == "cascade" else "item",
             )
             sessions, item_scores = cas.items, cas.sid_scores
         else:

@@ -41,13 +41,19 @@ class ArmSpec(BaseModel):
         description="what an arm without a version starts from: the seed checkpoint, or a "
         "non-learned baseline (a sanity arm the model must beat)",
     )
-    scoring: Literal["beam", "cascade"] = Field(
+    scoring: Literal["beam", "cascade", "hybrid"] = Field(
         default="beam",
         description="beam: the best beam is the session; cascade (OnePiece): every beam's "
         "items re-ranked by the blend of their beam score and the model's contrastive head "
-        "(the checkpoint must have one: trained with infonce_weight > 0)",
+        "(the checkpoint must have one: trained with infonce_weight > 0); hybrid: the same "
+        "with the encoder's next-item head (trained with next_item_weight > 0, as the seed)",
     )
-    cascade_weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    cascade_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="the head's weight in the blend of a cascade or hybrid arm",
+    )
     learning: Literal["frozen", "online", "online-ipa"] = Field(
         default="frozen",
         description="frozen: never retrained; online: continuous next-token training; "
@@ -64,9 +70,9 @@ class ArmSpec(BaseModel):
 
     @model_validator(mode="after")
     def _cascade_needs_a_model(self) -> ArmSpec:
-        if self.scoring == "cascade" and self.model != "seed":
+        if self.scoring != "beam" and self.model != "seed":
             raise ValueError(
-                f"arm {self.name!r}: scoring 'cascade' re-ranks a OneRec model's beams; "
+                f"arm {self.name!r}: scoring {self.scoring!r} re-ranks a OneRec model's beams; "
                 f"a {self.model!r} arm has none"
             )
         return self

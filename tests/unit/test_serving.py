@@ -102,8 +102,41 @@ def test_only_a_model_arm_can_serve_by_cascade():
     }
     with pytest.raises(ValidationError, match="cascade"):
         ArmSpec(name="a", share=1.0, scoring="cascade", model="popularity")
+    with pytest.raises(ValidationError, match="hybrid"):
+        ArmSpec(name="a", share=1.0, scoring="hybrid", model="random")
     with pytest.raises(ValidationError):
         ArmSpec(name="a", share=1.0, scoring="magic")
+
+
+def test_a_hybrid_arm_reranks_the_beams_by_the_next_item_head():
+    """scoring: hybrid re-ranks every beam's items by log p_SID + w · the next-item head's
+    log-softmax over them; a large weight follows the head's order among the proposals."""
+    import torch
+
+    from models.beam_search import beam_search
+    from models.cascade import rerank_beams
+    from tests.unit.test_cascade import N, head_model
+
+    model, codes = head_model(next_item_weight=1.0)
+    ranker = OneRecRanker(model, codes)
+    to_data = [0, *range(101, 101 + N)]
+    loaded = LoadedModel("v1", ranker, {d: m for m, d in enumerate(to_data) if m}, to_data, 3, 0.0)
+    history = [101, 102, 103, 104]
+    reqs = [{"history": history, "session_size": None, "exclude_seen": True}]
+    (out,) = loaded.generate(reqs, 8, {"scoring": "hybrid", "cascade_weight": 1000.0})
+    ids = [i["item_id"] for i in out["items"]]
+    assert len(ids) == 3 == len(set(ids)) and set(ids) <= set(to_data[1:])
+    assert not set(ids) & set(history)
+    hist = [[1, 2, 3, 4]]
+    enc = ranker.encode(hist)
+    beams = beam_search(model, enc, ranker.trie, 8, exclude=hist)
+    proposed = {i for i in beams.items[0].flatten().tolist() if i > 0}
+    head = model.next_item_logits(enc)[0]
+    by_head = sorted(proposed, key=lambda i: -float(head[i]))[:3]
+    assert [i - 100 for i in ids] == by_head
+    with pytest.raises(ValueError, match="unknown head"):
+        rerank_beams(model, enc, beams, codes, head="magic")
+    assert torch.isfinite(torch.tensor([i["score"] for i in out["items"]])).all()
 
 
 def test_serve_deploy_config_in_infra_matches_what_recloop_serve_deploys():
