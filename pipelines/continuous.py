@@ -292,6 +292,7 @@ class SessionExamples:
         to_data = [0, *[int(i) for i in item_ids]]
         out = []
         served = self.served[self.holdout] if self.served is not None else None
+        context = self.context[self.holdout] if self.context is not None else None
         for j, (h, t) in enumerate(
             zip(self.histories[self.holdout], self.targets[self.holdout], strict=True)
         ):
@@ -301,8 +302,8 @@ class SessionExamples:
             }
             if served is not None:
                 ex["served"] = [to_data[i] for i in served[j].tolist() if i > 0]
-            if self.context is not None:
-                ex["context"] = self.context[self.holdout][j].tolist()
+            if context is not None:
+                ex["context"] = context[j].tolist()
             out.append(ex)
         return out
 
@@ -379,7 +380,7 @@ def build_examples(
         torch.tensor(times, dtype=torch.long),
         holdout,
         torch.tensor(served, dtype=torch.long).view(n, session_len),
-        torch.tensor(ctx, dtype=torch.long).view(n, -1) if context is not None else None,
+        None if context is None else torch.tensor(ctx, dtype=torch.long).reshape(n, -1 if n else 0),
     )
 
 

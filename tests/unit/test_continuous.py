@@ -698,6 +698,10 @@ def test_a_context_model_trains_on_the_rows_serving_builds_and_stays_servable(tm
         hist = [i for i in h.tolist() if i > 0]
         tags = json.loads(r["context"])
         assert c.tolist() == builder.row(hist, r["event_time_ms"] / 1000, None, tags)
+    none = ct.build_examples(rows[:1], RAW, 8, 3, 0.1, context=lambda r, h: [0] * 8)
+    assert len(none) == 1 and none.context.shape == (1, 8)
+    empty = ct.build_examples([], RAW, 8, 3, 0.1, context=lambda r, h: [0] * 8)
+    assert len(empty) == 0 and empty.context.shape[0] == 0  # no clicks yet: no crash
     hour = list(builder.fields).index("hour")  # the loaded model's order (JSON sorted it)
     assert len(set(ex.context[:, hour].tolist())) == 6  # every 4-hour bucket
     surface = list(builder.fields).index("tag:surface")
