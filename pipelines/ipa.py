@@ -254,10 +254,12 @@ def round_inputs(
     lineage: str,
     work_dir: Path,
     progress: Progress = print,
+    reference: Callable[[str], Any] | None = None,
 ) -> tuple[PairSet, dict[str, int], dict[str, Any]]:
     """What an IPA round adds to a round: the updated reward model (first, so the
     sampler ranks the next pairs with it), and the pairs after ``offsets``. Returns
-    (pairs, the offsets after them, the reward model's record)."""
+    (pairs, the offsets after them, the reward model's record). ``reference(version)``:
+    the pairs' reference models (default: read from the registry)."""
     arm = cfg.train.arm
     reward = update_reward_model(
         cfg,
@@ -272,7 +274,7 @@ def round_inputs(
         progress,
     )
     events, after, invalid = read_pairs(cfg, offsets, cfg.dpo.max_pairs)
-    ref = registry_reference(reg, lineage, work_dir / "cache")
+    ref = reference or registry_reference(reg, lineage, work_dir / "cache")
     pairs = build_pairs(events, arm, item_ids, model_cfg.max_history, model_cfg.session_len, ref)
     pairs.info.update(invalid=invalid, offsets_before=dict(offsets), offsets_after=after)
     progress(

@@ -221,8 +221,10 @@ class TrainLoopConfig:
     """Continuous training: one round per batch of newly landed lake partitions."""
 
     arm: str = "online"  # the arm whose lineage the rounds publish to and promote
-    workers: int = 2  # Ray Train workers (DDP over gloo on CPU)
-    cpus_per_worker: float = 0.4
+    # 1: the warm trainer, in the trainer's own process, model resident between rounds;
+    # more: a Ray Train job of that many DDP workers (gloo) per round, for a cluster.
+    workers: int = 1
+    cpus_per_worker: float = 0.4  # the trainer actor's (or each DDP worker's) CPU share
     worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     torch_threads: int = 1
     min_sessions: int = 200  # high-quality sessions needed before a round starts
@@ -234,8 +236,9 @@ class TrainLoopConfig:
     min_watch_s: float = 600.0  # ... or this much watch time, or a like or a follow
     holdout_fraction: float = 0.2  # the newest sessions of a round: the gate's slice
     tolerance: float = 0.02  # relative regression allowed on the held-out metric
-    poll_s: float = 10.0
+    poll_s: float = 1.0  # how often the lake's commit log is checked for new sessions
     checkpoint_every_steps: int = 50
+    exclusive_rounds: bool = True  # rounds of different arms on one machine take turns
     dpo: bool = False  # also train on the arm's preference pairs (online-ipa; see DpoConfig)
 
     def __post_init__(self) -> None:
@@ -276,6 +279,28 @@ class DpoConfig:
 
 
 @dataclass
+class PriorityConfig:
+    """Who gets the CPU first on a shared machine. Ray's ``num_cpus`` only schedules: on
+    a 2-core box training, the ingestor and the DPO sampler would otherwise take cycles
+    from the serving replicas. Background work (training rounds, ingestor, DPO sampler)
+    runs at ``background_nice`` (Linux nice, 0..19; 0 leaves it as it is) and, when
+    ``background_cpus`` names cores, only on those (CPU affinity); serving keeps the
+    default priority. On a cluster where each part has its own node, set 0 / []."""
+
+    background_nice: int = 10
+    background_cpus: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 <= int(self.background_nice) <= 19:
+            raise ConfigError(
+                f"priority.background_nice must be within 0..19, got {self.background_nice}"
+            )
+        self.background_cpus = [int(c) for c in self.background_cpus]
+        if any(c < 0 for c in self.background_cpus):
+            raise ConfigError("priority.background_cpus must name cores >= 0")
+
+
+@dataclass
 class StackConfig:
     """The whole local stack. ``home`` holds all state: broker data, logs, pid files,
     Feast registry and online store. ``cache_dir`` holds what is expensive to fetch
@@ -291,6 +316,7 @@ class StackConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    priority: PriorityConfig = field(default_factory=PriorityConfig)
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).absolute()

@@ -714,3 +714,72 @@ def test_a_context_model_trains_on_the_rows_serving_builds_and_stays_servable(tm
     after = load_file(str(cand / "model.safetensors"))["ctx_emb.hour.weight"]
     moved = (after - before).abs().sum(dim=1) > 0
     assert moved[1:].all()
+
+
+def _weights(reg, version: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(reg.fetch("online", version) / "model.safetensors"))
+
+
+def test_the_warm_trainer_starts_every_round_from_its_base_and_reads_it_once(base_ckpt, tmp_path):
+    """Two runs on one warm trainer from the same base end with the same weights as a
+    cold, one-off run: the first run's training never leaks into the second."""
+    cfg, _ = _stack(tmp_path, base_ckpt)
+    conf = _worker_conf(base_ckpt, lineage="online", base_version="seed")
+    del conf["model_dir"]  # the warm trainer takes its base from the registry
+    cold = ct.local_train(cfg, dict(conf, model_dir=str(base_ckpt)), "cold", 1)
+    warm = ct.WarmTrainer(cfg)
+    first = warm(cfg, dict(conf), "warm-1", 1)
+    second = warm(cfg, dict(conf), "warm-2", 1)
+    for k, v in cold["weights"].items():
+        assert torch.equal(v, first["weights"][k]) and torch.equal(v, second["weights"][k]), k
+    assert warm.loads == 1 and warm.rounds == 2
+    # the held base itself was never trained
+    base_now = warm.checkpoint(None, "online", "seed")[0].model.state_dict()
+    assert any(not torch.equal(base_now[k], v) for k, v in first["weights"].items())
+
+
+def test_warm_rounds_match_cold_rounds_and_hold_the_promoted_version(base_ckpt, tmp_path):
+    """Rounds on one warm trainer publish the weights that cold, one-off trainers
+    publish from the same lake; the version a round promoted is the next round's base
+    without a registry read, and each round records its phases."""
+    results = {}
+    for kind in ("cold", "warm"):
+        cfg, reg = _stack(tmp_path / kind, base_ckpt)
+        lake = Lake(cfg.lake_dir)
+        trainer = ct.WarmTrainer(cfg) if kind == "warm" else ct.local_train
+        recs = []
+        for seq, start in ((1, 0), (2, 60)):
+            _traffic(lake, "ing-0", seq, start, 60)
+            recs.append(ct.run_round(cfg, promote=ct.promote_registry, trainer=trainer))
+        assert [r["status"] for r in recs] == ["promoted", "promoted"], recs
+        assert recs[1]["base_version"] == recs[0]["version"]
+        results[kind] = (reg, recs, trainer)
+    (creg, crecs, _), (wreg, wrecs, warm) = results["cold"], results["warm"]
+    for c, w in zip(crecs, wrecs, strict=True):
+        cw, ww = _weights(creg, c["version"]), _weights(wreg, w["version"])
+        assert all(torch.equal(cw[k], ww[k]) for k in cw), c["round"]
+        assert set(w["phases"]) >= {"data", "train", "candidate", "publish", "gate", "promote"}
+    assert warm.loads == 1  # the seed; round 2's base is the version round 1 published
+
+
+def test_a_killed_warm_trainer_resumes_exactly(base_ckpt, tmp_path, monkeypatch):
+    """A warm trainer that dies mid-round (after a checkpoint) and a new one that takes
+    over: the round ends with the weights of an unbroken warm round."""
+    straight_cfg, sreg = _stack(tmp_path / "straight", base_ckpt)
+    _traffic(Lake(straight_cfg.lake_dir), "ing-0", 1, 0, 60)
+    full = ct.run_round(
+        straight_cfg, promote=ct.promote_registry, trainer=ct.WarmTrainer(straight_cfg)
+    )
+
+    cfg, reg = _stack(tmp_path / "broken", base_ckpt)
+    _traffic(Lake(cfg.lake_dir), "ing-0", 1, 0, 60)
+    monkeypatch.setenv(ct.FAULT_ENV, "raise:2")
+    with pytest.raises(ct.InjectedFault):
+        ct.run_round(cfg, promote=ct.promote_registry, trainer=ct.WarmTrainer(cfg))
+    monkeypatch.delenv(ct.FAULT_ENV)
+    rec = ct.run_round(cfg, promote=ct.promote_registry, trainer=ct.WarmTrainer(cfg))
+    assert rec["resumed_from_step"] >= 2 and rec["trained_examples"] == full["trained_examples"]
+    a, b = _weights(sreg, full["version"]), _weights(reg, rec["version"])
+    assert all(torch.equal(a[k], b[k]) for k in a)

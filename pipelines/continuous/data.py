@@ -1,0 +1,262 @@
+"""A round's data: lake entries after the marks, the data policy, next-session examples
+and, for a context-trained model, their context rows (see ``pipelines.continuous``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.continuous.state import Progress, _plain
+from recloop.config import StackConfig
+from recloop.lake import SESSIONS, Entry, Lake, write_atomic, write_with
+
+SESSION_COLUMNS = [
+    "event_id",
+    "user_id",
+    "arm",
+    "model_version",
+    "event_time_ms",
+    "history",
+    "items",
+    "feedback",
+    "clicked",
+    "watch_time_s",
+    "liked",
+    "followed",
+    "clicks",
+    "session_watch_s",
+    "likes",
+    "follows",
+    "last_feedback_ms",
+    "record_ts_ms",
+    "context",  # the request's tags, for a model that reads them
+]
+
+
+# --------------------------------------------------------------------------- data policy
+def session_rows(entry: Entry) -> int:
+    """Sessions an entry commits (its orphans do not count)."""
+    return sum(int(f["rows"]) for f in entry.files if f["table"] == SESSIONS)
+
+
+def select_entries(new: Sequence[Entry], max_sessions: int) -> tuple[list[Entry], bool]:
+    """The round's entries: oldest commits first, whole entries, at most ``max_sessions``
+    sessions (but at least one entry, however big). Entries of one writer are taken in
+    sequence order, so the marks after them cover exactly what was taken. Returns (the
+    entries, whether entries were left for later rounds)."""
+    queues: dict[str, list[Entry]] = {}
+    for e in new:
+        queues.setdefault(e.writer, []).append(e)
+    for q in queues.values():
+        q.sort(key=lambda e: e.seq)
+    taken: list[Entry] = []
+    rows = 0
+    while queues:
+        w = min(queues, key=lambda w: (queues[w][0].committed_at_ms, w, queues[w][0].seq))
+        e = queues[w][0]
+        n = session_rows(e)
+        if taken and rows + n > max_sessions:
+            return taken, True
+        taken.append(e)
+        rows += n
+        queues[w].pop(0)
+        if not queues[w]:
+            del queues[w]
+    return taken, False
+
+
+def is_high_quality(row: dict[str, Any], min_clicks: int, min_watch_s: float) -> bool:
+    """OneRec 3.2's high-quality session on our signals: enough items watched (clicks),
+    enough watch time, or an interaction (a like or a follow)."""
+    return (
+        int(row.get("clicks") or 0) >= min_clicks
+        or float(row.get("session_watch_s") or 0.0) >= min_watch_s
+        or int(row.get("likes") or 0) > 0
+        or int(row.get("follows") or 0) > 0
+    )
+
+
+def policy_sessions(rows: Sequence[dict], arm: str, pooled: bool = False) -> list[dict]:
+    """The sessions the data policy learns from: the arm's own (default) or all arms'."""
+    return list(rows) if pooled else [r for r in rows if r.get("arm") == arm]
+
+
+def quality_sessions(rows: Sequence[dict], min_clicks: int, min_watch_s: float) -> list[dict]:
+    return [r for r in rows if is_high_quality(r, min_clicks, min_watch_s)]
+
+
+@dataclass
+class SessionExamples:
+    """Next-session examples in the base model's item ids, oldest first by event time."""
+
+    histories: torch.Tensor  # (N, H) left-padded with 0
+    targets: torch.Tensor  # (N, M) clicked items by position, right-padded with 0
+    event_time_ms: torch.Tensor  # (N,)
+    holdout: torch.Tensor  # (N,) bool: the newest, for the gate only
+    served: torch.Tensor | None = None  # (N, M) every served item by position (the gate)
+    context: torch.Tensor | None = None  # (N, W) context rows, for a model that takes them
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def train_part(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = ~self.holdout
+        return self.histories[keep], self.targets[keep]
+
+    def holdout_raw(self, item_ids: Sequence[int]) -> list[dict]:
+        """The held-out slice in data item ids, as the gate takes it."""
+        to_data = [0, *[int(i) for i in item_ids]]
+        out = []
+        served = self.served[self.holdout] if self.served is not None else None
+        context = self.context[self.holdout] if self.context is not None else None
+        for j, (h, t) in enumerate(
+            zip(self.histories[self.holdout], self.targets[self.holdout], strict=True)
+        ):
+            ex = {
+                "history": [to_data[i] for i in h.tolist() if i > 0],
+                "items": [to_data[i] for i in t.tolist() if i > 0],
+            }
+            if served is not None:
+                ex["served"] = [to_data[i] for i in served[j].tolist() if i > 0]
+            if context is not None:
+                ex["context"] = context[j].tolist()
+            out.append(ex)
+        return out
+
+    def save(self, path: Path, meta: dict) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {
+            "histories": self.histories.contiguous(),
+            "targets": self.targets.contiguous(),
+            "event_time_ms": self.event_time_ms.contiguous(),
+            "holdout": self.holdout.to(torch.uint8).contiguous(),
+        }
+        if self.served is not None:
+            tensors["served"] = self.served.contiguous()
+        if self.context is not None:
+            tensors["context"] = self.context.contiguous()
+        write_with(path, lambda tmp: save_file(tensors, tmp))
+        write_atomic(path.with_suffix(".json"), json.dumps(_plain(meta), indent=1).encode())
+
+    @classmethod
+    def load(cls, path: Path) -> SessionExamples:
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return cls(
+            t["histories"],
+            t["targets"],
+            t["event_time_ms"],
+            t["holdout"].bool(),
+            t.get("served"),
+            t.get("context"),
+        )
+
+
+def build_examples(
+    sessions: Sequence[dict],
+    item_ids: Sequence[int],
+    max_history: int,
+    session_len: int,
+    holdout_fraction: float,
+    context: Callable[[dict, list[int]], list[int]] | None = None,
+) -> SessionExamples:
+    """One example per session with a known clicked item (see the module docstring);
+    the newest ``holdout_fraction`` of them (at least one when there are two or more)
+    are held out. ``context(session row, history in model ids)``: the session's context
+    row, for a model that takes one."""
+    to_model = {int(d): m for m, d in enumerate(item_ids, start=1)}
+    rows = sorted(sessions, key=lambda r: (int(r["event_time_ms"]), str(r.get("event_id") or "")))
+    hist, tgt, times, served, ctx = [], [], [], [], []
+    for r in rows:
+        items, clicked = r.get("items") or [], r.get("clicked") or []
+        t = [to_model[i] for i, c in zip(items, clicked, strict=False) if c and i in to_model]
+        if not t:
+            continue
+        hist.append([to_model[i] for i in (r.get("history") or []) if i in to_model])
+        if context is not None:
+            ctx.append(context(r, hist[-1]))
+        tgt.append(t[:session_len] + [0] * (session_len - len(t[:session_len])))
+        s = [to_model[i] for i in items if i in to_model][:session_len]
+        served.append(s + [0] * (session_len - len(s)))
+        times.append(int(r["event_time_ms"]))
+    from pipelines.train_onerec import pad_histories
+
+    n = len(tgt)
+    histories = pad_histories(hist, max_history)
+    targets = torch.tensor(tgt, dtype=torch.long).view(n, session_len)
+    holdout = torch.zeros(n, dtype=torch.bool)
+    if n >= 2 and holdout_fraction > 0:
+        k = min(n - 1, max(1, int(n * holdout_fraction)))
+        holdout[n - k :] = True  # rows are in event-time order
+    return SessionExamples(
+        histories,
+        targets,
+        torch.tensor(times, dtype=torch.long),
+        holdout,
+        torch.tensor(served, dtype=torch.long).view(n, session_len),
+        None if context is None else torch.tensor(ctx, dtype=torch.long).reshape(n, -1 if n else 0),
+    )
+
+
+def _entries_by_key(lake: Lake, keys: Sequence[Sequence]) -> list[Entry]:
+    want = {(str(w), int(s)) for w, s in keys}
+    found = [e for e in lake.entries() if (e.writer, e.seq) in want]
+    if len(found) != len(want):
+        missing = want - {(e.writer, e.seq) for e in found}
+        raise RuntimeError(f"lake entries of the round in progress are gone: {sorted(missing)}")
+    return found
+
+
+def _read_sessions(lake: Lake, entries: Sequence[Entry]) -> list[dict]:
+    return lake.read(SESSIONS, entries, columns=SESSION_COLUMNS).to_pylist()
+
+
+def _newest(rows: Sequence[dict], key: str) -> int | None:
+    vals = [int(r[key]) for r in rows if r.get(key)]
+    return max(vals) if vals else None
+
+
+def round_context(
+    cfg: StackConfig, base: Any, sessions: Sequence[dict], progress: Progress
+) -> Callable[[dict, list[int]], list[int]]:
+    """Context rows for a round of a context-trained model, built as serving builds them
+    (``serving.app.LoadedModel.contexts``): each session's event time, its user's Feast
+    profile, anchors by the base's popularity plus Feast's item clicks now. A store that
+    cannot be read leaves profiles unknown and popularity the base's, and says so."""
+    from pipelines.checkpoint import context_builder
+    from pipelines.context import live_popularity
+    from serving.features import item_clicks, user_profiles
+
+    builder = context_builder(base)
+    profiles: dict[int, dict] = {}
+    item_ids = base.meta.get("item_ids") or list(range(1, base.tokenizer.num_items + 1))
+    try:
+        from features.store import open_store
+
+        store = open_store(cfg)
+        if "age" in builder.fields:
+            profiles = user_profiles(store, sorted({int(r["user_id"]) for r in sessions}))
+        if builder.anchors:
+            to_model = {int(d): m for m, d in enumerate(item_ids, start=1)}
+            pop, _ = live_popularity(builder.popularity, to_model, item_clicks(store, item_ids))
+            builder.set_popularity(pop)
+    except Exception as exc:
+        progress(f"context: Feast unreadable ({type(exc).__name__}: {exc}); profiles unknown")
+
+    def row(session: dict, history: list[int]) -> list[int]:
+        when = int(session["event_time_ms"]) / 1000
+        try:
+            tags = json.loads(session.get("context") or "{}")
+        except ValueError:
+            tags = {}
+        tags = tags if isinstance(tags, dict) else {}
+        return builder.row(history, when, profiles.get(int(session["user_id"])), tags)
+
+    return row

@@ -1,0 +1,62 @@
+"""CPU priority of background work on a shared machine (``priority`` in the config).
+
+On Linux a nice value and a CPU affinity belong to each thread, not to the process:
+``setpriority(PRIO_PROCESS, 0, n)`` from one thread leaves the others as they were. So
+``background`` applies both to every thread the process has now (``/proc/self/task``);
+threads started later inherit them from the thread that starts them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _threads() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: the calling process only
+        return [0]
+
+
+def background(nice: int, cpus: list[int] | None = None) -> dict[str, Any]:
+    """Lower this process's priority to ``nice`` (never raises it: a process already
+    nicer stays so) and, with ``cpus``, pin it to those cores (the ones that exist).
+    Returns what was applied, for status lines; errors are reported, not raised: a
+    machine that refuses is still a machine that works."""
+    out: dict[str, Any] = {"pid": os.getpid(), "nice": None, "cpus": None}
+    errors = []
+    if nice > 0 and hasattr(os, "setpriority"):
+        for tid in _threads():
+            try:
+                now = os.getpriority(os.PRIO_PROCESS, tid)
+                if now < nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except OSError as exc:  # the thread ended, or not permitted
+                errors.append(f"nice {tid}: {exc}")
+        out["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+    if cpus and hasattr(os, "sched_setaffinity"):
+        have = os.sched_getaffinity(0)
+        want = {c for c in cpus if c in have} or have
+        for tid in _threads():
+            try:
+                os.sched_setaffinity(tid, want)
+            except OSError as exc:
+                errors.append(f"affinity {tid}: {exc}")
+        out["cpus"] = sorted(os.sched_getaffinity(0))
+    if errors:
+        out["errors"] = errors[:5]
+    return out
+
+
+def apply(cfg: Any) -> dict[str, Any]:
+    """``background`` with the stack config's ``priority`` section."""
+    return background(int(cfg.priority.background_nice), list(cfg.priority.background_cpus))
+
+
+def thread_nice(tid: int | None = None) -> int:
+    """The nice value of a thread of this process (the calling one by default)."""
+    if tid is None:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    return int(Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
