@@ -13,8 +13,12 @@ It reports:
   gate decision;
 - feedback-to-serving delay, sampled every 10 s during the run: the wall-clock age of
   the newest feedback in the version serving on ``online``;
-- the baseline measured in the same run: the last round's examples trained in this
-  process by one worker (``local_train``), beside the Ray Train workers' compute rate.
+- per training round its phases (data, train, candidate, publish, gate, promote) and,
+  per arm, the rounds decided, the median round time and phases, and each promotion's
+  feedback-to-serving delay (newest feedback record learned from -> promoted);
+- the baseline measured in the same run: the last round's examples trained again after
+  the traffic by the warm trainer (the rounds' code path, checkpoints included) and by a
+  bare loop in this process (same batches, loss, optimizer), best of three each.
 
 With a run file that has an ``online-ipa`` arm (``infra/experiments/ipa-vs-online.yaml``,
 ``--dpo-fraction``) it also reports the DPO sample server (requests mirrored, processed,
@@ -92,13 +96,54 @@ def final_rewards(cfg: Any, arms: list[str], ipa_arm: str, users: int = 300) -> 
     return out
 
 
-def local_baseline(cfg: Any, round_no: int) -> dict[str, Any] | None:
-    """The round's examples, one epoch, one worker in this process."""
+def bare_loop(model: Any, codes: Any, conf: dict[str, Any]) -> float:
+    """The round's training as a plain loop in this process: the same batches, loss and
+    optimizer as ``train_worker``, without checkpoints, reports or counters. Seconds."""
+    import torch
+
+    from models.dpo import NtpDpoObjective
+    from pipelines.continuous import epoch_permutation, epoch_schedule
+
+    hist, tgt = conf["histories"].long(), conf["targets"].long()
+    n = len(tgt)
+    net = NtpDpoObjective(model, 0.1, 1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=conf["lr"], weight_decay=conf["weight_decay"])
+    model.train()
+    started = time.perf_counter()
+    for epoch in range(int(conf["epochs"])):
+        perm = epoch_permutation(n, conf["seed"], conf["round"], epoch)
+        for lo, hi in epoch_schedule(n, 1, int(conf["batch_size"])):
+            idx = perm[lo:hi]
+            h, t = hist[idx], tgt[idx]
+            batch = {
+                "history": codes[h],
+                "history_mask": h > 0,
+                "target": codes[t],
+                "target_mask": t > 0,
+                "history_items": h,
+                "target_items": t,
+            }
+            loss, _ = net(batch, None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    return time.perf_counter() - started
+
+
+def warm_vs_bare(cfg: Any, round_no: int, repeats: int = 3) -> dict[str, Any] | None:
+    """The examples of round ``round_no`` trained again, after the traffic, in this
+    process: by a ``WarmTrainer`` (the rounds' code path: checkpoints at each epoch's end
+    and every ``checkpoint_every_steps``, per-example counters) and by ``bare_loop``,
+    alternately, ``repeats`` times each; the best of each. Same epochs, batches, threads."""
+    import copy
+
     import torch
 
     from pipelines.continuous import (
+        SEED,
         SessionExamples,
-        local_train,
+        WarmTrainer,
         read_rounds,
         round_dir,
         worker_conf,
@@ -114,18 +159,73 @@ def local_baseline(cfg: Any, round_no: int) -> dict[str, Any] | None:
     tc = cfg.train
     torch.set_num_threads(tc.torch_threads)
     plan = {
-        "seed": 0,
-        "epochs": 1,
-        "batch_size": tc.batch_size * tc.workers,  # the same global batch
+        "seed": SEED,
+        "epochs": tc.epochs,
+        "batch_size": tc.batch_size,
         "lr": tc.lr,
-        "checkpoint_every_steps": 10**9,
+        "checkpoint_every_steps": tc.checkpoint_every_steps,
     }
-    lineage = registry(cfg).arm(tc.arm)["lineage"]
-    conf = worker_conf(cfg, 10**6 + round_no, plan, lineage, rec["base_version"], h, t)
-    started = time.perf_counter()
-    local_train(cfg, conf, f"baseline-{round_no}", 1)
-    wall = time.perf_counter() - started
-    return {"round": round_no, "examples": len(t), "seconds": wall, "examples_per_s": len(t) / wall}
+    reg = registry(cfg)
+    lineage = reg.arm(tc.arm)["lineage"]
+    conf = worker_conf(cfg, round_no, plan, lineage, rec["base_version"], h, t)
+    warm = WarmTrainer(cfg)
+    base, _ = warm.checkpoint(reg, lineage, rec["base_version"])  # loaded once, untimed
+    from pipelines.train_onerec import code_table
+
+    codes = code_table(base.tokenizer, base.tokenizer.num_items)
+    warm_s, bare_s = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        warm(cfg, dict(conf), f"bench-warm-{round_no}-{i}", 1)
+        warm_s.append(time.perf_counter() - t0)
+        shutil.rmtree(cfg.home / "train" / tc.arm / "local", ignore_errors=True)
+        bare_s.append(bare_loop(copy.deepcopy(base.model), codes, conf))
+    passes = len(t) * tc.epochs
+    out = {
+        "round": round_no,
+        "examples": len(t),
+        "epochs": tc.epochs,
+        "warm_s": min(warm_s),
+        "bare_s": min(bare_s),
+        "warm_examples_per_s": passes / min(warm_s),
+        "bare_examples_per_s": passes / min(bare_s),
+        "all_warm_s": warm_s,
+        "all_bare_s": bare_s,
+    }
+    out["warm_vs_bare"] = out["warm_examples_per_s"] / out["bare_examples_per_s"]
+    return out
+
+
+def _median(values: list[float]) -> float | None:
+    v = sorted(x for x in values if x is not None)
+    return v[len(v) // 2] if v else None
+
+
+def round_summary(rounds: list[dict]) -> dict[str, Any]:
+    """Rounds decided, round time and its phases (medians), and each promotion's
+    feedback-to-serving delay: the newest feedback record it learned from to the
+    promotion's end (wall clock)."""
+    trained = [r for r in rounds if r.get("status") in ("promoted", "rejected")]
+    phases: dict[str, list[float]] = {}
+    for r in trained:
+        for k, v in (r.get("phases") or {}).items():
+            phases.setdefault(k, []).append(v)
+    delays = [
+        (r["completed_at_ms"] - r["newest_record_ts_ms"]) / 1000
+        for r in trained
+        if r.get("promoted") and r.get("newest_record_ts_ms")
+    ]
+    return {
+        "decided": len(trained),
+        "promoted": sum(1 for r in trained if r.get("promoted")),
+        "rejected": sum(1 for r in trained if r.get("status") == "rejected"),
+        "sessions_median": _median([r.get("sessions") for r in trained]),
+        "round_s_median": _median([r.get("round_s") for r in trained]),
+        "round_s_max": max((r.get("round_s") or 0 for r in trained), default=None),
+        "phases_median_s": {k: _median(v) for k, v in phases.items()},
+        "feedback_to_served_p50_s": _median(delays),
+        "feedback_to_served_max_s": max(delays, default=None),
+    }
 
 
 def main() -> int:
@@ -227,9 +327,10 @@ def main() -> int:
             "throughput": result["meta"]["throughput"],
         }
         keep = (
-            "round", "status", "version", "sessions", "high_quality", "examples", "examples_per_s",
-            "compute_examples_per_s", "train_s", "round_s", "gate", "trained_pairs", "pairs",
-            "reward_model", "losses",
+            "round", "status", "version", "sessions", "hq_sessions", "examples",
+            "examples_per_s", "compute_examples_per_s", "train_s", "round_s", "phases", "gate",
+            "trained_pairs", "pairs", "reward_model", "losses", "newest_record_ts_ms",
+            "completed_at_ms",
         )  # fmt: skip
         by_arm = {arm: read_rounds(cfg, arm) for arm in learning}
         out["rounds_by_arm"] = {
@@ -237,6 +338,7 @@ def main() -> int:
         }
         rounds = by_arm[learning[0]]
         out["rounds"] = out["rounds_by_arm"][learning[0]]
+        out["round_summary_by_arm"] = {a: round_summary(rs) for a, rs in by_arm.items()}
         if ipa:
             out["dpo_sampler"] = manifest.get("learning", {}).get("dpo_sampler")
             out["router_dpo_mirror"] = manifest.get("service", {}).get("dpo_mirror")
@@ -263,14 +365,8 @@ def main() -> int:
         ]
         stop_actors(cfg, _say)
         trained = [r for r in rounds if r.get("examples")]
-        if trained:
-            out["baseline_local_one_worker"] = local_baseline(cfg, trained[-1]["round"])
-            last = trained[-1]
-            base = out["baseline_local_one_worker"]
-            if base and last.get("compute_examples_per_s"):
-                out["ray_compute_vs_local"] = (
-                    last["compute_examples_per_s"] / base["examples_per_s"]
-                )
+        if trained and cfg.train.workers <= 1:  # the warm trainer against a bare loop
+            out["warm_vs_bare"] = warm_vs_bare(cfg, trained[-1]["round"])
         ray.shutdown()
     finally:
         stop.set()
@@ -278,7 +374,8 @@ def main() -> int:
         shutil.rmtree(home, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))
-    print(json.dumps({k: out.get(k) for k in ("ab", "feedback_to_serving")}, indent=2, default=str))
+    keys = ("round_summary_by_arm", "warm_vs_bare", "feedback_to_serving")
+    print(json.dumps({k: out.get(k) for k in keys}, indent=2, default=str))
     return 0
 
 

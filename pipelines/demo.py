@@ -298,6 +298,29 @@ def build_summary(
     def pct(x: pd.Series, q: float) -> float | None:
         return round(float(x.quantile(q)), 2) if len(x) else None
 
+    # Requests sent while any arm's round was running, against the others.
+    spans = [
+        (r["completed_at_ms"] - 1000 * float(r.get("round_s") or 0), r["completed_at_ms"])
+        for arm in learning
+        for r in (manifest.get("learning") or {}).get(arm, {}).get("rounds", [])
+        if r.get("round") is not None and r.get("completed_at_ms")
+    ]
+    by_rounds: dict[str, Any] = {"rounds": len(spans)}
+    if "wall_ms" in ok.columns and spans:
+        wall = ok["wall_ms"].astype(float)
+        during = pd.Series(False, index=ok.index)
+        for lo, hi in spans:
+            during |= (wall >= lo) & (wall <= hi)
+        for name, part in (("during_rounds", lat[during]), ("between_rounds", lat[~during])):
+            by_rounds[name] = {"p50": pct(part, 0.5), "p99": pct(part, 0.99), "n": len(part)}
+        d99, b99 = by_rounds["during_rounds"]["p99"], by_rounds["between_rounds"]["p99"]
+        by_rounds["p99_ratio"] = round(d99 / b99, 3) if d99 and b99 else None
+    delays = sorted(v["feedback_to_serving_s"] for v in per_version)
+    rounds_decided = {
+        arm: sum(1 for r in rows if r["status"] in ("promoted", "rejected"))
+        for arm, rows in training.items()
+    }
+
     summary = {
         "run": {
             "run_id": manifest["run_id"],
@@ -319,7 +342,12 @@ def build_summary(
         "training": training,
         "dpo": {"timeline": dpo_tl, "totals": dpo_totals},
         "ingest": {"timeline": ingest_tl},
-        "feedback_to_serving": {"timeline": fresh_tl, "per_version": per_version},
+        "feedback_to_serving": {
+            "timeline": fresh_tl,
+            "per_version": per_version,
+            "p50_s": delays[len(delays) // 2] if delays else None,
+        },
+        "rounds_decided": rounds_decided,
         "serving": {
             "timeline": serving_tl,
             "latency_ms": {
@@ -330,6 +358,7 @@ def build_summary(
                 "n": len(lat),
             },
             "requests_per_s": manifest["totals"]["requests_per_s"],
+            "by_rounds": by_rounds,
             "by_arm": {
                 str(arm): {
                     "p50_ms": pct(g["latency_ms"], 0.5),
@@ -454,6 +483,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep_up:
             stack.down(_say)
     _say(summary["headline"])
+    f2s, by_rounds = summary["feedback_to_serving"], summary["serving"]["by_rounds"]
+    _say(
+        f"rounds decided per arm {summary['rounds_decided']}; feedback-to-served p50 "
+        f"{f2s['p50_s']} s over {len(f2s['per_version'])} promotions; serving p99 during "
+        f"rounds / between: {by_rounds.get('p99_ratio')}"
+    )
     _say(f"report: {report['html']}")
     _say(f"summary: {out / 'summary.json'}")
     if args.keep_up:

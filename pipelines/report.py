@@ -386,6 +386,14 @@ def fig_serving(s: dict) -> tuple[Figure, str]:
     )
     if srv.get("requests_per_s") is not None:
         reading += f"; {srv['requests_per_s']:.1f} requests/s over the run"
+    br = srv.get("by_rounds") or {}
+    during, between = br.get("during_rounds") or {}, br.get("between_rounds") or {}
+    if during.get("n") and between.get("n"):
+        reading += (
+            f"; p99 {_num(during.get('p99'))} ms while a training round ran "
+            f"({during['n']:,} requests) vs {_num(between.get('p99'))} ms between rounds "
+            f"({_num(br.get('p99_ratio'))}x)"
+        )
     return fig, reading
 
 

@@ -1,6 +1,7 @@
 """Continuous training on the real stack's Ray: a synthetic lake (sessions cut from the
 generated data's sequences), the quick seed checkpoint serving arm ``online`` in a
-registry, and a round run by Ray Train (2 CPU workers, DDP over gloo), killed and resumed.
+registry; a round run by Ray Train (2 CPU workers, DDP over gloo), and one by the warm
+trainer actor, each killed mid-round and resumed.
 
 Promotion here is registry-only (``promote_registry``): no Serve application is deployed
 by these tests, and the hot swap through Serve is covered by tests/integration/
@@ -190,23 +191,60 @@ def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
     )
 
 
-def test_the_trainer_runs_as_a_detached_actor_of_the_stack(
-    ray_driver, synthetic_checkpoints, tmp_path
+@pytest.mark.faults
+def test_the_warm_trainer_actor_killed_mid_round_resumes_exactly(
+    ray_driver, synthetic_checkpoints, tmp_path, fault_record
 ):
-    """``recloop train --detach``: the arm's trainer is a named, detached actor whose
-    rounds launch Ray Train from inside it; one round there publishes and promotes."""
+    """``recloop train --detach`` with one worker: the arm's trainer is a named, detached
+    actor that trains in its own process (warm, no Ray Train job). Its process dies
+    mid-round after a checkpoint (``os._exit``); a new actor resumes the round and
+    publishes the weights an unbroken warm round publishes, then promotes them."""
     import ray
+    from safetensors.torch import load_file
 
     from pipelines import continuous as ct
+    from serving.control import registry
 
-    cfg = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "home", epochs=1)
+    straight = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "straight", workers=1)
+    full = ct.run_round(straight, promote=ct.promote_registry, trainer=ct.WarmTrainer(straight))
+
+    cfg = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "home", workers=1)
+    actor = ct.start_actor(cfg, run=False, env={ct.FAULT_ENV: "exit:3"})
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actor.run_once.remote(), timeout=600)
+    ip = ct.load_state(cfg)["in_progress"]
+    assert ip is not None and ip["phase"] == "training"
+    assert any((ct.train_dir(cfg) / "local" / ip["run"]).glob("ckpt-*"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the dead actor's name is released
+        try:
+            ray.get_actor(ct.actor_name(ARM))
+            time.sleep(0.5)
+        except ValueError:
+            break
+    started = time.monotonic()
     actor = ct.start_actor(cfg, run=False)
     try:
-        assert ray.get_actor(ct.actor_name(ARM)) is not None
         rec = ray.get(actor.run_once.remote(), timeout=600)
-        assert rec["status"] == "promoted", rec.get("gate")
+        resumed_s = time.monotonic() - started
+        assert rec["status"] == "promoted" and rec["run"] == ip["run"], rec.get("gate")
+        assert rec["resumed_from_step"] >= 3 and rec["workers"] == 1
+        assert rec["trained_examples"] == full["trained_examples"]
+        reg = registry(cfg)
+        a = load_file(str(registry(straight).fetch(ARM, full["version"]) / "model.safetensors"))
+        b = load_file(str(reg.fetch(ARM, rec["version"]) / "model.safetensors"))
+        assert all(a[k].equal(b[k]) for k in a)  # exactly the unbroken round's weights
         status = ray.get(actor.status.remote(), timeout=60)
-        assert status["rounds"][-1]["version"] == rec["version"]
-        assert status["freshness"]["version"] == rec["version"]
+        assert status["rounds"][-1]["version"] == rec["version"] == reg.current(ARM)
+        assert status["warm"]["rounds"] == 1
+        assert status["priority"]["nice"] >= cfg.priority.background_nice
     finally:
         assert ct.stop_actor(cfg)
+    fault_record(
+        fault="warm trainer actor killed mid-round (its process exits after a checkpoint)",
+        load=f"1 round in the trainer actor, {rec['train_examples']} examples",
+        survived=True,
+        recovery_s=round(resumed_s, 1),
+        detail=f"a new actor resumed from step {rec['resumed_from_step']}; weights equal to "
+        "an unbroken round's; promoted",
+    )
