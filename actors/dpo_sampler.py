@@ -74,7 +74,7 @@ class RewardScorer:
 
     @classmethod
     def load(cls, path: str, version: str, weights: dict[str, float]) -> RewardScorer:
-        from pipelines.checkpoint import load_reward
+        from recloop.checkpoint import load_reward
 
         ck = load_reward(path)
         to_model = {int(d): m for m, d in enumerate(ck.item_ids, start=1)}
@@ -83,8 +83,8 @@ class RewardScorer:
     @torch.no_grad()
     def score(self, history: Sequence[int], sessions: Sequence[Sequence[int]]) -> list[float]:
         """The combined reward of each candidate session (data item ids)."""
+        from models.ranker import pad_histories
         from models.reward import combine
-        from pipelines.train_onerec import pad_histories
 
         hist = [self.to_model[i] for i in history if i in self.to_model]
         h = pad_histories([hist], self.max_history).expand(len(sessions), -1)
@@ -134,7 +134,7 @@ class PreferenceMiner:
             producer = EventProducer(cfg.kafka.bootstrap, client_id="recloop-dpo-sampler")
         self.registry, self.producer = registry, producer
         self.queue: queue.Queue[tuple[float, dict]] = queue.Queue(maxsize=cfg.dpo.queue_size)
-        self.policies: dict[str, Any] = {}  # arm -> serving.app.LoadedModel
+        self.policies: dict[str, Any] = {}  # arm -> recloop.inference.LoadedModel
         self.rewards: dict[str, RewardScorer] = {}
         self._next_check = 0.0
         self._lock = threading.Lock()
@@ -179,7 +179,7 @@ class PreferenceMiner:
         if not force and time.monotonic() < self._next_check:
             return
         self._next_check = time.monotonic() + self.cfg.dpo.reload_s
-        from serving.app import LoadedModel
+        from recloop.inference import LoadedModel
 
         for arm in self.arms:
             for kind, pointer in (("policy", arm), ("reward", reward_arm(arm))):

@@ -65,7 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     if args.checkpoint:
-        from pipelines.checkpoint import load_checkpoint
+        from recloop.checkpoint import load_checkpoint
 
         ck = load_checkpoint(args.checkpoint)
         model, cfg = ck.model, ck.model.cfg

@@ -70,7 +70,6 @@ def main() -> int:
     from actors.dpo_sampler import RewardScorer, select_pair
     from actors.sim.user_model import HiddenUserModel
     from models.reward import RewardConfig
-    from pipelines.checkpoint import load_checkpoint, save_reward
     from pipelines.continuous import (
         LocalIO,
         build_examples,
@@ -79,10 +78,11 @@ def main() -> int:
         train_worker,
         worker_conf,
     )
-    from pipelines.data import load
     from pipelines.ipa import build_pairs
     from pipelines.reward import RewardTrainConfig, fit_reward, reward_data
-    from serving.app import LoadedModel
+    from recloop.checkpoint import load_checkpoint, save_reward
+    from recloop.data import load
+    from recloop.inference import LoadedModel
     from serving.control import latest_seed
 
     cfg = load_config(env={})

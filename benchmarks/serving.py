@@ -129,7 +129,7 @@ def _push_histories(cfg: StackConfig, max_len: int = 50) -> list[int]:
     import pandas as pd
 
     from features.store import open_store, push
-    from pipelines.data import load
+    from recloop.data import load
 
     data = load(cfg.data)
     r = data.ratings.sort_values(["user_id", "timestamp", "item_id"], kind="mergesort")

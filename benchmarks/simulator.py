@@ -150,7 +150,7 @@ def main() -> None:
     from actors.sim.user_model import HiddenUserModel
     from infra.kafka.broker import KafkaBroker
     from infra.kafka.topics import ensure_topics
-    from pipelines.data import load
+    from recloop.data import load
 
     home = Path(tempfile.mkdtemp(prefix="rl-bench-", dir="/tmp"))
     cfg = load_config(

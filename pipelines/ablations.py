@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_dataset(args.data)
     split = leave_one_out(ds)
     if args.beams_only:
-        from pipelines.checkpoint import load_checkpoint
         from pipelines.train_onerec import code_table
+        from recloop.checkpoint import load_checkpoint
 
         ck = load_checkpoint(args.beams_only)
         ranker = OneRecRanker(ck.model, code_table(ck.tokenizer, split.num_items))

@@ -2,7 +2,7 @@
 
 Three on-disk formats give the same ``SequenceDataset`` for the same interactions:
 
-- a MovieLens-100k folder (``u.data``, via ``pipelines.data.load_movielens``);
+- a MovieLens-100k folder (``u.data``, via ``recloop.data.load_movielens``);
 - a CSV or Parquet table with columns ``user_id, item_id, timestamp`` (others ignored);
 - the SASRec text format: one ``user item`` pair per line, already in time order.
 
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.data import InteractionData, load_movielens, synthetic
+from recloop.data import InteractionData, load_movielens, synthetic
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
 TIES = ("file", "item")  # how interactions with the same timestamp are ordered
@@ -166,7 +166,7 @@ def load_dataset(
 ) -> SequenceDataset:
     """Pick the reader from the path: a folder with ``u.data`` (MovieLens-100k), ``.csv``,
     ``.parquet``/``.pq``, ``.txt`` (SASRec). Names: ``ml-100k`` (the configured MovieLens
-    folder, env ``RECLOOP_MOVIELENS_DIR``) and ``synthetic`` (``pipelines.data.synthetic()``).
+    folder, env ``RECLOOP_MOVIELENS_DIR``) and ``synthetic`` (``recloop.data.synthetic()``).
     ``ties``: see the module docstring (the SASRec text format has none)."""
     if str(path_or_name) == "synthetic":
         return from_interaction_data(synthetic(), min_interactions, "synthetic", ties)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from actors.sim.user_model import HiddenUserModel
-    from pipelines.data import load_movielens, synthetic
+    from recloop.data import load_movielens, synthetic
 
     torch.set_num_threads(args.threads)
     if args.data == "synthetic":

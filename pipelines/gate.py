@@ -29,7 +29,7 @@ b. **offline metric on the held-out slice**: the round's newest sessions, never 
    explains is not evidence of a regression). Both
    models score the same slice: ids are mapped through each checkpoint's own
    ``item_ids``, unknown ones dropped.
-c. **serves**: it loads through ``serving.app.LoadedModel.load`` (the replica's code
+c. **serves**: it loads through ``recloop.inference.LoadedModel.load`` (the replica's code
    path) and ``generate`` on one held-out request (beam width 8) returns a non-empty
    session.
 
@@ -69,7 +69,7 @@ def _finite(x: float | None) -> float | None:
 
 @torch.no_grad()
 def holdout_metrics(
-    model: Any,  # serving.app.LoadedModel
+    model: Any,  # recloop.inference.LoadedModel
     holdout: Sequence[dict],
     k: int = GATE_K,
     batch_size: int = 64,
@@ -144,8 +144,8 @@ def gate(
     """Checks (a) loads with finite weights, (b) NDCG@k on ``holdout`` not below the
     base's by more than ``tolerance`` (relative), (c) serves a session. ``base_dir``
     None (or a base that cannot be scored) skips the comparison in (b), never (a), (c)."""
-    from pipelines.checkpoint import CheckpointError, load_checkpoint
-    from serving.app import LoadedModel
+    from recloop.checkpoint import CheckpointError, load_checkpoint
+    from recloop.inference import LoadedModel
 
     metrics: dict[str, Any] = {"tolerance": tolerance, "k": k, "holdout": len(holdout)}
     # (a) the checkpoint loads and every weight is finite

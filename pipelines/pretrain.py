@@ -22,7 +22,6 @@ import torch
 
 from models.onerec import OneRecConfig
 from models.tokenizer import SemanticIdTokenizer, TokenizerConfig
-from pipelines.checkpoint import save_checkpoint
 from pipelines.datasets import SequenceDataset, from_interaction_data, load_dataset
 from pipelines.evaluation import Split, evaluate_full, leave_one_out
 from pipelines.train_onerec import (
@@ -32,6 +31,7 @@ from pipelines.train_onerec import (
     code_table,
     train_onerec,
 )
+from recloop.checkpoint import save_checkpoint
 from recloop.config import PROJECT_ROOT
 
 
@@ -42,7 +42,7 @@ def _log(msg: str) -> None:
 def genre_features(ds: SequenceDataset, movielens_dir: Path, data=None) -> torch.Tensor | None:
     """(N + 1, G) genre multi-hot by contiguous item id, when the data is MovieLens
     (``data``: the folder's ``load_movielens``, if the caller has read it already)."""
-    from pipelines.data import load_movielens
+    from recloop.data import load_movielens
 
     if data is None:
         if not (movielens_dir / "u.item").exists():
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     started = time.monotonic()
     if args.data == "synthetic":
-        from pipelines.data import synthetic
+        from recloop.data import synthetic
 
         data = synthetic(seed=args.seed)
         ds = from_interaction_data(data)

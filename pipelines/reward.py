@@ -16,7 +16,7 @@ reports item-level AUCs of the three rate heads and the session-level concordanc
 predicted and true session watch time on them. It is deterministic under its seed and
 leaves the caller's global RNG state alone; ``init`` fine-tunes a copy of an existing
 model. The CLI reads the whole lake, fits, prints the report as JSON on stdout and, with
-``--out``, writes a ``recloop.reward/1`` checkpoint (``pipelines/checkpoint.save_reward``).
+``--out``, writes a ``recloop.reward/1`` checkpoint (``recloop/checkpoint.save_reward``).
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs < 0:
         parser.error("--epochs must be >= 0")
 
-    from pipelines.checkpoint import CheckpointError, load_checkpoint, save_reward
+    from recloop.checkpoint import CheckpointError, load_checkpoint, save_reward
     from recloop.lake import SESSIONS, Lake
 
     torch.set_num_threads(args.threads)

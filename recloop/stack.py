@@ -69,7 +69,7 @@ class Stack:
 
         t = time.monotonic()
         from features import store as feature_store
-        from pipelines.data import load
+        from recloop.data import load
 
         data = load(self.cfg.data)
         progress(f"data: {data.summary()}")

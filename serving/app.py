@@ -28,7 +28,6 @@ import math
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,10 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from models.beam_search import beam_search
-from models.cascade import rerank_beams
 from recloop.config import StackConfig
 from recloop.events import MAX_EVENT_TIME_MS, Impression
+from recloop.inference import BaselineModel, LoadedModel
 from recloop.ray_head import auth_headers
 
 log = logging.getLogger("recloop.serve")
@@ -108,169 +106,8 @@ class ArmInfo(BaseModel):
 
 
 # --------------------------------------------------------------------------- model side
-@dataclass
-class LoadedModel:
-    """One checkpoint ready to serve: the ranker plus the item-id maps."""
-
-    version: str
-    ranker: Any  # pipelines.train_onerec.OneRecRanker
-    to_model: dict[int, int]  # data item id -> model item id
-    to_data: list[int]  # model item id -> data item id (index 0 unused)
-    session_len: int
-    loaded_at: float
-    # A model trained with context engineering: builds each request's context row (its
-    # time, the user's Feast profile, anchors from the history) as in training.
-    context: Any = None  # pipelines.context.ContextBuilder
-    base_popularity: torch.Tensor | None = None  # the checkpoint's, by model item id
-
-    @classmethod
-    def load(cls, path: str, version: str, scoring: str = "beam") -> "LoadedModel | BaselineModel":
-        from pipelines.checkpoint import (
-            BASELINE_FORMAT,
-            checkpoint_format,
-            context_builder,
-            load_checkpoint,
-        )
-        from pipelines.train_onerec import OneRecRanker, code_table
-
-        if checkpoint_format(path) == BASELINE_FORMAT:
-            return BaselineModel.load(path, version)
-        ck = load_checkpoint(path)
-        n = ck.tokenizer.num_items
-        data_ids = ck.meta.get("item_ids") or list(range(1, n + 1))
-        if len(data_ids) != n:
-            raise ValueError(f"{path}: {len(data_ids)} item ids for {n} items")
-        ranker = OneRecRanker(ck.model, code_table(ck.tokenizer, n))
-        if scoring == "cascade" and not ck.model.cfg.contrastive_head:
-            raise ValueError(
-                f"{path}: the arm re-ranks by cascade but this checkpoint has no contrastive "
-                "head (train it with infonce_weight > 0)"
-            )
-        if scoring == "hybrid" and not (ck.model.cfg.next_item_weight and ck.model.cfg.item_vocab):
-            raise ValueError(
-                f"{path}: the arm re-ranks by the next-item head but this checkpoint has none "
-                "trained (next_item_weight > 0)"
-            )
-        to_data = [0, *[int(i) for i in data_ids]]
-        to_model = {d: m for m, d in enumerate(to_data) if m > 0}
-        loaded = cls(version, ranker, to_model, to_data, ck.model.cfg.session_len, time.time())
-        if ck.model.cfg.context_width:
-            loaded.context = context_builder(ck)
-            loaded.base_popularity = loaded.context.popularity
-        return loaded
-
-    def update_popularity(self, clicks: dict[int, int]) -> int:
-        """Anchor popularity = the checkpoint's counts + ``clicks`` (data item id ->
-        clicks, from Feast); returns how many catalogue items had clicks."""
-        from pipelines.context import live_popularity
-
-        if self.context is None or not self.context.anchors:
-            return 0
-        pop, clicked = live_popularity(self.base_popularity, self.to_model, clicks)
-        self.context.set_popularity(pop)
-        return clicked
-
-    def contexts(self, requests: list[dict], histories: list[list[int]]) -> list[list[int]] | None:
-        """Each request's context row, for a model that takes one: the request's time
-        (``request_time_s``), the user's profile and the history (model ids)."""
-        if self.context is None:
-            return None
-        return [
-            self.context.row(h, r.get("request_time_s"), r.get("profile"), r.get("tags"))
-            for h, r in zip(histories, requests, strict=True)
-        ]
-
-    @torch.no_grad()
-    def generate(
-        self, requests: list[dict], beam_width: int, scoring: dict | None = None
-    ) -> list[dict]:
-        histories = [
-            [self.to_model[i] for i in r["history"] if i in self.to_model] for r in requests
-        ]
-        exclude = [h if r["exclude_seen"] else [] for h, r in zip(histories, requests, strict=True)]
-        enc = self.ranker.encode(histories, self.contexts(requests, histories))
-        beams = beam_search(self.ranker.model, enc, self.ranker.trie, beam_width, exclude=exclude)
-        scoring = scoring or {}
-        rerank = scoring.get("scoring")
-        if rerank in ("cascade", "hybrid"):  # every beam's items, re-ranked by a head
-            cas = rerank_beams(
-                self.ranker.model,
-                enc,
-                beams,
-                self.ranker.codes,
-                weight=float(scoring.get("cascade_weight", 1.0)),
-                head="contrastive" if rerank == "cascade" else "item",
-            )
-            sessions, item_scores = cas.items, cas.sid_scores
-        else:
-            sessions, item_scores = beams.items[:, 0], beams.item_scores[:, 0]
-        out = []
-        for b, r in enumerate(requests):
-            size = min(r.get("session_size") or self.session_len, self.session_len)
-            items, scores = sessions[b].tolist(), item_scores[b].tolist()
-            session = [
-                {"item_id": self.to_data[i], "score": float(s), "position": p}
-                for p, (i, s) in enumerate(zip(items[:size], scores[:size], strict=True))
-                if i > 0
-            ]
-            out.append({"model_version": self.version, "items": session})
-        return out
-
-
-@dataclass
-class BaselineModel:
-    """A non-learned arm (``popularity`` or ``random``) behind the same interface, so an
-    A/B test can check that the model beats it through the whole serving path."""
-
-    version: str
-    kind: str
-    scores: torch.Tensor  # (N,) per item, aligned with item_ids
-    item_ids: torch.Tensor  # (N,) data item ids
-    session_len: int
-    loaded_at: float
-    logp: torch.Tensor  # (N,) the score each served item reports: log p under the arm
-
-    @classmethod
-    def load(cls, path: str, version: str) -> "BaselineModel":
-        from pipelines.checkpoint import load_baseline
-
-        ck = load_baseline(path)
-        ids = torch.tensor(ck.item_ids, dtype=torch.long)
-        if ck.kind == "popularity":
-            logp = torch.log_softmax(ck.scores, 0)
-        else:  # uniform
-            logp = torch.full_like(ck.scores, -math.log(len(ck.item_ids)))
-        return cls(version, ck.kind, ck.scores, ids, ck.session_len, time.time(), logp)
-
-    @torch.no_grad()
-    def generate(
-        self, requests: list[dict], beam_width: int, scoring: dict | None = None
-    ) -> list[dict]:
-        out = []
-        for r in requests:
-            size = min(r.get("session_size") or self.session_len, len(self.item_ids))
-            if self.kind == "random":
-                scores = torch.rand(len(self.item_ids))
-            else:
-                scores = self.scores.clone()
-            if r["exclude_seen"] and r["history"]:
-                seen = torch.isin(self.item_ids, torch.tensor(r["history"], dtype=torch.long))
-                scores[seen] = float("-inf")
-            top = torch.topk(scores, size)
-            picked = [
-                i
-                for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
-                if v > float("-inf")
-            ]
-            logp = self.logp[picked].tolist()
-            session = [
-                {"item_id": int(self.item_ids[i]), "score": lp, "position": p}
-                for p, (i, lp) in enumerate(zip(picked, logp, strict=True))
-            ]
-            out.append({"model_version": self.version, "items": session})
-        return out
-
-
+# A checkpoint's served form (LoadedModel, BaselineModel) is recloop.inference's, which
+# the training gate and the DPO sampler load too; imported above (and re-exported).
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
 class Recommender:
     """One arm's model. ``user_config = {"version": ...}`` selects the registry version."""
@@ -332,7 +169,7 @@ class Recommender:
     def _read_popularity(self, model: LoadedModel) -> None:
         """Add Feast's item clicks to ``model``'s anchor popularity; a store that cannot
         be read leaves it as it was (the checkpoint's counts at first) and is reported."""
-        from serving.features import item_clicks
+        from features.reads import item_clicks
 
         try:
             if self._store is None:

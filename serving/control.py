@@ -78,8 +78,8 @@ def baseline_checkpoint(cfg: StackConfig, kind: str, progress: Progress = print)
 
     import torch
 
-    from pipelines.checkpoint import save_baseline
-    from pipelines.data import load
+    from recloop.checkpoint import save_baseline
+    from recloop.data import load
 
     data = load(cfg.data)
     tag = hashlib.sha256(data.source.encode()).hexdigest()[:8]
@@ -118,7 +118,7 @@ def verify_version(cfg: StackConfig, arm: str, version: str) -> None:
     whose weights do not load: RegistryError / CheckpointError with the reason."""
     import tempfile
 
-    from pipelines.checkpoint import validate_checkpoint
+    from recloop.checkpoint import validate_checkpoint
 
     reg = registry(cfg)
     with tempfile.TemporaryDirectory(prefix="recloop-verify-") as tmp:

@@ -21,11 +21,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from features.reads import (
+    CLICKS_FEATURE,
+    HISTORY_FEATURE,
+    PROFILE_FEATURES,
+    item_clicks,
+    user_profiles,
+)
 from recloop.config import StackConfig
 
-HISTORY_FEATURE = "user_history:item_ids"
-CLICKS_FEATURE = "item_stats:clicks"
-PROFILE_FEATURES = ("user_profile:age", "user_profile:gender", "user_profile:occupation")
+# The feature references and the batch reads (item_clicks, user_profiles) are
+# features.reads', shared with training; re-exported here for existing imports.
+__all__ = [
+    "CLICKS_FEATURE",
+    "HISTORY_FEATURE",
+    "PROFILE_FEATURES",
+    "FeatureClient",
+    "UserFeatures",
+    "item_clicks",
+    "user_profiles",
+]
 
 
 @dataclass
@@ -97,28 +112,3 @@ class FeatureClient:
 
     def stats(self) -> dict[str, Any]:
         return {**self.counts, "last_error": self.last_error}
-
-
-def item_clicks(store: Any, item_ids: list[int]) -> dict[int, int]:
-    """Clicks per item from Feast's ``item_stats`` (items it has none for are left out):
-    the live part of a context model's anchor popularity."""
-    out = store.get_online_features(
-        features=[CLICKS_FEATURE], entity_rows=[{"item_id": int(i)} for i in item_ids]
-    ).to_dict()
-    return {
-        int(i): int(c) for i, c in zip(out["item_id"], out["clicks"], strict=True) if c is not None
-    }
-
-
-def user_profiles(store: Any, user_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """Feast ``user_profile`` rows of ``user_ids`` (users without one are left out)."""
-    out = store.get_online_features(
-        features=list(PROFILE_FEATURES), entity_rows=[{"user_id": int(u)} for u in user_ids]
-    ).to_dict()
-    names = [f.split(":")[1] for f in PROFILE_FEATURES]
-    rows = {}
-    for j, u in enumerate(out["user_id"]):
-        row = {n: out[n][j] for n in names if out[n][j] is not None}
-        if row:
-            rows[int(u)] = row
-    return rows

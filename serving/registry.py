@@ -19,7 +19,7 @@ directory and ``_COMPLETE`` is written last. ``fetch`` re-hashes every file agai
 so a torn or corrupted upload is never loaded. Arm records are replaced whole (temp file, then
 ``move``): concurrent writers never corrupt one, and the last writer wins.
 
-Checkpoints are validated with ``pipelines.checkpoint.load_checkpoint`` before publishing, so
+Checkpoints are validated with ``recloop.checkpoint.load_checkpoint`` before publishing, so
 non-finite or mismatched weights never enter the registry. No pickle anywhere.
 """
 
@@ -217,9 +217,9 @@ class ModelRegistry:
         if not src.is_dir():
             raise RegistryError(
                 f"checkpoint directory {src} does not exist or is not a directory; pass the "
-                f"directory written by pipelines.checkpoint.save_checkpoint"
+                f"directory written by recloop.checkpoint.save_checkpoint"
             )
-        from pipelines.checkpoint import FILES, FORMAT, CheckpointError, checkpoint_format
+        from recloop.checkpoint import FILES, FORMAT, CheckpointError, checkpoint_format
 
         try:
             fmt = checkpoint_format(src)
@@ -230,7 +230,7 @@ class ModelRegistry:
         if missing:
             raise RegistryError(
                 f"{src} is not a complete checkpoint: missing {', '.join(missing)}; write it "
-                f"with pipelines.checkpoint.save_checkpoint"
+                f"with recloop.checkpoint.save_checkpoint"
             )
         files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
         clash = [p.name for p in files if p.name in _RESERVED]
@@ -261,7 +261,7 @@ class ModelRegistry:
                 f"write-once: pick another name (or omit version= for a fresh one)"
             )
 
-        from pipelines.checkpoint import validate_checkpoint  # torch: only publish needs it
+        from recloop.checkpoint import validate_checkpoint  # torch: only publish needs it
 
         try:
             validate_checkpoint(src)

@@ -47,7 +47,7 @@ def broker_and_feast(prefix: str) -> Iterator[StackConfig]:
     from features import store
     from infra.kafka.broker import KafkaBroker
     from infra.kafka.topics import TOPICS, ensure_topics
-    from pipelines.data import load
+    from recloop.data import load
 
     home = short_home(prefix)
     cfg = isolated_config(home)

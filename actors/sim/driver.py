@@ -166,7 +166,7 @@ def simulate(
     import ray
 
     from actors.sim.simulator import Population, schedule
-    from pipelines.data import load
+    from recloop.data import load
     from recloop.kafka_io import end_offsets
     from recloop.ray_head import connect
 

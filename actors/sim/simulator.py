@@ -54,7 +54,7 @@ class Population:
 
     @classmethod
     def from_data(cls, data: Any, users: int | None = None, seed: int = 0) -> Population:
-        """``data``: ``pipelines.data.InteractionData``; ``users`` samples that many."""
+        """``data``: ``recloop.data.InteractionData``; ``users`` samples that many."""
         ratings = data.ratings.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
         ids = np.sort(ratings["user_id"].unique())
         if users is not None and users < len(ids):
@@ -384,8 +384,8 @@ def run_shard(
 ) -> dict[str, Any]:
     """One shard, start to end, in this process (what the Ray actor runs)."""
     from actors.sim.user_model import HiddenUserModel
-    from pipelines.data import load
     from recloop.config import StackConfig
+    from recloop.data import load
 
     cfg = StackConfig.from_dict(cfg_dict)
     sim = SimulationConfig(**sim_dict)

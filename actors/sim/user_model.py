@@ -749,7 +749,7 @@ class HiddenUserModel:
         detach_heads: bool = True,
         test_frac: float = 0.1,
     ) -> HiddenUserModel:
-        """Fit on ``data`` (a ``pipelines.data.InteractionData``); the held-out report is
+        """Fit on ``data`` (a ``recloop.data.InteractionData``); the held-out report is
         in ``model.report``."""
         import torch
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pipelines.data import load, load_movielens, synthetic
 from recloop.config import DataConfig
+from recloop.data import load, load_movielens, synthetic
 
 
 def test_synthetic_data_is_deterministic_under_a_seed():
