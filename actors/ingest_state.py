@@ -26,7 +26,13 @@ one ingestor owns both. Per partition it keeps:
 Everything here is plain data and deterministic given the order of records (apart from
 ``wait`` closes and the wall-time expiry of closed sessions), so it is saved with each
 lake commit and restored after a crash or a rebalance; features pushed from it are
-absolute values, which makes a replay harmless.
+absolute values, which makes a replay harmless. A commit saves a *delta* (``encode``:
+only the sessions, users, items and clocks changed since the previous commit, a removed
+one as null) and every ``snapshot_every`` commits the whole state; ``load`` applies
+either, so a restore is the last snapshot followed by the deltas after it. Each saved
+state also lists, in full, what is not yet in the Feast online store (``pending``):
+users whose history or counters and items whose counters changed since their last
+push, so a crash re-pushes everything unpushed whatever the push cadence.
 """
 
 from __future__ import annotations
@@ -35,11 +41,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
 from recloop.events import Impression, Interaction
 
 STAT_FIELDS = ("impressions", "clicks", "watch_time_s", "likes", "follows")
+USER_FIELDS = (
+    "history",
+    "history_len",
+    "history_base_ms",
+    "stats_base_ms",
+    "last_event_ms",
+    *STAT_FIELDS,
+)
+# The keyed parts of a partition's state: a delta holds the keys changed in each.
+PARTS = ("open", "waiting", "recent", "clocks", "users", "items")
 
 
 @dataclass
@@ -174,8 +188,14 @@ class PartitionState:
         self.clocks: dict[int, list[int]] = {}  # user -> newest [impression, interaction] ms
         self.users: dict[int, UserState] = {}
         self.items: dict[int, Counts] = {}
-        self.dirty_users: set[int] = set()
-        self.dirty_items: set[int] = set()
+        # Keys changed since the last commit, per part of ``PARTS`` (what a delta holds).
+        self.touched: dict[str, set] = {k: set() for k in PARTS}
+        # Not yet in the online store: users whose history / counters, items whose
+        # counters changed since they were last pushed (saved in full with each commit).
+        self.pending_history: set[int] = set()
+        self.pending_stats: set[int] = set()
+        self.pending_items: set[int] = set()
+        self.force_snapshot = False  # the next commit saves everything
         self.counters = Counters()
 
     # ------------------------------------------------------------------ records in
@@ -193,10 +213,13 @@ class PartitionState:
     def _advance(self, topic: str, user: int, t: int) -> None:
         if t > self.newest_ms[topic]:
             self.newest_ms[topic] = t
-        c = self.clocks.setdefault(user, [-1, -1])
+        c = self.clocks.get(user)
+        if c is None:
+            c = self.clocks[user] = [-1, -1]
         k = 0 if topic == "impressions" else 1
         if t > c[k]:
             c[k] = t
+            self.touched["clocks"].add(user)
 
     def on_impression(self, ev: Impression, record_ts_ms: int, wall_ms: int) -> None:
         self._advance("impressions", ev.user_id, ev.event_time_ms)
@@ -220,8 +243,12 @@ class PartitionState:
             context=dict(ev.context),
         )
         self.open[rid] = s
-        for fb in self.waiting.pop(rid, []):
-            self._join(s, fb)
+        self.touched["open"].add(rid)
+        held = self.waiting.pop(rid, None)
+        if held is not None:
+            self.touched["waiting"].add(rid)
+            for fb in held:
+                self._join(s, fb)
 
     def on_interaction(
         self, ev: Interaction, record_ts_ms: int, wall_ms: int = 0
@@ -238,6 +265,7 @@ class PartitionState:
                 return None
             self.counters.interactions += 1
             self._join(s, fb)
+            self.touched["open"].add(rid)
             return None
         if rid in self.recent:
             if fb.event_id in self.recent[rid][1]:
@@ -246,6 +274,7 @@ class PartitionState:
             self.counters.interactions += 1
             self.counters.late += 1
             self.recent[rid][1].append(fb.event_id)
+            self.touched["recent"].add(rid)
             return fb
         held = self.waiting.setdefault(rid, [])
         if any(h.event_id == fb.event_id or h.position == fb.position for h in held):
@@ -254,6 +283,7 @@ class PartitionState:
         self.counters.interactions += 1
         self.counters.out_of_order += 1
         held.append(fb)
+        self.touched["waiting"].add(rid)
         return None
 
     def _join(self, s: OpenSession, fb: Feedback) -> None:
@@ -277,6 +307,7 @@ class PartitionState:
         """Sessions to close now, and held feedback that timed out (orphans). A session
         closes by ``wait`` only when ``caught_up`` (nothing left to read in Kafka for this
         partition): a consumer that is behind has not seen the feedback yet."""
+        touched = self.touched
         closed: list[Closed] = []
         for rid, s in list(self.open.items()):
             if s.complete:
@@ -290,6 +321,8 @@ class PartitionState:
             del self.open[rid]
             ids = [f.event_id for f in s.feedback.values()]
             self.recent[rid] = (s.event_time_ms, ids, s.user_id, wall_ms)
+            touched["open"].add(rid)
+            touched["recent"].add(rid)
             setattr(self.counters, f"closed_{why}", getattr(self.counters, f"closed_{why}") + 1)
             closed.append(Closed(s, why))
         orphans: list[tuple[Feedback, str]] = []
@@ -299,18 +332,21 @@ class PartitionState:
             passed = self.user_clock_ms(held[0].user_id) >= newest + self.window_ms
             if passed or (caught_up and waited):
                 del self.waiting[rid]
+                touched["waiting"].add(rid)
                 self.counters.missing_impression += len(held)
                 orphans.extend((h, "missing-impression") for h in held)
         keep = 2 * self.window_ms
         for rid, (t, _, user, closed_wall) in list(self.recent.items()):
             if self.user_clock_ms(user) - t > keep or wall_ms - closed_wall > keep:
                 del self.recent[rid]
+                touched["recent"].add(rid)
         # A clock is needed while its user has something open, held or recently closed.
         active = {s.user_id for s in self.open.values()}
         active.update(held[0].user_id for held in self.waiting.values())
         active.update(user for _, _, user, _ in self.recent.values())
         for user in [u for u in self.clocks if u not in active]:
             del self.clocks[user]
+            touched["clocks"].add(user)
         return closed, orphans
 
     def apply(self, c: Closed) -> None:
@@ -323,109 +359,112 @@ class PartitionState:
         by_item = {s.items[fb.position]: [fb] for fb in fbs}
         for item in s.items:
             self.items.setdefault(item, Counts()).add(1, by_item.get(item, []))
-        self.dirty_items.update(s.items)
+        self.touched["items"].update(s.items)
+        self.pending_items.update(s.items)
         t = s.event_time_ms
         if t > u.history_base_ms:
             u.history = (u.history + clicked)[-self.history_len :]
             u.history_len += len(clicked)
         u.last_event_ms = max(u.last_event_ms, t)
-        self.dirty_users.add(s.user_id)
+        self.touched["users"].add(s.user_id)
+        self.pending_history.add(s.user_id)
+        self.pending_stats.add(s.user_id)
         if t > u.stats_base_ms:
             u.add(len(s.items), fbs)
 
     # ------------------------------------------------------------------ persistence
-    def to_json(self) -> dict[str, Any]:
-        def fb_json(f: Feedback) -> dict:
-            return vars(f)
+    def encode(self, full: bool) -> dict[str, Any]:
+        """The state as JSON-able data: all of it (``full``, a snapshot) or the keys
+        changed since ``committed`` was last called (a delta; a removed key is null).
+        Offsets, clocks' high marks, counters and what is pending are always whole."""
 
-        return {
+        def session_json(s: OpenSession) -> dict[str, Any]:
+            out = {k: v for k, v in vars(s).items() if k != "feedback"}
+            out["feedback"] = [vars(f) for f in s.feedback.values()]
+            return out
+
+        def waiting_json(held: list[Feedback]) -> list[dict[str, Any]]:
+            return [vars(f) for f in held]
+
+        def user_json(u: UserState) -> list[Any]:
+            return [getattr(u, k) for k in USER_FIELDS]
+
+        def item_json(c: Counts) -> list[Any]:
+            return [c.impressions, c.clicks, c.watch_time_s, c.likes, c.follows]
+
+        codecs = {
+            "open": (self.open, session_json),
+            "waiting": (self.waiting, waiting_json),
+            "recent": (self.recent, list),
+            "clocks": (self.clocks, list),
+            "users": (self.users, user_json),
+            "items": (self.items, item_json),
+        }
+        out: dict[str, Any] = {
             "partition": self.partition,
+            "full": full,
             "pseq": self.pseq,
             "offsets": self.offsets,
             "newest_ms": self.newest_ms,
-            "open": [
-                {
-                    **{k: v for k, v in vars(s).items() if k != "feedback"},
-                    "feedback": [fb_json(f) for f in s.feedback.values()],
-                }
-                for s in self.open.values()
-            ],
-            "waiting": {rid: [fb_json(f) for f in held] for rid, held in self.waiting.items()},
-            "recent": {rid: list(r) for rid, r in self.recent.items()},
-            "clocks": {str(u): c for u, c in self.clocks.items()},
             "counters": vars(self.counters),
+            "pending": {
+                "history": sorted(self.pending_history),
+                "stats": sorted(self.pending_stats),
+                "items": sorted(self.pending_items),
+            },
         }
+        for part, (data, enc) in codecs.items():
+            keys = data.keys() if full else self.touched[part]
+            out[part] = {str(k): (enc(data[k]) if k in data else None) for k in keys}
+        return out
 
-    def load_json(self, data: dict[str, Any]) -> None:
-        self.pseq = int(data["pseq"])
-        self.offsets = {k: int(v) for k, v in data["offsets"].items()}
-        self.newest_ms = {k: int(v) for k, v in data["newest_ms"].items()}
-        self.open = {}
-        for raw in data["open"]:
+    def committed(self) -> None:
+        """What was changed is saved: the next delta starts from here."""
+        for keys in self.touched.values():
+            keys.clear()
+
+    def load(self, data: dict[str, Any], items_only: bool = False) -> None:
+        """Apply a saved state: a snapshot replaces everything, a delta updates the keys
+        it holds. ``items_only``: the items' counts alone (another member's partition)."""
+        full = bool(data.get("full", True))
+        replace = set(data.get("replace", ()))  # parts a delta holds whole
+
+        def merge(target: dict, part: str, key: Any, dec: Any) -> None:
+            if full or part in replace:
+                target.clear()
+            for k, v in data.get(part, {}).items():
+                kk = key(k)
+                if v is None:
+                    target.pop(kk, None)
+                else:
+                    target[kk] = dec(v)
+
+        merge(self.items, "items", int, lambda v: Counts(*v))
+        if items_only:
+            return
+
+        def session(raw: dict[str, Any]) -> OpenSession:
             fbs = [Feedback(**f) for f in raw["feedback"]]
             s = OpenSession(**{k: v for k, v in raw.items() if k != "feedback"})
             s.feedback = {f.position: f for f in fbs}
-            self.open[s.request_id] = s
-        self.waiting = {rid: [Feedback(**f) for f in held] for rid, held in data["waiting"].items()}
-        # (States written before user clocks kept [time, ids]: such entries expire at once.)
-        self.recent = {
-            rid: (
-                int(r[0]),
-                list(r[1]),
-                int(r[2]) if len(r) > 2 else -1,
-                int(r[3]) if len(r) > 3 else 0,
-            )
-            for rid, r in data["recent"].items()
-        }
-        self.clocks = {int(u): [int(c[0]), int(c[1])] for u, c in data.get("clocks", {}).items()}
+            return s
+
+        self.pseq = int(data["pseq"])
+        self.offsets = {k: int(v) for k, v in data["offsets"].items()}
+        self.newest_ms = {k: int(v) for k, v in data["newest_ms"].items()}
         self.counters = Counters(**data.get("counters", {}))
-
-    def users_table(self, only_dirty: bool) -> pa.Table:
-        ids = sorted(self.dirty_users if only_dirty else self.users)
-        us = [self.users[u] for u in ids]
-        return pa.table(
-            {
-                "user_id": pa.array(ids, pa.int64()),
-                "history": pa.array([u.history for u in us], pa.list_(pa.int64())),
-                "history_len": pa.array([u.history_len for u in us], pa.int64()),
-                "history_base_ms": pa.array([u.history_base_ms for u in us], pa.int64()),
-                "stats_base_ms": pa.array([u.stats_base_ms for u in us], pa.int64()),
-                "last_event_ms": pa.array([u.last_event_ms for u in us], pa.int64()),
-                **{
-                    k: pa.array(
-                        [getattr(u, k) for u in us],
-                        pa.float64() if k == "watch_time_s" else pa.int64(),
-                    )
-                    for k in STAT_FIELDS
-                },
-            }
+        merge(self.open, "open", str, session)
+        merge(self.waiting, "waiting", str, lambda v: [Feedback(**f) for f in v])
+        merge(self.recent, "recent", str, lambda r: (int(r[0]), list(r[1]), int(r[2]), int(r[3])))
+        merge(self.clocks, "clocks", int, lambda c: [int(c[0]), int(c[1])])
+        merge(
+            self.users, "users", int, lambda v: UserState(**dict(zip(USER_FIELDS, v, strict=True)))
         )
-
-    def items_table(self, only_dirty: bool) -> pa.Table:
-        ids = sorted(self.dirty_items if only_dirty else self.items)
-        cs = [self.items[i] for i in ids]
-        return pa.table(
-            {
-                "item_id": pa.array(ids, pa.int64()),
-                **{
-                    k: pa.array(
-                        [getattr(c, k) for c in cs],
-                        pa.float64() if k == "watch_time_s" else pa.int64(),
-                    )
-                    for k in STAT_FIELDS
-                },
-            }
-        )
-
-    def load_users(self, table: pa.Table) -> None:
-        for row in table.to_pylist():
-            uid = row.pop("user_id")
-            self.users[uid] = UserState(**row)
-
-    def load_items(self, table: pa.Table) -> None:
-        for row in table.to_pylist():
-            iid = row.pop("item_id")
-            self.items[iid] = Counts(**row)
+        pending = data.get("pending", {})
+        self.pending_history = {int(u) for u in pending.get("history", [])}
+        self.pending_stats = {int(u) for u in pending.get("stats", [])}
+        self.pending_items = {int(i) for i in pending.get("items", [])}
+        self.committed()
 
 
 def session_row(c: Closed) -> dict[str, Any]:

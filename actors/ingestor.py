@@ -6,27 +6,38 @@
 
 A member of the consumer group ``ingest.group_id`` on ``recloop.impressions`` and
 ``recloop.interactions`` (range assignment: partition p of both topics goes to the same
-member, which is where one user's impression and feedback are). Per micro-batch
-(``batch_events`` records or ``flush_interval_s``):
+member, which is where one user's impression and feedback are). Per micro-batch:
 
-1. records are validated (invalid ones go to ``recloop.dlq`` with the reason, durably,
-   before anything after them is committed), deduplicated and joined per partition
-   (``actors.ingest_state``);
+1. records are validated, each parsed once (invalid ones go to ``recloop.dlq`` with the
+   reason, durably, before anything after them is committed), deduplicated and joined
+   per partition (``actors.ingest_state``);
 2. closed sessions and orphan feedback are written to the lake as Parquet files under
    hidden names, fsynced and renamed;
-3. each changed partition's state and the offsets it covers are written, then one lake
-   commit entry makes files, state and offsets visible together (the commit point);
-4. the touched users' history and stats and the touched items' stats are pushed to the
-   Feast online store as absolute values, so the online store only ever holds
-   committed state;
+3. one state file holds every changed partition's state as a delta (a full snapshot
+   every ``snapshot_every`` commits of a partition) with the offsets it covers; each
+   directory written is fsynced once; then one lake commit entry makes files, state and
+   offsets visible together (the commit point);
+4. the touched users' history is pushed to the Feast online store (serving reads it per
+   request); user and item counters are pushed every ``stats_push_s`` (and when the
+   ingestor stops or gives a partition away). Values are absolute and come from
+   committed state only, so the online store only ever holds committed state;
 5. the offsets are committed to Kafka too (for lag monitoring; the lake is the truth).
 
+Micro-batches adapt: while the consumer is behind, the record target doubles with each
+flush (``batch_events`` up to ``batch_max_events``), so a backlog costs few flushes;
+once it has caught up, a flush follows ``flush_min_s`` after the first unflushed record
+(or three times the recent flush time, if that is longer), so features are fresh
+without flushes taking more than about a third of the time; ``flush_interval_s`` bounds
+the wait in any case.
+
 After a crash anywhere in 2–5 the ingestor resumes from the last lake commit: files
-written after it are removed, the state is restored, the last commit's users and items
-are pushed again (the crash may have come before their push), and the consumer seeks to
-the committed offsets. So every event lands in the lake exactly once and the Feast
-counters match the lake. Metrics: records/s, consumer lag, and feature freshness (the record's
-Kafka timestamp, i.e. when the event was produced, to its push into the online store).
+written after it are removed, the state is restored (the last snapshot, then the deltas
+after it), everything the state lists as not yet pushed (users and items changed since
+their last push, saved with each commit) is pushed again, and the consumer seeks to the
+committed offsets. So every event lands in the lake exactly once and the Feast counters
+match the lake. Metrics: records/s, consumer lag, and feature freshness (the record's
+Kafka timestamp, i.e. when the event was produced, to its user's history being pushed
+into the online store).
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ import pyarrow.parquet as pq
 
 from actors.ingest_state import (
     STAT_FIELDS,
+    USER_FIELDS,
     Closed,
     Counters,
     Counts,
@@ -59,7 +71,7 @@ from actors.ingest_state import (
 )
 from infra.kafka.topics import IMPRESSIONS, INTERACTIONS
 from recloop.config import StackConfig
-from recloop.lake import ORPHANS, SCHEMAS, SESSIONS, Entry, Lake, write_atomic, write_parquet_atomic
+from recloop.lake import ORPHANS, SCHEMAS, SESSIONS, Entry, Lake, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -72,6 +84,10 @@ CRASH_ENV = "RECLOOP_INGEST_CRASH"
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(max(ms, 0) / 1000, UTC)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -92,6 +108,7 @@ class Ingestor:
         if removed:
             say(f"{self.writer}: removed {len(removed)} uncommitted file(s) of an earlier run")
         self.seq = self.lake.last_seq(self.writer)
+        self._remove_uncommitted_state()
         self.states: dict[int, PartitionState] = {}
         self.changed: set[int] = set()
         self.outbox: list[tuple[int, Closed]] = []
@@ -99,23 +116,46 @@ class Ingestor:
         self.unflushed = 0
         self.first_unflushed: float | None = None
         self.last_flush = time.monotonic()
+        self.last_stats_push = time.monotonic()
         self.records = 0
         self.flushes = 0
         self.started = time.monotonic()
         self.freshness_ms: deque[float] = deque(maxlen=20_000)
         self.flush_s: deque[float] = deque(maxlen=1000)
+        self.flush_records: deque[int] = deque(maxlen=1000)
         self.retired = Counters()  # counters of partitions given away
         self.last_lag: dict[str, int] = {}
         self._unpushed: list[int] = []  # newest record time of committed, unpushed sessions
         self.feast_rows = 0
+        self.pushes = {"history": 0, "stats": 0}
         self.assigned: list[int] = []  # partitions of the latest assignment
         self.last_error: str | None = None
+        # Adaptive micro-batches (see the module doc).
+        self.target_batch = self.ic.batch_events
+        self.caught_up = True  # the last poll left nothing behind it
+        self._flush_ewma_s = 0.0
+        # The work clock: from the first record in hand to the last flush that did work.
+        self.first_record_at: float | None = None
+        self.last_commit_at: float | None = None
+        self.tail_s = 0.0  # flush time after the last commit (final counter pushes)
         self._store: Any = None
+        self._writer: Any = None  # features.store.OnlineWriter, made on first use
         self._consumer: Any = None
         self._foreign: dict[int, tuple[int, PartitionState]] = {}  # p -> (pseq, items)
+        self._docs: dict[str, dict[str, Any]] = {}  # state files read (they never change)
         self._fatal: str | None = None
         self._crash = self._parse_crash(os.environ.get(CRASH_ENV))
         self._crash_seen: dict[str, int] = {}
+
+    def _remove_uncommitted_state(self) -> None:
+        """State files of this writer newer than its last commit (a crash before it)."""
+        d = self.lake.state_dir
+        if not d.is_dir():
+            return
+        for f in d.glob(f"{self.writer}-*.json"):
+            seq = f.stem.rsplit("-", 1)[-1]
+            if seq.isdigit() and int(seq) > self.seq:
+                f.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ plumbing
     @staticmethod
@@ -152,33 +192,36 @@ class Ingestor:
         ]
         return sorted(found, key=lambda x: x[0])
 
+    def _state_doc(self, rel: str, p: int) -> dict[str, Any]:
+        """Partition ``p``'s saved state in the state file ``rel`` (files are written
+        once, so the parsed ones are kept, a few at a time)."""
+        doc = self._docs.get(rel)
+        if doc is None:
+            path = self.lake.root / rel
+            if path.is_dir():  # a state of the layout before one file per commit
+                return _legacy_state(path)
+            doc = json.loads(path.read_bytes())["partitions"]
+            if len(self._docs) >= 64:
+                self._docs.pop(next(iter(self._docs)))
+            self._docs[rel] = doc
+        return doc[str(p)]
+
     def restore(self, p: int, items_only: bool = False) -> PartitionState:
-        """Partition ``p``'s state as of its last lake commit (fresh if it has none)."""
+        """Partition ``p``'s state as of its last lake commit (fresh if it has none): its
+        last snapshot, then every delta after it. What it lists as not yet pushed to the
+        online store is pushed with the next flush (values are absolute)."""
         st = self._new_state(p)
         chain = self._partition_entries(p)
         if not chain:
             return st
-        last = chain[-1][1].partitions[str(p)]
-        if not items_only:
-            st.load_json(json.loads((self.lake.root / last["state"] / "state.json").read_text()))
         start = max(
             (i for i, (_, e) in enumerate(chain) if e.partitions[str(p)]["snapshot"]), default=0
         )
         for _, e in chain[start:]:
-            d = self.lake.root / e.partitions[str(p)]["state"]
-            if not items_only:
-                st.load_users(pq.read_table(d / "users.parquet"))
-            st.load_items(pq.read_table(d / "items.parquet"))
-        if not items_only:
-            # The push of the last commit may not have happened (a crash between the
-            # commit and the push): push its users and items again; values are absolute.
-            d = self.lake.root / last["state"]
-            st.dirty_users = set(
-                pq.read_table(d / "users.parquet", columns=["user_id"]).column(0).to_pylist()
-            )
-            st.dirty_items = set(
-                pq.read_table(d / "items.parquet", columns=["item_id"]).column(0).to_pylist()
-            )
+            st.load(self._state_doc(e.partitions[str(p)]["state"], p), items_only=items_only)
+        last = self.lake.root / chain[-1][1].partitions[str(p)]["state"]
+        if not items_only and last.is_dir():
+            st.force_snapshot = True  # an earlier layout: start a chain of this one at once
         return st
 
     # ------------------------------------------------------------------ rebalance
@@ -201,7 +244,7 @@ class Ingestor:
         if not parts:
             return
         try:
-            self.flush()
+            self.flush(push_stats=True)
         except Exception as exc:  # the next owner resumes from the last commit anyway
             self.last_error = f"flush on revoke: {exc!r}"
             log.warning("%s: %s", self.writer, self.last_error)
@@ -240,34 +283,69 @@ class Ingestor:
 
     # ------------------------------------------------------------------ records
     def handle(self, records: list[Any]) -> None:
+        if not records:
+            return
         wall = _now_ms()
+        states = self.states
+        changed = self.changed
+        imp_topic = IMPRESSIONS.name
         for r in records:
-            st = self.states.get(r.partition)
+            st = states.get(r.partition)
             if st is None:  # never drop a record: stop before its offset is committed
                 raise RuntimeError(
                     f"{self.writer}: record of partition {r.partition} without its state "
                     f"({self._fatal or 'assignment not restored'})"
                 )
-            if r.topic == IMPRESSIONS.name:
+            if r.topic == imp_topic:
                 st.on_impression(r.event, r.timestamp_ms, wall)
             else:
                 late = st.on_interaction(r.event, r.timestamp_ms, wall)
                 if late is not None:
                     self.orphans.append((late, "late"))
-            self.changed.add(r.partition)
+            changed.add(r.partition)
         self.records += len(records)
         self.unflushed += len(records)
-        if records and self.first_unflushed is None:
+        if self.first_unflushed is None:
             self.first_unflushed = time.monotonic()
+        if self.first_record_at is None:
+            self.first_record_at = time.monotonic()
+
+    def _lagging(self, polled: int) -> bool:
+        """Whether records are left to read: a full poll, or a position behind the end
+        of its partition as the last fetch saw it (no request to the broker)."""
+        if polled >= self.ic.batch_events:
+            return True
+        if self._consumer is None:
+            return False
+        c = self._consumer.consumer
+        try:
+            for tp in c.assignment():
+                hw = c.highwater(tp)
+                if hw is not None and int(c.position(tp)) < int(hw):
+                    return True
+        except Exception:  # a rebalance in progress: say behind, the bound still holds
+            return True
+        return False
+
+    def idle_delay_s(self) -> float:
+        """How long a caught-up consumer lets records wait for a flush: ``flush_min_s``,
+        or three flush times if flushes are slower (they take at most ~1/3 of the time)."""
+        return min(self.ic.flush_interval_s, max(self.ic.flush_min_s, 3 * self._flush_ewma_s))
 
     def due(self) -> bool:
-        if self.unflushed >= self.ic.batch_events:
+        if self.unflushed >= self.target_batch:
             return True
+        now = time.monotonic()
         if self.first_unflushed is not None:
-            return time.monotonic() - self.first_unflushed >= self.ic.flush_interval_s
+            age = now - self.first_unflushed
+            if age >= self.ic.flush_interval_s:
+                return True
+            return self.caught_up and age >= self.idle_delay_s()
+        if self._stats_pending() and now - self.last_stats_push >= self.ic.stats_push_s:
+            return True  # counters of earlier flushes (or of a restore) wait for their push
         # Nothing new, but open sessions may have come due (window or wait).
         waiting = any(st.open or st.waiting for st in self.states.values())
-        return waiting and time.monotonic() - self.last_flush >= self.ic.flush_interval_s
+        return waiting and now - self.last_flush >= self.ic.flush_interval_s
 
     # ------------------------------------------------------------------ flush
     def _bootstrap_users(self, users: dict[int, list[int]]) -> None:
@@ -330,65 +408,95 @@ class Ingestor:
                         setattr(t, k, getattr(t, k) + getattr(c, k))
         return totals
 
-    def _push_features(self, wall_ms: int) -> int:
-        import pandas as pd
+    def _stats_pending(self) -> bool:
+        return any(st.pending_stats or st.pending_items for st in self.states.values())
 
-        from features.store import push
+    def _write(self, source: str, rows: list[dict[str, Any]]) -> None:
+        """Rows to a push source: straight to the online store, or through Feast's push
+        when the offline store gets them too (``ingest.offline_push``)."""
+        if self.ic.offline_push:
+            import pandas as pd
 
-        def ts(ms: int) -> datetime:
-            return datetime.fromtimestamp(max(ms, 0) / 1000, UTC)
+            from features.store import push
 
-        users = [(u, st.users[u]) for st in self.states.values() for u in sorted(st.dirty_users)]
-        rows = 0
+            push(self.store, source, pd.DataFrame(rows), offline=True)
+            return
+        if self._writer is None:
+            from features.store import OnlineWriter
+
+            self._writer = OnlineWriter(self.store)
+        self._writer.write(source, rows)
+
+    def _push_history(self) -> int:
+        """Every owned user whose history changed since its last push (every flush)."""
+        pushed = [(st, set(st.pending_history)) for st in self.states.values()]
+        rows = [
+            {
+                "user_id": u,
+                "item_ids": s.history,
+                "history_len": s.history_len,
+                "history_until_ms": s.last_event_ms,
+                "event_timestamp": _ts(s.last_event_ms),
+            }
+            for st, us in pushed
+            for u in sorted(us)
+            if (s := st.users.get(u)) is not None
+        ]
+        if rows:
+            self._write("user_history_push", rows)
+            self.pushes["history"] += 1
+        for st, us in pushed:
+            st.pending_history -= us
+        return len(rows)
+
+    def _push_stats(self, wall_ms: int) -> int:
+        """Every owned user's and item's counters changed since their last push."""
+        pushed = [(st, set(st.pending_stats), set(st.pending_items)) for st in self.states.values()]
+        users = [
+            {
+                "user_id": u,
+                **{k: getattr(s, k) for k in STAT_FIELDS},
+                "stats_until_ms": s.last_event_ms,
+                "event_timestamp": _ts(s.last_event_ms),
+            }
+            for st, us, _ in pushed
+            for u in sorted(us)
+            if (s := st.users.get(u)) is not None
+        ]
         if users:
-            hist = pd.DataFrame(
-                {
-                    "user_id": [u for u, _ in users],
-                    "item_ids": [s.history for _, s in users],
-                    "history_len": [s.history_len for _, s in users],
-                    "history_until_ms": [s.last_event_ms for _, s in users],
-                    "event_timestamp": [ts(s.last_event_ms) for _, s in users],
-                }
-            )
-            stats = pd.DataFrame(
-                {
-                    "user_id": [u for u, _ in users],
-                    **{k: [getattr(s, k) for _, s in users] for k in STAT_FIELDS},
-                    "stats_until_ms": [s.last_event_ms for _, s in users],
-                    "event_timestamp": [ts(s.last_event_ms) for _, s in users],
-                }
-            )
-            offline = self.ic.offline_push
-            push(self.store, "user_stats_push", stats, offline=offline)
-            push(self.store, "user_history_push", hist, offline=offline)
-            rows += 2 * len(users)
-        dirty_items = set().union(*(st.dirty_items for st in self.states.values()))
+            self._write("user_stats_push", users)
+        dirty_items = set().union(*(its for _, _, its in pushed))
+        items: list[dict[str, Any]] = []
         if dirty_items:
             totals = self._item_totals(dirty_items)
-            ids = sorted(totals)
             # Totals over every partition, as of this push: stamped with the wall clock,
             # not an event time. A client's clock (year 9999, say) would otherwise stamp
             # everyone's item rows, and a store that keeps the newest stamp (Redis) would
             # then refuse every later push of those items.
-            items = pd.DataFrame(
-                {
-                    "item_id": ids,
-                    **{k: [getattr(totals[i], k) for i in ids] for k in STAT_FIELDS},
-                    "event_timestamp": [ts(wall_ms)] * len(ids),
-                }
-            )
-            push(self.store, "item_stats_push", items, offline=self.ic.offline_push)
-            rows += len(ids)
-        return rows
+            now = _ts(wall_ms)
+            items = [
+                {"item_id": i, **vars(totals[i]), "event_timestamp": now} for i in sorted(totals)
+            ]
+            self._write("item_stats_push", items)
+        if users or items:
+            self.pushes["stats"] += 1
+        for st, us, its in pushed:
+            st.pending_stats -= us
+            st.pending_items -= its
+        self.last_stats_push = time.monotonic()
+        return len(users) + len(items)
 
-    def flush(self) -> Entry | None:
+    def flush(self, push_stats: bool = False) -> Entry | None:
         """Close what is due; commit it to the lake (files, state, offsets); push the
-        changed features to Feast; commit the offsets to Kafka. Safe to call again after
-        it raised: nothing is applied twice, and what was not pushed is pushed then."""
+        changed users' history to Feast (and the counters when they are due, or
+        ``push_stats``); commit the offsets to Kafka. Safe to call again after it
+        raised: nothing is applied twice, and what was not pushed is pushed then."""
         if not self.states:
             return None
         t0 = self.last_flush = time.monotonic()
         wall = _now_ms()
+        lagging = not self.caught_up
+        n = self.unflushed
         # Positions first: every record before them has been folded into the state (the
         # dead-lettered ones included, so they are not read again).
         consumer = self._consumer.consumer if self._consumer is not None else None
@@ -411,18 +519,31 @@ class Ingestor:
         if self.changed or self.outbox or self.orphans:
             entry = self._commit_lake(positions)
         self.unflushed, self.first_unflushed = 0, None
-        if any(st.dirty_users or st.dirty_items for st in self.states.values()):
-            self._push_pending(wall)
+        # Bigger batches while behind (few flushes for a backlog), the base size after.
+        self.target_batch = (
+            min(self.ic.batch_max_events, self.target_batch * 2)
+            if lagging
+            else self.ic.batch_events
+        )
+        pushed = self._push_pending(wall, push_stats)
+        t1 = time.monotonic()
         if entry is not None:
             self.flushes += 1
-            self.flush_s.append(time.monotonic() - t0)
+            self.flush_s.append(t1 - t0)
+            self.flush_records.append(n)
+            self._flush_ewma_s = 0.8 * self._flush_ewma_s + 0.2 * (t1 - t0)
             if consumer is not None:
                 self._commit_kafka(entry.partitions)
+            self.last_commit_at, self.tail_s = time.monotonic(), 0.0
+        elif pushed:
+            self.tail_s += t1 - t0
         return entry
 
     def _commit_lake(self, positions: dict[int, dict[str, int]]) -> Entry:
-        """Closed sessions and orphans to the lake, then the partitions' state and the
-        offsets, then the commit entry that makes them visible together."""
+        """Closed sessions and orphans to the lake, then one state file with every
+        changed partition's state (a delta, or a snapshot) and the offsets, then the
+        commit entry that makes them visible together. Each directory written is
+        fsynced once, before the entry that refers to its files."""
         users: dict[int, list[int]] = {}
         for p, c in self.outbox:
             if c.history is None:
@@ -433,36 +554,38 @@ class Ingestor:
                 self.states[p].apply(c)
 
         seq = self.seq + 1
+        sync: set[Any] = set()
         sessions = pa.Table.from_pylist([session_row(c) for _, c in self.outbox], SCHEMAS[SESSIONS])
         orphans = pa.Table.from_pylist(
             [orphan_row(f, why) for f, why in self.orphans], SCHEMAS[ORPHANS]
         )
-        files = self.lake.write_files(SESSIONS, sessions, self.writer, seq)
-        files += self.lake.write_files(ORPHANS, orphans, self.writer, seq)
+        files = self.lake.write_files(SESSIONS, sessions, self.writer, seq, sync)
+        files += self.lake.write_files(ORPHANS, orphans, self.writer, seq, sync)
         self._maybe_crash("after-files", sessions.num_rows)
 
         parts: dict[str, dict[str, Any]] = {}
+        docs: dict[str, dict[str, Any]] = {}
+        rel = f"{self.lake.state_dir.name}/{self.writer}-{seq:08d}.json"
         for p in sorted(self.changed):
             st = self.states[p]
             pseq = st.pseq + 1
-            snapshot = pseq == 1 or pseq % self.ic.snapshot_every == 0
-            st_json = st.to_json()
-            st_json["pseq"] = pseq
-            st_json["offsets"] = {**st.offsets, **positions.get(p, {})}
-            rel = f"_state/p{p}/{pseq:08d}"
-            d = self.lake.root / rel
-            # A delta holds every user and item not yet pushed to Feast: a restart
-            # pushes the last commit's again (see ``restore``).
-            write_parquet_atomic(d / "users.parquet", st.users_table(only_dirty=not snapshot))
-            write_parquet_atomic(d / "items.parquet", st.items_table(only_dirty=not snapshot))
-            write_atomic(d / "state.json", json.dumps(st_json).encode())
+            snapshot = pseq == 1 or pseq % self.ic.snapshot_every == 0 or st.force_snapshot
+            doc = st.encode(full=snapshot)
+            doc["pseq"] = pseq
+            doc["offsets"] = {**st.offsets, **positions.get(p, {})}
+            docs[str(p)] = doc
             parts[str(p)] = {
                 "pseq": pseq,
-                "offsets": st_json["offsets"],
+                "offsets": doc["offsets"],
                 "state": rel,
                 "snapshot": snapshot,
                 "watermark_ms": st.watermark_ms,
             }
+        if docs:
+            data = {"writer": self.writer, "seq": seq, "partitions": docs}
+            write_atomic(self.lake.root / rel, json.dumps(data).encode(), sync)
+        for d in sorted(sync):
+            fsync_dir(d)
         entry = Entry(
             writer=self.writer,
             seq=seq,
@@ -480,6 +603,8 @@ class Ingestor:
             st = self.states[p]
             st.pseq = parts[str(p)]["pseq"]
             st.offsets = parts[str(p)]["offsets"]
+            st.force_snapshot = False
+            st.committed()
         for _, c in self.outbox:
             s = c.session
             self._unpushed.append(
@@ -489,18 +614,22 @@ class Ingestor:
         self.changed = set()
         return entry
 
-    def _push_pending(self, wall_ms: int) -> None:
-        """Push every user and item changed by committed sessions; the online store
-        only ever holds committed state, so a user first seen after a crash starts
-        from values that do not include what the lake does not."""
-        self.feast_rows += self._push_features(wall_ms)
+    def _push_pending(self, wall_ms: int, push_stats: bool = False) -> bool:
+        """Push the users whose history changed (committed sessions only: the online
+        store only ever holds committed state, so a user first seen after a crash
+        starts from values that do not include what the lake does not), and the
+        counters when due. Returns whether anything was pushed."""
+        rows = self._push_history()
         pushed_ms = _now_ms()
-        self._maybe_crash("after-feast", len(self._unpushed))
-        for st in self.states.values():
-            st.dirty_users.clear()
-            st.dirty_items.clear()
+        sessions = len(self._unpushed)
         self.freshness_ms.extend(pushed_ms - ts for ts in self._unpushed)
         self._unpushed = []
+        stats_due = time.monotonic() - self.last_stats_push >= self.ic.stats_push_s
+        if (push_stats or stats_due) and self._stats_pending():
+            rows += self._push_stats(wall_ms)
+        self.feast_rows += rows
+        self._maybe_crash("after-feast", sessions)
+        return rows > 0
 
     def _behind(self, wall_ms: int) -> set[int]:
         """Partitions with records still unread, among those with an open session that
@@ -557,6 +686,9 @@ class Ingestor:
         elapsed = max(1e-9, time.monotonic() - self.started)
         fresh = list(self.freshness_ms)
         dlq = self._consumer.stats.dead_lettered if self._consumer is not None else 0
+        work = None
+        if self.first_record_at is not None and self.last_commit_at is not None:
+            work = max(1e-9, self.last_commit_at - self.first_record_at + self.tail_s)
         return {
             "writer": self.writer,
             "partitions": sorted(self.states),
@@ -571,11 +703,30 @@ class Ingestor:
             "freshness_p50_ms": _pct(fresh, 0.5),
             "freshness_p99_ms": _pct(fresh, 0.99),
             "flush_p50_s": _pct(list(self.flush_s), 0.5),
+            "flush_records_p50": _pct([float(n) for n in self.flush_records], 0.5),
+            "flush_records_max": max(self.flush_records, default=None),
+            "pushes": dict(self.pushes),
+            "feast_rows": self.feast_rows,
             "last_error": self.last_error,
             "elapsed_s": elapsed,
+            # First record in hand → last commit (plus the pushes that followed it).
+            "work_s": work,
+            "work_records_per_s": self.records / work if work else None,
         }
 
     # ------------------------------------------------------------------ loop
+    def warm_up(self) -> None:
+        """Open the online store and read from it once, before the first record: the
+        first open imports Feast and loads its registry (seconds). A store that does not
+        answer now is retried by the flushes."""
+        try:
+            self.store.get_online_features(
+                features=["user_history:item_ids"], entity_rows=[{"user_id": 0}]
+            )
+        except Exception as exc:
+            self.last_error = f"feast warm-up: {exc!r}"[:500]
+            log.warning("%s: %s", self.writer, self.last_error)
+
     def run(
         self,
         stop: threading.Event | None = None,
@@ -590,6 +741,7 @@ class Ingestor:
 
         stop = stop or threading.Event()
         progress_s = self.ic.progress_s if progress_s is None else progress_s
+        self.warm_up()
         self._consumer = EventConsumer(
             self.cfg.kafka.bootstrap,
             list(TOPICS),
@@ -618,6 +770,7 @@ class Ingestor:
                 if self._fatal:
                     raise RuntimeError(self._fatal)
                 self.handle(records)
+                self.caught_up = not self._lagging(len(records))
                 if records:
                     last_record = time.monotonic()
                 if self.due():
@@ -649,10 +802,10 @@ class Ingestor:
                     and not sum(lag.values())
                 ):
                     self.last_lag = lag
-                    self.flush()
+                    self.flush(push_stats=True)
                     if not any(st.open or st.waiting for st in self.states.values()):
                         break
-            self.flush()
+            self.flush(push_stats=True)
         finally:
             self._consumer.close()
         return self.stats()
@@ -670,6 +823,36 @@ class Ingestor:
         )
 
 
+def _legacy_state(d: Any) -> dict[str, Any]:
+    """A partition state saved in the layout before one state file per commit (a folder
+    of ``state.json``, ``users.parquet`` and ``items.parquet``) in today's form: its JSON
+    part was always whole, its users and items a delta unless it was a snapshot; what it
+    changed is what may not have been pushed."""
+    raw = json.loads((d / "state.json").read_text())
+    users = pq.read_table(d / "users.parquet").to_pylist()
+    items = pq.read_table(d / "items.parquet").to_pylist()
+    recent = {rid: list(r) + [-1, 0][len(r) - 2 :] for rid, r in raw["recent"].items()}
+    return {
+        "full": False,
+        "replace": ["open", "waiting", "recent", "clocks"],
+        "pseq": raw["pseq"],
+        "offsets": raw["offsets"],
+        "newest_ms": raw["newest_ms"],
+        "counters": raw.get("counters", {}),
+        "open": {s["request_id"]: s for s in raw["open"]},
+        "waiting": raw["waiting"],
+        "recent": recent,
+        "clocks": raw.get("clocks", {}),
+        "users": {str(u["user_id"]): [u[k] for k in USER_FIELDS] for u in users},
+        "items": {str(i["item_id"]): [i[k] for k in STAT_FIELDS] for i in items},
+        "pending": {
+            "history": [u["user_id"] for u in users],
+            "stats": [u["user_id"] for u in users],
+            "items": [i["item_id"] for i in items],
+        },
+    }
+
+
 def _range_assignor():
     from kafka.coordinator.assignors.range import RangePartitionAssignor
 
@@ -683,9 +866,14 @@ def _actor_class():
     @ray.remote(max_concurrency=2)
     class IngestorActor:
         def __init__(self, cfg: dict, index: int) -> None:
-            self.ing = Ingestor(
-                StackConfig.from_dict(cfg), index, say=lambda m: print(m, flush=True)
-            )
+            from recloop import priority
+
+            stack = StackConfig.from_dict(cfg)
+            # Below serving's priority on a shared machine (threads started later, the
+            # consumer's included, inherit it).
+            applied = priority.apply(stack)
+            print(f"{actor_name(index)}: background priority {applied}", flush=True)
+            self.ing = Ingestor(stack, index, say=lambda m: print(m, flush=True))
             self.stop_event = threading.Event()
 
         def run(self) -> dict:
@@ -806,6 +994,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.ingest.consumers > 1:
         say("several consumers in one process: use --detach (actors), or --index per process")
         return 2
+    from recloop import priority
+
+    say(f"background priority: {priority.apply(cfg)}")
     ing = Ingestor(cfg, args.index, say)
     stop = threading.Event()
     try:

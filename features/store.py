@@ -17,6 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from feast import FeatureStore
 from feast.data_source import PushMode
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Int64List
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 from features import definitions
 from recloop.config import StackConfig
@@ -158,6 +161,72 @@ def apply(
         f"({cfg.feast.online_store} online store under {cfg.feast_dir})"
     )
     return store
+
+
+class OnlineWriter:
+    """Rows of a push source straight into the online store: what ``push`` with
+    ``offline=False`` does, for the sources' plain types (Int64, Float64, String,
+    Array(Int64)), without Feast's per-call registry lookups, DataFrame → Arrow → proto
+    round trip and runtime type checks (most of a push's time for the ingestor, which
+    pushes several times a second). The feature views behind each source are looked
+    up once; rows are dicts with the entity key, the features and ``event_timestamp``
+    (a missing or None feature is written as null, as ``push`` writes an absent
+    optional column)."""
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self._provider = store._get_provider()  # Feast has no public handle on it
+        self._views: dict[str, list[tuple[object, str, list[tuple[str, object]]]]] = {}
+
+    def _views_of(self, source: str) -> list[tuple[object, str, list[tuple[str, object]]]]:
+        if source not in self._views:
+            fvs = [
+                fv
+                for fv in self.store.list_feature_views(allow_cache=True)
+                if fv.stream_source is not None and fv.stream_source.name == source
+            ]
+            if not fvs:
+                raise ValueError(f"no feature view reads the push source {source!r}")
+            views = []
+            for fv in sorted(fvs, key=lambda v: v.name):
+                (key,) = [e.name for e in fv.entity_columns]
+                feats = [(f.name, f.dtype.to_value_type()) for f in fv.features]
+                views.append((fv, key, feats))
+            self._views[source] = views
+        return self._views[source]
+
+    def write(self, source: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        for fv, key, feats in self._views_of(source):
+            convert = [(name, _CONVERT[vt.name]) for name, vt in feats]
+            data = []
+            for r in rows:
+                ek = EntityKeyProto(join_keys=[key], entity_values=[_int64(r[key])])
+                values = {name: conv(r.get(name)) for name, conv in convert}
+                data.append((ek, values, r["event_timestamp"], None))
+            self._provider.online_write_batch(self.store.config, fv, data, progress=None)
+
+
+def _int64(v):
+    return ValueProto() if v is None else ValueProto(int64_val=int(v))
+
+
+def _int64_list(v):
+    if v is None:
+        return ValueProto()
+    return ValueProto(int64_list_val=Int64List(val=[int(x) for x in v]))
+
+
+_CONVERT = {
+    "INT64": _int64,
+    "INT32": lambda v: ValueProto() if v is None else ValueProto(int32_val=int(v)),
+    "DOUBLE": lambda v: ValueProto() if v is None else ValueProto(double_val=float(v)),
+    "FLOAT": lambda v: ValueProto() if v is None else ValueProto(float_val=float(v)),
+    "STRING": lambda v: ValueProto() if v is None else ValueProto(string_val=str(v)),
+    "BOOL": lambda v: ValueProto() if v is None else ValueProto(bool_val=bool(v)),
+    "INT64_LIST": _int64_list,
+}
 
 
 def push(store: FeatureStore, source: str, df: pd.DataFrame, offline: bool = True) -> None:

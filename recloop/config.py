@@ -198,8 +198,20 @@ class IngestConfig:
     consumers: int = 1  # ingestor actors in the group (each owns some partitions)
     consumer_cpus: float = 0.2
     consumer_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
-    batch_events: int = 2000  # flush after this many records ...
-    flush_interval_s: float = 2.0  # ... or this long after the first unflushed one
+    # Adaptive micro-batches: a flush comes after ``batch_events`` records, a target that
+    # doubles per flush while the consumer is behind (up to ``batch_max_events``) and
+    # falls back once it has caught up; when caught up, ``flush_min_s`` after the first
+    # unflushed record (longer if flushes are slow: at most a third of the time goes to
+    # them); in any case ``flush_interval_s`` after it.
+    batch_events: int = 2000
+    batch_max_events: int = 32_000
+    flush_min_s: float = 0.2
+    flush_interval_s: float = 2.0
+    # User history goes to the online store with every flush (serving reads it per
+    # request); user and item counters every ``stats_push_s`` (serving reads item clicks
+    # every ``serve.anchor_refresh_s``), and always when the ingestor stops or gives a
+    # partition away. Unpushed ones are saved with each commit and pushed after a crash.
+    stats_push_s: float = 10.0
     join_window_ms: int = 30 * 60 * 1000  # event time: feedback later than this is late
     max_wait_s: float = 120.0  # wall time an open session may wait without a watermark
     snapshot_every: int = 50  # flushes between full state snapshots (deltas in between)
@@ -213,6 +225,11 @@ class IngestConfig:
         self.lake_dir = Path(self.lake_dir) if self.lake_dir else None
         if self.consumers < 1 or self.batch_events < 1 or self.join_window_ms < 1:
             raise ConfigError("ingest.consumers, batch_events and join_window_ms must be >= 1")
+        self.batch_max_events = max(int(self.batch_max_events), int(self.batch_events))
+        if self.flush_min_s < 0 or self.flush_interval_s <= 0 or self.stats_push_s < 0:
+            raise ConfigError(
+                "ingest.flush_min_s and stats_push_s must be >= 0, flush_interval_s > 0"
+            )
         self.consumer_resources = _resources("ingest.consumer_resources", self.consumer_resources)
 
 

@@ -187,22 +187,30 @@ def _describe(exc: ValidationError) -> str:
 
 
 def decode(model: type[BaseModel], value: bytes | None) -> Any:
-    """Parse and validate one record's value; raise EventError with the reason."""
+    """Parse and validate one record's value; raise EventError with the reason.
+
+    A valid record is parsed once (pydantic's JSON mode: strict types, but JSON's own
+    number/string forms are accepted). Only a record that fails is looked at again, to
+    say why in plain words (not UTF-8, not JSON, not an object, or which field)."""
     if value is None:
         raise EventError("empty record (null value)")
     try:
-        data = json.loads(value)
-    except UnicodeDecodeError as exc:
-        raise EventError(f"not UTF-8: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise EventError(f"not JSON: {exc.msg} at char {exc.pos}") from exc
-    if not isinstance(data, dict):
-        raise EventError(f"expected a JSON object, got {type(data).__name__}")
-    try:
-        # JSON mode: strict types, but JSON's own number/string forms are accepted.
         return model.model_validate_json(value)
     except ValidationError as exc:
-        raise EventError(f"invalid {model.__name__}: {_describe(exc)}") from exc
+        raise EventError(_reason(model, value, exc)) from exc
+
+
+def _reason(model: type[BaseModel], value: bytes, exc: ValidationError) -> str:
+    """Why ``value`` failed ``model`` (the slow path: invalid records only)."""
+    try:
+        data = json.loads(value)
+    except UnicodeDecodeError as err:
+        return f"not UTF-8: {err}"
+    except json.JSONDecodeError as err:
+        return f"not JSON: {err.msg} at char {err.pos}"
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    return f"invalid {model.__name__}: {_describe(exc)}"
 
 
 def encode(event: BaseModel) -> bytes:

@@ -4,7 +4,7 @@ Layout under ``<home>/lake``::
 
     sessions/date=YYYY-MM-DD/hour=HH/<writer>-<seq>.parquet   one row per served session
     orphans/date=YYYY-MM-DD/hour=HH/<writer>-<seq>.parquet    feedback that joined nothing
-    _state/p<partition>/<pseq>/...                            the ingestor's state per partition
+    _state/<writer>-<seq>.json                                the ingestor's state (one per commit)
     _log/<writer>-<seq>.json                                  one commit: files, offsets, state
 
 Partitions are by event time (UTC) of the impression (sessions) or of the feedback
@@ -110,9 +110,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_with(path: Path, write: Callable[[str], None]) -> None:
+def write_with(
+    path: Path, write: Callable[[str], None], sync_dirs: set[Path] | None = None
+) -> None:
     """``write(tmp_name)`` a hidden sibling, fsync it, rename it to ``path``: the file
-    is either absent or complete, and durable once this returns."""
+    is either absent or complete, and durable once this returns. With ``sync_dirs``
+    the directory is added to that set instead of fsynced here: the caller fsyncs each
+    directory once, after all of its files (one directory fsync per commit, not one
+    per file), and before anything that refers to them is written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -124,15 +129,18 @@ def write_with(path: Path, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dirs is None:
+        fsync_dir(path.parent)
+    else:
+        sync_dirs.add(path.parent)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    write_with(path, lambda tmp: Path(tmp).write_bytes(data))
+def write_atomic(path: Path, data: bytes, sync_dirs: set[Path] | None = None) -> None:
+    write_with(path, lambda tmp: Path(tmp).write_bytes(data), sync_dirs)
 
 
-def write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    write_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+def write_parquet_atomic(path: Path, table: pa.Table, sync_dirs: set[Path] | None = None) -> None:
+    write_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"), sync_dirs)
 
 
 def hour_partition(event_time_ms: int) -> str:
@@ -184,9 +192,17 @@ class Lake:
         return f"Lake({str(self.root)!r})"
 
     # ------------------------------------------------------------------ writing
-    def write_files(self, name: str, table: pa.Table, writer: str, seq: int) -> list[dict]:
+    def write_files(
+        self,
+        name: str,
+        table: pa.Table,
+        writer: str,
+        seq: int,
+        sync_dirs: set[Path] | None = None,
+    ) -> list[dict]:
         """Write ``table`` (schema ``SCHEMAS[name]``) as one file per event-time hour;
-        return the file records a commit lists. Not visible until ``commit``."""
+        return the file records a commit lists. Not visible until ``commit``. With
+        ``sync_dirs`` the caller fsyncs the directories (see ``write_with``)."""
         if table.num_rows == 0:
             return []
         table = table.cast(SCHEMAS[name]) if table.schema != SCHEMAS[name] else table
@@ -198,7 +214,7 @@ class Lake:
         for part, rows in sorted(parts.items()):
             chunk = table.take(pa.array(rows, pa.int64()))
             rel = f"{name}/{part}/{writer}-{seq:08d}.parquet"
-            write_parquet_atomic(self.root / rel, chunk)
+            write_parquet_atomic(self.root / rel, chunk, sync_dirs)
             ts = chunk.column("event_time_ms")
             rec = chunk.column("record_ts_ms")
             out.append(

@@ -67,7 +67,8 @@ def test_complete_session_closes_and_updates_features():
     assert json.loads(rows[0]["context"]) == {"surface": "home", "run": "r1"}
     assert u.history == [11, 13] and u.impressions == 3 and u.clicks == 2 and u.likes == 1
     assert st.items[12].impressions == 1 and st.items[12].clicks == 0
-    assert st.dirty_users == {7} and st.dirty_items == {11, 12, 13}
+    assert st.pending_history == st.pending_stats == {7} and st.pending_items == {11, 12, 13}
+    assert st.touched["users"] == {7} and st.touched["items"] == {11, 12, 13}
 
 
 def test_out_of_order_duplicates_late_and_missing():
@@ -177,8 +178,12 @@ def test_pushed_base_is_not_counted_twice():
     assert u.clicks == 3  # but not in the (empty) pushed stats
 
 
-def test_state_round_trips_through_json_and_tables():
-    st = state()
+def _round_trip(doc: dict) -> dict:
+    """What a commit writes and a restore reads: JSON bytes, no Python objects."""
+    return json.loads(json.dumps(doc))
+
+
+def _events(st: PartitionState) -> None:
     st.on_impression(impression("a", 7, 1000), 1, 0)
     st.on_interaction(feedback("a", 7, 1001, 0, 11), 1)
     st.on_interaction(feedback("q", 7, 1001, 0, 11), 1)
@@ -188,12 +193,20 @@ def test_state_round_trips_through_json_and_tables():
     (c,), _ = st.close_due(0)
     st.apply(c)
     st.offsets = {"recloop.impressions": 4, "recloop.interactions": 9}
+
+
+def _same(a: PartitionState, b: PartitionState) -> None:
+    assert a.encode(full=True) == b.encode(full=True)
+    assert a.users == b.users and a.items == b.items and a.open == b.open
+    assert a.recent == b.recent and a.waiting == b.waiting and a.clocks == b.clocks
+
+
+def test_state_round_trips_through_json():
+    st = state()
+    _events(st)
     back = state()
-    back.load_json(json.loads(json.dumps(st.to_json())))
-    back.load_users(st.users_table(only_dirty=False))
-    back.load_items(st.items_table(only_dirty=False))
-    assert back.to_json() == st.to_json()
-    assert back.users == st.users and back.items == st.items
+    back.load(_round_trip(st.encode(full=True)))
+    _same(back, st)
     # the restored state goes on exactly as the original would
     for s in (st, back):
         for pos, item in ((1, 12), (2, 13)):
@@ -201,6 +214,41 @@ def test_state_round_trips_through_json_and_tables():
     assert [c.session.request_id for c in back.close_due(0)[0]] == ["a"]
     assert [c.session.request_id for c in st.close_due(0)[0]] == ["a"]
     assert back.counters == st.counters
+
+
+def test_a_snapshot_then_deltas_restore_the_state_a_delta_holds_only_changes():
+    st = state()
+    _events(st)
+    saved = [_round_trip(st.encode(full=True))]
+    st.committed()
+    assert st.encode(full=False)["users"] == {} and st.encode(full=False)["open"] == {}
+    # a: completed and closed (removed from open, into recent); c opened; user 9 new
+    for pos, item in ((1, 12), (2, 13)):
+        st.on_interaction(feedback("a", 7, 1010, pos, item), 1)
+    st.on_impression(impression("c", 9, 1020, items=(40, 41)), 1, 0)
+    (c,), _ = st.close_due(0)
+    st.apply(c)
+    delta = st.encode(full=False)
+    assert delta["open"] == {"a": None, "c": delta["open"]["c"]}  # a removed, c added
+    assert set(delta["users"]) == {"7"} and set(delta["items"]) == {"11", "12", "13"}
+    assert set(delta["recent"]) == {"a"} and "b" not in delta["recent"]
+    saved.append(_round_trip(delta))
+    st.committed()
+    # expiry: b leaves recent (a delete in the next delta)
+    st.close_due(2 * WINDOW + 1)
+    saved.append(_round_trip(st.encode(full=False)))
+    assert saved[-1]["recent"].get("b", "absent") is None
+    back = state()
+    for doc in saved:
+        back.load(doc)
+    _same(back, st)
+    # what is not yet in the online store is saved with every commit, in full
+    assert back.pending_history == {7, 8} and back.pending_items == {11, 12, 13}
+    # items only (another member's partition, for item totals)
+    items = state()
+    for doc in saved:
+        items.load(doc, items_only=True)
+    assert items.items == st.items and not items.users and not items.open
 
 
 def test_lake_commit_log_and_marks(tmp_path):
