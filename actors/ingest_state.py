@@ -471,10 +471,31 @@ def session_row(c: Closed) -> dict[str, Any]:
     """A ``sessions`` lake row (see ``recloop.lake.SCHEMAS``)."""
     s = c.session
     n = len(s.items)
-    fb = [s.feedback.get(p) for p in range(n)]
+    got = s.feedback
+    feedback = [False] * n
+    clicked = [False] * n
+    watch = [0.0] * n
+    liked = [False] * n
+    followed = [False] * n
+    last_ms, record_ts, fb_context = 0, s.record_ts_ms, None
+    for p in range(n):
+        f = got.get(p)
+        if f is None:
+            continue
+        feedback[p] = True
+        clicked[p], watch[p], liked[p], followed[p] = (
+            bool(f.clicked),
+            f.watch_time_s,
+            bool(f.liked),
+            bool(f.followed),
+        )
+        last_ms = max(last_ms, f.event_time_ms)
+        record_ts = max(record_ts, f.record_ts_ms)
+        if fb_context is None and f.context:
+            fb_context = f.context
     # The request's tags (entry point, device: what a context model reads), then the
     # feedback's (e.g. the simulation run).
-    context = {**s.context, **next((f.context for f in fb if f is not None and f.context), {})}
+    context = {**s.context, **fb_context} if fb_context else s.context
     return {
         "event_id": s.event_id,
         "request_id": s.request_id,
@@ -485,20 +506,20 @@ def session_row(c: Closed) -> dict[str, Any]:
         "history": c.history or [],
         "items": s.items,
         "scores": s.scores,
-        "feedback": [f is not None for f in fb],
-        "clicked": [bool(f and f.clicked) for f in fb],
-        "watch_time_s": [f.watch_time_s if f else 0.0 for f in fb],
-        "liked": [bool(f and f.liked) for f in fb],
-        "followed": [bool(f and f.followed) for f in fb],
-        "n_feedback": len(s.feedback),
-        "clicks": sum(bool(f and f.clicked) for f in fb),
-        "session_watch_s": float(sum(f.watch_time_s for f in fb if f)),
-        "likes": sum(bool(f and f.liked) for f in fb),
-        "follows": sum(bool(f and f.followed) for f in fb),
-        "last_feedback_ms": max((f.event_time_ms for f in fb if f), default=0),
-        "record_ts_ms": max([s.record_ts_ms, *(f.record_ts_ms for f in fb if f)]),
+        "feedback": feedback,
+        "clicked": clicked,
+        "watch_time_s": watch,
+        "liked": liked,
+        "followed": followed,
+        "n_feedback": len(got),
+        "clicks": sum(clicked),
+        "session_watch_s": float(sum(watch)),
+        "likes": sum(liked),
+        "follows": sum(followed),
+        "last_feedback_ms": last_ms,
+        "record_ts_ms": record_ts,
         "closed_by": c.closed_by,
-        "context": json.dumps(context, sort_keys=True),
+        "context": json.dumps(context, sort_keys=True) if context else "{}",
     }
 
 

@@ -658,20 +658,26 @@ class Ingestor:
             self.last_error = f"kafka commit: {exc!r}"
 
     # ------------------------------------------------------------------ metrics
-    def lag(self) -> dict[str, int] | None:
+    def lag(self, exact: bool = True) -> dict[str, int] | None:
         """Records not yet read, per topic; None when the broker does not answer (it is
-        restarting, say): the consumer reconnects by itself, and nothing is idle then."""
+        restarting, say): the consumer reconnects by itself, and nothing is idle then.
+        Not ``exact``: against the partitions' ends as the last fetch saw them (no
+        request to the broker; the progress line's figure)."""
         if self._consumer is None:
             return {}
         c = self._consumer.consumer
         tps = list(c.assignment())
         if not tps:
             return {}
-        try:
-            ends = c.end_offsets(tps)
-        except Exception as exc:  # KafkaTimeoutError and friends: the broker is away
-            self.last_error = f"lag: {exc!r}"[:500]
-            return None
+        ends: dict[Any, int] = {}
+        if not exact:
+            ends = {tp: hw for tp in tps if (hw := c.highwater(tp)) is not None}
+        if len(ends) < len(tps):
+            try:
+                ends = c.end_offsets(tps)
+            except Exception as exc:  # KafkaTimeoutError and friends: the broker is away
+                self.last_error = f"lag: {exc!r}"[:500]
+                return None
         out: dict[str, int] = {}
         for tp in tps:
             key = tp.topic.split(".")[-1]
@@ -789,7 +795,7 @@ class Ingestor:
                     # The consumer is not thread-safe: lag is measured here, in the
                     # consuming thread, and ``stats`` (any thread) reports the last one.
                     last_progress = time.monotonic()
-                    lag = self.lag()
+                    lag = self.lag(exact=False)
                     if lag is not None:
                         self.last_lag = lag
                     if progress_s:
