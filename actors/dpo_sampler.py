@@ -348,9 +348,11 @@ def _actor_class():
     @ray.remote(max_concurrency=4)
     class DpoSamplerActor:
         def __init__(self, cfg: dict, arms: list[str] | None = None) -> None:
-            self.miner = PreferenceMiner(
-                StackConfig.from_dict(cfg), arms, say=lambda m: print(m, flush=True)
-            )
+            from recloop import priority
+
+            conf = StackConfig.from_dict(cfg)
+            self.priority = priority.apply(conf)  # mining is background work beside serving
+            self.miner = PreferenceMiner(conf, arms, say=lambda m: print(m, flush=True))
             self.stop_event = threading.Event()
 
         def offer(self, payload: dict) -> bool:
@@ -360,7 +362,7 @@ def _actor_class():
             return self.miner.run(self.stop_event)
 
         def stats(self) -> dict:
-            return self.miner.stats()
+            return {**self.miner.stats(), "priority": self.priority}
 
         def stop(self) -> None:
             self.stop_event.set()

@@ -61,8 +61,8 @@ def final_rewards(cfg: Any, arms: list[str], ipa_arm: str, users: int = 300) -> 
     import torch
 
     from actors.dpo_sampler import RewardScorer, reward_arm
+    from recloop.inference import LoadedModel
     from recloop.lake import SESSIONS, Lake
-    from serving.app import LoadedModel
     from serving.control import registry
 
     reg = registry(cfg)
@@ -170,7 +170,7 @@ def warm_vs_bare(cfg: Any, round_no: int, repeats: int = 3) -> dict[str, Any] | 
     conf = worker_conf(cfg, round_no, plan, lineage, rec["base_version"], h, t)
     warm = WarmTrainer(cfg)
     base, _ = warm.checkpoint(reg, lineage, rec["base_version"])  # loaded once, untimed
-    from pipelines.train_onerec import code_table
+    from models.ranker import code_table
 
     codes = code_table(base.tokenizer, base.tokenizer.num_items)
     warm_s, bare_s = [], []

@@ -106,6 +106,17 @@ def serve_up(cfg: StackConfig, seed: Path | None = None, progress: Progress = pr
     progress(f"serving on http://{cfg.ray.host}:{cfg.ray.serve_port}/recommend (docs: /docs)")
 
 
+def service_deployed(cfg: StackConfig) -> bool:
+    """Whether the service is deployed on the stack's Serve (False when Serve does not
+    answer)."""
+    try:
+        from serving.app import app_status
+
+        return bool(app_status(cfg))
+    except Exception:
+        return False
+
+
 def _redeploy(cfg: StackConfig, progress: Progress) -> None:
     from serving.app import deploy
 

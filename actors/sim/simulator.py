@@ -212,6 +212,7 @@ class Simulator:
             "expected_watch_s": None,
             "oracle_watch_s": None,
             "latency_ms": None,
+            "wall_ms": int(time.time() * 1000),  # when the request left (wall clock)
         }
         started = time.monotonic()
         p.in_flight += 1

@@ -186,7 +186,7 @@ def build_examples(
         s = [to_model[i] for i in items if i in to_model][:session_len]
         served.append(s + [0] * (session_len - len(s)))
         times.append(int(r["event_time_ms"]))
-    from pipelines.train_onerec import pad_histories
+    from models.ranker import pad_histories
 
     n = len(tgt)
     histories = pad_histories(hist, max_history)
@@ -227,12 +227,12 @@ def round_context(
     cfg: StackConfig, base: Any, sessions: Sequence[dict], progress: Progress
 ) -> Callable[[dict, list[int]], list[int]]:
     """Context rows for a round of a context-trained model, built as serving builds them
-    (``serving.app.LoadedModel.contexts``): each session's event time, its user's Feast
+    (``recloop.inference.LoadedModel.contexts``): each session's event time, its user's Feast
     profile, anchors by the base's popularity plus Feast's item clicks now. A store that
     cannot be read leaves profiles unknown and popularity the base's, and says so."""
-    from pipelines.checkpoint import context_builder
-    from pipelines.context import live_popularity
-    from serving.features import item_clicks, user_profiles
+    from features.reads import item_clicks, user_profiles
+    from recloop.checkpoint import context_builder
+    from recloop.context import live_popularity
 
     builder = context_builder(base)
     profiles: dict[int, dict] = {}

@@ -72,7 +72,7 @@ def freshness(cfg: StackConfig, arm: str | None = None) -> dict[str, Any]:
     """How fresh the arm's serving model is: the newest feedback (event time) and record
     (wall clock) its training saw, the delay from that record to now and to the
     version's promotion, and the lake's newest event time vs the version's."""
-    from pipelines.checkpoint import checkpoint_format
+    from recloop.checkpoint import checkpoint_format
     from serving.control import registry
 
     arm = arm or cfg.train.arm

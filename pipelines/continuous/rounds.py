@@ -54,13 +54,7 @@ def promote_serving(cfg: StackConfig, arm: str, version: str, progress: Progress
     deploys the current version)."""
     from serving import control
 
-    try:
-        from serving.app import app_status
-
-        deployed = bool(app_status(cfg))
-    except Exception:
-        deployed = False
-    if deployed:
+    if control.service_deployed(cfg):
         return control.promote(cfg, arm, version, progress)
     record = control.registry(cfg).promote(arm, version)
     progress(f"arm {arm}: {version} is current (no service deployed: registry only)")
@@ -333,7 +327,7 @@ def _load_base(cfg: StackConfig, reg, warm: WarmTrainer | None, lineage: str, ve
     it holds it, else read from the registry."""
     if warm is not None:
         return warm.checkpoint(reg, lineage, version)
-    from pipelines.checkpoint import load_checkpoint
+    from recloop.checkpoint import load_checkpoint
 
     base_dir = reg.fetch(lineage, version, cache_dir=train_dir(cfg) / "cache")
     return load_checkpoint(base_dir), base_dir
@@ -350,8 +344,8 @@ def _round_pairs(cfg: StackConfig, ip: dict):
 
 
 def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promote, trainer) -> dict:
-    from pipelines.checkpoint import save_checkpoint
     from pipelines.gate import GateResult, gate
+    from recloop.checkpoint import save_checkpoint
     from serving.control import registry
     from serving.registry import RegistryError
 
@@ -480,7 +474,7 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             _save_state(cfg, state)
             progress(f"round {ip['round']}: published {ip['lineage']}/{ip['version']}")
             if isinstance(trainer, WarmTrainer) and in_memory is not None:
-                from pipelines.checkpoint import Checkpoint
+                from recloop.checkpoint import Checkpoint
 
                 path = reg.fetch(ip["lineage"], ip["version"], cache_dir=train_dir(cfg) / "cache")
                 ck = Checkpoint(in_memory[0], base.tokenizer, _plain(in_memory[1]), Path(path))

@@ -177,8 +177,8 @@ def train_worker(conf: dict[str, Any], io: WorkerIO, resident: Any = None) -> No
     from safetensors.torch import load_file, save_file
 
     from models.dpo import NtpDpoObjective
-    from pipelines.checkpoint import load_checkpoint
-    from pipelines.train_onerec import code_table
+    from models.ranker import code_table
+    from recloop.checkpoint import load_checkpoint
 
     entered = time.monotonic()
     torch.set_num_threads(int(conf.get("torch_threads", 1)))
@@ -538,7 +538,7 @@ class WarmTrainer:
     def checkpoint(self, reg: Any, lineage: str, version: str) -> tuple[Any, Path]:
         """(Checkpoint, its directory) of ``lineage/version``, from memory when held.
         Do not train it: it is shared (``train`` trains a copy)."""
-        from pipelines.checkpoint import load_checkpoint
+        from recloop.checkpoint import load_checkpoint
 
         key = (lineage, version)
         if key in self._cache:
@@ -571,7 +571,7 @@ class WarmTrainer:
     def _resident(self, base: Any, key: tuple[str, str]) -> tuple[torch.nn.Module, torch.Tensor]:
         import copy
 
-        from pipelines.train_onerec import code_table
+        from models.ranker import code_table
 
         if self._model is None or self._model.cfg != base.model.cfg:
             self._model = copy.deepcopy(base.model)

@@ -118,10 +118,6 @@ ALLOWED = {
     ("recloop.monitor", "actors.ingestor"): "the stack monitor reads the ingestor actor's stats",
     ("recloop.monitor", "pipelines.continuous"): "the stack monitor reads the training rounds' "
     "state and freshness (to move below with the continuous package, issue 22)",
-    ("pipelines.continuous", "serving.app"): "waits on serving.app.app_status after a promotion "
-    "(being restructured, issue 22: to go through serving.control)",
-    ("pipelines.continuous", "serving.features"): "reads item_clicks / user_profiles (being "
-    "restructured, issue 22: to import features.reads)",
     ("pipelines.demo", "serving.dashboard"): "the demo job prints the dashboard's URL",
 }
 
