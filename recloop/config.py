@@ -420,6 +420,10 @@ def _coerce(value: str, current: Any) -> Any:
     return value
 
 
+# A run file's sections that belong to other components than the stack.
+RUN_FILE_SECTIONS = {"experiment", "simulation", "analysis"}
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: dict[str, Any] | None = None,
@@ -439,7 +443,12 @@ def load_config(
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping")
-        raw = loaded.get("stack", loaded) if "stack" in loaded else loaded
+        if "stack" in loaded:
+            raw = loaded["stack"] or {}
+        elif set(loaded) & RUN_FILE_SECTIONS:  # a run file without a stack section
+            raw = {}
+        else:
+            raw = loaded
 
     env = os.environ if env is None else env
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}

@@ -107,3 +107,50 @@ def test_custom_resources_place_each_part_and_stay_out_of_the_default_serve_conf
         set(d["ray_actor_options"]) == {"num_cpus"}
         for d in default["applications"][0]["deployments"]
     )
+
+
+def test_a_run_file_without_a_stack_section_gives_the_defaults(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"experiment": {"name": "x"}, "simulation": {"seed": 1}}))
+    cfg = load_config(path, env={})
+    assert cfg.train == load_config(env={}).train
+    path.write_text(yaml.safe_dump({"stack": None, "experiment": {"name": "x"}}))
+    assert load_config(path, env={}).kafka.port == 9092
+    path.write_text(yaml.safe_dump({"trainn": {"workers": 1}}))  # a typo is still refused
+    with pytest.raises(ConfigError, match="trainn"):
+        load_config(path, env={})
+
+
+def test_background_priority_lowers_every_thread_of_the_process():
+    """``recloop.priority.background`` renices the threads that exist (a nice value is
+    per thread on Linux) and those started after inherit it; it never raises priority.
+    Run in a child process: the test process keeps its own priority."""
+    import subprocess
+    import sys
+
+    code = """
+import json, os, threading
+from recloop import priority
+stop = threading.Event()
+before = threading.Thread(target=stop.wait); before.start()
+out = priority.background(7)
+after = threading.Thread(target=stop.wait); after.start()
+nices = {t: priority.thread_nice(int(t)) for t in os.listdir('/proc/self/task')}
+again = priority.background(3)  # never raises priority back
+stop.set()
+print(json.dumps({"out": out, "nices": nices, "again": again}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    import json
+
+    got = json.loads(res.stdout)
+    assert got["out"]["nice"] == 7 and "errors" not in got["out"]
+    assert len(got["nices"]) >= 3 and set(got["nices"].values()) == {7}
+    assert got["again"]["nice"] == 7
+
+
+def test_priority_is_validated():
+    with pytest.raises(ConfigError, match="background_nice"):
+        load_config(overrides={"priority.background_nice": 25}, env={})
+    cfg = load_config(overrides={"priority.background_cpus": [0]}, env={})
+    assert cfg.priority.background_cpus == [0] and cfg.priority.background_nice == 10
