@@ -274,3 +274,57 @@ def test_lake_commit_log_and_marks(tmp_path):
     assert lake.new_entries(Lake.advance({}, new)) == []
     with pytest.raises(Exception, match="committed seq 1 already"):
         lake.commit(Entry("ingestor-0", 1, 5, [], {}, {}))
+
+
+def test_a_state_saved_in_the_earlier_layout_is_restored(tmp_path):
+    """A lake written before one state file per commit (a folder per partition with
+    state.json, users.parquet and items.parquet) resumes where it stopped; its next
+    commit is a snapshot, and what it changed is pushed again."""
+    import pyarrow.parquet as pq
+
+    from actors.ingest_state import STAT_FIELDS, USER_FIELDS
+    from actors.ingestor import Ingestor
+    from recloop.config import StackConfig
+
+    st = state()
+    _events(st)
+    st.pseq = 1
+    full = st.encode(full=True)
+    old = {
+        "partition": 0,
+        "pseq": 1,
+        "offsets": full["offsets"],
+        "newest_ms": full["newest_ms"],
+        "open": list(full["open"].values()),
+        "waiting": full["waiting"],
+        "recent": {rid: r[:3] for rid, r in full["recent"].items()},  # oldest form
+        "clocks": full["clocks"],
+        "counters": full["counters"],
+    }
+    rel = "_state/p0/00000001"
+    d = tmp_path / "lake" / rel
+    d.mkdir(parents=True)
+    (d / "state.json").write_text(json.dumps(old))
+    users = [
+        {"user_id": u, **dict(zip(USER_FIELDS, v, strict=True))} for u, v in full["users"].items()
+    ]
+    for u in users:
+        u["user_id"] = int(u["user_id"])
+    pq.write_table(pa.Table.from_pylist(users), d / "users.parquet")
+    items = [
+        {"item_id": int(i), **dict(zip(STAT_FIELDS, v, strict=True))}
+        for i, v in full["items"].items()
+    ]
+    pq.write_table(pa.Table.from_pylist(items), d / "items.parquet")
+    part = {"pseq": 1, "offsets": full["offsets"], "state": rel, "snapshot": True}
+    Lake(tmp_path / "lake").commit(Entry("ingestor-0", 1, 5, [], {"0": part}, {}))
+
+    cfg = StackConfig.from_dict(
+        {"home": str(tmp_path / "home"), "ingest": {"lake_dir": str(tmp_path / "lake")}}
+    )
+    back = Ingestor(cfg, 0, lambda _: None).restore(0)
+    assert back.users == st.users and back.items == st.items and back.open == st.open
+    assert back.offsets == st.offsets and back.clocks == st.clocks and back.pseq == 1
+    assert set(back.recent) == set(st.recent)  # a closing wall time it never kept: 0
+    assert back.force_snapshot and back.pending_history == set(st.users)
+    assert back.pending_items == set(st.items)
