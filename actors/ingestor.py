@@ -201,7 +201,7 @@ class Ingestor:
             if path.is_dir():  # a state of the layout before one file per commit
                 return _legacy_state(path)
             doc = json.loads(path.read_bytes())["partitions"]
-            if len(self._docs) >= 64:
+            if len(self._docs) >= 8:
                 self._docs.pop(next(iter(self._docs)))
             self._docs[rel] = doc
         return doc[str(p)]
