@@ -95,6 +95,17 @@ class RayConfig:
     # by itself once any local ray.init() has left a token in ~/.ray, and a head and its
     # drivers that disagree cannot talk. The RAY_AUTH_MODE variable, when set, wins.
     auth_mode: str = "disabled"
+    # The nice value of the head's worker processes (Ray's own default is 15). 0: the
+    # serving replicas run at normal priority, background work below them (see
+    # PriorityConfig). On a cluster you start yourself, start the nodes with
+    # RAY_worker_niceness=0 in their environment for the same effect.
+    worker_niceness: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= int(self.worker_niceness) <= 19:
+            raise ConfigError(
+                f"ray.worker_niceness must be within 0..19, got {self.worker_niceness}"
+            )
 
     @property
     def provisioned(self) -> bool:

@@ -146,6 +146,10 @@ class RayHead:
         # On SIGTERM Ray drains the node for up to 30 s so Serve can move replicas to
         # other nodes; a single local head has none, so it stops at once.
         env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+        # Ray starts every worker process (actors, Serve replicas) at nice 15; the serving
+        # replicas should run at normal priority and background work below them
+        # (priority.background_nice), so workers start at ray.worker_niceness.
+        env["RAY_worker_niceness"] = str(r.worker_niceness)
         # The log file is appended across runs; readiness is judged on new lines only.
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         started = time.monotonic()

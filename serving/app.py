@@ -565,12 +565,13 @@ def deploy(cfg: StackConfig, timeout_s: float = 300.0) -> None:
     instead of replacing them (``serve.run`` would start new replicas every time)."""
     import requests
 
-    resp = requests.put(
-        _serve_api(cfg), json=deploy_config(cfg), headers=auth_headers(cfg), timeout=60
-    )
+    conf = deploy_config(cfg)
+    resp = requests.put(_serve_api(cfg), json=conf, headers=auth_headers(cfg), timeout=60)
     if resp.status_code >= 400:
         raise RuntimeError(f"Serve refused the deploy config ({resp.status_code}): {resp.text}")
-    wait_running(cfg, timeout_s)
+    app = next(a for a in conf["applications"] if a["name"] == cfg.serve.app_name)
+    expected = {d["name"]: d["user_config"] for d in app["deployments"] if "user_config" in d}
+    wait_running(cfg, timeout_s, expected)
 
 
 def app_status(cfg: StackConfig) -> dict:
@@ -581,7 +582,24 @@ def app_status(cfg: StackConfig) -> dict:
     return apps.get(cfg.serve.app_name) or {}
 
 
-def wait_running(cfg: StackConfig, timeout_s: float) -> None:
+def _updated(app: dict, expected: dict[str, Any]) -> bool:
+    """Every deployment of ``expected`` runs the ``user_config`` it names, on all its
+    replicas (Serve reports the target config and HEALTHY once each replica has
+    reconfigured)."""
+    deps = app.get("deployments") or {}
+    for name, user_config in expected.items():
+        d = deps.get(name) or {}
+        if (d.get("deployment_config") or {}).get("user_config") != user_config:
+            return False
+        if d.get("status") != "HEALTHY" or d.get("status_trigger") == "CONFIG_UPDATE_STARTED":
+            return False
+    return True
+
+
+def wait_running(cfg: StackConfig, timeout_s: float, expected: dict | None = None) -> None:
+    """Until the service runs; with ``expected`` ({deployment: user_config}), until every
+    replica of those deployments runs that config (a promotion is served), polled every
+    0.2 s. Without it, an update is awaited by its DEPLOYING state (or 3 s)."""
     deadline = time.monotonic() + timeout_s
     seen_deploying = False
     settle = time.monotonic() + 3.0  # an update may take a moment to show as DEPLOYING
@@ -589,13 +607,19 @@ def wait_running(cfg: StackConfig, timeout_s: float) -> None:
         app = app_status(cfg)
         status = app.get("status")
         seen_deploying |= status == "DEPLOYING"
-        if status == "RUNNING" and (seen_deploying or time.monotonic() > settle):
+        if status == "RUNNING" and expected is not None and _updated(app, expected):
+            return
+        if (
+            status == "RUNNING"
+            and expected is None
+            and (seen_deploying or time.monotonic() > settle)
+        ):
             return
         if status == "DEPLOY_FAILED":
             raise RuntimeError(f"{cfg.serve.app_name} failed to deploy: {app.get('message')}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{cfg.serve.app_name} not running after {timeout_s:.0f} s: {app}")
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def delete(cfg: StackConfig) -> None:
