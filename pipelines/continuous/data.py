@@ -214,8 +214,23 @@ def _entries_by_key(lake: Lake, keys: Sequence[Sequence]) -> list[Entry]:
     return found
 
 
-def _read_sessions(lake: Lake, entries: Sequence[Entry]) -> list[dict]:
-    return lake.read(SESSIONS, entries, columns=SESSION_COLUMNS).to_pylist()
+def _read_sessions(
+    lake: Lake, entries: Sequence[Entry], cache: dict[tuple[str, int], list[dict]] | None = None
+) -> list[dict]:
+    """The session rows of ``entries``. With ``cache`` (a warm trainer's: entries are
+    immutable once committed), each entry is read once however often the lake is polled
+    while a round waits for data; entries not asked for any more are dropped from it."""
+    if cache is None:
+        return lake.read(SESSIONS, entries, columns=SESSION_COLUMNS).to_pylist()
+    keys = [(e.writer, e.seq) for e in entries]
+    for key in set(cache) - set(keys):
+        del cache[key]
+    rows: list[dict] = []
+    for key, e in zip(keys, entries, strict=True):
+        if key not in cache:
+            cache[key] = lake.read(SESSIONS, [e], columns=SESSION_COLUMNS).to_pylist()
+        rows.extend(cache[key])
+    return rows
 
 
 def _newest(rows: Sequence[dict], key: str) -> int | None:

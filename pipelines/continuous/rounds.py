@@ -205,7 +205,7 @@ def _run_round(
         if not new:
             return None
         entries, capped = select_entries(new, tc.max_sessions)
-        rows = _read_sessions(lake, entries)
+        rows = _read_sessions(lake, entries, warm.sessions if warm is not None else None)
         mine = policy_sessions(rows, arm, pooled)
         hq = quality_sessions(mine, tc.min_clicks, tc.min_watch_s)
         marks_after = Lake.advance(state["marks"], entries)

@@ -534,6 +534,7 @@ class WarmTrainer:
         self.loads = 0  # checkpoints read from the registry
         self.rounds = 0  # rounds trained in this process
         self.lake: Any = None  # the lake, kept open: its parsed commit log is reused
+        self.sessions: dict[tuple[str, int], list[dict]] = {}  # rows of entries not trained
 
     def checkpoint(self, reg: Any, lineage: str, version: str) -> tuple[Any, Path]:
         """(Checkpoint, its directory) of ``lineage/version``, from memory when held.

@@ -783,3 +783,29 @@ def test_a_killed_warm_trainer_resumes_exactly(base_ckpt, tmp_path, monkeypatch)
     assert rec["resumed_from_step"] >= 2 and rec["trained_examples"] == full["trained_examples"]
     a, b = _weights(sreg, full["version"]), _weights(reg, rec["version"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_waiting_warm_trainer_reads_each_lake_entry_once(base_ckpt, tmp_path, monkeypatch):
+    """Polled every second while a round waits for data, the warm trainer reads each new
+    entry's sessions once; the rows of entries a round consumed are dropped."""
+    cfg, _ = _stack(tmp_path, base_ckpt, min_sessions=30)
+    lake = Lake(cfg.lake_dir)
+    warm = ct.WarmTrainer(cfg)
+    reads: list[int] = []
+    real = Lake.read
+
+    def counting(self, name="sessions", entries=None, columns=None):
+        reads.append(len(list(entries or [])))
+        return real(self, name, entries, columns)
+
+    monkeypatch.setattr(Lake, "read", counting)
+    _traffic(lake, "ing-0", 1, 0, 30)
+    for _ in range(3):
+        assert ct.run_round(cfg, promote=ct.promote_registry, trainer=warm) is None
+    assert reads == [1] and set(warm.sessions) == {("ing-0", 1)}
+    _traffic(lake, "ing-0", 2, 30, 60)
+    rec = ct.run_round(cfg, promote=ct.promote_registry, trainer=warm)
+    assert rec["status"] == "promoted" and rec["sessions"] == 90 and reads[1:] == [1]
+    _traffic(lake, "ing-0", 3, 90, 5)
+    assert ct.run_round(cfg, promote=ct.promote_registry, trainer=warm) is None
+    assert set(warm.sessions) == {("ing-0", 3)}
