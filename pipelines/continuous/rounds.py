@@ -202,6 +202,8 @@ def _run_round(
     t_data = time.monotonic()
     if ip is None:
         new = lake.new_entries(state["marks"])
+        if warm is not None:  # hold the version serving before the round needs it
+            warm.prefetch(reg, arm, progress)
         if not new:
             return None
         entries, capped = select_entries(new, tc.max_sessions)

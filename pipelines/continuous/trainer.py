@@ -555,6 +555,25 @@ class WarmTrainer:
             self._codes.pop(old, None)
         return ck, path
 
+    def prefetch(self, reg: Any, arm: str, progress: Callable[[str], None] = print) -> None:
+        """Hold the version serving on ``arm`` (and its code table and a resident model)
+        while the rounds wait for data, so the first round after a start, a rollback or
+        another trainer's promotion does not pay the load. A no-op when it is held."""
+        try:
+            record = reg.arm(arm)
+        except Exception:  # no such arm yet: the round itself says so
+            return
+        version = record.get("current")
+        if not version:
+            return
+        key = (record["lineage"], version)
+        if key in self._cache:
+            return
+        t0 = time.monotonic()
+        base, _ = self.checkpoint(reg, *key)
+        self._resident(base, key)
+        progress(f"warm trainer: holds {key[0]}/{key[1]} ({time.monotonic() - t0:.1f} s)")
+
     def adopt(self, lineage: str, version: str, ck: Any, path: Path) -> None:
         """Hold a version this process just wrote (the round's published candidate): the
         next round, when it is promoted, starts from it without a registry read."""
