@@ -102,7 +102,7 @@ def bare_loop(model: Any, codes: Any, conf: dict[str, Any]) -> float:
     import torch
 
     from models.dpo import NtpDpoObjective
-    from pipelines.continuous import epoch_permutation, epoch_schedule
+    from pipelines.continuous.trainer import epoch_permutation, epoch_schedule, ntp_batch
 
     hist, tgt = conf["histories"].long(), conf["targets"].long()
     n = len(tgt)
@@ -114,16 +114,7 @@ def bare_loop(model: Any, codes: Any, conf: dict[str, Any]) -> float:
         perm = epoch_permutation(n, conf["seed"], conf["round"], epoch)
         for lo, hi in epoch_schedule(n, 1, int(conf["batch_size"])):
             idx = perm[lo:hi]
-            h, t = hist[idx], tgt[idx]
-            batch = {
-                "history": codes[h],
-                "history_mask": h > 0,
-                "target": codes[t],
-                "target_mask": t > 0,
-                "history_items": h,
-                "target_items": t,
-            }
-            loss, _ = net(batch, None)
+            loss, _ = net(ntp_batch(codes, hist[idx], tgt[idx]), None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -320,15 +320,7 @@ def train_worker(conf: dict[str, Any], io: WorkerIO, resident: Any = None) -> No
             lo, hi = schedule[step]
             idx = perm[lo:hi][rank::world]
             torch.manual_seed(_mix(seed, round_no, epoch, step, rank))  # dropout
-            h, t = hist[idx], tgt[idx]
-            ntp = {
-                "history": codes[h],
-                "history_mask": h > 0,
-                "target": codes[t],
-                "target_mask": t > 0,
-                "history_items": h,
-                "target_items": t,
-            }
+            ntp = ntp_batch(codes, hist[idx], tgt[idx])
             if ctx is not None:
                 ntp["context"] = ctx[idx].long()
             plo, phi = step * n_pairs // len(schedule), (step + 1) * n_pairs // len(schedule)
@@ -380,6 +372,19 @@ def train_worker(conf: dict[str, Any], io: WorkerIO, resident: Any = None) -> No
 # What a worker sums over its steps between reports (then averaged over the ranks).
 _SUMS = ("ntp", "moe_aux", "next_item", "steps", "dpo", "dpo_accuracy", "dpo_steps")
 _ACC0 = dict.fromkeys(_SUMS, 0.0)
+
+
+def ntp_batch(codes: torch.Tensor, h: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``NtpDpoObjective``'s next-token inputs for histories ``h`` and targets ``t``
+    (item ids, 0 = padding)."""
+    return {
+        "history": codes[h],
+        "history_mask": h > 0,
+        "target": codes[t],
+        "target_mask": t > 0,
+        "history_items": h,
+        "target_items": t,
+    }
 
 
 def _pair_batch(pairs: dict[str, torch.Tensor], idx: torch.Tensor, codes: torch.Tensor) -> dict:
