@@ -576,7 +576,10 @@ class WarmTrainer:
             return
         t0 = time.monotonic()
         base, _ = self.checkpoint(reg, *key)
-        self._resident(base, key)
+        model, _ = self._resident(base, key)
+        # torch's first optimizer imports torch._dynamo: 5-12 s on this machine, which
+        # every cold round (and every Ray Train worker) pays inside its training.
+        torch.optim.AdamW(model.parameters(), lr=1e-3)
         progress(f"warm trainer: holds {key[0]}/{key[1]} ({time.monotonic() - t0:.1f} s)")
 
     def adopt(self, lineage: str, version: str, ck: Any, path: Path) -> None:
