@@ -140,6 +140,7 @@ class Ingestor:
         self.tail_s = 0.0  # flush time after the last commit (final counter pushes)
         self._store: Any = None
         self._writer: Any = None  # features.store.OnlineWriter, made on first use
+        self._reader: Any = None  # features.store.OnlineReader, made on first use
         self._consumer: Any = None
         self._foreign: dict[int, tuple[int, PartitionState]] = {}  # p -> (pseq, items)
         self._docs: dict[str, dict[str, Any]] = {}  # state files read (they never change)
@@ -225,21 +226,7 @@ class Ingestor:
         return st
 
     # ------------------------------------------------------------------ rebalance
-    def _listener(self) -> Any:
-        from kafka import ConsumerRebalanceListener
-
-        ing = self
-
-        class Listener(ConsumerRebalanceListener):
-            def on_partitions_revoked(self, revoked):  # noqa: N805 (kafka's signature)
-                ing._on_revoked(revoked)
-
-            def on_partitions_assigned(self, assigned):  # noqa: N805
-                ing._on_assigned(assigned)
-
-        return Listener()
-
-    def _on_revoked(self, revoked) -> None:
+    def _on_revoked(self, revoked: list[Any]) -> None:
         parts = {tp.partition for tp in revoked}
         if not parts:
             return
@@ -255,8 +242,11 @@ class Ingestor:
         self.outbox = [(p, c) for p, c in self.outbox if p not in parts]
         self.say(f"{self.writer}: gave up partition(s) {sorted(parts)}")
 
-    def _on_assigned(self, assigned) -> None:
+    def _on_assigned(self, assigned: list[Any]) -> dict[Any, int]:
+        """Restore each assigned partition's state; returns where to read each topic
+        partition from (the offsets of its last lake commit)."""
         self.assigned = sorted({tp.partition for tp in assigned})
+        starts: dict[Any, int] = {}
         by_part: dict[int, dict[str, Any]] = {}
         for tp in assigned:
             by_part.setdefault(tp.partition, {})[tp.topic] = tp
@@ -267,19 +257,20 @@ class Ingestor:
                     f"another member: impressions and interactions need the same partition "
                     f"count and range assignment for the join"
                 )
-                return
+                return starts
             if p in self.states:
                 continue
             st = self.restore(p)
             self.states[p] = st
             for topic, tp in tps.items():
                 if topic in st.offsets:
-                    self._consumer.consumer.seek(tp, st.offsets[topic])
+                    starts[tp] = int(st.offsets[topic])
             where = ", ".join(f"{t.split('.')[-1]}@{o}" for t, o in sorted(st.offsets.items()))
             self.say(
                 f"{self.writer}: partition {p} assigned, resuming from "
                 f"{where or 'the group offsets'} ({len(st.users)} users, {len(st.open)} open)"
             )
+        return starts
 
     # ------------------------------------------------------------------ records
     def handle(self, records: list[Any]) -> None:
@@ -317,11 +308,11 @@ class Ingestor:
             return True
         if self._consumer is None:
             return False
-        c = self._consumer.consumer
+        c = self._consumer
         try:
             for tp in c.assignment():
                 hw = c.highwater(tp)
-                if hw is not None and int(c.position(tp)) < int(hw):
+                if hw is not None and (pos := c.position(tp)) is not None and pos < hw:
                     return True
         except Exception:  # a rebalance in progress: say behind, the bound still holds
             return True
@@ -353,32 +344,30 @@ class Ingestor:
         todo = sorted({u for u, ps in users.items() for p in ps if u not in self.states[p].users})
         if not todo:
             return
-        feats = [
-            "user_history:item_ids",
-            "user_history:history_len",
-            "user_history:history_until_ms",
-            *(f"user_stats:{k}" for k in STAT_FIELDS),
-            "user_stats:stats_until_ms",
-        ]
-        out = self.store.get_online_features(
-            features=feats, entity_rows=[{"user_id": u} for u in todo], full_feature_names=True
-        ).to_dict()
+        if self._reader is None:
+            from features.store import OnlineReader
 
-        def col(name: str, i: int, default: Any) -> Any:
-            v = out[name][i]
+            self._reader = OnlineReader(self.store)
+        hist = self._reader.read(
+            "user_history", todo, ["item_ids", "history_len", "history_until_ms"]
+        )
+        stats = self._reader.read("user_stats", todo, [*STAT_FIELDS, "stats_until_ms"])
+
+        def col(row: dict[str, Any], name: str, default: Any) -> Any:
+            v = row[name]
             return default if v is None else v
 
-        for i, u in enumerate(todo):
+        for u, h, s in zip(todo, hist, stats, strict=True):
             st = UserState(
-                history=[int(x) for x in col("user_history__item_ids", i, [])],
-                history_len=int(col("user_history__history_len", i, 0)),
-                history_base_ms=int(col("user_history__history_until_ms", i, -1)),
-                stats_base_ms=int(col("user_stats__stats_until_ms", i, -1)),
-                impressions=int(col("user_stats__impressions", i, 0)),
-                clicks=int(col("user_stats__clicks", i, 0)),
-                watch_time_s=float(col("user_stats__watch_time_s", i, 0.0)),
-                likes=int(col("user_stats__likes", i, 0)),
-                follows=int(col("user_stats__follows", i, 0)),
+                history=[int(x) for x in col(h, "item_ids", [])],
+                history_len=int(col(h, "history_len", 0)),
+                history_base_ms=int(col(h, "history_until_ms", -1)),
+                stats_base_ms=int(col(s, "stats_until_ms", -1)),
+                impressions=int(col(s, "impressions", 0)),
+                clicks=int(col(s, "clicks", 0)),
+                watch_time_s=float(col(s, "watch_time_s", 0.0)),
+                likes=int(col(s, "likes", 0)),
+                follows=int(col(s, "follows", 0)),
             )
             st.last_event_ms = max(st.history_base_ms, st.stats_base_ms)
             for p in users[u]:
@@ -390,7 +379,7 @@ class Ingestor:
         totals = {i: Counts() for i in items}
         states = list(self.states.values())
         if self._consumer is not None:
-            known = self._consumer.consumer.partitions_for_topic(IMPRESSIONS.name) or set()
+            known = self._consumer.partitions(IMPRESSIONS.name)
             for p in sorted(set(known) - set(self.states)):
                 chain = self._partition_entries(p)
                 if not chain:
@@ -499,12 +488,12 @@ class Ingestor:
         n = self.unflushed
         # Positions first: every record before them has been folded into the state (the
         # dead-lettered ones included, so they are not read again).
-        consumer = self._consumer.consumer if self._consumer is not None else None
+        consumer = self._consumer
         positions: dict[int, dict[str, int]] = {}
         if consumer is not None:
             for tp in consumer.assignment():
-                if tp.partition in self.states:
-                    positions.setdefault(tp.partition, {})[tp.topic] = int(consumer.position(tp))
+                if tp.partition in self.states and (pos := consumer.position(tp)) is not None:
+                    positions.setdefault(tp.partition, {})[tp.topic] = pos
         for p, pos in positions.items():
             if any(self.states[p].offsets.get(t) != o for t, o in pos.items()):
                 self.changed.add(p)
@@ -639,21 +628,19 @@ class Ingestor:
         parts = {p for p, st in self.states.items() if st.waits_expired(wall_ms)}
         if not parts:
             return set()
-        c = self._consumer.consumer
+        c = self._consumer
         tps = [tp for tp in c.assignment() if tp.partition in parts]
         ends = c.end_offsets(tps)
-        return {tp.partition for tp in tps if int(c.position(tp)) < int(ends[tp])}
+        return {tp.partition for tp in tps if (c.position(tp) or 0) < ends[tp]}
 
     def _commit_kafka(self, parts: dict[str, dict[str, Any]]) -> None:
-        from kafka import OffsetAndMetadata, TopicPartition
-
         offsets = {
-            TopicPartition(topic, int(p)): OffsetAndMetadata(off, "", -1)
+            (topic, int(p)): int(off)
             for p, rec in parts.items()
             for topic, off in rec["offsets"].items()
         }
         try:
-            self._consumer.consumer.commit(offsets)
+            self._consumer.commit_offsets(offsets)
         except Exception as exc:  # a rebalance in progress: the lake holds the offsets
             self.last_error = f"kafka commit: {exc!r}"
 
@@ -665,8 +652,8 @@ class Ingestor:
         request to the broker; the progress line's figure)."""
         if self._consumer is None:
             return {}
-        c = self._consumer.consumer
-        tps = list(c.assignment())
+        c = self._consumer
+        tps = c.assignment()
         if not tps:
             return {}
         ends: dict[Any, int] = {}
@@ -681,7 +668,9 @@ class Ingestor:
         out: dict[str, int] = {}
         for tp in tps:
             key = tp.topic.split(".")[-1]
-            out[key] = out.get(key, 0) + max(0, int(ends[tp]) - int(c.position(tp)))
+            pos = c.position(tp)
+            behind = 0 if pos is None else max(0, int(ends[tp]) - pos)
+            out[key] = out.get(key, 0) + behind
         return out
 
     def stats(self) -> dict[str, Any]:
@@ -741,20 +730,20 @@ class Ingestor:
     ) -> dict[str, Any]:
         """Consume until ``stop`` is set, or ``until_idle_s`` without records and with no
         session left open."""
-        from kafka.errors import KafkaError
-
-        from recloop.kafka_io import EventConsumer
+        from recloop.kafka_io import event_consumer
 
         stop = stop or threading.Event()
         progress_s = self.ic.progress_s if progress_s is None else progress_s
         self.warm_up()
-        self._consumer = EventConsumer(
+        self._consumer = event_consumer(
+            self.ic.client,
             self.cfg.kafka.bootstrap,
             list(TOPICS),
             group_id=self.ic.group_id,
             client_id=self.writer,
-            listener=self._listener(),
-            partition_assignment_strategy=[_range_assignor()],
+            on_assigned=self._on_assigned,
+            on_revoked=self._on_revoked,
+            range_assignment=True,
             max_poll_records=self.ic.batch_events,
             session_timeout_ms=6000,  # a crashed member is noticed in seconds
             heartbeat_interval_ms=1000,
@@ -762,11 +751,12 @@ class Ingestor:
         last_record = time.monotonic()
         last_progress = time.monotonic()
         backoff = 1.0
+        poll_errors = self._consumer.errors
         try:
             while not stop.is_set():
                 try:
                     records = self._consumer.poll(timeout_ms=200)
-                except KafkaError as exc:  # the broker is away: the client reconnects
+                except poll_errors as exc:  # the broker is away: the client reconnects
                     self.last_error = f"poll: {exc!r}"[:500]
                     self.say(f"{self.writer}: poll failed, retrying in {backoff:.0f} s: {exc!r}")
                     if stop.wait(backoff):
@@ -857,12 +847,6 @@ def _legacy_state(d: Any) -> dict[str, Any]:
             "items": [i["item_id"] for i in items],
         },
     }
-
-
-def _range_assignor():
-    from kafka.coordinator.assignors.range import RangePartitionAssignor
-
-    return RangePartitionAssignor
 
 
 # --------------------------------------------------------------------------- as Ray actors

@@ -4,17 +4,23 @@ Starts its own stack (temporary home, free ports, the shared jar cache), then:
 
 1. backlog: produces S sessions (one impression + one interaction per shown item) for
    943 users and 1682 items, then times the ingestor draining them into Feast + the lake
-   (sustained records/s), beside a raw ``KafkaConsumer`` reading the same records with
-   no processing in the same run (the ratio is the figure to compare across machines).
-   Both clocks start at the same point, the first record in hand (the group join and
-   the opening of the Feast store come before it), and stop when the last record is
-   read (raw) or committed with its features pushed, counters included (ingestor). The
-   raw read is timed three times (median): it lasts about a second, so one run is at
-   the mercy of whatever else the machine does;
+   (sustained records/s), beside a bare consumer of the same client reading the same
+   records with no processing in the same run (the ratio is the figure to compare across
+   machines). Both clocks start at the same point, the first record in hand (the group
+   join and the opening of the Feast store come before it), and stop when the last
+   record is read (bare) or committed with its features pushed, counters included
+   (ingestor). The bare read is timed three times (median): it lasts about a second, so
+   one run is at the mercy of whatever else the machine does;
 2. live: a producer sends sessions at a fixed rate while the ingestor runs; the group's
    lag (end offsets minus committed offsets, sampled each second) and the freshness of
    the features (Kafka timestamp of the newest record of a session → its user's history
    pushed to the online store, which serving reads per request) are recorded.
+
+Each Kafka client of ``--clients`` (``ingest.client``: kafka-python, confluent) is
+measured the same way: its bare reads interleaved with the other's, then its ingestor
+on the same backlog (a lake and consumer group of its own), then live (a fresh lake and
+group that start at the topics' ends, so one client's live records are not the next
+one's backlog).
 
     make bench-ingest           # or: .venv/bin/python -m benchmarks.ingest
 """
@@ -80,9 +86,11 @@ def sessions(n: int, seed: int, t0_ms: int, prefix: str):
         yield imp, fbs
 
 
-def raw_read(bootstrap: str, topics: list[str], expected: int) -> float:
-    """Seconds for a bare consumer to read ``expected`` records of ``topics``, from the
-    first record in hand to the last."""
+def raw_read(bootstrap: str, topics: list[str], expected: int, client: str) -> float:
+    """Seconds for a bare consumer of ``client`` to read ``expected`` records of
+    ``topics``, from the first record in hand to the last."""
+    if client == "confluent":
+        return _raw_read_confluent(bootstrap, topics, expected)
     from kafka import KafkaConsumer
 
     c = KafkaConsumer(
@@ -105,6 +113,172 @@ def raw_read(bootstrap: str, topics: list[str], expected: int) -> float:
     return (ended or 0.0) - (started or 0.0)
 
 
+def _raw_read_confluent(bootstrap: str, topics: list[str], expected: int) -> float:
+    from confluent_kafka import Consumer
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"raw-{time.time_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    c.subscribe(topics)
+    n, started, ended = 0, None, None
+    deadline = time.monotonic() + 300
+    while n < expected and time.monotonic() < deadline:
+        got = c.consume(2000, 0.5)
+        if got and started is None:
+            started = time.perf_counter()
+        n += sum(1 for m in got if m.error() is None)
+        ended = time.perf_counter()
+    c.close()
+    return (ended or 0.0) - (started or 0.0)
+
+
+def start_at_end(bootstrap: str, group: str, topics: list[str]) -> None:
+    """Commit the topics' ends for ``group``: a member with no lake state starts there."""
+    from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+
+    from recloop.kafka_io import end_offsets
+
+    ends = {
+        TopicPartition(t, p): OffsetAndMetadata(off, "", -1)
+        for t in topics
+        for p, off in end_offsets(bootstrap, t).items()
+    }
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        c.commit(ends)
+    finally:
+        c.close(autocommit=False)
+
+
+def _client_cfg(cfg: Any, client: str, tag: str) -> Any:
+    """``cfg`` with ``client``'s own consumer group and lake."""
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg,
+        ingest=dataclasses.replace(
+            cfg.ingest,
+            client=client,
+            group_id=f"{cfg.ingest.group_id}-{tag}-{client}",
+            lake_dir=Path(cfg.home) / f"lake-{tag}-{client}",
+        ),
+    )
+
+
+def backlog(cfg: Any, records: int, raws: list[float], client: str) -> dict[str, Any]:
+    """The ingestor of ``client`` drains the backlog; against its bare reads ``raws``."""
+    from actors.ingestor import Ingestor
+    from recloop.lake import Lake
+
+    cfg = _client_cfg(cfg, client, "backlog")
+    raws = sorted(raws)
+    raw_s = raws[len(raws) // 2]
+    load_before = os.getloadavg()[0]
+    ing = Ingestor(cfg, 0, _say)
+    started = time.perf_counter()
+    stats = ing.run(until_idle_s=2.0, progress_s=5.0)
+    wall_s = time.perf_counter() - started
+    work_s = stats["work_s"]
+    rows = Lake(cfg.lake_dir).read("sessions", columns=["event_id"]).num_rows
+    rate = stats["records"] / work_s
+    return {
+        "client": client,
+        "records": records,
+        "records_ingested": stats["records"],
+        "sessions_in_lake": rows,
+        "ingest_s": round(work_s, 2),
+        "records_per_s": round(rate, 1),
+        "sessions_per_s": round(rows / work_s, 1),
+        "raw_consumer_records_per_s": round(records / raw_s, 1),
+        "raw_consumer_records_per_s_runs": [round(records / s, 1) for s in raws],
+        "ratio_to_raw_consumer": round(rate / (records / raw_s), 4),
+        "clocks": "first record in hand -> last record read (raw) / last commit and "
+        "pushes (ingestor)",
+        "run_s_with_join_and_idle": round(wall_s, 2),
+        "flushes": stats["flushes"],
+        "flush_p50_s": stats["flush_p50_s"],
+        "flush_records_p50": stats["flush_records_p50"],
+        "flush_records_max": stats["flush_records_max"],
+        "pushes": stats["pushes"],
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def live(cfg: Any, client: str, rate: float, seconds: float, seed: int) -> dict[str, Any]:
+    """The ingestor of ``client`` while a producer sends ``rate`` sessions/s."""
+    from kafka.admin import KafkaAdminClient
+
+    from actors.ingestor import TOPICS, Ingestor
+    from recloop.kafka_io import EventProducer
+
+    cfg = _client_cfg(cfg, client, "live")
+    boot = cfg.kafka.bootstrap
+    start_at_end(boot, cfg.ingest.group_id, list(TOPICS))
+    admin = KafkaAdminClient(bootstrap_servers=boot)
+    stop = threading.Event()
+    ing = Ingestor(cfg, 0, _say)
+    runner = threading.Thread(target=lambda: ing.run(stop, progress_s=10.0), daemon=True)
+    runner.start()
+    time.sleep(6)  # the group join
+    lags: list[int] = []
+    sent = 0
+    gen = sessions(int(rate * seconds) + 10, seed, int(time.time() * 1000), f"l{seed}")
+    started = time.monotonic()
+    next_sample = started + 1.0
+    with EventProducer(boot) as prod:
+        for k, (imp, fbs) in enumerate(gen):
+            due = started + k / rate
+            while time.monotonic() < due:
+                if time.monotonic() >= next_sample:
+                    lags.append(group_lag(admin, boot, cfg.ingest.group_id, list(TOPICS)))
+                    next_sample += 1.0
+                time.sleep(0.005)
+            now = int(time.time() * 1000)
+            prod.send(imp.model_copy(update={"event_time_ms": now}))
+            for fb in fbs:
+                prod.send(fb.model_copy(update={"event_time_ms": now + 1}))
+            sent += 1 + len(fbs)
+            if time.monotonic() - started >= seconds:
+                break
+        prod.flush()
+    live_s = time.monotonic() - started
+    time.sleep(3)
+    stop.set()
+    runner.join(60)
+    st = ing.stats()
+    admin.close()
+    lags_sorted = sorted(lags) or [0]
+    return {
+        "client": client,
+        "target_sessions_per_s": rate,
+        "records_sent": sent,
+        "records_ingested": st["records"],
+        "seconds": round(live_s, 1),
+        "records_per_s_offered": round(sent / live_s, 1),
+        "lag_records_p50": lags_sorted[len(lags_sorted) // 2],
+        "lag_records_max": lags_sorted[-1],
+        "freshness_p50_ms": st["freshness_p50_ms"],
+        "freshness_p99_ms": st["freshness_p99_ms"],
+        "flush_p50_s": st["flush_p50_s"],
+        "flushes": st["flushes"],
+        "flush_records_p50": st["flush_records_p50"],
+        "pushes": st["pushes"],
+        "batch": {
+            "events": cfg.ingest.batch_events,
+            "max_events": cfg.ingest.batch_max_events,
+            "min_s": cfg.ingest.flush_min_s,
+            "interval_s": cfg.ingest.flush_interval_s,
+            "stats_push_s": cfg.ingest.stats_push_s,
+        },
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
 def group_lag(admin: Any, bootstrap: str, group: str, topics: list[str]) -> int:
     from recloop.kafka_io import end_offsets
 
@@ -124,20 +298,28 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=4000, help="backlog sessions")
     ap.add_argument("--rate", type=float, default=60.0, help="live sessions per second")
     ap.add_argument("--live-s", type=float, default=60.0)
+    ap.add_argument(
+        "--clients", default="kafka-python,confluent", help="Kafka clients to measure (comma)"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
     args = ap.parse_args()
 
-    from kafka.admin import KafkaAdminClient
-
-    from actors.ingestor import TOPICS, Ingestor
-    from recloop.kafka_io import EventProducer
-    from recloop.lake import Lake
+    from actors.ingestor import TOPICS
+    from recloop.kafka_io import CLIENTS, EventProducer
     from recloop.stack import Stack, isolated_config
 
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    unknown = sorted(set(clients) - set(CLIENTS))
+    if unknown:
+        ap.error(f"unknown client(s) {unknown}; of {CLIENTS}")
     home = Path(tempfile.mkdtemp(prefix="rl-bi-", dir="/tmp"))
     cfg = isolated_config(home)
     stack = Stack(cfg)
-    out: dict[str, Any] = {"machine": platform.platform(), "session_len": SESSION}
+    out: dict[str, Any] = {
+        "machine": platform.platform(),
+        "session_len": SESSION,
+        "clients": clients,
+    }
     try:
         stack.up(_say)
         boot = cfg.kafka.bootstrap
@@ -154,97 +336,18 @@ def main() -> int:
         produce_s = time.perf_counter() - started
         _say(f"backlog: {records} records produced in {produce_s:.1f} s")
 
-        load_before = os.getloadavg()[0]
-        raws = sorted(raw_read(boot, list(TOPICS), records) for _ in range(3))
-        raw_s = raws[1]
-        ing = Ingestor(cfg, 0, _say)
-        started = time.perf_counter()
-        stats = ing.run(until_idle_s=2.0, progress_s=5.0)
-        wall_s = time.perf_counter() - started
-        work_s = stats["work_s"]
-        lake = Lake(cfg.lake_dir)
-        rows = lake.read("sessions", columns=["event_id"]).num_rows
-        rate = stats["records"] / work_s
-        out["backlog"] = {
-            "records": records,
-            "records_ingested": stats["records"],
-            "sessions_in_lake": rows,
-            "ingest_s": round(work_s, 2),
-            "records_per_s": round(rate, 1),
-            "sessions_per_s": round(rows / work_s, 1),
-            "raw_consumer_records_per_s": round(records / raw_s, 1),
-            "raw_consumer_records_per_s_runs": [round(records / s, 1) for s in raws],
-            "ratio_to_raw_consumer": round(rate / (records / raw_s), 4),
-            "clocks": "first record in hand -> last record read (raw) / last commit and "
-            "pushes (ingestor)",
-            "run_s_with_join_and_idle": round(wall_s, 2),
-            "flushes": stats["flushes"],
-            "flush_p50_s": stats["flush_p50_s"],
-            "flush_records_p50": stats["flush_records_p50"],
-            "flush_records_max": stats["flush_records_max"],
-            "pushes": stats["pushes"],
-            "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        }
-        _say(f"backlog: {json.dumps(out['backlog'])}")
-
-        # Live: a producer at a fixed rate while the ingestor runs.
-        admin = KafkaAdminClient(bootstrap_servers=boot)
-        stop = threading.Event()
-        ing = Ingestor(cfg, 0, _say)
-        runner = threading.Thread(target=lambda: ing.run(stop, progress_s=10.0), daemon=True)
-        runner.start()
-        time.sleep(6)  # the group join
-        lags: list[int] = []
-        sent = 0
-        gen = sessions(int(args.rate * args.live_s) + 10, 1, int(time.time() * 1000), "l")
-        started = time.monotonic()
-        next_sample = started + 1.0
-        with EventProducer(boot) as prod:
-            for k, (imp, fbs) in enumerate(gen):
-                due = started + k / args.rate
-                while time.monotonic() < due:
-                    if time.monotonic() >= next_sample:
-                        lags.append(group_lag(admin, boot, cfg.ingest.group_id, list(TOPICS)))
-                        next_sample += 1.0
-                    time.sleep(0.005)
-                now = int(time.time() * 1000)
-                prod.send(imp.model_copy(update={"event_time_ms": now}))
-                for fb in fbs:
-                    prod.send(fb.model_copy(update={"event_time_ms": now + 1}))
-                sent += 1 + len(fbs)
-                if time.monotonic() - started >= args.live_s:
-                    break
-            prod.flush()
-        live_s = time.monotonic() - started
-        time.sleep(3)
-        stop.set()
-        runner.join(60)
-        live = ing.stats()
-        admin.close()
-        lags_sorted = sorted(lags) or [0]
-        out["live"] = {
-            "target_sessions_per_s": args.rate,
-            "records_sent": sent,
-            "seconds": round(live_s, 1),
-            "records_per_s_offered": round(sent / live_s, 1),
-            "lag_records_p50": lags_sorted[len(lags_sorted) // 2],
-            "lag_records_max": lags_sorted[-1],
-            "freshness_p50_ms": live["freshness_p50_ms"],
-            "freshness_p99_ms": live["freshness_p99_ms"],
-            "flush_p50_s": live["flush_p50_s"],
-            "flushes": live["flushes"],
-            "flush_records_p50": live["flush_records_p50"],
-            "pushes": live["pushes"],
-            "batch": {
-                "events": cfg.ingest.batch_events,
-                "max_events": cfg.ingest.batch_max_events,
-                "min_s": cfg.ingest.flush_min_s,
-                "interval_s": cfg.ingest.flush_interval_s,
-                "stats_push_s": cfg.ingest.stats_push_s,
-            },
-            "load_avg_1m": round(os.getloadavg()[0], 2),
-        }
-        _say(f"live: {json.dumps(out['live'])}")
+        raws: dict[str, list[float]] = {c: [] for c in clients}
+        for _ in range(3):  # interleaved: both clients see the same machine
+            for c in clients:
+                raws[c].append(raw_read(boot, list(TOPICS), records, c))
+        out["backlog"] = {}
+        for c in clients:
+            out["backlog"][c] = backlog(cfg, records, raws[c], c)
+            _say(f"backlog ({c}): {json.dumps(out['backlog'][c])}")
+        out["live"] = {}
+        for k, c in enumerate(clients):
+            out["live"][c] = live(cfg, c, args.rate, args.live_s, seed=1 + k)
+            _say(f"live ({c}): {json.dumps(out['live'][c])}")
     finally:
         stack.down(_say)
         shutil.rmtree(home, ignore_errors=True)

@@ -231,9 +231,16 @@ class IngestConfig:
     # the offline record; the file offline store rewrites its file on every append)
     progress_s: float = 5.0
     lake_dir: Path | None = None  # default <home>/lake
+    # The Kafka consumer client behind recloop.kafka_io's interface: "kafka-python" (pure
+    # Python) or "confluent" (confluent-kafka, librdkafka). bench-ingest measures both.
+    client: str = "kafka-python"
 
     def __post_init__(self) -> None:
         self.lake_dir = Path(self.lake_dir) if self.lake_dir else None
+        if self.client not in ("kafka-python", "confluent"):
+            raise ConfigError(
+                f"ingest.client must be 'kafka-python' or 'confluent', not {self.client!r}"
+            )
         if self.consumers < 1 or self.batch_events < 1 or self.join_window_ms < 1:
             raise ConfigError("ingest.consumers, batch_events and join_window_ms must be >= 1")
         self.batch_max_events = max(int(self.batch_max_events), int(self.batch_events))

@@ -21,7 +21,7 @@ import pytest
 
 from recloop.config import StackConfig
 from tests.conftest import broker_and_feast
-from tests.integration.test_ingest import _session
+from tests.integration.test_ingest import _session, client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
 
@@ -69,6 +69,7 @@ def test_broker_killed_and_restarted_during_traffic_loses_and_duplicates_nothing
         own_stack,
         ingest=dataclasses.replace(
             own_stack.ingest,
+            client=client(),
             group_id=f"faults-{uuid.uuid4().hex[:6]}",
             lake_dir=tmp_path / "lake",
             flush_interval_s=0.3,

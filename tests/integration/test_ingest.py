@@ -65,9 +65,18 @@ def _session(prefix: str, user: int, k: int, t: int) -> tuple[Impression, list[I
     return imp, fbs
 
 
+def client() -> str:
+    """The Kafka client the ingestor tests run on: ``ingest.client``'s default, or
+    RECLOOP_TEST_INGEST_CLIENT (to run them on the other one)."""
+    from recloop.config import IngestConfig
+
+    return os.environ.get("RECLOOP_TEST_INGEST_CLIENT") or IngestConfig.client
+
+
 def _config(stack: StackConfig, tmp: Path, prefix: str, **ingest) -> StackConfig:
     """The stack with this test's own consumer group and lake, and quick flushes."""
     values = dict(
+        client=client(),
         group_id=f"ingest-{prefix}",
         lake_dir=tmp / "lake",
         flush_interval_s=0.3,
