@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         record = run_round(cfg, _log, pooled=args.pooled)
         print(json.dumps(record, indent=2) if record else "no round: not enough new data")
         return 0
+    # Ctrl-C (or the simulation driver's SIGINT between rounds) stops the loop, even
+    # when this process was started with SIGINT ignored (a background job of a shell).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = threading.Event()
     try:
         train_forever(cfg, stop, _log, pooled=args.pooled)
