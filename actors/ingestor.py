@@ -721,6 +721,9 @@ class Ingestor:
         except Exception as exc:
             self.last_error = f"feast warm-up: {exc!r}"[:500]
             log.warning("%s: %s", self.writer, self.last_error)
+        from recloop.priority import settle_heap
+
+        settle_heap()  # the imports' heap out of the collector's walks (see there)
 
     def run(
         self,

@@ -60,3 +60,28 @@ def thread_nice(tid: int | None = None) -> int:
     if tid is None:
         return os.getpriority(os.PRIO_PROCESS, 0)
     return int(Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+_settled = False
+
+
+def settle_heap(young: int = 20_000) -> dict[str, int]:
+    """Stop a long-running loop paying for its start-up heap on every collection.
+
+    A process that imported torch, Ray or Feast holds ~400 k objects the cyclic
+    collector walks on each full collection (~0.2 s each, measured in the ingestor: a
+    third of its time on a backlog). ``gc.freeze`` moves what exists now out of the
+    collector's sight (it is never freed, which is what start-up state is), and a
+    larger young generation makes collections rarer while the loop allocates records
+    in bursts. Call it once, after start-up and before the loop."""
+    import gc
+
+    global _settled
+    if _settled:  # once per process: what a later call would freeze may yet be garbage
+        return {"frozen": gc.get_freeze_count(), "young": gc.get_threshold()[0]}
+    _settled = True
+    gc.collect()
+    gc.freeze()
+    _, mid, old = gc.get_threshold()
+    gc.set_threshold(young, max(mid, 50), max(old, 1000))
+    return {"frozen": gc.get_freeze_count(), "young": young}

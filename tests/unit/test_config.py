@@ -149,6 +149,31 @@ print(json.dumps({"out": out, "nices": nices, "again": again}))
     assert got["again"]["nice"] == 7
 
 
+def test_settle_heap_freezes_the_start_up_heap_once():
+    """``settle_heap`` takes what start-up allocated out of the collector's walks, once
+    per process (a second call freezes nothing more: by then it may be garbage), and
+    makes the young generation larger. In a child process: the test process's
+    collector stays as it is."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import gc, json
+from recloop import priority
+keep = [[i] for i in range(50000)]
+first = priority.settle_heap(12345)
+more = [[i] for i in range(1000)]
+second = priority.settle_heap()
+print(json.dumps({"first": first, "second": second, "threshold": gc.get_threshold()}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(res.stdout)
+    assert got["first"]["frozen"] >= 50000
+    assert got["second"]["frozen"] == got["first"]["frozen"]  # the later lists stay young
+    assert got["threshold"][0] == 12345
+
+
 def test_priority_is_validated():
     with pytest.raises(ConfigError, match="background_nice"):
         load_config(overrides={"priority.background_nice": 25}, env={})
