@@ -164,8 +164,9 @@ class ServeConfig:
     experiment: Path = PROJECT_ROOT / "infra" / "serve" / "experiment.yaml"
     app_name: str = "recloop"
     beam_width: int = 32
-    max_batch_size: int = 16  # requests per batched beam search
-    batch_wait_ms: float = 5.0
+    # Requests per batched beam search. Batching is continuous: a request that finds the
+    # model idle starts at once; those arriving meanwhile go together next.
+    max_batch_size: int = 16
     replica_cpus: float = 0.25  # fractional: replicas share 2 cores with training
     router_cpus: float = 0.1
     # Custom Ray resources each replica / the router asks for, to place them on the

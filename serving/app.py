@@ -10,7 +10,8 @@ experiment's salt), reads the user's history from Feast, asks the arm's ``Recomm
 for a session, logs the impression to Kafka off the request path and mirrors a
 deterministic share of requests to the DPO sampler actor when one runs.
 
-``Recommender`` replicas batch concurrent requests (``@serve.batch``) into one
+``Recommender`` replicas batch concurrent requests continuously (``serving.batcher``:
+no fixed wait; those arriving during a batch go together next) into one
 trie-constrained beam search. The model version is Serve's ``user_config``: a promotion
 redeploys the application with the new version, Serve calls ``reconfigure`` on every
 running replica, and each loads the new checkpoint off to the side and swaps it in with
@@ -41,6 +42,7 @@ from recloop.config import StackConfig
 from recloop.events import MAX_EVENT_TIME_MS, Impression
 from recloop.inference import BaselineModel, LoadedModel
 from recloop.ray_head import auth_headers
+from serving.batcher import ContinuousBatcher
 
 log = logging.getLogger("recloop.serve")
 
@@ -123,15 +125,12 @@ class Recommender:
         self.model: LoadedModel | BaselineModel | None = None
         self.load_error: str | None = None
         self.swaps = 0
-        self.batches = 0
-        self.batched_requests = 0
         # Anchor popularity of a context-trained model: Feast's clicks, re-read off the
         # request path every serve.anchor_refresh_s.
         self._store: Any = None
         self._anchor_task: asyncio.Task | None = None
         self.anchors: dict[str, Any] = {"items_clicked": 0, "refreshed_at": None, "error": None}
-        self._generate.set_max_batch_size(self.cfg.serve.max_batch_size)
-        self._generate.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_ms / 1000)
+        self.batcher = ContinuousBatcher(self._run_batch, self.cfg.serve.max_batch_size)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:
@@ -217,20 +216,16 @@ class Recommender:
     def version(self) -> str | None:
         return None if self.model is None else self.model.version
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _generate(self, requests: list[dict]) -> list[dict]:
+    def _run_batch(self, requests: list[dict]) -> list[dict]:
+        """One batched generation (in the batcher's worker thread)."""
         model = self.model  # the whole batch runs on one model
         if model is None:
             err = {"error": f"arm {self.arm!r} has no model version yet (promote one)"}
             return [err for _ in requests]
-        self.batches += 1
-        self.batched_requests += len(requests)
-        return await asyncio.to_thread(
-            model.generate, requests, self.cfg.serve.beam_width, self.scoring
-        )
+        return model.generate(requests, self.cfg.serve.beam_width, self.scoring)
 
     async def generate(self, request: dict) -> dict:
-        return await self._generate(request)
+        return await self.batcher.submit(request)
 
     def info(self) -> dict:
         return {
@@ -239,8 +234,8 @@ class Recommender:
             "scoring": self.scoring.get("scoring", "beam"),
             "load_error": self.load_error,
             "swaps": self.swaps,
-            "batches": self.batches,
-            "mean_batch": self.batched_requests / self.batches if self.batches else 0.0,
+            **self.batcher.stats(),  # batches, mean_batch, queued, busy
+            "cpu_s": time.process_time(),  # the replica process's CPU time so far
             "context": self._context_info(),
         }
 
