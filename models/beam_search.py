@@ -14,13 +14,15 @@ constraint).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from models.onerec import Encoded, OneRec
+from models.onerec import DENSE_GATE_MAX, Encoded, MoEFFN, OneRec
 
 NEG_INF = float("-inf")
 
@@ -83,31 +85,24 @@ class Beams:
 StepFn = Callable[[Encoded, Tensor, int, list[dict]], Tensor]
 
 
-def _step_cached(model: OneRec, enc: Encoded, tokens: Tensor, t: int, caches: list[dict]) -> Tensor:
-    return model.decode(enc, tokens[:, -1:], start_pos=t, caches=caches, past=tokens[:, :-1])[:, -1]
-
-
 def _step_full(model: OneRec, enc: Encoded, tokens: Tensor, t: int, caches: list[dict]) -> Tensor:
     return model.decode(enc, tokens, start_pos=0)[:, -1]
 
 
 @torch.no_grad()
-def _search(
+def _search_reference(
     model: OneRec,
     enc: Encoded,
     trie: CompiledTrie,
     beam_width: int,
     exclude: Sequence[Sequence[int]] | None,
     session_len: int | None,
-    cached: bool,
 ) -> Beams:
+    """The plain search: every beam its own copy of the encoder output, the whole prefix
+    re-decoded at each step by ``OneRec.decode``, every state tensor reordered by copy."""
     cfg = model.cfg
     L, K, W = cfg.levels, cfg.codebook_size, beam_width
-    M = session_len or cfg.session_len
-    if M > cfg.session_len:
-        raise ValueError(f"session_len {M} exceeds the model's {cfg.session_len}")
-    if trie.levels != L or trie.codebook_size != K:
-        raise ValueError("the trie's levels/codebook size differ from the model's")
+    M = _session_len(model, trie, session_len)
     B = enc.memory.shape[0]
     dev = enc.memory.device
     rows = torch.arange(B, device=dev).repeat_interleave(W)
@@ -128,15 +123,10 @@ def _search(
     items = torch.zeros(B * W, 0, dtype=torch.long, device=dev)
     item_lp = torch.zeros(B * W, M, device=dev)
     caches: list[dict] = [{} for _ in model.dec_layers]
-    step: StepFn = (
-        (lambda e, tok, t, c: _step_cached(model, e, tok, t, c))
-        if cached
-        else (lambda e, tok, t, c: _step_full(model, e, tok, t, c))
-    )
 
     for t in range(M * L):
         level = t % L
-        logp = step(enc_b, tokens, t, caches).float().log_softmax(dim=-1)  # (B*W, K)
+        logp = _step_full(model, enc_b, tokens, t, caches).float().log_softmax(dim=-1)
         nxt = child[node]  # (B*W, K)
         allowed = nxt >= 0
         if level == L - 1:  # completing an item: not one already in the session/excluded
@@ -153,9 +143,6 @@ def _search(
         item_lp = item_lp[src]
         item_lp[:, t // L] += torch.where(alive, gain, torch.zeros_like(gain))
         used, codes, items = used[src], codes[src], items[src]
-        for c in caches:
-            if c:
-                c["k"], c["v"] = c["k"][src], c["v"][src]
         tokens = tokens[src]
         codes = torch.cat([codes, code[:, None]], dim=1)
         if level == L - 1:
@@ -169,6 +156,233 @@ def _search(
     return Beams(items.view(B, W, M), scores, codes.view(B, W, M * L), item_lp.view(B, W, M))
 
 
+def _session_len(model: OneRec, trie: CompiledTrie, session_len: int | None) -> int:
+    cfg = model.cfg
+    M = session_len or cfg.session_len
+    if M > cfg.session_len:
+        raise ValueError(f"session_len {M} exceeds the model's {cfg.session_len}")
+    if trie.levels != cfg.levels or trie.codebook_size != cfg.codebook_size:
+        raise ValueError("the trie's levels/codebook size differ from the model's")
+    return M
+
+
+# --------------------------------------------------------------------------- fast path
+class DecodeWeights:
+    """The decoder's weights laid out for one-token steps, taken once per search: the
+    self-attention's q, k, v projections fused into one matrix, the experts packed side
+    by side, the head split per level. Plain tensors, so a compiled step sees no module."""
+
+    def __init__(self, model: OneRec) -> None:
+        cfg = model.cfg
+        self.heads, self.dim = cfg.heads, cfg.dim
+        self.layers: list[dict[str, Tensor]] = []
+        for layer in model.dec_layers:
+            sa, ca, ffn = layer.self_attn, layer.cross_attn, layer.ffn
+            w = {
+                "ln1_w": layer.ln1.weight,
+                "ln1_b": layer.ln1.bias,
+                "qkv_w": torch.cat([sa.q.weight, sa.kv.weight]),  # (3D, D)
+                "qkv_b": torch.cat([sa.q.bias, sa.kv.bias]),
+                "so_w": sa.out.weight,
+                "so_b": sa.out.bias,
+                "ln2_w": layer.ln2.weight,
+                "ln2_b": layer.ln2.bias,
+                "cq_w": ca.q.weight,
+                "cq_b": ca.q.bias,
+                "co_w": ca.out.weight,
+                "co_b": ca.out.bias,
+                "ln3_w": layer.ln3.weight,
+                "ln3_b": layer.ln3.bias,
+            }
+            if isinstance(ffn, MoEFFN):
+                w_up, b_up, w_down = ffn.packed()
+                w.update(
+                    router=ffn.router.weight,
+                    up_all=w_up,
+                    up_all_b=b_up,
+                    down_all=w_down,
+                    w_up=ffn.w_up,
+                    b_up=ffn.b_up,
+                    w_down=ffn.w_down,
+                    b_down=ffn.b_down,
+                )
+            else:
+                w.update(up=ffn.up.weight, up_b=ffn.up.bias, down=ffn.down.weight)
+                w.update(down_b=ffn.down.bias)
+            self.layers.append(w)
+        self.top_k = cfg.moe_top_k
+        self.ln_w, self.ln_b = model.dec_ln.weight, model.dec_ln.bias
+        self.head = model.head.weight.view(cfg.levels, cfg.codebook_size, cfg.dim)
+        self.tok = model.dec_tok.weight
+        self.pos = model.dec_pos.weight
+        self.cond_w, self.cond_b = model.dec_cond.weight, model.dec_cond.bias
+
+
+def _moe(x: Tensor, w: dict[str, Tensor], top_k: int, dense: bool) -> Tensor:
+    """``MoEFFN.infer`` on plain tensors (x: (N, D))."""
+    n, d = x.shape
+    experts = w["b_down"].shape[0]
+    top_l, top_i = F.linear(x, w["router"]).topk(top_k, dim=-1)
+    gates = top_l.softmax(dim=-1)
+    if dense:
+        g = x.new_zeros(n, experts).scatter_(1, top_i, gates)
+        hid = F.gelu(torch.addmm(w["up_all_b"], x, w["up_all"])).view(n, experts, -1)
+        return torch.addmm(g @ w["b_down"], (hid * g[..., None]).view(n, -1), w["down_all"])
+    slot = top_i.flatten()
+    order = slot.argsort(stable=True)
+    token = order // top_k
+    counts = torch.bincount(slot, minlength=experts).tolist()
+    parts = []
+    for e, xe in enumerate(x.index_select(0, token).split(counts)):
+        if counts[e]:
+            hid = F.gelu(torch.addmm(w["b_up"][e], xe, w["w_up"][e]))
+            parts.append(torch.addmm(w["b_down"][e], hid, w["w_down"][e]))
+    y = torch.cat(parts) * gates.flatten()[order, None]
+    return x.new_zeros(n, d).index_add_(0, token, y)
+
+
+def decode_step(
+    dw: DecodeWeights,
+    x: Tensor,  # (B, C, D): this step's input embeddings, C beams per request
+    t: int,  # the position of this step
+    kv: Tensor,  # (T, 2 * layers, N_max, D): self-attention keys/values of positions < t
+    cross: list[tuple[Tensor, Tensor]],  # per layer (B, H, S, hd), shared by the C beams
+    enc_mask: Tensor,  # (B, 1, 1, S)
+    moe_dense: bool | None = None,
+) -> Tensor:
+    """One decoder step for B × C beams; writes position t's keys/values into ``kv``
+    and returns the final hidden states (B, C, D). The beams of request b share its
+    cross-attention keys/values: the C of them are one query block, no copies."""
+    b, c, d = x.shape
+    n, heads = b * c, dw.heads
+    hd = d // heads
+    if moe_dense is None:
+        moe_dense = n * len(dw.layers[0].get("b_down", ())) < DENSE_GATE_MAX
+    for i, w in enumerate(dw.layers):
+        h = F.layer_norm(x, (d,), w["ln1_w"], w["ln1_b"])
+        qkv = F.linear(h, w["qkv_w"], w["qkv_b"]).view(n, 3, d)
+        kv[t, 2 * i : 2 * i + 2, :n] = qkv[:, 1:].transpose(0, 1)
+        if t == 0:  # one key: the softmax is 1
+            y = qkv[:, 2]
+        else:
+            q = qkv[:, 0].view(n, heads, hd) * (1.0 / math.sqrt(hd))
+            k = kv[: t + 1, 2 * i, :n].view(t + 1, n, heads, hd)
+            v = kv[: t + 1, 2 * i + 1, :n].view(t + 1, n, heads, hd)
+            p = (k * q).sum(-1).softmax(dim=0)  # (t+1, N, H)
+            y = (p[..., None] * v).sum(0)
+        x = x + F.linear(y.reshape(b, c, d), w["so_w"], w["so_b"])
+        h = F.layer_norm(x, (d,), w["ln2_w"], w["ln2_b"])
+        q = F.linear(h, w["cq_w"], w["cq_b"]).view(b, c, heads, hd).transpose(1, 2)
+        ck, cv = cross[i]
+        y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=enc_mask)  # (B, H, C, hd)
+        x = x + F.linear(y.transpose(1, 2).reshape(b, c, d), w["co_w"], w["co_b"])
+        h = F.layer_norm(x, (d,), w["ln3_w"], w["ln3_b"]).view(n, d)
+        if "router" in w:
+            f = _moe(h, w, dw.top_k, moe_dense)
+        else:
+            f = F.linear(F.gelu(F.linear(h, w["up"], w["up_b"])), w["down"], w["down_b"])
+        x = x + f.view(b, c, d)
+    return F.layer_norm(x, (d,), dw.ln_w, dw.ln_b)
+
+
+@torch.no_grad()
+def _search_fast(
+    model: OneRec,
+    enc: Encoded,
+    trie: CompiledTrie,
+    beam_width: int,
+    exclude: Sequence[Sequence[int]] | None,
+    session_len: int | None,
+    moe_dense: bool | None = None,
+) -> Beams:
+    cfg = model.cfg
+    L, K, W = cfg.levels, cfg.codebook_size, beam_width
+    M = _session_len(model, trie, session_len)
+    T = M * L
+    if enc.summary.dim() != 2:
+        raise ValueError("beam search takes one summary per request (B, D)")
+    B, D = enc.summary.shape
+    dev = enc.memory.device
+    dw = DecodeWeights(model)
+    child, leaf_item = trie.child.to(dev), trie.leaf_item.to(dev)
+    n_items = trie.max_item + 1
+    prefix_terms = cfg.leaf_logits or cfg.tree_logits
+
+    # Constants of the search: the summary's conditioning plus each position's embedding.
+    cond = F.linear(enc.summary, dw.cond_w, dw.cond_b)  # (B, D)
+    base = cond[None, :, None, :] + dw.pos[:T, None, None, :]  # (T, B, 1, D)
+    excl = torch.zeros(B, n_items, dtype=torch.bool, device=dev)
+    if exclude is not None:
+        for b, seen in enumerate(exclude):
+            ids = [i for i in seen if 0 <= i < n_items]
+            if ids:
+                excl[b, ids] = True
+    excl = excl.view(-1)
+
+    N = B * W
+    kv = torch.empty(T, 2 * len(dw.layers), N, D, device=dev)
+    kv_next = torch.empty_like(kv)
+    # Each beam's codes and items (one tensor: one reorder per step), its tokens' log p.
+    state = torch.zeros(1 * B, T + M, dtype=torch.long, device=dev)
+    tok_lp = torch.zeros(1 * B, T, device=dev)
+    scores = torch.zeros(B, 1, device=dev)
+    node = torch.zeros(B, dtype=torch.long, device=dev)
+    first = torch.arange(B, device=dev)[:, None]  # (B, 1): times c, each request's first row
+    token = torch.zeros(B, dtype=torch.long, device=dev)  # the start token
+    c = 1  # one beam per request at step 0: the W starting beams are identical
+    for t in range(T):
+        level, m = t % L, t // L
+        n = B * c
+        x = dw.tok[token].view(B, c, D) + base[t]
+        h = decode_step(dw, x, t, kv, enc.cross_kv, enc.mask, moe_dense).view(n, D)
+        logits = h @ dw.head[level].T  # (n, K)
+        if prefix_terms:
+            # The input tokens before this one: the start token, then codes 0..t-2.
+            prev = max(t - 1, 0)
+            past = 1 + (torch.arange(prev, device=dev) % L) * K + state[:, :prev]
+            past = torch.cat([torch.zeros_like(state[:, :1]), past], dim=1)[:, :t]
+            logits = logits + model._prefix_terms(h[:, None], token[:, None], t, past)[:, 0]
+        logp = logits.float().log_softmax(dim=-1)
+        nxt = child[node]  # (n, K)
+        allowed = nxt >= 0
+        if level == L - 1:  # completing an item: not one already in the session/excluded
+            cand_items = leaf_item[nxt.clamp(min=0)].clamp(min=0)  # (n, K)
+            rows_req = torch.arange(n, device=dev) // c
+            taken = excl[(rows_req * n_items)[:, None] + cand_items]
+            if m:
+                taken |= (cand_items[:, :, None] == state[:, None, T : T + m]).any(-1)
+            allowed &= ~taken
+        cand = (scores.view(n, 1) + logp.masked_fill(~allowed, NEG_INF)).view(B, c * K)
+        width = min(W, c * K)
+        top, idx = cand.topk(width, dim=1)  # (B, width)
+        if width < W:  # fewer candidates than beams (step 0 with K < W): dead beams
+            top = F.pad(top, (0, W - width), value=NEG_INF)
+            idx = F.pad(idx, (0, W - width))
+        parent = idx // K
+        src = (parent + first * c).view(-1)  # (N,) the row each new beam extends
+        code = (idx % K).view(-1)
+        alive = (top > NEG_INF).view(-1)
+        gain = logp.view(B, c * K).gather(1, idx).view(-1)
+        node = nxt.view(B, c * K).gather(1, idx).view(-1).clamp(min=0)
+        state = state.index_select(0, src)
+        tok_lp = tok_lp.index_select(0, src)
+        state[:, t] = code
+        tok_lp[:, t] = torch.where(alive, gain, torch.zeros_like(gain))
+        if level == L - 1:
+            state[:, T + m] = torch.where(alive, leaf_item[node], -1)
+            node = torch.zeros_like(node)
+        if t + 1 < T:  # the beams' keys/values follow them
+            torch.index_select(kv[: t + 1], 2, src, out=kv_next[: t + 1])
+            kv, kv_next = kv_next, kv
+        scores = top
+        token = 1 + level * K + code
+        c = W
+
+    codes, items = state[:, :T], state[:, T:]
+    item_lp = tok_lp.view(N, M, L).sum(-1)
+    return Beams(items.view(B, W, M), scores, codes.reshape(B, W, T), item_lp.view(B, W, M))
+
+
 def beam_search(
     model: OneRec,
     enc: Encoded,
@@ -177,8 +391,10 @@ def beam_search(
     exclude: Sequence[Sequence[int]] | None = None,
     session_len: int | None = None,
 ) -> Beams:
-    """Top ``beam_width`` sessions per request, KV-cached, batched over requests."""
-    return _search(model, enc, trie, beam_width, exclude, session_len, cached=True)
+    """Top ``beam_width`` sessions per request, batched over requests: the fast decode
+    path (beams share their request's encoder output, preallocated KV buffers reordered
+    by index, the MoE as batched matmuls). Decodes as in eval mode (no dropout)."""
+    return _search_fast(model, enc, trie, beam_width, exclude, session_len)
 
 
 def beam_search_reference(
@@ -190,7 +406,7 @@ def beam_search_reference(
     session_len: int | None = None,
 ) -> Beams:
     """The same search without a cache: the whole prefix is decoded at every step."""
-    return _search(model, enc, trie, beam_width, exclude, session_len, cached=False)
+    return _search_reference(model, enc, trie, beam_width, exclude, session_len)
 
 
 @torch.no_grad()

@@ -70,7 +70,7 @@ def setup(request):
 # ------------------------------------------------------------------------------- MoE
 def test_moe_sends_each_token_to_top_k_experts_and_matches_the_dense_reference():
     torch.manual_seed(0)
-    moe = MoEFFN(tiny_config()).eval()
+    moe = MoEFFN(tiny_config())  # training mode (dropout 0): dispatch plus stats
     x = torch.randn(5, 7, 32)
     fast = moe(x)
     counts = moe.last.counts
@@ -80,6 +80,30 @@ def test_moe_sends_each_token_to_top_k_experts_and_matches_the_dense_reference()
     gates, top_i, _ = moe._gates(x.reshape(-1, 32))
     torch.testing.assert_close(gates.sum(-1), torch.ones(35))
     assert (top_i[:, 0] != top_i[:, 1]).all()
+
+
+@pytest.mark.parametrize("dense", [None, True, False])
+def test_moe_inference_path_matches_the_reference_and_keeps_no_stats(dense):
+    torch.manual_seed(0)
+    moe = MoEFFN(tiny_config())
+    x = torch.randn(5, 7, 32)
+    moe(x)
+    assert moe.last is not None and model_aux(moe) > 0
+    moe.eval()
+    with torch.no_grad():
+        ref = moe.forward_reference(x)
+        fast = moe.infer(x, dense=dense)
+        via_forward = moe(x)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(via_forward, ref, rtol=1e-5, atol=1e-5)
+    assert moe.last is None  # eval: no balance loss nor stats
+    with torch.no_grad():  # packed experts follow a weight update
+        moe.w_up.add_(0.1)
+        torch.testing.assert_close(moe.infer(x, dense=True), moe.forward_reference(x))
+
+
+def model_aux(moe: MoEFFN) -> float:
+    return float(moe.last.aux_loss.detach())
 
 
 def test_load_balancing_loss_penalises_a_router_that_favours_one_expert():
