@@ -6,7 +6,8 @@ latest history into Feast, deploys the service and measures, closed-loop with an
 client (``aiohttp``, one thread):
 
 - ``/recommend`` at concurrency 1, 8 and 32 with batching on (``serve.max_batch_size``)
-  and off (max_batch_size 1): p50/p99 latency, requests/s, errors, mean batch size;
+  and off (max_batch_size 1): p50/p99 latency, requests/s, errors, each arm's mean batch
+  size and each replica's CPU use (cores) over the load;
 - the same loads on the trivial ``GET /ping`` deployment of ``recloop smoke`` — the
   floor of Serve's HTTP path on this machine; the ratio is the figure to compare;
 - a promotion under load (concurrency 8): errors (must be 0) and the seconds until
@@ -103,24 +104,88 @@ async def _load(
     }
 
 
-def _run_load(url: str, c: int, seconds: float, users: list[int], post: bool = True) -> dict:
+def _run_load(
+    url: str, c: int, seconds: float, users: list[int], post: bool = True, app: str | None = None
+) -> dict:
+    """One closed-loop load; with ``app``, each replica's CPU use over it (cores: CPU
+    seconds / wall seconds) and, for /recommend, each arm's batches in the window."""
+    pids = _replicas(app) if app else {}
+    cpu0 = _cpu_s(pids)
+    arms0 = _arm_counts(url) if post else {}
+    t0 = time.monotonic()
     out = asyncio.run(_load(url, c, seconds, users, post))
+    wall = time.monotonic() - t0
     out.pop("_versions")
+    if pids:
+        cpu1 = _cpu_s(pids)
+        out["replica_cpu_cores"] = {
+            k: round((cpu1[k] - cpu0[k]) / wall, 3) for k in cpu1 if k in cpu0
+        }
+    if post:
+        arms1 = _arm_counts(url)
+        out["arm_batches"] = {}
+        for arm, (b1, r1) in arms1.items():
+            b0, r0 = arms0.get(arm, (0, 0))
+            out["arm_batches"][arm] = {
+                "batches": b1 - b0,
+                "mean_batch": round((r1 - r0) / (b1 - b0), 2) if b1 > b0 else None,
+            }
     return out
 
 
-def _replica_rss(app_name: str) -> dict[str, float]:
-    import psutil
+def _replicas(app_name: str) -> dict[str, int]:
+    """Serve replica actor → its pid, for the deployments of ``app_name``."""
     from ray.util.state import list_actors
 
     out = {}
     for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
         name = a.class_name or ""
         if name.startswith(f"ServeReplica:{app_name}:") and a.pid:
-            try:
-                out[name.split(":")[-1]] = psutil.Process(a.pid).memory_info().rss / 2**20
-            except psutil.Error:
-                pass
+            out[f"{name.split(':')[-1]}-{a.actor_id[:6]}"] = a.pid
+    return out
+
+
+def _cpu_s(pids: dict[str, int]) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for k, pid in pids.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[k] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
+def _arm_counts(recommend_url: str) -> dict[str, tuple[int, int]]:
+    """Per arm: (batches, requests) its replicas have run so far (GET /arms)."""
+    import urllib.request
+
+    base = recommend_url.rsplit("/", 1)[0]
+    try:
+        with urllib.request.urlopen(f"{base}/arms", timeout=10) as r:
+            arms = json.loads(r.read())
+    except Exception:
+        return {}
+    return {
+        a["arm"]: (
+            sum(int(x.get("batches", 0)) for x in a["replicas"]),
+            sum(int(x.get("requests", 0)) for x in a["replicas"]),
+        )
+        for a in arms
+    }
+
+
+def _replica_rss(app_name: str) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for name, pid in _replicas(app_name).items():
+        try:
+            out[name] = psutil.Process(pid).memory_info().rss / 2**20
+        except psutil.Error:
+            pass
     return out
 
 
@@ -200,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             _run_load(f"{base}/recommend", 4, 3, users)  # warm-up
             rows = {}
             for c in levels:
-                rows[str(c)] = _run_load(f"{base}/recommend", c, args.seconds, users)
+                rows[str(c)] = _run_load(
+                    f"{base}/recommend", c, args.seconds, users, app=cfg.serve.app_name
+                )
                 _say(f"{label} c={c}: {json.dumps(rows[str(c)])}")
             result[label] = rows
         result["rss_mb"] = _replica_rss(cfg.serve.app_name)

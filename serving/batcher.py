@@ -78,6 +78,7 @@ class ContinuousBatcher:
         wall = max(1e-9, time.monotonic() - self.started)
         return {
             "batches": self.batches,
+            "requests": self.requests,
             "mean_batch": self.requests / self.batches if self.batches else 0.0,
             "queued": len(self._queue),
             "busy": self.busy_s / wall,
