@@ -245,7 +245,7 @@ def decode_step(
     dw: DecodeWeights,
     x: Tensor,  # (B, C, D): this step's input embeddings, C beams per request
     t: int,  # the position of this step
-    kv: Tensor,  # (T, 2 * layers, N_max, D): self-attention keys/values of positions < t
+    kv: Tensor,  # (T, N_max, 2 * layers, D): self-attention keys/values of positions < t
     cross: list[tuple[Tensor, Tensor]],  # per layer (B, H, S, hd), shared by the C beams
     enc_mask: Tensor,  # (B, 1, 1, S)
     moe_dense: bool | None = None,
@@ -261,13 +261,13 @@ def decode_step(
     for i, w in enumerate(dw.layers):
         h = F.layer_norm(x, (d,), w["ln1_w"], w["ln1_b"])
         qkv = F.linear(h, w["qkv_w"], w["qkv_b"]).view(n, 3, d)
-        kv[t, 2 * i : 2 * i + 2, :n] = qkv[:, 1:].transpose(0, 1)
+        kv[t, :n, 2 * i : 2 * i + 2] = qkv[:, 1:]
         if t == 0:  # one key: the softmax is 1
             y = qkv[:, 2]
         else:
             q = qkv[:, 0].view(n, heads, hd) * (1.0 / math.sqrt(hd))
-            k = kv[: t + 1, 2 * i, :n].view(t + 1, n, heads, hd)
-            v = kv[: t + 1, 2 * i + 1, :n].view(t + 1, n, heads, hd)
+            k = kv[: t + 1, :n, 2 * i].view(t + 1, n, heads, hd)
+            v = kv[: t + 1, :n, 2 * i + 1].view(t + 1, n, heads, hd)
             p = (k * q).sum(-1).softmax(dim=0)  # (t+1, N, H)
             y = (p[..., None] * v).sum(0)
         x = x + F.linear(y.reshape(b, c, d), w["so_w"], w["so_b"])
@@ -320,7 +320,7 @@ def _search_fast(
     excl = excl.view(-1)
 
     N = B * W
-    kv = torch.empty(T, 2 * len(dw.layers), N, D, device=dev)
+    kv = torch.empty(T, N, 2 * len(dw.layers), D, device=dev)  # a row's keys/values: 1 block
     kv_next = torch.empty_like(kv)
     # Each beam's codes and items (one tensor: one reorder per step), its tokens' log p.
     state = torch.zeros(1 * B, T + M, dtype=torch.long, device=dev)
@@ -372,7 +372,7 @@ def _search_fast(
             state[:, T + m] = torch.where(alive, leaf_item[node], -1)
             node = torch.zeros_like(node)
         if t + 1 < T:  # the beams' keys/values follow them
-            torch.index_select(kv[: t + 1], 2, src, out=kv_next[: t + 1])
+            torch.index_select(kv[: t + 1], 1, src, out=kv_next[: t + 1])
             kv, kv_next = kv_next, kv
         scores = top
         token = 1 + level * K + code
