@@ -15,6 +15,7 @@ constraint).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -169,26 +170,29 @@ def _session_len(model: OneRec, trie: CompiledTrie, session_len: int | None) -> 
 # --------------------------------------------------------------------------- fast path
 class DecodeWeights:
     """The decoder's weights laid out for one-token steps, taken once per search: the
-    self-attention's q, k, v projections fused into one matrix, the experts packed side
-    by side, the head split per level. Plain tensors, so a compiled step sees no module."""
+    self-attention's q, k, v projections fused into one matrix, the attention scale
+    folded into the query projections, the experts packed side by side with the router's
+    columns after them (one matmul gives hidden units and router logits), the head split
+    per level. Plain tensors, so a step sees no module."""
 
     def __init__(self, model: OneRec) -> None:
         cfg = model.cfg
         self.heads, self.dim = cfg.heads, cfg.dim
+        scale = 1.0 / math.sqrt(cfg.dim // cfg.heads)
         self.layers: list[dict[str, Tensor]] = []
         for layer in model.dec_layers:
             sa, ca, ffn = layer.self_attn, layer.cross_attn, layer.ffn
             w = {
                 "ln1_w": layer.ln1.weight,
                 "ln1_b": layer.ln1.bias,
-                "qkv_w": torch.cat([sa.q.weight, sa.kv.weight]),  # (3D, D)
-                "qkv_b": torch.cat([sa.q.bias, sa.kv.bias]),
+                "qkv_w": torch.cat([sa.q.weight * scale, sa.kv.weight]),  # (3D, D)
+                "qkv_b": torch.cat([sa.q.bias * scale, sa.kv.bias]),
                 "so_w": sa.out.weight,
                 "so_b": sa.out.bias,
                 "ln2_w": layer.ln2.weight,
                 "ln2_b": layer.ln2.bias,
-                "cq_w": ca.q.weight,
-                "cq_b": ca.q.bias,
+                "cq_w": ca.q.weight * scale,
+                "cq_b": ca.q.bias * scale,
                 "co_w": ca.out.weight,
                 "co_b": ca.out.bias,
                 "ln3_w": layer.ln3.weight,
@@ -196,10 +200,11 @@ class DecodeWeights:
             }
             if isinstance(ffn, MoEFFN):
                 w_up, b_up, w_down = ffn.packed()
+                router = ffn.router.weight  # (E, D)
                 w.update(
-                    router=ffn.router.weight,
-                    up_all=w_up,
-                    up_all_b=b_up,
+                    up_router=torch.cat([w_up, router.T], dim=1),  # (D, E*H + E)
+                    up_router_b=torch.cat([b_up, b_up.new_zeros(router.shape[0])]),
+                    router=router,
                     down_all=w_down,
                     w_up=ffn.w_up,
                     b_up=ffn.b_up,
@@ -217,17 +222,56 @@ class DecodeWeights:
         self.pos = model.dec_pos.weight
         self.cond_w, self.cond_b = model.dec_cond.weight, model.dec_cond.bias
 
+    @classmethod
+    def of(cls, model: OneRec) -> DecodeWeights:
+        """The model's decode weights, rebuilt only when a parameter changed (an
+        optimizer step or a load bumps its version) since the last search."""
+        key = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        cached = _DECODE_WEIGHTS.get(model)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, cls(model))
+            _DECODE_WEIGHTS[model] = cached
+        return cached[1]
+
+
+_DECODE_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class CrossMemory:
+    """A batch's encoder output as the decode step reads it, once per search: per layer
+    the keys transposed (B*H, hd, S) and values (B*H, S, hd), and the padding mask as an
+    additive bias (B*H, 1, S). The C beams of request b are one block of C queries
+    against batch entry b: no per-beam copies."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    bias: Tensor
+
+    @classmethod
+    def of(cls, enc: Encoded) -> CrossMemory:
+        b, h, s, hd = enc.cross_kv[0][0].shape
+        bias = torch.zeros(b, 1, 1, s, device=enc.mask.device).masked_fill(~enc.mask, NEG_INF)
+        return cls(
+            [k.transpose(-1, -2).reshape(b * h, hd, s) for k, _ in enc.cross_kv],
+            [v.reshape(b * h, s, hd) for _, v in enc.cross_kv],
+            bias.expand(b, h, 1, s).reshape(b * h, 1, s),
+        )
+
 
 def _moe(x: Tensor, w: dict[str, Tensor], top_k: int, dense: bool) -> Tensor:
     """``MoEFFN.infer`` on plain tensors (x: (N, D))."""
     n, d = x.shape
     experts = w["b_down"].shape[0]
+    if dense:
+        both = torch.addmm(w["up_router_b"], x, w["up_router"])  # (N, E*H + E)
+        top_l, top_i = both[:, -experts:].topk(top_k, dim=-1)
+        g = x.new_zeros(n, experts).scatter_(1, top_i, top_l.softmax(dim=-1))
+        hid = F.gelu(both[:, :-experts]).view(n, experts, -1)
+        return torch.addmm(g @ w["b_down"], (hid * g[..., None]).view(n, -1), w["down_all"])
     top_l, top_i = F.linear(x, w["router"]).topk(top_k, dim=-1)
     gates = top_l.softmax(dim=-1)
-    if dense:
-        g = x.new_zeros(n, experts).scatter_(1, top_i, gates)
-        hid = F.gelu(torch.addmm(w["up_all_b"], x, w["up_all"])).view(n, experts, -1)
-        return torch.addmm(g @ w["b_down"], (hid * g[..., None]).view(n, -1), w["down_all"])
     slot = top_i.flatten()
     order = slot.argsort(stable=True)
     token = order // top_k
@@ -246,8 +290,7 @@ def decode_step(
     x: Tensor,  # (B, C, D): this step's input embeddings, C beams per request
     t: int,  # the position of this step
     kv: Tensor,  # (T, N_max, 2 * layers, D): self-attention keys/values of positions < t
-    cross: list[tuple[Tensor, Tensor]],  # per layer (B, H, S, hd), shared by the C beams
-    enc_mask: Tensor,  # (B, 1, 1, S)
+    mem: CrossMemory,
     moe_dense: bool | None = None,
 ) -> Tensor:
     """One decoder step for B × C beams; writes position t's keys/values into ``kv``
@@ -264,17 +307,16 @@ def decode_step(
         kv[t, :n, 2 * i : 2 * i + 2] = qkv[:, 1:]
         if t == 0:  # one key: the softmax is 1
             y = qkv[:, 2]
-        else:
-            q = qkv[:, 0].view(n, heads, hd) * (1.0 / math.sqrt(hd))
+        else:  # q is pre-scaled
             k = kv[: t + 1, :n, 2 * i].view(t + 1, n, heads, hd)
             v = kv[: t + 1, :n, 2 * i + 1].view(t + 1, n, heads, hd)
-            p = (k * q).sum(-1).softmax(dim=0)  # (t+1, N, H)
+            p = (k * qkv[:, 0].view(n, heads, hd)).sum(-1).softmax(dim=0)  # (t+1, N, H)
             y = (p[..., None] * v).sum(0)
         x = x + F.linear(y.reshape(b, c, d), w["so_w"], w["so_b"])
         h = F.layer_norm(x, (d,), w["ln2_w"], w["ln2_b"])
         q = F.linear(h, w["cq_w"], w["cq_b"]).view(b, c, heads, hd).transpose(1, 2)
-        ck, cv = cross[i]
-        y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=enc_mask)  # (B, H, C, hd)
+        att = torch.baddbmm(mem.bias, q.reshape(b * heads, c, hd), mem.keys[i])
+        y = att.softmax(dim=-1).bmm(mem.values[i]).view(b, heads, c, hd)  # (B, H, C, hd)
         x = x + F.linear(y.transpose(1, 2).reshape(b, c, d), w["co_w"], w["co_b"])
         h = F.layer_norm(x, (d,), w["ln3_w"], w["ln3_b"]).view(n, d)
         if "router" in w:
@@ -303,7 +345,8 @@ def _search_fast(
         raise ValueError("beam search takes one summary per request (B, D)")
     B, D = enc.summary.shape
     dev = enc.memory.device
-    dw = DecodeWeights(model)
+    dw = DecodeWeights.of(model)
+    mem = CrossMemory.of(enc)
     child, leaf_item = trie.child.to(dev), trie.leaf_item.to(dev)
     n_items = trie.max_item + 1
     prefix_terms = cfg.leaf_logits or cfg.tree_logits
@@ -334,7 +377,7 @@ def _search_fast(
         level, m = t % L, t // L
         n = B * c
         x = dw.tok[token].view(B, c, D) + base[t]
-        h = decode_step(dw, x, t, kv, enc.cross_kv, enc.mask, moe_dense).view(n, D)
+        h = decode_step(dw, x, t, kv, mem, moe_dense).view(n, D)
         logits = h @ dw.head[level].T  # (n, K)
         if prefix_terms:
             # The input tokens before this one: the start token, then codes 0..t-2.
@@ -390,11 +433,14 @@ def beam_search(
     beam_width: int = 32,
     exclude: Sequence[Sequence[int]] | None = None,
     session_len: int | None = None,
+    moe_dense: bool | None = None,
 ) -> Beams:
     """Top ``beam_width`` sessions per request, batched over requests: the fast decode
     path (beams share their request's encoder output, preallocated KV buffers reordered
-    by index, the MoE as batched matmuls). Decodes as in eval mode (no dropout)."""
-    return _search_fast(model, enc, trie, beam_width, exclude, session_len)
+    by index, the MoE as batched matmuls). Decodes as in eval mode (no dropout).
+    ``moe_dense`` forces the MoE's dense-gate (True) or sort-and-split (False) inference
+    path; by default it follows the number of rows (``DENSE_GATE_MAX``)."""
+    return _search_fast(model, enc, trie, beam_width, exclude, session_len, moe_dense)
 
 
 def beam_search_reference(

@@ -160,3 +160,20 @@ def test_the_moe_paths_of_a_batch_agree_on_both_sides_of_the_dense_gate_threshol
     for dense in (True, False):  # forced either way, the same beams
         forced = _search_fast(model, enc, trie, width, exclude, None, moe_dense=dense)
         assert_same(forced, fast)
+
+
+def test_the_decode_weights_follow_an_in_place_weight_update():
+    """The fast path caches its fused weights per model; an optimizer step (an in-place
+    update) rebuilds them, so a search after it is the reference's again."""
+    model, codes = build("moe", trained=False)
+    trie = CompiledTrie(codes, torch.arange(1, N_ITEMS + 1), K)
+    enc, _ = requests(model, codes, 2)
+    before = beam_search(model, enc, trie, 8)
+    with torch.no_grad():
+        for layer in model.dec_layers:
+            layer.self_attn.q.weight.mul_(3.0)
+            layer.ffn.w_up.add_(0.2)
+        model.head.weight.mul_(5.0)
+    after = beam_search(model, enc, trie, 8)
+    assert_same(after, beam_search_reference(model, enc, trie, 8))
+    assert not torch.allclose(before.scores, after.scores)
