@@ -185,15 +185,16 @@ class DecodeWeights:
             w = {
                 "ln1_w": layer.ln1.weight,
                 "ln1_b": layer.ln1.bias,
-                "qkv_w": torch.cat([sa.q.weight * scale, sa.kv.weight]),  # (3D, D)
+                # Transposed (in, out) for addmm; q first, then k, v.
+                "qkv_w": torch.cat([sa.q.weight * scale, sa.kv.weight]).T.contiguous(),
                 "qkv_b": torch.cat([sa.q.bias * scale, sa.kv.bias]),
-                "so_w": sa.out.weight,
+                "so_w": sa.out.weight.T.contiguous(),
                 "so_b": sa.out.bias,
                 "ln2_w": layer.ln2.weight,
                 "ln2_b": layer.ln2.bias,
-                "cq_w": ca.q.weight * scale,
+                "cq_w": (ca.q.weight * scale).T.contiguous(),
                 "cq_b": ca.q.bias * scale,
-                "co_w": ca.out.weight,
+                "co_w": ca.out.weight.T.contiguous(),
                 "co_b": ca.out.bias,
                 "ln3_w": layer.ln3.weight,
                 "ln3_b": layer.ln3.bias,
@@ -212,12 +213,14 @@ class DecodeWeights:
                     b_down=ffn.b_down,
                 )
             else:
-                w.update(up=ffn.up.weight, up_b=ffn.up.bias, down=ffn.down.weight)
-                w.update(down_b=ffn.down.bias)
+                w.update(up=ffn.up.weight.T.contiguous(), up_b=ffn.up.bias)
+                w.update(down=ffn.down.weight.T.contiguous(), down_b=ffn.down.bias)
             self.layers.append(w)
         self.top_k = cfg.moe_top_k
         self.ln_w, self.ln_b = model.dec_ln.weight, model.dec_ln.bias
+        # Level l's head, transposed: (L, D, K).
         self.head = model.head.weight.view(cfg.levels, cfg.codebook_size, cfg.dim)
+        self.head = self.head.transpose(1, 2).contiguous()
         self.tok = model.dec_tok.weight
         self.pos = model.dec_pos.weight
         self.cond_w, self.cond_b = model.dec_cond.weight, model.dec_cond.bias
@@ -229,7 +232,7 @@ class DecodeWeights:
         key = tuple((p.data_ptr(), p._version) for p in model.parameters())
         cached = _DECODE_WEIGHTS.get(model)
         if cached is None or cached[0] != key:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, cached
                 cached = (key, cls(model))
             _DECODE_WEIGHTS[model] = cached
         return cached[1]
@@ -287,48 +290,50 @@ def _moe(x: Tensor, w: dict[str, Tensor], top_k: int, dense: bool) -> Tensor:
 
 def decode_step(
     dw: DecodeWeights,
-    x: Tensor,  # (B, C, D): this step's input embeddings, C beams per request
+    x: Tensor,  # (N, D): this step's input embeddings, B requests × C beams, row-major
+    c: int,  # beams per request
     t: int,  # the position of this step
-    kv: Tensor,  # (T, N_max, 2 * layers, D): self-attention keys/values of positions < t
+    kv: Tensor,  # (T, 2 * layers, N_max, D): self-attention keys/values of positions < t
     mem: CrossMemory,
     moe_dense: bool | None = None,
 ) -> Tensor:
     """One decoder step for B × C beams; writes position t's keys/values into ``kv``
-    and returns the final hidden states (B, C, D). The beams of request b share its
+    and returns the final hidden states (N, D). The beams of request b share its
     cross-attention keys/values: the C of them are one query block, no copies."""
-    b, c, d = x.shape
-    n, heads = b * c, dw.heads
+    n, d = x.shape
+    b, heads = n // c, dw.heads
     hd = d // heads
     if moe_dense is None:
         moe_dense = n * len(dw.layers[0].get("b_down", ())) < DENSE_GATE_MAX
     for i, w in enumerate(dw.layers):
         h = F.layer_norm(x, (d,), w["ln1_w"], w["ln1_b"])
-        qkv = F.linear(h, w["qkv_w"], w["qkv_b"]).view(n, 3, d)
-        kv[t, :n, 2 * i : 2 * i + 2] = qkv[:, 1:]
+        qkv = torch.addmm(w["qkv_b"], h, w["qkv_w"]).view(n, 3, d)
+        kv[t, 2 * i : 2 * i + 2, :n] = qkv[:, 1:].transpose(0, 1)
         if t == 0:  # one key: the softmax is 1
             y = qkv[:, 2]
         else:  # q is pre-scaled
-            k = kv[: t + 1, :n, 2 * i].view(t + 1, n, heads, hd)
-            v = kv[: t + 1, :n, 2 * i + 1].view(t + 1, n, heads, hd)
-            p = (k * qkv[:, 0].view(n, heads, hd)).sum(-1).softmax(dim=0)  # (t+1, N, H)
-            y = (p[..., None] * v).sum(0)
-        x = x + F.linear(y.reshape(b, c, d), w["so_w"], w["so_b"])
+            # Each position's keys of all rows are one contiguous slab: scores by a
+            # batched matmul over (row, head), the weighted sum of values elementwise.
+            k = kv[: t + 1, 2 * i, :n].reshape(t + 1, n * heads, hd).permute(1, 2, 0)
+            v = kv[: t + 1, 2 * i + 1, :n].view(t + 1, n, heads, hd)
+            p = torch.bmm(qkv[:, 0].reshape(n * heads, 1, hd), k).softmax(dim=-1)
+            y = (p.view(n, heads, t + 1).permute(2, 0, 1)[..., None] * v).sum(0)
+        x = torch.addmm(x, y.reshape(n, d), w["so_w"]).add_(w["so_b"])
         h = F.layer_norm(x, (d,), w["ln2_w"], w["ln2_b"])
-        q = F.linear(h, w["cq_w"], w["cq_b"]).view(b, c, heads, hd).transpose(1, 2)
+        q = torch.addmm(w["cq_b"], h, w["cq_w"]).view(b, c, heads, hd).transpose(1, 2)
         att = torch.baddbmm(mem.bias, q.reshape(b * heads, c, hd), mem.keys[i])
         y = att.softmax(dim=-1).bmm(mem.values[i]).view(b, heads, c, hd)  # (B, H, C, hd)
-        x = x + F.linear(y.transpose(1, 2).reshape(b, c, d), w["co_w"], w["co_b"])
-        h = F.layer_norm(x, (d,), w["ln3_w"], w["ln3_b"]).view(n, d)
+        x = torch.addmm(x, y.transpose(1, 2).reshape(n, d), w["co_w"]).add_(w["co_b"])
+        h = F.layer_norm(x, (d,), w["ln3_w"], w["ln3_b"])
         if "router" in w:
-            f = _moe(h, w, dw.top_k, moe_dense)
+            x = x + _moe(h, w, dw.top_k, moe_dense)
         else:
-            f = F.linear(F.gelu(F.linear(h, w["up"], w["up_b"])), w["down"], w["down_b"])
-        x = x + f.view(b, c, d)
+            up = F.gelu(torch.addmm(w["up_b"], h, w["up"]))
+            x = torch.addmm(x, up, w["down"]).add_(w["down_b"])
     return F.layer_norm(x, (d,), dw.ln_w, dw.ln_b)
 
 
-@torch.no_grad()
-def _search_fast(
+def _decode_fast(
     model: OneRec,
     enc: Encoded,
     trie: CompiledTrie,
@@ -354,6 +359,7 @@ def _search_fast(
     # Constants of the search: the summary's conditioning plus each position's embedding.
     cond = F.linear(enc.summary, dw.cond_w, dw.cond_b)  # (B, D)
     base = cond[None, :, None, :] + dw.pos[:T, None, None, :]  # (T, B, 1, D)
+    step_tok = torch.arange(L, device=dev)[:, None] * K + 1 + torch.arange(K, device=dev)
     excl = torch.zeros(B, n_items, dtype=torch.bool, device=dev)
     if exclude is not None:
         for b, seen in enumerate(exclude):
@@ -363,7 +369,8 @@ def _search_fast(
     excl = excl.view(-1)
 
     N = B * W
-    kv = torch.empty(T, N, 2 * len(dw.layers), D, device=dev)  # a row's keys/values: 1 block
+    rows_req = torch.arange(N, device=dev) // W * n_items  # each row's request, × items
+    kv = torch.empty(T, 2 * len(dw.layers), N, D, device=dev)
     kv_next = torch.empty_like(kv)
     # Each beam's codes and items (one tensor: one reorder per step), its tokens' log p.
     state = torch.zeros(1 * B, T + M, dtype=torch.long, device=dev)
@@ -376,9 +383,9 @@ def _search_fast(
     for t in range(T):
         level, m = t % L, t // L
         n = B * c
-        x = dw.tok[token].view(B, c, D) + base[t]
-        h = decode_step(dw, x, t, kv, mem, moe_dense).view(n, D)
-        logits = h @ dw.head[level].T  # (n, K)
+        x = (dw.tok[token].view(B, c, D) + base[t]).view(n, D)
+        h = decode_step(dw, x, c, t, kv, mem, moe_dense)
+        logits = h @ dw.head[level]  # (n, K)
         if prefix_terms:
             # The input tokens before this one: the start token, then codes 0..t-2.
             prev = max(t - 1, 0)
@@ -389,13 +396,13 @@ def _search_fast(
         nxt = child[node]  # (n, K)
         allowed = nxt >= 0
         if level == L - 1:  # completing an item: not one already in the session/excluded
-            cand_items = leaf_item[nxt.clamp(min=0)].clamp(min=0)  # (n, K)
-            rows_req = torch.arange(n, device=dev) // c
-            taken = excl[(rows_req * n_items)[:, None] + cand_items]
+            # (-1 where no child: it indexes from the end, and is masked anyway)
+            cand_items = leaf_item[nxt]  # (n, K)
+            taken = excl[(rows_req[:n] if c == W else rows_req[::W])[:, None] + cand_items]
             if m:
                 taken |= (cand_items[:, :, None] == state[:, None, T : T + m]).any(-1)
-            allowed &= ~taken
-        cand = (scores.view(n, 1) + logp.masked_fill(~allowed, NEG_INF)).view(B, c * K)
+            allowed &= taken.logical_not_()
+        cand = torch.where(allowed, logp, NEG_INF).add_(scores.view(n, 1)).view(B, c * K)
         width = min(W, c * K)
         top, idx = cand.topk(width, dim=1)  # (B, width)
         if width < W:  # fewer candidates than beams (step 0 with K < W): dead beams
@@ -406,24 +413,42 @@ def _search_fast(
         code = (idx % K).view(-1)
         alive = (top > NEG_INF).view(-1)
         gain = logp.view(B, c * K).gather(1, idx).view(-1)
-        node = nxt.view(B, c * K).gather(1, idx).view(-1).clamp(min=0)
+        # A dead beam's node may be -1: it indexes from the end, its score stays -inf.
+        node = nxt.view(B, c * K).gather(1, idx).view(-1)
         state = state.index_select(0, src)
         tok_lp = tok_lp.index_select(0, src)
         state[:, t] = code
-        tok_lp[:, t] = torch.where(alive, gain, torch.zeros_like(gain))
+        tok_lp[:, t] = gain * alive
         if level == L - 1:
             state[:, T + m] = torch.where(alive, leaf_item[node], -1)
             node = torch.zeros_like(node)
         if t + 1 < T:  # the beams' keys/values follow them
-            torch.index_select(kv[: t + 1], 1, src, out=kv_next[: t + 1])
+            torch.index_select(kv[: t + 1], 2, src, out=kv_next[: t + 1])
             kv, kv_next = kv_next, kv
         scores = top
-        token = 1 + level * K + code
+        token = step_tok[level][code]
         c = W
 
     codes, items = state[:, :T], state[:, T:]
     item_lp = tok_lp.view(N, M, L).sum(-1)
     return Beams(items.view(B, W, M), scores, codes.reshape(B, W, T), item_lp.view(B, W, M))
+
+
+@torch.no_grad()
+def _search_fast(
+    model: OneRec,
+    enc: Encoded,
+    trie: CompiledTrie,
+    beam_width: int,
+    exclude: Sequence[Sequence[int]] | None,
+    session_len: int | None,
+    moe_dense: bool | None = None,
+) -> Beams:
+    """``_decode_fast`` under inference mode (cheaper dispatch of its ~3000 small ops);
+    the beams come out as plain tensors (copies), so callers may train on them."""
+    with torch.inference_mode():
+        out = _decode_fast(model, enc, trie, beam_width, exclude, session_len, moe_dense)
+    return Beams(*(x.clone() for x in (out.items, out.scores, out.codes, out.item_scores)))
 
 
 def beam_search(

@@ -264,15 +264,21 @@ class MoEFFN(nn.Module):
     def packed(self) -> tuple[Tensor, Tensor, Tensor]:
         """The experts side by side for one matmul each way: up (D, E*H), its bias
         (E*H,), down (E*H, D). Cached until a parameter changes (optimizer step, load)."""
+        e, d, h = self.w_up.shape
+
+        def pack() -> tuple[Tensor, Tensor, Tensor]:
+            return (
+                self.w_up.permute(1, 0, 2).reshape(d, e * h).contiguous(),
+                self.b_up.reshape(e * h).contiguous(),
+                self.w_down.reshape(e * h, d).contiguous(),
+            )
+
+        if torch.is_grad_enabled() and self.w_up.requires_grad:
+            return pack()  # differentiable, not cached (eval mode with gradients)
         key = tuple((p.data_ptr(), p._version) for p in (self.w_up, self.b_up, self.w_down))
         if getattr(self, "_packed_key", None) != key:
-            e, d, h = self.w_up.shape
-            with torch.no_grad():
-                self._packed = (
-                    self.w_up.permute(1, 0, 2).reshape(d, e * h).contiguous(),
-                    self.b_up.reshape(e * h).contiguous(),
-                    self.w_down.reshape(e * h, d).contiguous(),
-                )
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, cached
+                self._packed = pack()
             self._packed_key = key
         return self._packed
 
