@@ -26,6 +26,9 @@ from torch import Tensor
 from models.onerec import DENSE_GATE_MAX, Encoded, MoEFFN, OneRec
 
 NEG_INF = float("-inf")
+# From this many decoder rows on, the step's k and v are computed straight into the KV
+# cache (two more matmuls) instead of one fused q/k/v matmul and a strided copy.
+SPLIT_QKV_ROWS = 256
 
 
 class CompiledTrie:
@@ -250,7 +253,7 @@ class CrossMemory:
 
     keys: list[Tensor]
     values: list[Tensor]
-    bias: Tensor
+    bias: Tensor | None  # None: no padding anywhere in the batch
 
     @classmethod
     def of(cls, enc: Encoded) -> CrossMemory:
@@ -259,7 +262,7 @@ class CrossMemory:
         return cls(
             [k.transpose(-1, -2).reshape(b * h, hd, s) for k, _ in enc.cross_kv],
             [v.reshape(b * h, s, hd) for _, v in enc.cross_kv],
-            bias.expand(b, h, 1, s).reshape(b * h, 1, s),
+            None if bool(enc.mask.all()) else bias.expand(b, h, 1, s).reshape(b * h, 1, s),
         )
 
 
@@ -307,21 +310,33 @@ def decode_step(
         moe_dense = n * len(dw.layers[0].get("b_down", ())) < DENSE_GATE_MAX
     for i, w in enumerate(dw.layers):
         h = F.layer_norm(x, (d,), w["ln1_w"], w["ln1_b"])
-        qkv = torch.addmm(w["qkv_b"], h, w["qkv_w"]).view(n, 3, d)
-        kv[t, 2 * i : 2 * i + 2, :n] = qkv[:, 1:].transpose(0, 1)
+        if n < SPLIT_QKV_ROWS:  # one matmul, then k and v copied into the cache
+            qkv = torch.addmm(w["qkv_b"], h, w["qkv_w"]).view(n, 3, d)
+            kv[t, 2 * i : 2 * i + 2, :n] = qkv[:, 1:].transpose(0, 1)
+            q, v_t = qkv[:, 0], qkv[:, 2]
+        else:  # many rows: k and v written straight into the cache, no strided copy
+            qkv_w, qkv_b = w["qkv_w"], w["qkv_b"]
+            q = torch.addmm(qkv_b[:d], h, qkv_w[:, :d])
+            torch.addmm(qkv_b[d : 2 * d], h, qkv_w[:, d : 2 * d], out=kv[t, 2 * i, :n])
+            torch.addmm(qkv_b[2 * d :], h, qkv_w[:, 2 * d :], out=kv[t, 2 * i + 1, :n])
+            v_t = kv[t, 2 * i + 1, :n]
         if t == 0:  # one key: the softmax is 1
-            y = qkv[:, 2]
+            y = v_t
         else:  # q is pre-scaled
-            # Each position's keys of all rows are one contiguous slab: scores by a
-            # batched matmul over (row, head), the weighted sum of values elementwise.
+            # A position's keys (values) of all rows are one contiguous slab: both
+            # products are batched matmuls over (row, head), no copies.
             k = kv[: t + 1, 2 * i, :n].reshape(t + 1, n * heads, hd).permute(1, 2, 0)
-            v = kv[: t + 1, 2 * i + 1, :n].view(t + 1, n, heads, hd)
-            p = torch.bmm(qkv[:, 0].reshape(n * heads, 1, hd), k).softmax(dim=-1)
-            y = (p.view(n, heads, t + 1).permute(2, 0, 1)[..., None] * v).sum(0)
+            v = kv[: t + 1, 2 * i + 1, :n].reshape(t + 1, n * heads, hd).transpose(0, 1)
+            p = torch.bmm(q.reshape(n * heads, 1, hd), k).softmax(dim=-1)  # (N*H, 1, t+1)
+            y = torch.bmm(p, v)
         x = torch.addmm(x, y.reshape(n, d), w["so_w"]).add_(w["so_b"])
         h = F.layer_norm(x, (d,), w["ln2_w"], w["ln2_b"])
         q = torch.addmm(w["cq_b"], h, w["cq_w"]).view(b, c, heads, hd).transpose(1, 2)
-        att = torch.baddbmm(mem.bias, q.reshape(b * heads, c, hd), mem.keys[i])
+        q = q.reshape(b * heads, c, hd)
+        if mem.bias is None:  # no padding in the batch
+            att = torch.bmm(q, mem.keys[i])
+        else:
+            att = torch.baddbmm(mem.bias, q, mem.keys[i])
         y = att.softmax(dim=-1).bmm(mem.values[i]).view(b, heads, c, hd)  # (B, H, C, hd)
         x = torch.addmm(x, y.transpose(1, 2).reshape(n, d), w["co_w"]).add_(w["co_b"])
         h = F.layer_norm(x, (d,), w["ln3_w"], w["ln3_b"])

@@ -10,7 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.beam_search import CompiledTrie, beam_search, beam_search_reference
+from models.beam_search import (
+    SPLIT_QKV_ROWS,
+    CompiledTrie,
+    beam_search,
+    beam_search_reference,
+)
 from models.onerec import DENSE_GATE_MAX, OneRec, OneRecConfig
 
 K, L, N_ITEMS = 8, 3, 120
@@ -73,11 +78,12 @@ def build(kind: str, trained: bool) -> tuple[OneRec, torch.Tensor]:
     return model.eval(), codes
 
 
-def requests(model: OneRec, codes: torch.Tensor, batch: int):
+def requests(model: OneRec, codes: torch.Tensor, batch: int, pad: bool = True):
     g = torch.Generator().manual_seed(2 + batch)
     hist = torch.randint(1, N_ITEMS + 1, (batch, 10), generator=g)
     mask = torch.ones(batch, 10, dtype=torch.bool)
-    mask[0, :6] = False  # a short, left-padded history
+    if pad:
+        mask[0, :6] = False  # a short, left-padded history
     items = hist if model.item_emb is not None else None
     with torch.no_grad():
         enc = model.encode(codes[hist - 1], mask, history_items=items)
@@ -146,12 +152,14 @@ def test_shorter_sessions_and_beams_that_die_match_the_reference(kind):
 
 def test_the_moe_paths_of_a_batch_agree_on_both_sides_of_the_dense_gate_threshold():
     """Batch sizes whose tokens fall under and over DENSE_GATE_MAX take the dense-gate and
-    the sort-and-split MoE; both equal the reference search."""
+    the sort-and-split MoE (and, with this many rows, k and v computed straight into the
+    cache); both equal the reference search. No padding: cross-attention without a mask."""
     model, codes = build("moe", trained=True)
     trie = CompiledTrie(codes, torch.arange(1, N_ITEMS + 1), K)
     width = 16
     big = DENSE_GATE_MAX // (4 * width) + 1  # rows × experts over the threshold
-    enc, hist = requests(model, codes, big)
+    assert big * width >= SPLIT_QKV_ROWS
+    enc, hist = requests(model, codes, big, pad=False)
     exclude = [h.tolist() for h in hist]
     fast = beam_search(model, enc, trie, width, exclude=exclude)
     assert_same(fast, beam_search_reference(model, enc, trie, width, exclude=exclude))
