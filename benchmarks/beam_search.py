@@ -37,18 +37,23 @@ from models.onerec import OneRec, OneRecConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-# torch.compile of the decode step (inductor, C++ on this CPU), measured once while
-# building the fast path and not kept: see the JSON's "compiled" entry.
+# torch.compile of the decode step (inductor, C++ on this CPU), probed on the served seed
+# checkpoint while building the fast path (1 thread, position t = 7, best of 6 runs, the
+# machine shared, so ad hoc figures) and not kept: see the JSON's "compiled" entry.
 COMPILE_PROBE = {
     "kept": False,
-    "why": (
-        "one graph per batch bucket (fixed shapes: attention over all T positions, masked; "
-        "the MoE by dense gate) took 36 s to compile at batch 1 and 13 s at batch 32 on "
-        "this 2-core CPU; per decode step (seed-sized model, t = 7, 1 thread) it ran "
-        "0.78 ms vs 0.93 ms for the eager fast step at batch 1 (-16%, the step is ~70% "
-        "of a search) and 12.9 vs 13.0 ms at batch 32 (no gain): not worth a minute of "
-        "compilation per bucket at every replica start and swap"
-    ),
+    "why": "slower than the eager fast step at every size tried, so the search stays eager",
+    "probe_ms_per_step": {
+        "exact_shapes_one_graph_per_position": {
+            "batch_1": {"compiled": 0.576, "eager": 0.527, "compile_s": 10.9},
+            "batch_32": {"compiled": 9.614, "eager": 8.906, "compile_s": 7.8},
+        },
+        "fixed_shapes_one_graph_per_bucket": {
+            "note": "attention over all T positions masked to <= t, MoE by dense gate",
+            "batch_1": {"compiled": 0.979, "eager_fast_step": 0.612},
+            "batch_32": {"compiled": 18.4, "eager_fast_step": 10.6},
+        },
+    },
 }
 
 

@@ -1,11 +1,23 @@
 """Trie-constrained beam search over semantic IDs, and teacher-forced item scoring.
 
 ``beam_search`` runs the encoder once per request and decodes all requests × beams in one
-batch with the decoder's KV cache. Constraints: each item's codes must follow a path of
-the trie of valid SIDs (so every emitted SID is a real item), an item never appears twice
-in a session, and items of the history can be excluded. ``beam_search_reference`` is the
-same search recomputing the whole decoder prefix at each step, without a cache: the twin
-the tests compare against.
+batch on the decode fast path (``_decode_fast``, ``decode_step``): the W beams of a
+request share its encoder output (they are one block of queries against its
+cross-attention keys/values, no per-beam copies); step 0 decodes one row per request
+(the W starting beams are identical); self-attention keys/values live in a preallocated
+(T, 2*layers, N, D) buffer that follows the beams by one index_select per step; the
+weights are fused and transposed once per model version (``DecodeWeights``), the
+summary's conditioning and position embeddings once per search; the MoE runs as batched
+matmuls with no balance loss (dense gate for few rows, sort-and-split for many).
+Constraints: each item's codes must follow a path of the trie of valid SIDs (so every
+emitted SID is a real item), an item never appears twice in a session, and items of the
+history can be excluded. ``beam_search_reference`` is the same search recomputing the
+whole decoder prefix at each step through ``OneRec.decode``, each beam with its own copy
+of the encoder output: the twin the tests compare against.
+
+torch.compile of the step was measured and not kept (figures in
+``benchmarks/beam_search.py``): compiled per position with exact shapes, or per batch
+bucket with fixed shapes, it ran slower than this eager step on this CPU.
 
 Scores are the model's log-probabilities of the generated tokens (log-softmax over all
 K codes, so a session's score is its true log p under the model, not renormalised to the
