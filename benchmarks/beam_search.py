@@ -37,24 +37,6 @@ from models.onerec import OneRec, OneRecConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-# torch.compile of the decode step (inductor, C++ on this CPU), probed on the served seed
-# checkpoint while building the fast path (1 thread, position t = 7, best of 6 runs, the
-# machine shared, so ad hoc figures) and not kept: see the JSON's "compiled" entry.
-COMPILE_PROBE = {
-    "kept": False,
-    "why": "slower than the eager fast step at every size tried, so the search stays eager",
-    "probe_ms_per_step": {
-        "exact_shapes_one_graph_per_position": {
-            "batch_1": {"compiled": 0.576, "eager": 0.527, "compile_s": 10.9},
-            "batch_32": {"compiled": 9.614, "eager": 8.906, "compile_s": 7.8},
-        },
-        "fixed_shapes_one_graph_per_bucket": {
-            "note": "attention over all T positions masked to <= t, MoE by dense gate",
-            "batch_1": {"compiled": 0.979, "eager_fast_step": 0.612},
-            "batch_32": {"compiled": 18.4, "eager_fast_step": 10.6},
-        },
-    },
-}
 
 
 def matmul_peak_gflops(n: int = 1024, reps: int = 20, dtype=torch.float32) -> float:
@@ -241,7 +223,6 @@ def main() -> None:
         "matmul_peak_runs_gflops": [round(p, 2) for p in peaks],
         "torch_threads": args.threads,
         "models": models,
-        "compiled": COMPILE_PROBE,
         "machine": {
             "cpus": os.cpu_count(),
             "threads": args.threads,
