@@ -17,27 +17,13 @@ from models.beam_search import (
     beam_search_reference,
 )
 from models.onerec import DENSE_GATE_MAX, OneRec, OneRecConfig
+from tests.unit.test_onerec import tiny_config
 
 K, L, N_ITEMS = 8, 3, 120
 
 
 def config(**kw) -> OneRecConfig:
-    base = dict(
-        levels=L,
-        codebook_size=K,
-        session_len=3,
-        max_history=10,
-        dim=32,
-        heads=2,
-        enc_layers=1,
-        dec_layers=2,
-        ffn_hidden=64,
-        moe_experts=4,
-        moe_top_k=2,
-        dropout=0.0,
-    )
-    base.update(kw)
-    return OneRecConfig(**base)
+    return tiny_config(**kw)  # the model tests' tiny config (K = 8, L = 3)
 
 
 def catalogue(n: int = N_ITEMS, seed: int = 1) -> torch.Tensor:
