@@ -93,3 +93,30 @@ def test_historical_retrieval_is_point_in_time_correct(stack, feature_store):
     assert list(late.item_ids) == [1, 2, 3] and late.history_len == 3
     early = by_time.get(pd.Timestamp(t0 - timedelta(minutes=5)))
     assert early is None or early.item_ids is None or pd.isna(early.history_len)
+
+
+def test_the_routers_direct_read_gives_what_get_online_features_gives(stack, feature_store):
+    """serving.features.FeatureClient reads the online store directly (OnlineReader);
+    its twin goes through get_online_features: same history and profile for a user with
+    both, one with a profile only, and one the store does not know."""
+    from serving.features import FeatureClient
+
+    store.push(
+        feature_store,
+        "user_history_push",
+        pd.DataFrame(
+            {
+                "user_id": [21],
+                "item_ids": [[7, 3, 7, 11]],
+                "history_len": [4],
+                "event_timestamp": [datetime.now(UTC)],
+            }
+        ),
+    )
+    client = FeatureClient(stack)
+    client.warm_up()
+    for user in (21, 1, 10**9):
+        assert client._lookup(user) == client._lookup_reference(user), user
+    items, profile = client._lookup(21)
+    assert items == [7, 3, 7, 11] and profile  # generated users have profiles
+    assert client._lookup(10**9) == (None, {})
