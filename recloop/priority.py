@@ -85,3 +85,18 @@ def settle_heap(young: int = 20_000) -> dict[str, int]:
     _, mid, old = gc.get_threshold()
     gc.set_threshold(young, max(mid, 50), max(old, 1000))
     return {"frozen": gc.get_freeze_count(), "young": young}
+
+
+def lower_this_thread(nice: int) -> int:
+    """Lower the calling thread alone to ``nice`` (never raises it); returns its nice
+    value. For a worker thread of a process that must keep its priority otherwise (a
+    Serve replica loading the next model version beside its requests)."""
+    import threading
+
+    tid = threading.get_native_id()
+    try:
+        if nice > 0 and os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except (OSError, AttributeError):  # not permitted, or not Linux
+        return 0

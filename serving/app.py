@@ -29,6 +29,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from ray.serve.handle import DeploymentHandle
 from recloop.config import StackConfig
 from recloop.events import MAX_EVENT_TIME_MS, Impression
 from recloop.inference import BaselineModel, LoadedModel
+from recloop.priority import lower_this_thread
 from recloop.ray_head import auth_headers
 from serving.batcher import ContinuousBatcher
 
@@ -48,6 +50,15 @@ log = logging.getLogger("recloop.serve")
 
 NAMESPACE = "recloop"
 MAX_CONTEXT_KEYS = 16
+# A request with no history: what a replica generates once for a new version before it
+# swaps it in.
+WARM_REQUEST = {
+    "history": [],
+    "profile": {},
+    "tags": {},
+    "session_size": None,
+    "exclude_seen": True,
+}
 
 
 # --------------------------------------------------------------------------- API schema
@@ -131,6 +142,14 @@ class Recommender:
         self._anchor_task: asyncio.Task | None = None
         self.anchors: dict[str, Any] = {"items_clicked": 0, "refreshed_at": None, "error": None}
         self.batcher = ContinuousBatcher(self._run_batch, self.cfg.serve.max_batch_size)
+        # New versions load on a thread of their own at background priority: a promotion
+        # shares the replica's CPU with its requests, and the requests come first.
+        self._loader = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="model-load",
+            initializer=lower_this_thread,
+            initargs=(self.cfg.priority.background_nice,),
+        )
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:
@@ -141,12 +160,13 @@ class Recommender:
         if not version or (self.model is not None and self.model.version == version):
             return
         try:  # load beside the serving model; swap only a complete, valid one
-            loaded = await asyncio.to_thread(self._load, version)
+            loop = asyncio.get_running_loop()
+            loaded = await loop.run_in_executor(self._loader, self._load, version)
         except Exception as exc:
             self.load_error = f"{version}: {type(exc).__name__}: {exc}"[:500]
             log.error("arm %s: keeping %s, cannot load %s", self.arm, self.version(), exc)
             if self.model is None:  # a new replica has nothing to keep: the last good one
-                await asyncio.to_thread(self._fall_back, version)
+                await loop.run_in_executor(self._loader, self._fall_back, version)
                 self._keep_anchors_fresh()
             return
         self.model = loaded  # one reference assignment: atomic for requests
@@ -163,6 +183,10 @@ class Recommender:
         loaded = LoadedModel.load(str(path), version, self.scoring.get("scoring", "beam"))
         if _has_anchors(loaded):  # swapped in with live popularity, not last training's
             self._read_popularity(loaded)
+        # One generation before the swap: the decode-time weight layouts are built here,
+        # not by the first requests on the new version, and a version that cannot answer
+        # is never swapped in.
+        loaded.generate([dict(WARM_REQUEST, request_time_s=time.time())], 1, self.scoring)
         return loaded
 
     def _read_popularity(self, model: LoadedModel) -> None:

@@ -174,6 +174,29 @@ print(json.dumps({"first": first, "second": second, "threshold": gc.get_threshol
     assert got["threshold"][0] == 12345
 
 
+def test_lower_this_thread_lowers_the_calling_thread_only():
+    """A replica's model-load thread runs below its request threads; the rest of the
+    process keeps its priority. In a child process."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, os, threading
+from recloop import priority
+got = {}
+def work():
+    got["thread"] = priority.lower_this_thread(9)
+    got["again"] = priority.lower_this_thread(2)  # never raised back
+t = threading.Thread(target=work); t.start(); t.join()
+got["main"] = priority.thread_nice()
+print(json.dumps(got))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(res.stdout)
+    assert got == {"thread": 9, "again": 9, "main": 0}
+
+
 def test_priority_is_validated():
     with pytest.raises(ConfigError, match="background_nice"):
         load_config(overrides={"priority.background_nice": 25}, env={})
