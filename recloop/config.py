@@ -325,8 +325,15 @@ class PriorityConfig:
 
     background_nice: int = 10
     background_cpus: list[int] = field(default_factory=list)
+    # "idle": background threads also go to Linux's SCHED_IDLE class (they run only when
+    # no normal thread wants the core); "nice": the nice value alone.
+    background_policy: str = "idle"
 
     def __post_init__(self) -> None:
+        if self.background_policy not in ("idle", "nice"):
+            raise ConfigError(
+                f"priority.background_policy must be idle or nice, got {self.background_policy!r}"
+            )
         if not 0 <= int(self.background_nice) <= 19:
             raise ConfigError(
                 f"priority.background_nice must be within 0..19, got {self.background_nice}"

@@ -20,7 +20,7 @@ def _threads() -> list[int]:
         return [0]
 
 
-def background(nice: int, cpus: list[int] | None = None) -> dict[str, Any]:
+def background(nice: int, cpus: list[int] | None = None, idle: bool = False) -> dict[str, Any]:
     """Lower this process's priority to ``nice`` (never raises it: a process already
     nicer stays so) and, with ``cpus``, pin it to those cores (the ones that exist).
     Returns what was applied, for status lines; errors are reported, not raised: a
@@ -36,6 +36,13 @@ def background(nice: int, cpus: list[int] | None = None) -> dict[str, Any]:
             except OSError as exc:  # the thread ended, or not permitted
                 errors.append(f"nice {tid}: {exc}")
         out["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+    if idle and hasattr(os, "SCHED_IDLE"):
+        for tid in _threads():
+            try:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            except OSError as exc:
+                errors.append(f"idle {tid}: {exc}")
+        out["policy"] = "idle" if os.sched_getscheduler(0) == os.SCHED_IDLE else "other"
     if cpus and hasattr(os, "sched_setaffinity"):
         have = os.sched_getaffinity(0)
         want = {c for c in cpus if c in have} or have
@@ -52,7 +59,10 @@ def background(nice: int, cpus: list[int] | None = None) -> dict[str, Any]:
 
 def apply(cfg: Any) -> dict[str, Any]:
     """``background`` with the stack config's ``priority`` section."""
-    return background(int(cfg.priority.background_nice), list(cfg.priority.background_cpus))
+    p = cfg.priority
+    return background(
+        int(p.background_nice), list(p.background_cpus), p.background_policy == "idle"
+    )
 
 
 def thread_nice(tid: int | None = None) -> int:

@@ -197,8 +197,41 @@ print(json.dumps(got))
     assert got == {"thread": 9, "again": 9, "main": 0}
 
 
+def test_the_idle_policy_puts_every_thread_in_sched_idle():
+    """``background(..., idle=True)``: each thread of the process in SCHED_IDLE (runs
+    only when no normal thread wants the core), threads started later too. In a child
+    process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("no SCHED_IDLE on this platform")
+    code = """
+import json, os, threading
+from recloop import priority
+stop = threading.Event()
+before = threading.Thread(target=stop.wait); before.start()
+out = priority.background(0, idle=True)
+got = {}
+after = threading.Thread(target=lambda: got.update(after=os.sched_getscheduler(0))); after.start()
+after.join()
+idle = [os.sched_getscheduler(int(t)) == os.SCHED_IDLE for t in os.listdir('/proc/self/task')]
+stop.set()
+print(json.dumps({"out": out, "idle": idle, "after": got["after"] == os.SCHED_IDLE}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(res.stdout)
+    assert got["out"]["policy"] == "idle" and "errors" not in got["out"]
+    assert len(got["idle"]) >= 2 and all(got["idle"]) and got["after"]
+
+
 def test_priority_is_validated():
     with pytest.raises(ConfigError, match="background_nice"):
         load_config(overrides={"priority.background_nice": 25}, env={})
     cfg = load_config(overrides={"priority.background_cpus": [0]}, env={})
     assert cfg.priority.background_cpus == [0] and cfg.priority.background_nice == 10
+    assert cfg.priority.background_policy == "idle"
+    with pytest.raises(ConfigError, match="background_policy"):
+        load_config(overrides={"priority.background_policy": "realtime"}, env={})
