@@ -325,6 +325,10 @@ class PartitionState:
             touched["recent"].add(rid)
             setattr(self.counters, f"closed_{why}", getattr(self.counters, f"closed_{why}") + 1)
             closed.append(Closed(s, why))
+        # In event-time order, whatever order the open sessions are in (a restored delta
+        # lists them in no particular order): a user's sessions closing together are
+        # applied oldest first, so each one's history holds the clicks of those before it.
+        closed.sort(key=lambda c: (c.session.event_time_ms, c.session.request_id))
         orphans: list[tuple[Feedback, str]] = []
         for rid, held in list(self.waiting.items()):
             newest = max(h.event_time_ms for h in held)

@@ -328,3 +328,18 @@ def test_a_state_saved_in_the_earlier_layout_is_restored(tmp_path):
     assert set(back.recent) == set(st.recent)  # a closing wall time it never kept: 0
     assert back.force_snapshot and back.pending_history == set(st.users)
     assert back.pending_items == set(st.items)
+
+
+def test_sessions_closing_together_are_applied_oldest_first():
+    """A restored state lists open sessions in no particular order: the later session
+    (opened first here) still gets the earlier one's clicks in its history."""
+    st = state()
+    st.on_impression(impression("late", 7, 5000, items=(21, 22, 23)), 1, 0)
+    st.on_impression(impression("early", 7, 1000), 1, 0)
+    for pos, item in enumerate((11, 12, 13)):
+        st.on_interaction(feedback("early", 7, 1100 + pos, pos, item, clicked=pos == 0), 1)
+    closed, _ = st.close_due(10**9)  # "late" by wait, "early" complete
+    assert [c.session.request_id for c in closed] == ["early", "late"]
+    for c in closed:
+        st.apply(c)
+    assert [c.history for c in closed] == [[], [11]]
