@@ -10,6 +10,8 @@ client (``aiohttp``, one thread):
   size and each replica's CPU use (cores) over the load;
 - the same loads on the trivial ``GET /ping`` deployment of ``recloop smoke`` — the
   floor of Serve's HTTP path on this machine; the ratio is the figure to compare;
+- the batched loads again with ``serve.topology: inline`` (the arms' models in the
+  Router's process: one hop less per request, one process's GIL for every arm);
 - a promotion under load (concurrency 8): errors (must be 0) and the seconds until
   responses carry the new version;
 - resident memory (RSS) of each Recommender replica and of the router.
@@ -272,6 +274,22 @@ def main(argv: list[str] | None = None) -> int:
             result[label] = rows
         result["rss_mb"] = _replica_rss(cfg.serve.app_name)
 
+        # The arms' models in the Router's process instead (one hop less per request).
+        inline = _with_batch(cfg, 16)
+        inline = dataclasses.replace(
+            inline, serve=dataclasses.replace(inline.serve, topology="inline")
+        )
+        _say("deploying the service with serve.topology inline")
+        deploy(inline)
+        _run_load(f"{base}/recommend", 4, 3, users)  # warm-up
+        rows = {}
+        for c in levels:
+            rows[str(c)] = _run_load(
+                f"{base}/recommend", c, args.seconds, users, app=cfg.serve.app_name
+            )
+            _say(f"inline c={c}: {json.dumps(rows[str(c)])}")
+        result["inline"] = rows
+
         # Promotion under load, batching back on.
         cfg = _with_batch(cfg, 16)
         deploy(cfg)
@@ -298,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         b, u, p = result["batched"][c], result["unbatched"][c], result["baseline_ping"][c]
         b["vs_unbatched_rps"] = b["rps"] / u["rps"] if u["rps"] else None
         b["vs_ping_rps"] = b["rps"] / p["rps"] if p["rps"] else None
+        i = result["inline"][c]
+        i["vs_split_rps"] = i["rps"] / b["rps"] if b["rps"] else None
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
     result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -313,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{c:>5} {b['p50_ms']:>9.0f}/{b['p99_ms']:<10.0f} {b['rps']:>7.1f} {b['errors']:>4} "
             f"{u['p50_ms']:>9.0f}/{u['p99_ms']:<9.0f} {u['rps']:>7.1f} {p['rps']:>9.1f} "
             f"{b['vs_unbatched_rps']:>9.2f}x"
+        )
+    print("inline topology (models in the Router's process), batched:")
+    for c in map(str, levels):
+        i = result["inline"][c]
+        print(
+            f"{c:>5} {i['p50_ms']:>9.0f}/{i['p99_ms']:<10.0f} {i['rps']:>7.1f} {i['errors']:>4} "
+            f"{i['vs_split_rps']:>6.2f}x the split topology"
         )
     pr = result["promotion"]
     print(

@@ -167,6 +167,10 @@ class ServeConfig:
     # Requests per batched beam search. Batching is continuous: a request that finds the
     # model idle starts at once; those arriving meanwhile go together next.
     max_batch_size: int = 16
+    # Where the arms' models run: "inline", in the ingress (Router) replica, one engine
+    # per arm (one process hop less per request); "split", one Recommender deployment
+    # per arm (a process per arm, scaled per arm by the experiment's replicas).
+    topology: str = "split"
     replica_cpus: float = 0.25  # fractional: replicas share 2 cores with training
     router_cpus: float = 0.1
     # Custom Ray resources each replica / the router asks for, to place them on the
@@ -177,6 +181,9 @@ class ServeConfig:
     torch_threads: int = 1
     max_ongoing_requests: int = 64
     max_body_bytes: int = 8192
+    # Serve's access log line per request in each replica: CPU on the request path
+    # (about a millisecond per request and replica here); /stats counts requests anyway.
+    access_log: bool = False
     feature_timeout_s: float = 0.5
     # A context-trained model's preference anchors rank items by popularity: the
     # checkpoint's training counts plus Feast item_stats clicks, re-read this often.
@@ -194,6 +201,8 @@ class ServeConfig:
             raise ValueError(f"serve.dpo_fraction must be within [0, 1], got {self.dpo_fraction}")
         if self.beam_width < 1 or self.max_batch_size < 1:
             raise ValueError("serve.beam_width and serve.max_batch_size must be >= 1")
+        if self.topology not in ("inline", "split"):
+            raise ConfigError(f"serve.topology must be inline or split, got {self.topology!r}")
         if self.proxy_location not in ("EveryNode", "HeadOnly"):
             raise ConfigError(
                 f"serve.proxy_location must be EveryNode or HeadOnly, got {self.proxy_location!r}"

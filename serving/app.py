@@ -29,11 +29,9 @@ import math
 import time
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
@@ -41,24 +39,14 @@ from ray.serve.handle import DeploymentHandle
 
 from recloop.config import StackConfig
 from recloop.events import MAX_EVENT_TIME_MS, Impression
-from recloop.inference import BaselineModel, LoadedModel
-from recloop.priority import lower_this_thread
+from recloop.inference import BaselineModel, LoadedModel  # noqa: F401 (re-exported)
 from recloop.ray_head import auth_headers
-from serving.batcher import ContinuousBatcher
+from serving.engine import ArmEngine
 
 log = logging.getLogger("recloop.serve")
 
 NAMESPACE = "recloop"
 MAX_CONTEXT_KEYS = 16
-# A request with no history: what a replica generates once for a new version before it
-# swaps it in.
-WARM_REQUEST = {
-    "history": [],
-    "profile": {},
-    "tags": {},
-    "session_size": None,
-    "exclude_seen": True,
-}
 
 
 # --------------------------------------------------------------------------- API schema
@@ -119,164 +107,41 @@ class ArmInfo(BaseModel):
 
 
 # --------------------------------------------------------------------------- model side
-# A checkpoint's served form (LoadedModel, BaselineModel) is recloop.inference's, which
-# the training gate and the DPO sampler load too; imported above (and re-exported).
+# An arm's model in a process (batching, loading, fallback) is serving.engine's
+# ArmEngine: in a Recommender replica of its own (serve.topology: split) or in the
+# Router's replica (inline).
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return uuid.uuid4().hex[:8]
+
+
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
 class Recommender:
     """One arm's model. ``user_config = {"version": ...}`` selects the registry version."""
 
     def __init__(self, cfg: dict, arm: str, lineage: str, scoring: dict | None = None) -> None:
-        from serving.registry import ModelRegistry
-
-        self.scoring = dict(scoring or {"scoring": "beam"})
         self.cfg = StackConfig.from_dict(cfg)
-        torch.set_num_threads(self.cfg.serve.torch_threads)
-        self.arm, self.lineage = arm, lineage
-        self.registry = ModelRegistry(self.cfg.registry_uri)
-        self.model: LoadedModel | BaselineModel | None = None
-        self.load_error: str | None = None
-        self.swaps = 0
-        # Anchor popularity of a context-trained model: Feast's clicks, re-read off the
-        # request path every serve.anchor_refresh_s.
-        self._store: Any = None
-        self._anchor_task: asyncio.Task | None = None
-        self.anchors: dict[str, Any] = {"items_clicked": 0, "refreshed_at": None, "error": None}
-        self.batcher = ContinuousBatcher(self._run_batch, self.cfg.serve.max_batch_size)
-        # New versions load on a thread of their own at background priority: a promotion
-        # shares the replica's CPU with its requests, and the requests come first.
-        self._loader = ThreadPoolExecutor(
-            1,
-            thread_name_prefix="model-load",
-            initializer=lower_this_thread,
-            initargs=(self.cfg.priority.background_nice,),
-        )
-        try:
-            self.replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:
-            self.replica = uuid.uuid4().hex[:8]
+        self.arm = arm
+        self.engine = ArmEngine(self.cfg, arm, lineage, scoring)
+        self.replica = _replica_id()
 
     async def reconfigure(self, user_config: dict) -> None:
-        version = (user_config or {}).get("version")
-        if not version or (self.model is not None and self.model.version == version):
-            return
-        try:  # load beside the serving model; swap only a complete, valid one
-            loop = asyncio.get_running_loop()
-            loaded = await loop.run_in_executor(self._loader, self._load, version)
-        except Exception as exc:
-            self.load_error = f"{version}: {type(exc).__name__}: {exc}"[:500]
-            log.error("arm %s: keeping %s, cannot load %s", self.arm, self.version(), exc)
-            if self.model is None:  # a new replica has nothing to keep: the last good one
-                await loop.run_in_executor(self._loader, self._fall_back, version)
-                self._keep_anchors_fresh()
-            return
-        self.model = loaded  # one reference assignment: atomic for requests
-        self.load_error = None
-        self.swaps += 1
-        self._keep_anchors_fresh()
-
-    def _keep_anchors_fresh(self) -> None:
-        if self._anchor_task is None and _has_anchors(self.model):
-            self._anchor_task = asyncio.get_running_loop().create_task(self._refresh_anchors())
-
-    def _load(self, version: str) -> LoadedModel:
-        path = self.registry.fetch(self.lineage, version)
-        loaded = LoadedModel.load(str(path), version, self.scoring.get("scoring", "beam"))
-        if _has_anchors(loaded):  # swapped in with live popularity, not last training's
-            self._read_popularity(loaded)
-        # One generation before the swap: the decode-time weight layouts are built here,
-        # not by the first requests on the new version, and a version that cannot answer
-        # is never swapped in.
-        loaded.generate([dict(WARM_REQUEST, request_time_s=time.time())], 1, self.scoring)
-        return loaded
-
-    def _read_popularity(self, model: LoadedModel) -> None:
-        """Add Feast's item clicks to ``model``'s anchor popularity; a store that cannot
-        be read leaves it as it was (the checkpoint's counts at first) and is reported."""
-        from features.reads import item_clicks
-
-        try:
-            if self._store is None:
-                from features.store import open_store
-
-                self._store = open_store(self.cfg)
-            clicked = model.update_popularity(item_clicks(self._store, model.to_data[1:]))
-        except Exception as exc:
-            self.anchors["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            return
-        self.anchors.update(
-            {"items_clicked": clicked, "refreshed_at": time.time(), "version": model.version}
-        )
-        self.anchors["error"] = None
-
-    async def _refresh_anchors(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.serve.anchor_refresh_s)
-            model = self.model
-            if _has_anchors(model):
-                await asyncio.to_thread(self._read_popularity, model)
-
-    def _fall_back(self, failed: str) -> None:
-        """A replica started (restarted, scaled up) after its version went bad: serve the
-        newest version of the arm's history that still verifies and loads, the registry's
-        current one first, as the replicas that were running already do."""
-        try:
-            candidates = [
-                self.registry.current(self.arm),
-                *reversed(self.registry.served(self.arm)),
-            ]
-        except Exception as exc:
-            log.error("arm %s: no fallback, the registry is unreadable: %s", self.arm, exc)
-            return
-        for version in dict.fromkeys(v for v in candidates if v and v != failed):
-            try:
-                self.model = self._load(version)
-            except Exception as exc:
-                log.error("arm %s: fallback %s does not load either: %s", self.arm, version, exc)
-                continue
-            self.load_error = f"{self.load_error}; serving {version} instead"[:500]
-            self.swaps += 1
-            return
+        await self.engine.set_version((user_config or {}).get("version"))
 
     def version(self) -> str | None:
-        return None if self.model is None else self.model.version
-
-    def _run_batch(self, requests: list[dict]) -> list[dict]:
-        """One batched generation (in the batcher's worker thread)."""
-        model = self.model  # the whole batch runs on one model
-        if model is None:
-            err = {"error": f"arm {self.arm!r} has no model version yet (promote one)"}
-            return [err for _ in requests]
-        return model.generate(requests, self.cfg.serve.beam_width, self.scoring)
+        return self.engine.version()
 
     async def generate(self, request: dict) -> dict:
-        return await self.batcher.submit(request)
+        return await self.engine.generate(request)
 
     def info(self) -> dict:
         return {
             "replica": self.replica,
-            "model_version": self.version(),
-            "scoring": self.scoring.get("scoring", "beam"),
-            "load_error": self.load_error,
-            "swaps": self.swaps,
-            **self.batcher.stats(),  # batches, mean_batch, queued, busy
+            **self.engine.info(),
             "cpu_s": time.process_time(),  # the replica process's CPU time so far
-            "context": self._context_info(),
         }
-
-    def _context_info(self) -> dict | None:
-        """What a context-trained model reads per request (None: no context)."""
-        ctx = getattr(self.model, "context", None)
-        if ctx is None:
-            return None
-        out: dict[str, Any] = {"fields": list(ctx.fields), "anchors": ctx.anchors}
-        if ctx.anchors:
-            out["popularity"] = dict(self.anchors)
-        return out
-
-
-def _has_anchors(model: Any) -> bool:
-    ctx = getattr(model, "context", None)
-    return ctx is not None and ctx.anchors > 0
 
 
 # --------------------------------------------------------------------------- DPO mirror
@@ -351,20 +216,36 @@ api = FastAPI(
 _MAX_BODY = [8192]  # bytes; the Router replica sets it from its config
 
 
-@api.middleware("http")
-async def _bounded_body(request: Request, call_next):  # noqa: ANN001
-    """Refuse oversized bodies before parsing them (413 with the limit)."""
-    limit = _MAX_BODY[0]
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
-    return await call_next(request)
+class _BoundedBody:
+    """Refuse oversized bodies before parsing them (413 with the limit). A plain ASGI
+    middleware: Starlette's ``BaseHTTPMiddleware`` runs each request through extra
+    tasks and streams, CPU on every request of the service."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            limit = _MAX_BODY[0]
+            for name, value in scope.get("headers") or ():
+                if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                    detail = {"detail": f"request body over {limit} bytes"}
+                    await JSONResponse(detail, status_code=413)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(_BoundedBody)
 
 
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=5)
 @serve.ingress(api)
 class Router:
-    def __init__(self, cfg: dict, recommenders: dict[str, DeploymentHandle]) -> None:
+    """The ingress. ``recommenders``: each arm's Recommender deployment (``split``);
+    None: each arm's ``ArmEngine`` runs here (``inline``), and ``user_config =
+    {"versions": {arm: version}}`` selects their versions."""
+
+    def __init__(self, cfg: dict, recommenders: dict[str, DeploymentHandle] | None = None) -> None:
         from serving.experiment import load_experiment
         from serving.features import FeatureClient
         from serving.impressions import ImpressionLogger
@@ -372,7 +253,14 @@ class Router:
         self.cfg = StackConfig.from_dict(cfg)
         s = self.cfg.serve
         self.experiment = load_experiment(s.experiment)
-        self.recommenders = recommenders
+        self.recommenders = recommenders or {}
+        self.engines: dict[str, ArmEngine] = {}
+        if recommenders is None:
+            self.engines = {
+                a.name: ArmEngine(self.cfg, a.name, a.lineage, a.scoring_options())
+                for a in self.experiment.arms
+            }
+        self.replica = _replica_id()
         self.features = FeatureClient(self.cfg, timeout_s=s.feature_timeout_s)
         self.impressions = ImpressionLogger(self.cfg.kafka.bootstrap, s.impression_buffer)
         self.dpo = DpoMirror(s.dpo_actor, s.dpo_fraction)
@@ -383,9 +271,16 @@ class Router:
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self.features.warm_up()
 
+    async def reconfigure(self, user_config: dict) -> None:
+        """Inline: each arm's engine to its version (an arm whose version does not load
+        keeps the one it serves; the others go on)."""
+        versions = (user_config or {}).get("versions") or {}
+        for arm, engine in self.engines.items():
+            await engine.set_version(versions.get(arm))
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"ok": True, "arms": list(self.recommenders)}
+        return {"ok": True, "arms": [a.name for a in self.experiment.arms]}
 
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
@@ -447,6 +342,9 @@ class Router:
         """Ask the arm's recommender; a replica that died with the request (killed, its
         node lost) is retried: generation has no side effect, and the handle holds the
         retry until Serve has a replica again. Other errors are not retried."""
+        engine = self.engines.get(arm)
+        if engine is not None:
+            return await engine.generate(req)
         from ray.exceptions import RayActorError
 
         for attempt in range(GENERATE_ATTEMPTS):
@@ -463,7 +361,11 @@ class Router:
     async def arms(self) -> list[ArmInfo]:
         out = []
         for spec in self.experiment.arms:
-            info = await self.recommenders[spec.name].info.remote()
+            engine = self.engines.get(spec.name)
+            if engine is not None:
+                info = {"replica": self.replica, **engine.info(), "cpu_s": time.process_time()}
+            else:
+                info = await self.recommenders[spec.name].info.remote()
             out.append(
                 ArmInfo(
                     arm=spec.name,
@@ -512,6 +414,13 @@ def build_app(cfg: StackConfig, versions: dict[str, str | None] | None = None):
     experiment = load_experiment(s.experiment)
     versions = {**current_versions(cfg), **(versions or {})}
     plain = service_config(cfg)
+    if s.topology == "inline":
+        return Router.options(
+            num_replicas=inline_replicas(experiment),
+            ray_actor_options=inline_actor_options(cfg),
+            logging_config=logging_config(cfg),
+            user_config={"versions": {a.name: versions.get(a.name) for a in experiment.arms}},
+        ).bind(plain, None)
     recommenders = {}
     for spec in experiment.arms:
         recommenders[spec.name] = Recommender.options(
@@ -519,10 +428,18 @@ def build_app(cfg: StackConfig, versions: dict[str, str | None] | None = None):
             num_replicas=spec.replicas,
             ray_actor_options=actor_options(s.replica_cpus, s.replica_resources),
             user_config={"version": versions.get(spec.name)},
+            logging_config=logging_config(cfg),
         ).bind(plain, spec.name, spec.lineage, spec.scoring_options())
-    return Router.options(ray_actor_options=actor_options(s.router_cpus, s.router_resources)).bind(
-        plain, recommenders
-    )
+    return Router.options(
+        ray_actor_options=actor_options(s.router_cpus, s.router_resources),
+        logging_config=logging_config(cfg),
+    ).bind(plain, recommenders)
+
+
+def logging_config(cfg: StackConfig) -> dict[str, Any]:
+    """Serve's logging of the service's replicas: access lines only when asked for
+    (``serve.access_log``; ``/stats`` and the dashboard count the requests)."""
+    return {"enable_access_log": cfg.serve.access_log}
 
 
 def actor_options(cpus: float, resources: dict[str, float]) -> dict[str, Any]:
@@ -532,6 +449,22 @@ def actor_options(cpus: float, resources: dict[str, float]) -> dict[str, Any]:
     if resources:
         out["resources"] = dict(resources)
     return out
+
+
+def inline_replicas(experiment: Any) -> int:
+    """Router replicas of the inline topology: each hosts every arm, so as many as the
+    arm that asks for most."""
+    return max((a.replicas for a in experiment.arms), default=1)
+
+
+def inline_actor_options(cfg: StackConfig) -> dict[str, Any]:
+    """An inline Router replica does the router's and one replica's work: their CPU
+    shares added, and the custom resources of both (the larger where both name one)."""
+    s = cfg.serve
+    resources = dict(s.router_resources)
+    for k, v in s.replica_resources.items():
+        resources[k] = max(v, resources.get(k, 0.0))
+    return actor_options(round(s.router_cpus + s.replica_cpus, 4), resources)
 
 
 # Config sections the service does not read. They stay out of the application's args:
@@ -551,11 +484,16 @@ def service_config(cfg: StackConfig) -> dict:
 def deploy_config(cfg: StackConfig, versions: dict[str, str | None] | None = None) -> dict:
     """The declarative Serve config of the service for ``cfg``, with each arm's model
     version (from the registry unless given) in its ``user_config``."""
+    from serving.experiment import load_experiment
+
     conf = render_serve_config(cfg)
     app = conf["applications"][0]
     app["args"] = {"config_dict": service_config(cfg)}
     versions = {**current_versions(cfg), **(versions or {})}
     for d in app["deployments"]:
+        if d["name"] == "Router" and cfg.serve.topology == "inline":
+            arms = load_experiment(cfg.serve.experiment).arms
+            d["user_config"] = {"versions": {a.name: versions.get(a.name) for a in arms}}
         arm = d["name"].removeprefix("recommender-")
         if arm in versions:
             d["user_config"] = {"version": versions[arm]}
@@ -675,10 +613,18 @@ def render_serve_config(cfg: StackConfig, run_file: str | None = None) -> dict[s
 
     s = cfg.serve
     experiment = load_experiment(s.experiment)
-    deployments: list[dict[str, Any]] = [
-        {"name": "Router", "ray_actor_options": actor_options(s.router_cpus, s.router_resources)}
-    ]
-    for spec in experiment.arms:
+    if s.topology == "inline":
+        deployments: list[dict[str, Any]] = [
+            {
+                "name": "Router",
+                "num_replicas": inline_replicas(experiment),
+                "ray_actor_options": inline_actor_options(cfg),
+            }
+        ]
+    else:
+        router = actor_options(s.router_cpus, s.router_resources)
+        deployments = [{"name": "Router", "ray_actor_options": router}]
+    for spec in experiment.arms if s.topology == "split" else ():
         deployments.append(
             {
                 "name": f"recommender-{spec.name}",
@@ -692,6 +638,7 @@ def render_serve_config(cfg: StackConfig, run_file: str | None = None) -> dict[s
             "route_prefix": "/",
             "import_path": "serving.app:app_builder",
             "args": {"config": None, "overrides": {}},
+            "logging_config": logging_config(cfg),
             "deployments": deployments,
         }
     ]

@@ -440,3 +440,38 @@ def test_schemathesis_finds_no_server_error_in_the_published_api(service, fault_
         bad_inputs=int(cases.group(1)) if cases else None,
         detail=" ".join(out.stdout.strip().splitlines()[-1:])[:160],
     )
+
+
+def test_the_inline_topology_serves_every_arm_from_the_router_and_promotes_in_place(
+    ray_driver: StackConfig, checkpoints, tmp_path
+):
+    """``serve.topology: inline``: the arms' models run in the Router replica (no
+    Recommender deployments); a promotion of one arm reaches it in place, under load,
+    with no failed request, and the other arm keeps its version."""
+    from serving.app import app_status
+    from serving.control import promote, registry
+
+    cfg = dataclasses.replace(
+        ray_driver,
+        serve=dataclasses.replace(
+            ray_driver.serve, registry_uri=str(tmp_path / "registry"), topology="inline"
+        ),
+    )
+    with deployed_service(cfg, checkpoints[0]) as base:
+        assert set(app_status(cfg)["deployments"]) == {"Router"}
+        arms = requests.get(f"{base}/arms", timeout=10).json()
+        reg = registry(cfg)
+        assert {a["arm"]: a["model_version"] for a in arms} == {
+            a: reg.current(a) for a in ("control", "treatment")
+        }
+        assert len({a["replicas"][0]["replica"] for a in arms}) == 1  # one process, both
+        served = Counter(_post(base, {"user_id": u}).json()["arm"] for u in range(40))
+        assert set(served) == {"control", "treatment"}
+
+        control = reg.current("control")
+        new = reg.publish("treatment", checkpoints[1])
+        seconds, statuses = _switch((cfg, base), lambda: promote(cfg, "treatment", new, print), new)
+        print(f"inline promotion: new version in responses after {seconds:.1f} s")
+        assert set(statuses) == {200}, statuses
+        versions = {a["arm"]: a["model_version"] for a in requests.get(f"{base}/arms").json()}
+        assert versions == {"control": control, "treatment": new}

@@ -347,3 +347,22 @@ def test_a_new_replica_whose_version_rotted_serves_the_last_good_one(tiny_checkp
     # a running replica keeps what it serves, with no fallback hunt
     asyncio.run(replica.reconfigure({"version": bad}))
     assert replica.info()["model_version"] == good
+
+
+def test_the_inline_topology_deploys_one_router_that_holds_every_arms_version(tmp_path):
+    from serving.app import deploy_config, render_serve_config
+
+    reg = str(tmp_path / "registry")
+    cfg = load_config(overrides={"serve.registry_uri": reg, "serve.topology": "inline"}, env={})
+    app = deploy_config(cfg, versions={"control": "v1", "treatment": "v2"})["applications"][0]
+    (router,) = app["deployments"]  # no Recommender deployments
+    assert router["name"] == "Router"
+    assert router["user_config"] == {"versions": {"control": "v1", "treatment": "v2"}}
+    s = cfg.serve
+    assert router["ray_actor_options"]["num_cpus"] == pytest.approx(s.router_cpus + s.replica_cpus)
+    assert app["logging_config"] == {"enable_access_log": False}
+    split = render_serve_config(load_config(overrides={"serve.registry_uri": reg}, env={}))
+    names = [d["name"] for d in split["applications"][0]["deployments"]]
+    assert names == ["Router", "recommender-control", "recommender-treatment"]
+    with pytest.raises(ValueError, match="topology"):
+        load_config(overrides={"serve.topology": "merged"}, env={})
