@@ -83,6 +83,8 @@ class ImpressionLogger:
             if event is None:
                 break
             batch = [event]
+            with self._lock:  # taken from the queue: pending until sent or given up
+                self._sending = 1
             # What arrives within linger_s goes with it: one send and flush per batch, not
             # per request (each costs this process CPU beside the requests it serves).
             until = time.monotonic() + self.linger_s
@@ -95,8 +97,8 @@ class ImpressionLogger:
                     self._stop.set()
                     break
                 batch.append(nxt)
-            with self._lock:
-                self._sending = len(batch)
+                with self._lock:
+                    self._sending = len(batch)
             rejected = 0  # times the producer gave up on records of this batch
             pause = 0.5
             while batch:
