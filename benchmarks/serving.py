@@ -50,9 +50,11 @@ def _with_batch(cfg: StackConfig, batch: int) -> StackConfig:
 
 
 def _config(home: Path, synthetic: bool) -> StackConfig:
+    """The stack of the run; the live dashboard stays off (its monitor polls the loop
+    every few seconds, and the /ping baseline runs without it)."""
     from recloop.stack import isolated_config
 
-    return isolated_config(home, **{"data.synthetic": synthetic or None})
+    return isolated_config(home, **{"data.synthetic": synthetic or None, "serve.dashboard": False})
 
 
 async def _load(
