@@ -262,10 +262,20 @@ def main(argv: list[str] | None = None) -> int:
         smoke.delete()
         _say(f"baseline: {json.dumps(result['baseline_ping'])}")
 
-        for label, batch in (("batched", 16), ("unbatched", 1)):
-            cfg = _with_batch(cfg, batch)
-            _say(f"deploying the service, max_batch_size {batch}")
-            deploy(cfg)
+        # Batching on and off, then the arms' models in the Router's process instead (one
+        # hop less per request).
+        inline = _with_batch(cfg, 16)
+        inline = dataclasses.replace(
+            inline, serve=dataclasses.replace(inline.serve, topology="inline")
+        )
+        variants = [
+            ("batched", _with_batch(cfg, 16)),
+            ("unbatched", _with_batch(cfg, 1)),
+            ("inline", inline),
+        ]
+        for label, conf in variants:
+            _say(f"deploying the service ({label})")
+            deploy(conf)
             _run_load(f"{base}/recommend", 4, 3, users)  # warm-up
             rows = {}
             for c in levels:
@@ -274,23 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 _say(f"{label} c={c}: {json.dumps(rows[str(c)])}")
             result[label] = rows
-        result["rss_mb"] = _replica_rss(cfg.serve.app_name)
-
-        # The arms' models in the Router's process instead (one hop less per request).
-        inline = _with_batch(cfg, 16)
-        inline = dataclasses.replace(
-            inline, serve=dataclasses.replace(inline.serve, topology="inline")
-        )
-        _say("deploying the service with serve.topology inline")
-        deploy(inline)
-        _run_load(f"{base}/recommend", 4, 3, users)  # warm-up
-        rows = {}
-        for c in levels:
-            rows[str(c)] = _run_load(
-                f"{base}/recommend", c, args.seconds, users, app=cfg.serve.app_name
-            )
-            _say(f"inline c={c}: {json.dumps(rows[str(c)])}")
-        result["inline"] = rows
+            if label == "unbatched":
+                result["rss_mb"] = _replica_rss(cfg.serve.app_name)
 
         # Promotion under load, batching back on.
         cfg = _with_batch(cfg, 16)
