@@ -117,14 +117,18 @@ def _replica_id() -> str:
         return uuid.uuid4().hex[:8]
 
 
+def replica_info(replica: str, engine: ArmEngine) -> dict:
+    """What ``/arms`` lists per replica of an arm: the engine's state and the CPU time
+    its process has used so far."""
+    return {"replica": replica, **engine.info(), "cpu_s": time.process_time()}
+
+
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
 class Recommender:
     """One arm's model. ``user_config = {"version": ...}`` selects the registry version."""
 
     def __init__(self, cfg: dict, arm: str, lineage: str, scoring: dict | None = None) -> None:
-        self.cfg = StackConfig.from_dict(cfg)
-        self.arm = arm
-        self.engine = ArmEngine(self.cfg, arm, lineage, scoring)
+        self.engine = ArmEngine(StackConfig.from_dict(cfg), arm, lineage, scoring)
         self.replica = _replica_id()
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -137,11 +141,7 @@ class Recommender:
         return await self.engine.generate(request)
 
     def info(self) -> dict:
-        return {
-            "replica": self.replica,
-            **self.engine.info(),
-            "cpu_s": time.process_time(),  # the replica process's CPU time so far
-        }
+        return replica_info(self.replica, self.engine)
 
 
 # --------------------------------------------------------------------------- DPO mirror
@@ -339,9 +339,10 @@ class Router:
         return RecommendResponse(request_id=request_id, arm=arm, model_version=version, items=items)
 
     async def _generate(self, arm: str, req: dict) -> dict:
-        """Ask the arm's recommender; a replica that died with the request (killed, its
-        node lost) is retried: generation has no side effect, and the handle holds the
-        retry until Serve has a replica again. Other errors are not retried."""
+        """Ask the arm's engine (inline) or recommender (split); a replica that died with
+        the request (killed, its node lost) is retried: generation has no side effect,
+        and the handle holds the retry until Serve has a replica again. Other errors are
+        not retried."""
         engine = self.engines.get(arm)
         if engine is not None:
             return await engine.generate(req)
@@ -363,7 +364,7 @@ class Router:
         for spec in self.experiment.arms:
             engine = self.engines.get(spec.name)
             if engine is not None:
-                info = {"replica": self.replica, **engine.info(), "cpu_s": time.process_time()}
+                info = replica_info(self.replica, engine)
             else:
                 info = await self.recommenders[spec.name].info.remote()
             out.append(
@@ -419,7 +420,7 @@ def build_app(cfg: StackConfig, versions: dict[str, str | None] | None = None):
             num_replicas=inline_replicas(experiment),
             ray_actor_options=inline_actor_options(cfg),
             logging_config=logging_config(cfg),
-            user_config={"versions": {a.name: versions.get(a.name) for a in experiment.arms}},
+            user_config=inline_user_config(experiment, versions),
         ).bind(plain, None)
     recommenders = {}
     for spec in experiment.arms:
@@ -457,6 +458,11 @@ def inline_replicas(experiment: Any) -> int:
     return max((a.replicas for a in experiment.arms), default=1)
 
 
+def inline_user_config(experiment: Any, versions: dict[str, str | None]) -> dict[str, Any]:
+    """The inline Router's ``user_config``: every arm's version (None: none yet)."""
+    return {"versions": {a.name: versions.get(a.name) for a in experiment.arms}}
+
+
 def inline_actor_options(cfg: StackConfig) -> dict[str, Any]:
     """An inline Router replica does the router's and one replica's work: their CPU
     shares added, and the custom resources of both (the larger where both name one)."""
@@ -492,8 +498,7 @@ def deploy_config(cfg: StackConfig, versions: dict[str, str | None] | None = Non
     versions = {**current_versions(cfg), **(versions or {})}
     for d in app["deployments"]:
         if d["name"] == "Router" and cfg.serve.topology == "inline":
-            arms = load_experiment(cfg.serve.experiment).arms
-            d["user_config"] = {"versions": {a.name: versions.get(a.name) for a in arms}}
+            d["user_config"] = inline_user_config(load_experiment(cfg.serve.experiment), versions)
         arm = d["name"].removeprefix("recommender-")
         if arm in versions:
             d["user_config"] = {"version": versions[arm]}
@@ -624,14 +629,14 @@ def render_serve_config(cfg: StackConfig, run_file: str | None = None) -> dict[s
     else:
         router = actor_options(s.router_cpus, s.router_resources)
         deployments = [{"name": "Router", "ray_actor_options": router}]
-    for spec in experiment.arms if s.topology == "split" else ():
-        deployments.append(
+        deployments += [
             {
                 "name": f"recommender-{spec.name}",
                 "num_replicas": spec.replicas,
                 "ray_actor_options": actor_options(s.replica_cpus, s.replica_resources),
             }
-        )
+            for spec in experiment.arms
+        ]
     applications = [
         {
             "name": s.app_name,

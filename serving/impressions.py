@@ -2,9 +2,9 @@
 
 ``offer`` never blocks: the request handler hands the event over and returns. A thread
 sends queued events with the idempotent producer, in batches of what arrives within
-``linger_s`` of the first; when Kafka is slow or away the queue
-fills and further events are dropped and counted (the goal is zero drops, and the
-counter says when it is not met). A record the producer gave up on is sent again by a
+``linger_s`` of the first; when Kafka is slow or away the queue fills and further
+events are dropped and counted (the goal is zero drops, and the counter says when it is
+not met). A record the producer gave up on is sent again by a
 fresh producer (the ingestor drops a repeated impression by its request id), up to
 ``SEND_ATTEMPTS`` times; only then is it counted as ``failed``. While the broker does
 not answer at all the batch is kept and retried, with a pause growing to 8 s. Send
