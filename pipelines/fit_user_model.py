@@ -3,12 +3,12 @@
     python -m pipelines.fit_user_model [--data DIR|synthetic] [--out DIR] [--epochs N] [--seed S]
 
 Reads MovieLens-100k in place (default: ``DataConfig().movielens_dir``) or generates the
-synthetic stand-in, fits ``actors.sim.user_model.HiddenUserModel`` on each user's first
-90 % of ratings, reports held-out AUC / log-loss of the watch, like and follow heads beside
-a popularity baseline, and saves the model directory (``weights.safetensors``,
-``model.json``, ``report.json``) to ``--out`` (default
-``.recloop/sim/user_model/<ml100k|synthetic>``). The report is printed as JSON on stdout;
-progress goes to stderr.
+synthetic stand-in, fits ``actors.sim.user_model.HiddenUserModel`` (``--kind``) on each
+user's first 90 % of ratings, reports held-out AUC / log-loss of the watch, like and
+follow heads beside a popularity baseline and how well the watch head ranks each user's
+actual next item, and saves the model directory (``weights.safetensors``, ``model.json``,
+``report.json``) to ``--out`` (default ``.recloop/sim/user_model/<ml100k|synthetic>-<kind>``).
+The report is printed as JSON on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from actors.sim.user_model import KINDS
 from recloop.config import PROJECT_ROOT, DataConfig
 
 
@@ -39,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="sequential",
+        help="sequential (recent watches move the watch head; the default) or static",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -63,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    out = Path(args.out) if args.out else PROJECT_ROOT / ".recloop" / "sim" / "user_model" / name
-    _log(f"data {data.summary()}; dim {args.dim}, {args.epochs} epochs, seed {args.seed}")
+    default = PROJECT_ROOT / ".recloop" / "sim" / "user_model" / f"{name}-{args.kind}"
+    out = Path(args.out) if args.out else default
+    _log(
+        f"data {data.summary()}; {args.kind} model, dim {args.dim}, {args.epochs} epochs, "
+        f"seed {args.seed}"
+    )
     model = HiddenUserModel.fit(
-        data, dim=args.dim, epochs=args.epochs, seed=args.seed, progress=_log
+        data, dim=args.dim, epochs=args.epochs, seed=args.seed, progress=_log, kind=args.kind
     )
     path = model.save(out)
     rep = model.report
@@ -76,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             f"held-out {head:6s} AUC {rep[f'{head}_auc']:.4f} (popularity "
             f"{pop[f'{head}_auc']:.4f}), log-loss {rep[f'{head}_logloss']:.4f}"
         )
+    nxt = rep["next_item"]
+    _log(
+        f"next item NDCG@10 {nxt['model']['NDCG@10']:.4f} (popularity "
+        f"{nxt['popularity']['NDCG@10']:.4f}) over {nxt['users']} users"
+    )
     _log(f"fit {rep['fit_s']:.1f}s on {rep['n_train']} ratings, {rep['n_test']} held out")
     _log(f"saved {path}")
     print(json.dumps({"model": str(path), "report": rep}, indent=2))

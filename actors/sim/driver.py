@@ -60,16 +60,17 @@ def user_model_dir(cfg: StackConfig, sim: SimulationConfig, data: Any, say: Prog
         if not path.exists():
             raise FileNotFoundError(f"simulation.user_model {path} does not exist")
         return path
+    kind = sim.user_model_kind
     tag = hashlib.sha256(data.source.encode()).hexdigest()[:10]
-    path = cfg.home / "sim" / "user_model" / tag
+    path = cfg.home / "sim" / "user_model" / f"{tag}-{kind}"
     if not (path / "model.json").exists():
-        say(f"fitting the hidden user model on {data.summary()} (once; saved to {path})")
+        say(f"fitting the {kind} hidden user model on {data.summary()} (once; saved to {path})")
         import torch
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one thread: bit-for-bit the same model for the same seed
         try:
-            model = HiddenUserModel.fit(data, progress=say)
+            model = HiddenUserModel.fit(data, progress=say, kind=kind)
         finally:
             torch.set_num_threads(threads)
         model.save(path)
@@ -79,7 +80,9 @@ def user_model_dir(cfg: StackConfig, sim: SimulationConfig, data: Any, say: Prog
 
 
 def _brief(report: dict) -> dict:
-    return {k: v for k, v in report.items() if "auc" in k or k.startswith("n_")}
+    brief = {k: v for k, v in report.items() if "auc" in k or k.startswith("n_")}
+    brief["kind"] = report.get("kind", "static")
+    return brief
 
 
 def seed_histories(cfg: StackConfig, pop: Any, say: Progress) -> int:

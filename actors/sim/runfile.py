@@ -51,6 +51,10 @@ class SimulationConfig:
     seed_histories: bool = True  # push real histories to Feast for users without one
     start_ms: int | None = None  # virtual clock at t=0 (default: wall clock at the start)
     user_model: str | None = None  # fitted hidden model dir (default: fitted on first use)
+    # The hidden model fitted on first use: "sequential" (the recent watches move the
+    # watch head; the default, chosen by held-out fit to MovieLens: make bench-sim-fit)
+    # or "static" (taste and fatigue only).
+    user_model_kind: str = "sequential"
     progress_every_s: float = 5.0
     # After the traffic: wait up to this long for the learning arms' training rounds in
     # progress to finish (each trainer stops as soon as it is between rounds); 0 stops
@@ -61,7 +65,7 @@ class SimulationConfig:
     response: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from actors.sim.user_model import ResponseConfig
+        from actors.sim.user_model import KINDS, ResponseConfig
 
         known = {f.name for f in dataclasses.fields(ResponseConfig)}
         if set(self.response) - known:
@@ -69,6 +73,10 @@ class SimulationConfig:
                 f"simulation.response: unknown key(s) {sorted(set(self.response) - known)}"
             )
         ResponseConfig(**self.response)  # the ranges are checked there
+        if self.user_model_kind not in KINDS:
+            raise ValueError(
+                f"simulation.user_model_kind must be one of {KINDS}: {self.user_model_kind!r}"
+            )
         checks = [
             (self.duration_s > 0, "duration_s must be > 0"),
             (self.sessions_per_user_day > 0, "sessions_per_user_day must be > 0"),

@@ -51,6 +51,8 @@ SHOWN_MAX = 200  # recent impressions kept in a state
 SIMILAR_RECENT = 20  # recent watched items the near-duplicate term looks at
 HISTORY_PAST_MS = 10 * 365 * 86_400_000  # history without times: this long before the epoch
 _MS_PER_DAY = 86_400_000.0
+KINDS = ("static", "sequential")
+CONTEXT_LEN = 20  # recent watched items the sequential model reads
 _WEIGHTS = (
     "user_emb",
     "item_emb",
@@ -62,6 +64,7 @@ _WEIGHTS = (
     "like_user_bias",
     "follow_user_bias",
 )
+_SEQ_WEIGHTS = ("context_emb", "context_decay")  # the sequential model's, besides
 
 
 # --------------------------------------------------------------------------- config
@@ -275,6 +278,51 @@ def temporal_split(user_idx: np.ndarray, frac: float = 0.1) -> np.ndarray:
     return rank >= np.repeat(counts - n_test, counts)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """Ratings sorted by (user, time) as rows of ``user_ids`` / ``item_ids``, and the
+    test mask of each user's last ``test_frac`` (the split every fit report uses)."""
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    uidx: np.ndarray
+    iidx: np.ndarray
+    stars: np.ndarray
+    test: np.ndarray
+
+    @classmethod
+    def of(cls, data: Any, test_frac: float = 0.1) -> HeldOut:
+        ratings = data.ratings.sort_values(
+            ["user_id", "timestamp", "item_id"], kind="mergesort"
+        ).reset_index(drop=True)
+        user_ids = np.union1d(data.users["user_id"].to_numpy(np.int64), ratings["user_id"])
+        item_ids = np.union1d(data.items["item_id"].to_numpy(np.int64), ratings["item_id"])
+        uidx = np.searchsorted(user_ids, ratings["user_id"].to_numpy(np.int64))
+        return cls(
+            user_ids,
+            item_ids,
+            uidx,
+            np.searchsorted(item_ids, ratings["item_id"].to_numpy(np.int64)),
+            ratings["rating"].to_numpy(np.int64),
+            temporal_split(uidx, test_frac),
+        )
+
+    def next_item_targets(self) -> tuple[list[np.ndarray], list[int], list[int]]:
+        """Per user with a held-out rating: the training prefix (item rows, in time
+        order), the first held-out item row, and the user row."""
+        n = len(self.uidx)
+        starts = np.flatnonzero(np.r_[True, self.uidx[1:] != self.uidx[:-1]])
+        hists, targets, users = [], [], []
+        for s, e in zip(starts, np.r_[starts[1:], n], strict=True):
+            held = np.flatnonzero(self.test[s:e])
+            if len(held):
+                t = s + int(held[0])
+                hists.append(self.iidx[s:t])
+                targets.append(int(self.iidx[t]))
+                users.append(int(self.uidx[t]))
+        return hists, targets, users
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -292,6 +340,8 @@ class HiddenUserModel:
         report: dict | None = None,
         meta: dict | None = None,
     ) -> None:
+        """``weights`` with ``context_emb`` (items x dim) and ``context_decay`` (a
+        1-element array) make the sequential model; without, the static one."""
         self.user_ids = np.asarray(user_ids, dtype=np.int64)
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
         if np.any(np.diff(self.user_ids) <= 0) or np.any(np.diff(self.item_ids) <= 0):
@@ -319,6 +369,19 @@ class HiddenUserModel:
         for k, shape in expect.items():
             if w[k].shape != shape:
                 raise ValueError(f"weight {k} has shape {w[k].shape}, expected {shape}")
+        self.kind = "sequential" if "context_emb" in weights else "static"
+        if self.kind == "sequential":
+            for k in _SEQ_WEIGHTS:
+                w[k] = np.ascontiguousarray(np.asarray(weights[k], dtype=np.float64))
+            if w["context_emb"].shape != (ni, self.dim):
+                raise ValueError(
+                    f"weight context_emb has shape {w['context_emb'].shape}, "
+                    f"expected {(ni, self.dim)}"
+                )
+            decay = w["context_decay"].reshape(-1)
+            if decay.shape != (1,) or not 0.0 <= float(decay[0]) < 1.0:
+                raise ValueError(f"weight context_decay must be one value in [0, 1): {decay}")
+            self.C, self.context_decay = w["context_emb"], float(decay[0])
         self._w = w
         self.U, self.V, self.b = w["user_emb"], w["item_emb"], w["item_bias"]
         self.VL, self.bl = w["like_item"], w["like_bias"]
@@ -394,6 +457,24 @@ class HiddenUserModel:
         if rho == 0.0:
             return i, u0.copy()
         return i, u0 + rho * (self.U[self._target[i]] - u0)
+
+    def context_vector(self, state: UserState) -> np.ndarray:
+        """What the user's recent watches add to the taste the watch head reads: the
+        sequential model's ``sum_j w_j c_j`` over the last ``CONTEXT_LEN`` watched items
+        (newest first, ``w_j`` proportional to ``decay ** j``, summing to one); zeros for
+        the static model or an empty history."""
+        if self.kind == "static" or not state.watched:
+            return np.zeros(self.dim)
+        recent = [i for i, _ in list(state.watched)[-CONTEXT_LEN:]][::-1]
+        return self._context(self.item_index(recent))
+
+    def _context(self, rows: np.ndarray) -> np.ndarray:
+        """The weighted context of item rows, newest first (-1: unknown, skipped)."""
+        rows = rows[rows >= 0]
+        if not len(rows):
+            return np.zeros(self.dim)
+        w = self.context_decay ** np.arange(len(rows), dtype=np.float64)
+        return (w / w.sum()) @ self.C[rows]
 
     # ----------------------------------------------------------------- states
 
@@ -506,9 +587,12 @@ class HiddenUserModel:
 
     # ----------------------------------------------------------------- responses
 
-    def _heads(self, ui: int, u: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(watch logit + click offset, p_like, p_follow, E[watch s | click]) for rows."""
-        logit = self.V[rows] @ u + self.b[rows] + self.config.click_offset
+    def _heads(
+        self, ui: int, u: np.ndarray, rows: np.ndarray, ctx: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
+        """(watch logit + click offset, p_like, p_follow, E[watch s | click]) for rows;
+        ``ctx`` (the recent watches' context) moves the watch head only."""
+        logit = self.V[rows] @ (u + ctx) + self.b[rows] + self.config.click_offset
         p_like = _sigmoid(self.VL[rows] @ u + self.bl[rows] + self.ul[ui])
         p_follow = _sigmoid(self.VF[rows] @ u + self.bf[rows] + self.uf[ui])
         ew = self.duration_s[rows] * np.minimum(1.0, 0.2 + 0.75 * p_like)
@@ -529,7 +613,7 @@ class HiddenUserModel:
         known = rows >= 0
         safe = np.where(known, rows, 0)
         ui, u = self._user(state, t0)
-        logit, p_like, p_follow, ew = self._heads(ui, u, safe)
+        logit, p_like, p_follow, ew = self._heads(ui, u, safe, self.context_vector(state))
         member, rep, shown, sim = self._pre_session(state, t0, safe)
         thr = cfg.similar_threshold
         near = np.maximum(0.0, self.Vn[safe] @ self.Vn[safe].T - thr) / (1.0 - thr)
@@ -669,7 +753,7 @@ class HiddenUserModel:
         shown = np.exp(-np.maximum(0.0, t0 - skip_t) * self._lam)
         floor = cfg.repeat_floor
         base = (
-            self.V @ u
+            self.V @ (u + self.context_vector(state))
             + self.b
             + cfg.click_offset
             - cfg.repeat_penalty * member * (floor + (1.0 - floor) * rep)
@@ -748,17 +832,19 @@ class HiddenUserModel:
         head_l2: float = 1e-3,
         detach_heads: bool = True,
         test_frac: float = 0.1,
+        kind: str = "static",
     ) -> HiddenUserModel:
         """Fit on ``data`` (a ``recloop.data.InteractionData``); the held-out report is
-        in ``model.report``."""
+        in ``model.report``. ``kind="sequential"`` adds the context of each rating's
+        previous ``CONTEXT_LEN`` items (in time order) to the watch head's user vector."""
         import torch
 
+        if kind not in KINDS:
+            raise ValueError(f"unknown hidden model kind {kind!r}; one of {KINDS}")
+
         started = time.monotonic()
-        ratings = data.ratings.sort_values(
-            ["user_id", "timestamp", "item_id"], kind="mergesort"
-        ).reset_index(drop=True)
-        user_ids = np.union1d(data.users["user_id"].to_numpy(np.int64), ratings["user_id"])
-        item_ids = np.union1d(data.items["item_id"].to_numpy(np.int64), ratings["item_id"])
+        sp = HeldOut.of(data, test_frac)
+        user_ids, item_ids = sp.user_ids, sp.item_ids
         nu, ni = len(user_ids), len(item_ids)
         genre_pos = {g: k for k, g in enumerate(data.genres)}
         content = np.zeros((ni, max(1, len(genre_pos))), dtype=np.float32)
@@ -768,14 +854,15 @@ class HiddenUserModel:
                 if g in genre_pos:
                     content[r, genre_pos[g]] = 1.0
 
-        uidx = np.searchsorted(user_ids, ratings["user_id"].to_numpy(np.int64))
-        iidx = np.searchsorted(item_ids, ratings["item_id"].to_numpy(np.int64))
-        stars = ratings["rating"].to_numpy(np.int64)
-        test = temporal_split(uidx, test_frac)
+        uidx, iidx, stars, test = sp.uidx, sp.iidx, sp.stars, sp.test
         tr_u, tr_i, tr_r = uidx[~test], iidx[~test], stars[~test]
         te_u, te_i, te_r = uidx[test], iidx[test], stars[test]
         train_keys = np.unique(tr_u * ni + tr_i)
         all_keys = np.unique(uidx * ni + iidx)
+        sequential = kind == "sequential"
+        # Each rating's previous items, newest first (row ni: padding, a zero vector).
+        prev = previous_items(uidx, iidx, CONTEXT_LEN, pad=ni)
+        tr_prev, te_prev = prev[~test], prev[test]
 
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -797,6 +884,21 @@ class HiddenUserModel:
         uf = torch.nn.Parameter(torch.zeros(nu))
         eye = torch.eye(dim)
         params = [U, Vfree, Wg, b, A_l, A_f, bl, bf, c_l, c_f, ul, uf]
+        C = param(ni, dim, scale=0.01)
+        decay_logit = torch.nn.Parameter(torch.zeros(()))  # decay 0.5 to start
+        if sequential:
+            params += [C, decay_logit]
+        t_prev = torch.from_numpy(tr_prev)
+        lags = torch.arange(CONTEXT_LEN, dtype=torch.float32)
+
+        def context(rows: torch.Tensor) -> torch.Tensor:
+            """(B, K) previous item rows, newest first -> (B, dim) weighted context."""
+            present = (rows < ni).float()
+            w = torch.sigmoid(decay_logit) ** lags * present
+            w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+            emb = torch.cat([C, torch.zeros(1, dim)])[rows]
+            return (w.unsqueeze(-1) * emb).sum(1)
+
         opt = torch.optim.Adam(params, lr=lr)
         G = torch.from_numpy(content)
         bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -820,7 +922,8 @@ class HiddenUserModel:
                 u = U[bu]
                 v = Vfree[items] + G[items] @ Wg
                 vp = v[: len(bi)]
-                uu = torch.cat([u, u])
+                uw = u + context(t_prev[bi]) if sequential else u
+                uu = torch.cat([uw, uw])
                 lw = (uu * v).sum(-1) + b[items]
                 yw = torch.cat([torch.ones(len(bi)), torch.zeros(len(bi))])
                 uh, vh = (u.detach(), vp.detach()) if detach_heads else (u, vp)
@@ -864,6 +967,9 @@ class HiddenUserModel:
                 "like_user_bias": ul.double().numpy().copy(),
                 "follow_user_bias": uf.double().numpy().copy(),
             }
+            if sequential:
+                weights["context_emb"] = C.double().numpy().copy()
+                weights["context_decay"] = np.array([float(torch.sigmoid(decay_logit))])
         fit_s = time.monotonic() - started
         model = cls(user_ids, item_ids, weights, config=config, seed=seed)
 
@@ -871,8 +977,11 @@ class HiddenUserModel:
         eval_rng = np.random.default_rng([seed, 0xE7A1])
         te_neg = _sample_negatives(eval_rng, te_u, all_keys, ni)
         Uw, Vw, bw = weights["user_emb"], weights["item_emb"], weights["item_bias"]
-        s_pos = np.einsum("nd,nd->n", Uw[te_u], Vw[te_i]) + bw[te_i]
-        s_neg = np.einsum("nd,nd->n", Uw[te_u], Vw[te_neg]) + bw[te_neg]
+        te_uw = Uw[te_u]
+        if sequential and len(te_u):
+            te_uw = te_uw + np.stack([model._context(_rows(r, ni)) for r in te_prev])
+        s_pos = np.einsum("nd,nd->n", te_uw, Vw[te_i]) + bw[te_i]
+        s_neg = np.einsum("nd,nd->n", te_uw, Vw[te_neg]) + bw[te_neg]
         y_w = np.r_[np.ones(len(te_u)), np.zeros(len(te_u))]
         s_w = np.r_[s_pos, s_neg]
         pop = np.bincount(tr_i, minlength=ni).astype(np.float64)
@@ -891,6 +1000,7 @@ class HiddenUserModel:
         y_l, y_f = te_r >= 4, te_r == 5
         report = {
             "data": getattr(data, "source", "?"),
+            "kind": kind,
             "n_users": int(nu),
             "n_items": int(ni),
             "n_genres": len(genre_pos),
@@ -915,6 +1025,7 @@ class HiddenUserModel:
                 "like": float(y_l.mean()) if len(y_l) else float("nan"),
                 "follow": float(y_f.mean()) if len(y_f) else float("nan"),
             },
+            "next_item": next_item_report(model, sp, pop),
             "loss_history": history,
         }
         report["beats_popularity"] = {
@@ -922,7 +1033,12 @@ class HiddenUserModel:
             for h in ("watch", "like", "follow")
         }
         model.report = _json_clean(report)
-        model.meta = {"dim": int(dim), "genres": list(data.genres), "source": report["data"]}
+        model.meta = {
+            "dim": int(dim),
+            "kind": kind,
+            "genres": list(data.genres),
+            "source": report["data"],
+        }
         return model
 
     # ----------------------------------------------------------------- persistence
@@ -944,6 +1060,8 @@ class HiddenUserModel:
                 "format": FORMAT,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "seed": self.seed,
+                "kind": self.kind,
+                "context_len": CONTEXT_LEN,
                 "dim": self.dim,
                 "n_users": len(self.user_ids),
                 "n_items": len(self.item_ids),
@@ -993,7 +1111,7 @@ class HiddenUserModel:
         missing = [k for k in _WEIGHTS if k not in arrays]
         if missing:
             raise ValueError(f"{weights_path}: missing arrays {', '.join(missing)}")
-        for k in _WEIGHTS:
+        for k in arrays:
             a = arrays[k]
             if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
                 raise ValueError(f"{weights_path}: array {k!r} is non-finite or not float")
@@ -1009,6 +1127,69 @@ class HiddenUserModel:
             )
         except (KeyError, ValueError) as e:
             raise ValueError(f"{root}: invalid hidden user model: {e}") from e
+
+
+def previous_items(uidx: np.ndarray, iidx: np.ndarray, k: int, pad: int) -> np.ndarray:
+    """(N, k) the item rows each rating's user rated just before it, newest first, over
+    ratings sorted by (user, time); ``pad`` where the user has fewer."""
+    n = len(uidx)
+    out = np.full((n, k), pad, dtype=np.int64)
+    if n == 0:
+        return out
+    starts = np.flatnonzero(np.r_[True, uidx[1:] != uidx[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, n]))  # each rating's user's first row
+    at = np.arange(n)
+    for j in range(k):
+        src = at - 1 - j
+        ok = src >= first
+        out[ok, j] = iidx[src[ok]]
+    return out
+
+
+def _rows(prev_row: np.ndarray, pad: int) -> np.ndarray:
+    return np.where(prev_row == pad, -1, prev_row)
+
+
+def ranking_metrics(ranks: Sequence[int], ks: tuple[int, ...] = (10,)) -> dict[str, float]:
+    """HR@k and NDCG@k of 1-based ranks (one relevant item)."""
+    arr = np.asarray(ranks, dtype=np.float64)
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = arr <= k
+        out[f"HR@{k}"] = float(hit.mean()) if len(arr) else float("nan")
+        out[f"NDCG@{k}"] = (
+            float(np.where(hit, 1.0 / np.log2(arr + 1.0), 0.0).mean()) if len(arr) else float("nan")
+        )
+    return out
+
+
+def rank_of(scores: np.ndarray, target: int, exclude: np.ndarray) -> int:
+    """1-based rank of ``target`` among the items not in ``exclude`` (ties pessimistic)."""
+    sc = np.asarray(scores, dtype=np.float64).copy()
+    sc[exclude] = -np.inf
+    sc[target] = scores[target]
+    return int((sc >= sc[target]).sum())
+
+
+NEXT_ITEM_PROTOCOL = (
+    "each user's first held-out rating, ranked against every item not rated before it; "
+    "history = the training prefix; ties pessimistic"
+)
+
+
+def next_item_report(
+    model: HiddenUserModel, split: HeldOut, popularity: np.ndarray
+) -> dict[str, Any]:
+    """How well the watch head ranks each user's actual next item (``NEXT_ITEM_PROTOCOL``),
+    beside popularity (the training counts) on the same targets."""
+    ranks: dict[str, list[int]] = {"model": [], "popularity": []}
+    for hist, target, ui in zip(*split.next_item_targets(), strict=True):
+        ctx = model._context(hist[::-1][:CONTEXT_LEN]) if model.kind == "sequential" else 0.0
+        ranks["model"].append(rank_of(model.V @ (model.U[ui] + ctx) + model.b, target, hist))
+        ranks["popularity"].append(rank_of(popularity, target, hist))
+    out: dict[str, Any] = {"users": len(ranks["model"]), "protocol": NEXT_ITEM_PROTOCOL}
+    out.update({name: ranking_metrics(r) for name, r in ranks.items()})
+    return out
 
 
 def _json_clean(x: Any) -> Any:

@@ -203,6 +203,9 @@ def test_run_file_errors_name_the_field(tmp_path: Path):
     p.write_text(base + "simulation:\n  sped: 1\n")
     with pytest.raises(ValueError, match="unknown simulation key"):
         load_run(p)
+    p.write_text(base + "simulation:\n  user_model_kind: markov\n")
+    with pytest.raises(ValueError, match="user_model_kind"):
+        load_run(p)
     p.write_text(base + "analysis:\n  control: zz\n")
     with pytest.raises(ValueError, match="not an arm"):
         load_run(p)
