@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help uv install system-deps demo demo-quick test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-ab bench-ingest bench-training bench-ipa bench-ipa-offline simulate analyze ingest train serve pretrain eval clean
+.PHONY: help uv install system-deps demo demo-quick test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-sim-fit bench-ab bench-ingest bench-training bench-ipa bench-ipa-offline simulate analyze ingest train serve pretrain eval clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -115,6 +115,9 @@ train: install  ## continuous training rounds on the lake, each gated version pr
 
 bench-simulator: install  ## requests/s and events/s the simulator offers vs a plain HTTP client
 	$(BIN)/python -m benchmarks.simulator
+
+bench-sim-fit: install  ## the simulator's hidden user models: held-out fit to MovieLens, next-item rank vs SASRec (~3 min)
+	$(BIN)/python -m benchmarks.sim_fit
 
 bench-ab: install  ## A/A over 5 seeds and model vs popularity/random on MovieLens (own stack)
 	$(BIN)/python -m benchmarks.ab_sanity

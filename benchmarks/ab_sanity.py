@@ -4,7 +4,9 @@
    run for several seeds. Every metric should show no significant difference (p > 0.05
    in ~95% of seed x metric cells) and the CIs should cover zero.
 2. Model vs baselines (``infra/experiments/model-vs-baselines.yaml``): the frozen seed
-   model against most-popular and random arms. Reports every lift with its CI.
+   model against most-popular and random arms, under every kind of hidden user model
+   (``--kinds``; the simulator's default is chosen by held-out fit, ``make
+   bench-sim-fit``, never by these verdicts). Reports every lift with its CI.
 
 Each run goes through the whole path: simulator actors -> HTTP -> Serve router and arms
 -> Kafka -> analysis read back from Kafka (delivery checked). Runs go as fast as the
@@ -66,12 +68,21 @@ def main() -> int:
     ap.add_argument("--max-sessions", type=int, help="override the run files' horizon")
     ap.add_argument("--synthetic", action="store_true", help="generated data, not MovieLens")
     ap.add_argument("--checkpoint", help="seed checkpoint (default: the newest pretrained)")
+    ap.add_argument(
+        "--kinds", default="static,sequential", help="hidden user models for model vs baselines"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "ab_sanity.json")
     args = ap.parse_args()
 
     import ray
 
     from actors.sim.driver import simulate
+    from actors.sim.runfile import SimulationConfig
+    from actors.sim.user_model import KINDS
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - set(KINDS):
+        ap.error(f"--kinds: one or more of {KINDS}")
     from pipelines.ab_analysis import analyze_run
     from recloop.ray_head import connect
     from recloop.stack import Stack, isolated_config
@@ -86,7 +97,13 @@ def main() -> int:
     overrides: dict[str, Any] = {"speedup": 0.0}
     if args.max_sessions:
         overrides["max_sessions"] = args.max_sessions
-    out: dict[str, Any] = {"checkpoint": str(seed_ckpt), "aa": {}, "model_vs_baselines": None}
+    default_kind = SimulationConfig().user_model_kind
+    out: dict[str, Any] = {
+        "checkpoint": str(seed_ckpt),
+        "default_kind": default_kind,
+        "aa": {},
+        "model_vs_baselines": {},
+    }
     stack = Stack(cfg)
     started = time.monotonic()
     try:
@@ -112,7 +129,8 @@ def main() -> int:
             _say(f"{name}: {json.dumps(brief['comparisons'])}")
             return brief
 
-        out["model_vs_baselines"] = run("model-vs-baselines")
+        for kind in kinds:
+            out["model_vs_baselines"][kind] = run("model-vs-baselines", user_model_kind=kind)
         for seed in [int(s) for s in args.seeds.split(",") if s]:
             out["aa"][str(seed)] = run("aa-seed", seed=seed)
         ray.shutdown()
@@ -134,7 +152,7 @@ def main() -> int:
         "swt_p_values": {seed: c["p_value"] for seed, m, c in cells if m == "swt"},
         "all_deliveries_complete": all(
             r["delivery"]["missing"] == 0 and r["delivery"]["duplicates"] == 0
-            for r in [*out["aa"].values(), out["model_vs_baselines"]]
+            for r in [*out["aa"].values(), *out["model_vs_baselines"].values()]
         ),
     }
     out["wall_s"] = round(time.monotonic() - started, 1)
@@ -142,7 +160,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out["aa_summary"], indent=2))
-    print(json.dumps(out["model_vs_baselines"]["comparisons"], indent=2))
+    for kind, r in out["model_vs_baselines"].items():
+        print(kind, json.dumps(r["comparisons"], indent=2))
     print(f"saved {args.out}")
     return 0
 
