@@ -56,8 +56,9 @@ class ArmSpec(BaseModel):
     )
     learning: Literal["frozen", "online", "online-ipa"] = Field(
         default="frozen",
-        description="frozen: never retrained; online: continuous next-token training; "
-        "online-ipa: plus DPO on preference pairs from the mirrored 1%",
+        description="frozen: never retrained; online: continuous next-token training (a "
+        "popularity arm: its counts follow the clicks); online-ipa: plus DPO on preference "
+        "pairs from the mirrored 1%",
     )
 
     @model_validator(mode="before")
@@ -76,6 +77,17 @@ class ArmSpec(BaseModel):
                 f"a {self.model!r} arm has none"
             )
         return self
+
+    @model_validator(mode="after")
+    def _what_learns(self) -> ArmSpec:
+        if self.learning == "frozen" or self.model == "seed":
+            return self
+        if self.model == "popularity" and self.learning == "online":
+            return self  # its counts follow the clicks (pipelines/continuous/recount.py)
+        raise ValueError(
+            f"arm {self.name!r}: a {self.model!r} arm cannot learn {self.learning!r} "
+            "(a popularity arm can be online: its counts follow the clicks)"
+        )
 
     def scoring_options(self) -> dict[str, Any]:
         return {"scoring": self.scoring, "cascade_weight": self.cascade_weight}

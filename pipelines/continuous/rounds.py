@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from pipelines.continuous import recount
 from pipelines.continuous.data import (
     SessionExamples,
     _entries_by_key,
@@ -132,6 +133,8 @@ def run_round(
     # train.torch_threads: torch's default of every core spins on a shared 2-core machine.
     torch.set_num_threads(cfg.train.torch_threads)
     with _arm_lock(cfg):
+        if recount.serves_popularity(cfg):  # a popularity arm: its counts follow the clicks
+            return recount.recount_round(cfg, progress, pooled, promote or promote_serving)
         return _run_round(
             cfg, progress, pooled, promote or promote_serving, trainer or default_trainer(cfg)
         )

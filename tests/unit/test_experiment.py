@@ -48,6 +48,11 @@ def test_arms_are_validated():
     arm = ArmSpec(name="a", share=1.0)
     assert arm.lineage == "a" and arm.replicas == 1 and arm.description == ""
     assert ArmSpec(name="a", share=1.0, lineage="other").lineage == "other"
+    # what can learn: a model, or a popularity arm whose counts follow the clicks
+    assert ArmSpec(name="a", share=1.0, model="popularity", learning="online")
+    for model, learning in (("random", "online"), ("popularity", "online-ipa")):
+        with pytest.raises(ValidationError, match="cannot learn"):
+            ArmSpec(name="a", share=1.0, model=model, learning=learning)
 
 
 def test_extra_keys_are_refused_and_models_are_frozen():
