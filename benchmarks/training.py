@@ -8,7 +8,9 @@ fine-tuning the ``online`` arm round after round, each gated version hot-swapped
 
 It reports:
 
-- the A/B verdict (session watch time, view/like/follow rates; ``recloop analyze``);
+- the A/B verdict (session watch time, view/like/follow rates; ``recloop analyze``), and
+  per arm and tenth of the run its session watch time against the hidden model's oracle
+  (``oracle_by_tenth``; the run file's ``popularity`` arm is the baseline to beat);
 - per training round: examples, examples/s end to end and in compute alone, round time,
   gate decision;
 - feedback-to-serving delay, sampled every 10 s during the run: the wall-clock age of
@@ -219,6 +221,23 @@ def round_summary(rounds: list[dict]) -> dict[str, Any]:
     }
 
 
+def by_tenth(over_time: dict[str, list[dict]] | None) -> dict[str, Any]:
+    """Per arm and tenth of the run (the analysis' over-time buckets): session watch
+    time, the hidden model's expected and oracle watch time and the gap to the oracle;
+    and which arm had the highest session watch time in the last tenth."""
+    keys = ("sessions", "swt", "expected_swt", "oracle_swt", "oracle_gap")
+    tenths = {
+        arm: [{k: r.get(k) for k in keys} for r in rows] for arm, rows in (over_time or {}).items()
+    }
+    last = {a: rows[-1].get("swt") for a, rows in tenths.items() if rows}
+    last = {a: v for a, v in last.items() if v is not None}
+    return {
+        "tenths": tenths,
+        "last_tenth_swt": last,
+        "best_in_last_tenth": max(last, key=last.get) if last else None,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-file", type=Path, default=RUN_FILE)
@@ -317,6 +336,7 @@ def main() -> int:
             "over_time": result.get("over_time"),
             "throughput": result["meta"]["throughput"],
         }
+        out["oracle_by_tenth"] = by_tenth(result.get("over_time"))
         keep = (
             "round", "status", "version", "sessions", "hq_sessions", "examples",
             "examples_per_s", "compute_examples_per_s", "train_s", "round_s", "phases", "gate",
@@ -366,6 +386,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))
     keys = ("round_summary_by_arm", "warm_vs_bare", "feedback_to_serving")
+    print(json.dumps(out.get("oracle_by_tenth", {}).get("last_tenth_swt")))
     print(json.dumps({k: out.get(k) for k in keys}, indent=2, default=str))
     return 0
 

@@ -177,6 +177,8 @@ def build_summary(
                 "t_s": wall((r["t_ms_start"] + r["t_ms_end"]) / 2),
                 "sessions": r["sessions"],
                 **{k: r.get(k) for m in METRIC_WORDS for k in (m, f"{m}_ci")},
+                # the hidden model's view: expected and best achievable watch time
+                **{k: r.get(k) for k in ("expected_swt", "oracle_swt", "oracle_gap")},
             }
             for r in rows
             if r["sessions"] > 0
@@ -223,9 +225,11 @@ def build_summary(
                     "round": r["round"],
                     "version": r.get("version"),
                     "status": r["status"],
-                    "reason": gate.get("reason", ""),
+                    "reason": gate.get("reason", r.get("reason", "")),
                 }
             )
+            if r.get("kind") == "recount":  # a popularity arm's counts: no training, no gate
+                continue
             last = (r.get("losses") or [{}])[-1]
             rm = r.get("reward_model") or {}
             rm_epochs = rm.get("epochs") or [{}]

@@ -5,16 +5,19 @@ saved summary re-renders the same report: ``python -m pipelines.report SUMMARY.j
 
 The page shows a header (run id, machine, wall time, arms with their traffic shares and
 learning mode, data, seed checkpoint), the headline sentence, the verdict table (lift of
-each arm over control with its 95% CI and p-value), then seven figures, each with a
+each arm over control with its 95% CI and p-value), then eight figures, each with a
 one-line reading computed from the data:
 
 1. ``online_metrics``: session watch time, view rate and like rate per arm over time;
-2. ``versions``: the model versions each arm seeded, promoted, rejected or skipped;
-3. ``training_losses``: NTP, DPO and reward-model losses (and view AUC) by round;
-4. ``dpo_pairs``: DPO requests offered and processed and the pairs emitted, over time;
-5. ``ingest``: ingest lag and feature freshness over time;
-6. ``feedback_to_serving``: how old the feedback behind each arm's serving model is;
-7. ``serving``: serving latency percentiles and request rate over time;
+2. ``oracle_gap``: each arm's gap to the hidden model's oracle (1 - expected / best
+   achievable session watch time) per tenth of the run, and in the last tenth the best
+   learning arm against the popularity arm;
+3. ``versions``: the model versions each arm seeded, promoted, rejected or skipped;
+4. ``training_losses``: NTP, DPO and reward-model losses (and view AUC) by round;
+5. ``dpo_pairs``: DPO requests offered and processed and the pairs emitted, over time;
+6. ``ingest``: ingest lag and feature freshness over time;
+7. ``feedback_to_serving``: how old the feedback behind each arm's serving model is;
+8. ``serving``: serving latency percentiles and request rate over time;
 
 and ends with the table of model versions. A figure whose data is missing, empty or
 malformed is replaced by a "no data: <why>" line.
@@ -27,7 +30,8 @@ be missing; rates are fractions of items shown; lifts and CIs are relative, 0.05
 - ``headline``: one sentence;
 - ``verdict``: [{arm, control, metric: swt|vtr|ltr|wtr|expected_swt, control_value,
   arm_value, rel_lift, ci: [lo, hi], p_value, verdict}];
-- ``online_over_time``: {arm: [{t_s, sessions, swt, swt_ci, vtr, vtr_ci, ltr, ltr_ci}]};
+- ``online_over_time``: {arm: [{t_s, sessions, swt, swt_ci, vtr, vtr_ci, ltr, ltr_ci,
+  expected_swt, oracle_swt, oracle_gap}]};
 - ``versions``: {arm: [{t_s, round, version, status: seed|promoted|rejected|skipped, reason}]};
 - ``training``: {arm: [{round, t_s, status, examples, pairs, round_s, ntp_loss, dpo_loss,
   reward_loss, reward_auc: {vtr, ltr, wtr}}]};
@@ -178,6 +182,59 @@ def fig_online_metrics(s: dict) -> tuple[Figure, str]:
         ends = [f"{a} {r[-1]['swt']:.1f} s" for a, r in series.items() if r[-1].get("swt")]
         parts = [f"session watch time in the last bucket: {', '.join(ends) or 'none'}"]
     return fig, "; ".join(parts)
+
+
+def last_tenth(s: dict) -> dict[str, dict[str, float]]:
+    """Each arm's swt, expected and oracle swt and gap in the last bucket of the run
+    (a tenth of it), from ``online_over_time``."""
+    out = {}
+    for arm, rows in (s.get("online_over_time") or {}).items():
+        if rows and rows[-1].get("swt") is not None:
+            r = rows[-1]
+            out[arm] = {
+                k: r.get(k) for k in ("swt", "expected_swt", "oracle_swt", "oracle_gap", "sessions")
+            }
+    return out
+
+
+def fig_oracle_gap(s: dict) -> tuple[Figure, str]:
+    series = {
+        a: rows
+        for a, rows in (s.get("online_over_time") or {}).items()
+        if any(r.get("oracle_gap") is not None for r in rows)
+    }
+    if not series:
+        raise NoData("the simulator recorded no oracle values")
+    colors = _colors(s)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for arm, rows in series.items():
+        ax.plot(
+            _minutes(rows),
+            _vals(rows, "oracle_gap", 100),
+            marker=".",
+            color=colors.get(arm, "k"),
+            label=_label(arm),
+        )
+    _finish(ax, TIME, "gap to the oracle (%)")
+    end = last_tenth(s)
+    parts = [
+        f"{a} {e['oracle_gap'] * 100:.1f}%"
+        for a, e in sorted(end.items(), key=lambda kv: kv[1].get("oracle_gap") or 1.0)
+        if e.get("oracle_gap") is not None
+    ]
+    text = "gap to the oracle in the last tenth of the run: " + ", ".join(parts)
+    arms = {a["name"]: a for a in (s.get("run") or {}).get("arms", [])}
+    pop = [a for a in end if a in arms and a.startswith("popularity")]
+    learners = [a for a in end if a in arms and arms[a].get("learning") != "frozen"]
+    learners = [a for a in learners if a not in pop]
+    if pop and learners:
+        best = max(learners, key=lambda a: end[a]["swt"])
+        p, b = end[pop[0]]["swt"], end[best]["swt"]
+        text += (
+            f"; the best learning arm ({best}, {b:.1f} s) is "
+            f"{'at or above' if b >= p else 'below'} {pop[0]} ({p:.1f} s) in session watch time"
+        )
+    return fig, text
 
 
 def fig_versions(s: dict) -> tuple[Figure, str]:
@@ -399,6 +456,7 @@ def fig_serving(s: dict) -> tuple[Figure, str]:
 
 FIGURES: list[tuple[str, str, Callable[[dict], tuple[Figure, str]]]] = [
     ("online_metrics", "Online metrics per arm over time", fig_online_metrics),
+    ("oracle_gap", "Gap to the oracle per arm over time", fig_oracle_gap),
     ("versions", "Model versions per arm", fig_versions),
     ("training_losses", "Training losses by round", fig_training_losses),
     ("dpo_pairs", "DPO preference pairs", fig_dpo_pairs),

@@ -92,6 +92,7 @@ def test_quick_demo_runs_the_loop_writes_the_report_and_the_dashboard_updates_li
             rows = driver.find_elements(By.CSS_SELECTOR, "#arms [data-arm]")
             assert {r.get_attribute("data-arm") for r in rows} == {
                 "control",
+                "popularity",
                 "online",
                 "online-ipa",
             }
@@ -118,7 +119,7 @@ def test_quick_demo_runs_the_loop_writes_the_report_and_the_dashboard_updates_li
     assert proc.returncode == 0, text[-4000:]
 
     summary = json.loads(Path(re.search(r"summary: (\S+)", text).group(1)).read_text())
-    arms = {"control", "online", "online-ipa"}
+    arms = {"control", "popularity", "online", "online-ipa"}
     assert {a["name"] for a in summary["run"]["arms"]} == arms
     assert summary["headline"].startswith("session watch time against control")
     assert {(v["arm"], v["metric"]) for v in summary["verdict"]} >= {
@@ -131,6 +132,15 @@ def test_quick_demo_runs_the_loop_writes_the_report_and_the_dashboard_updates_li
         decided = [v for v in summary["versions"][arm] if v["status"] in ("promoted", "rejected")]
         assert decided and all(v["reason"] for v in decided), summary["versions"][arm]
         assert summary["training"][arm] and summary["training"][arm][0]["ntp_loss"] > 0
+    # the popularity arm's counts followed its clicks: recounted and promoted
+    recounts = [v for v in summary["versions"]["popularity"] if v["status"] == "promoted"]
+    assert recounts, summary["versions"]["popularity"]
+    # the hidden model's oracle is in every tenth the arms have sessions in
+    assert all(
+        r.get("oracle_gap") is not None
+        for rows in summary["online_over_time"].values()
+        for r in rows
+    )
     ipa = summary["training"]["online-ipa"]
     assert any(r["reward_loss"] is not None and r["reward_auc"] for r in ipa), ipa
     assert summary["dpo"]["timeline"] and summary["dpo"]["totals"]["offered"] > 0
@@ -142,5 +152,5 @@ def test_quick_demo_runs_the_loop_writes_the_report_and_the_dashboard_updates_li
     report = Path(re.search(r"report: (\S+)", text).group(1))
     html = report.read_text()
     figures = sorted((report.parent / "figures").glob("*.png"))
-    assert len(figures) == 7, figures
+    assert len(figures) == 8, figures
     assert all(f"figures/{f.name}" in html for f in figures)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 from pathlib import Path
@@ -38,6 +39,9 @@ def make_summary(control: str = "control") -> dict:
                     "vtr_ci": [vtr - 0.02, vtr + 0.02],
                     "ltr": ltr,
                     "ltr_ci": [ltr - 0.01, ltr + 0.01],
+                    "expected_swt": 0.9 * swt,
+                    "oracle_swt": 200.0,
+                    "oracle_gap": 1 - 0.9 * swt / 200.0,
                 }
             )
         return rows
@@ -250,6 +254,25 @@ def test_readings_are_computed_from_the_data(full: tuple[dict, str, Path]) -> No
     ) in readings["training_losses"]
     assert "ingest lag ended at 190 records (max 190)" in readings["ingest"]
     assert "median feedback-to-serving 62 s over 2 versions" in readings["feedback_to_serving"]
+
+    assert (
+        "gap to the oracle in the last tenth of the run: online-ipa 53.0%, online 53.8%, "
+        "control 54.6%"
+    ) in readings["oracle_gap"]
+    with_pop = make_summary()
+    with_pop["run"]["arms"].append({"name": "popularity", "share": 0.25, "learning": "online"})
+    rows = copy.deepcopy(with_pop["online_over_time"]["online-ipa"])
+    for r in rows:
+        r["swt"] += 0.9  # the last tenth: 105.4 s against online-ipa's 104.5 s
+    with_pop["online_over_time"]["popularity"] = rows
+    reading = next(
+        f["reading"]
+        for f in render_report(with_pop, full[2] / "pop")["figures"]
+        if f["id"] == "oracle_gap"
+    )
+    assert "the best learning arm (online-ipa, 104.5 s) is below popularity (105.4 s)" in reading, (
+        reading
+    )
 
     summary = make_summary()
     summary["dpo"]["totals"]["emitted"] = 1234
