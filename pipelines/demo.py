@@ -320,9 +320,9 @@ def build_summary(
         d99, b99 = by_rounds["during_rounds"]["p99"], by_rounds["between_rounds"]["p99"]
         by_rounds["p99_ratio"] = round(d99 / b99, 3) if d99 and b99 else None
     delays = sorted(v["feedback_to_serving_s"] for v in per_version)
-    rounds_decided = {
-        arm: sum(1 for r in rows if r["status"] in ("promoted", "rejected"))
-        for arm, rows in training.items()
+    rounds_decided = {  # a popularity arm's recounts included (they have no training rows)
+        arm: sum(1 for r in versions[arm] if r["status"] in ("promoted", "rejected"))
+        for arm in training
     }
 
     summary = {
