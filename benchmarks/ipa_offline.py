@@ -68,6 +68,7 @@ def main() -> int:
     torch.set_num_threads(1)
 
     from actors.dpo_sampler import RewardScorer, select_pair
+    from actors.sim.runfile import SimulationConfig
     from actors.sim.user_model import HiddenUserModel
     from models.reward import RewardConfig
     from pipelines.continuous import (
@@ -94,8 +95,9 @@ def main() -> int:
     epochs = args.epochs or cfg.train.epochs
     started = time.monotonic()
     data = load(cfg.data)
-    _say(f"fitting the hidden user model on {data.summary()}")
-    hidden = HiddenUserModel.fit(data, seed=args.seed)
+    kind = SimulationConfig().user_model_kind  # the simulator's default users
+    _say(f"fitting the {kind} hidden user model on {data.summary()}")
+    hidden = HiddenUserModel.fit(data, seed=args.seed, kind=kind)
     policy = LoadedModel.load(str(seed_dir), "seed")
     item_ids = [policy.to_data[m] for m in range(1, len(policy.to_data))]
     mh = policy.ranker.model.cfg.max_history
@@ -255,6 +257,7 @@ def main() -> int:
     result = {
         "machine": platform.platform(),
         "checkpoint": str(seed_dir),
+        "hidden_user_model": kind,
         "logged_sessions": len(rows),
         "hq_sessions": len(hq),
         "train_users": len(train_users),

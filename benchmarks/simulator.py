@@ -147,6 +147,7 @@ def main() -> None:
         serve_stub(args.serve_stub, args.stub_items, args.session_size)
         return
 
+    from actors.sim.runfile import SimulationConfig
     from actors.sim.user_model import HiddenUserModel
     from infra.kafka.broker import KafkaBroker
     from infra.kafka.topics import ensure_topics
@@ -166,7 +167,9 @@ def main() -> None:
     data = load(cfg.data)
     print(f"data: {data.summary()}", flush=True)
     started = time.perf_counter()
-    model = HiddenUserModel.fit(data, progress=lambda m: print(m, flush=True))
+    model = HiddenUserModel.fit(
+        data, progress=lambda m: print(m, flush=True), kind=SimulationConfig().user_model_kind
+    )
     fit_s = time.perf_counter() - started
     port = free_port()
     n_items = int(data.items["item_id"].max())
