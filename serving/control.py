@@ -8,8 +8,10 @@ place (``Recommender.reconfigure``): no replica restarts, no request dropped.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,21 +138,40 @@ def verify_version(cfg: StackConfig, arm: str, version: str) -> None:
         validate_checkpoint(reg.fetch(reg.arm(arm)["lineage"], version, cache_dir=tmp))
 
 
+@contextlib.contextmanager
+def promotion_lock(cfg: StackConfig) -> Iterator[None]:
+    """One promotion at a time on the stack. A promotion redeploys the whole service
+    from the registry and waits until every deployment runs that config: two at once
+    (each arm's trainer promotes on its own) would deploy a registry read from before
+    the other's promotion, putting that arm back, and wait for a config the other
+    replaced (until the timeout)."""
+    path = cfg.home / "registry.promote.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def promote(cfg: StackConfig, arm: str, version: str, progress: Progress = print) -> dict:
     """Make ``version`` current for ``arm`` and reconfigure the replicas; a version that
     fails ``verify_version`` is refused and nothing changes. (Replicas verify again when
     they load, so a version corrupted after this check is not served either.)"""
     verify_version(cfg, arm, version)
-    record = registry(cfg).promote(arm, version)
-    progress(f"arm {arm}: {version} is current; reconfiguring replicas")
-    _redeploy(cfg, progress)
+    with promotion_lock(cfg):
+        record = registry(cfg).promote(arm, version)
+        progress(f"arm {arm}: {version} is current; reconfiguring replicas")
+        _redeploy(cfg, progress)
     return record
 
 
 def rollback(cfg: StackConfig, arm: str, progress: Progress = print) -> dict:
-    record = registry(cfg).rollback(arm)
-    progress(f"arm {arm}: back to {record['current']}; reconfiguring replicas")
-    _redeploy(cfg, progress)
+    with promotion_lock(cfg):
+        record = registry(cfg).rollback(arm)
+        progress(f"arm {arm}: back to {record['current']}; reconfiguring replicas")
+        _redeploy(cfg, progress)
     return record
 
 

@@ -372,3 +372,48 @@ def test_promotion_verifies_the_version_before_the_pointer_moves(tmp_path, check
     with pytest.raises(RegistryError, match="corrupt|does not match"):
         promote(cfg, "a", bad, progress=lambda _: None)  # refused before any deploy
     assert reg.current("a") == "good"
+
+
+def test_promotions_of_different_arms_take_turns_and_each_deploys_the_other(tmp_path, monkeypatch):
+    """Each arm's trainer promotes on its own; a promotion redeploys the service from the
+    registry. Two at once would deploy a registry read from before the other's
+    promotion (putting that arm back): ``promote`` holds the stack's promotion lock from
+    the registry write to the end of the redeploy."""
+    import threading
+    import time
+
+    from recloop.config import load_config
+    from serving import control
+
+    cfg = load_config(overrides={"home": str(tmp_path / "home")}, env={})
+    current: dict[str, str] = {}
+    deployed: list[dict] = []
+    inside: list[int] = []
+
+    class Registry:  # the registry's promote and current, in memory
+        def promote(self, arm, version):
+            current[arm] = version
+            return {"arm": arm, "current": version}
+
+    def redeploy(cfg, progress):  # a deploy reads every arm's current version, then waits
+        inside.append(1)
+        assert len(inside) == 1, "two redeploys at once"
+        snapshot = dict(current)
+        time.sleep(0.2)  # the wait for the replicas
+        deployed.append(snapshot)
+        inside.pop()
+
+    monkeypatch.setattr(control, "registry", lambda cfg: Registry())
+    monkeypatch.setattr(control, "verify_version", lambda cfg, arm, version: None)
+    monkeypatch.setattr(control, "_redeploy", redeploy)
+    threads = [
+        threading.Thread(target=control.promote, args=(cfg, arm, f"{arm}-v1", lambda m: None))
+        for arm in ("a", "b")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(deployed) == 2 and not inside
+    # the second deploy holds both promotions: neither arm was put back
+    assert deployed[-1] == {"a": "a-v1", "b": "b-v1"}
