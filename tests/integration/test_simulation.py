@@ -110,10 +110,13 @@ def test_an_aa_test_finds_no_difference(sim_cfg, synthetic_checkpoints, tmp_path
     _check_delivery(result, manifest)
     versions = result["meta"]["model_versions"]
     assert versions["aa-x"] == versions["aa-y"]  # the same model on both arms
-    for metric in ("swt", "vtr", "ltr", "wtr"):
+    # Four metrics tested at once: the family-wise error at 5% (Bonferroni), or a correct
+    # A/A fails one run in five. (The CIs' coverage over 200 A/A tests is checked in
+    # tests/unit/test_ab_stats.py.)
+    metrics = ("swt", "vtr", "ltr", "wtr")
+    for metric in metrics:
         c = _cmp(result, "aa-y", metric)
-        assert c["p_value"] > 0.05, c
-        assert c["ci_boot"][0] <= 0 <= c["ci_boot"][1], c
+        assert c["p_value"] > 0.05 / len(metrics), c
 
 
 def test_the_cli_analyzes_the_latest_run(sim_cfg, tmp_path):
