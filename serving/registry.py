@@ -349,6 +349,12 @@ class ModelRegistry:
         self._manifest(lineage, version)
         return self._read_json(f"{self._version_dir(lineage, version)}/{METRICS_FILE}")
 
+    def config(self, lineage: str, version: str) -> dict:
+        """The published checkpoint's ``config.json`` (its format, kind and metadata),
+        read without fetching its weights."""
+        self._manifest(lineage, version)
+        return self._read_json(f"{self._version_dir(lineage, version)}/config.json")
+
     def manifest(self, lineage: str, version: str) -> dict:
         """The ``_COMPLETE`` record of a version (published_at, per-file sha256 and size)."""
         return self._manifest(lineage, version)

@@ -463,15 +463,14 @@ class HiddenUserModel:
         sequential model's ``sum_j w_j c_j`` over the last ``CONTEXT_LEN`` watched items
         (newest first, ``w_j`` proportional to ``decay ** j``, summing to one); zeros for
         the static model or an empty history."""
-        if self.kind == "static" or not state.watched:
-            return np.zeros(self.dim)
         recent = [i for i, _ in list(state.watched)[-CONTEXT_LEN:]][::-1]
         return self._context(self.item_index(recent))
 
     def _context(self, rows: np.ndarray) -> np.ndarray:
-        """The weighted context of item rows, newest first (-1: unknown, skipped)."""
+        """The weighted context of item rows, newest first (-1: unknown, skipped); zeros
+        for the static model or no known row."""
         rows = rows[rows >= 0]
-        if not len(rows):
+        if self.kind == "static" or not len(rows):
             return np.zeros(self.dim)
         w = self.context_decay ** np.arange(len(rows), dtype=np.float64)
         return (w / w.sum()) @ self.C[rows]
@@ -977,9 +976,8 @@ class HiddenUserModel:
         eval_rng = np.random.default_rng([seed, 0xE7A1])
         te_neg = _sample_negatives(eval_rng, te_u, all_keys, ni)
         Uw, Vw, bw = weights["user_emb"], weights["item_emb"], weights["item_bias"]
-        te_uw = Uw[te_u]
-        if sequential and len(te_u):
-            te_uw = te_uw + np.stack([model._context(_rows(r, ni)) for r in te_prev])
+        te_ctx = [model._context(np.where(r == ni, -1, r)) for r in te_prev]
+        te_uw = Uw[te_u] + np.asarray(te_ctx).reshape(len(te_u), dim)
         s_pos = np.einsum("nd,nd->n", te_uw, Vw[te_i]) + bw[te_i]
         s_neg = np.einsum("nd,nd->n", te_uw, Vw[te_neg]) + bw[te_neg]
         y_w = np.r_[np.ones(len(te_u)), np.zeros(len(te_u))]
@@ -1146,10 +1144,6 @@ def previous_items(uidx: np.ndarray, iidx: np.ndarray, k: int, pad: int) -> np.n
     return out
 
 
-def _rows(prev_row: np.ndarray, pad: int) -> np.ndarray:
-    return np.where(prev_row == pad, -1, prev_row)
-
-
 def ranking_metrics(ranks: Sequence[int], ks: tuple[int, ...] = (10,)) -> dict[str, float]:
     """HR@k and NDCG@k of 1-based ranks (one relevant item)."""
     arr = np.asarray(ranks, dtype=np.float64)
@@ -1184,7 +1178,7 @@ def next_item_report(
     beside popularity (the training counts) on the same targets."""
     ranks: dict[str, list[int]] = {"model": [], "popularity": []}
     for hist, target, ui in zip(*split.next_item_targets(), strict=True):
-        ctx = model._context(hist[::-1][:CONTEXT_LEN]) if model.kind == "sequential" else 0.0
+        ctx = model._context(hist[::-1][:CONTEXT_LEN])
         ranks["model"].append(rank_of(model.V @ (model.U[ui] + ctx) + model.b, target, hist))
         ranks["popularity"].append(rank_of(popularity, target, hist))
     out: dict[str, Any] = {"users": len(ranks["model"]), "protocol": NEXT_ITEM_PROTOCOL}

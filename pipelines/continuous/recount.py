@@ -17,12 +17,11 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipelines.continuous.data import _newest, _read_sessions, policy_sessions
+from pipelines.continuous.data import _newest, _read_sessions, policy_sessions, session_rows
 from pipelines.continuous.state import (
     KEEP_STATE_ROUNDS,
     Progress,
@@ -45,9 +44,8 @@ _OWN_KEYS |= {"newest_feedback_ms", "newest_record_ts_ms"}
 
 
 def serves_popularity(cfg: StackConfig) -> bool:
-    """Whether the arm's current version is a popularity baseline (not a model)."""
-    import json
-
+    """Whether the arm's current version is a popularity baseline (not a model): its
+    ``config.json`` alone, read on every poll."""
     from serving.control import registry
 
     reg = registry(cfg)
@@ -55,9 +53,7 @@ def serves_popularity(cfg: StackConfig) -> bool:
     version = reg.current(arm)
     if version is None:
         return False
-    with tempfile.TemporaryDirectory(prefix="recloop-kind-") as tmp:
-        path = reg.fetch(reg.arm(arm)["lineage"], version, cache_dir=tmp)
-        conf = json.loads((Path(path) / "config.json").read_text())
+    conf = reg.config(reg.arm(arm)["lineage"], version)
     return conf.get("format") == BASELINE_FORMAT and conf.get("kind") == "popularity"
 
 
@@ -85,18 +81,18 @@ def recount_round(
     tc, arm = cfg.train, cfg.train.arm
     reg = registry(cfg)
     lineage, base_version = reg.arm(arm)["lineage"], reg.current(arm)
-    with tempfile.TemporaryDirectory(prefix="recloop-pop-") as tmp:
-        base = load_baseline(reg.fetch(lineage, base_version, cache_dir=tmp))
-    marks = dict(base.meta.get("lake_marks") or {})
+    marks = dict(reg.config(lineage, base_version).get("lake_marks") or {})
     lake = Lake(cfg.lake_dir)
     new = lake.new_entries(marks)
-    if not new:
+    if sum(session_rows(e) for e in new) < tc.min_sessions:  # from the commit log alone
         return None
     rows = _read_sessions(lake, new)
     mine = policy_sessions(rows, arm, pooled)
     if len(mine) < tc.min_sessions:
         return None
     marks_after = Lake.advance(marks, new)
+    with tempfile.TemporaryDirectory(prefix="recloop-pop-") as tmp:
+        base = load_baseline(reg.fetch(lineage, base_version, cache_dir=tmp))
     clicks = click_counts(mine, base.item_ids)
     state = load_state(cfg)
     # the served version numbers its round too: a state file lost with a crash (or
