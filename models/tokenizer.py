@@ -247,8 +247,9 @@ def _beam_candidates(x: Tensor, books: Tensor, beam: int) -> tuple[Tensor, Tenso
 class SidTrie:
     """The set of valid SIDs, answering "which codes may follow this prefix?".
 
-    Per-prefix boolean masks are kept as tensors and updated on insert, so `next_mask` is one
-    dict lookup per row plus a stack.
+    Per-prefix boolean masks are tensors built on first use and dropped when an insert adds
+    a code below their prefix, so `next_mask` is one dict lookup per row plus a stack, and
+    inserting the whole catalogue (loading a checkpoint) costs no tensor op per item.
     """
 
     def __init__(self, codebook_size: int, levels: int) -> None:
@@ -274,17 +275,32 @@ class SidTrie:
 
     def insert(self, sid: Sequence[int]) -> None:
         """Add a SID (a no-op when it is already there)."""
-        t = self._check(sid)
+        self._insert(self._check(sid))
+
+    def _insert(self, t: tuple[int, ...]) -> None:
+        """`insert` of a SID already checked (a tuple of `levels` codes in range)."""
         if t in self._sids:
             return
         self._sids.add(t)
         for depth in range(self.levels):
             prefix, code = t[:depth], t[depth]
-            self._children.setdefault(prefix, set()).add(code)
-            mask = self._masks.get(prefix)
-            if mask is None:
-                mask = self._masks[prefix] = torch.zeros(self.codebook_size, dtype=torch.bool)
-            mask[code] = True
+            kids = self._children.get(prefix)
+            if kids is None:
+                kids = self._children[prefix] = set()
+            if code not in kids:
+                kids.add(code)
+                self._masks.pop(prefix, None)  # rebuilt with the new code when next asked
+
+    def _mask(self, prefix: tuple[int, ...]) -> Tensor:
+        mask = self._masks.get(prefix)
+        if mask is None:
+            kids = list(self._children.get(prefix, ()))
+            if not kids:
+                return self._none
+            mask = torch.zeros(self.codebook_size, dtype=torch.bool)
+            mask[kids] = True
+            self._masks[prefix] = mask
+        return mask
 
     def __contains__(self, sid: object) -> bool:
         try:
@@ -306,8 +322,13 @@ class SidTrie:
         """(B, K) bool, True where the code may follow row b's prefix; lengths may differ."""
         if len(prefixes) == 0:
             return torch.zeros(0, self.codebook_size, dtype=torch.bool)
-        get, none = self._masks.get, self._none
-        return torch.stack([get(tuple(p), none) for p in prefixes])
+        get, build = self._masks.get, self._mask
+        rows = []
+        for p in prefixes:
+            t = tuple(p)
+            m = get(t)
+            rows.append(build(t) if m is None else m)
+        return torch.stack(rows)
 
 
 # -----------------------------------------------------------------------------
@@ -537,7 +558,7 @@ class SemanticIdTokenizer:
         self._moved.append(moved)
         self._own.append(own)
         _count_prefixes(self._under, sid)
-        self._trie.insert(sid)
+        self._trie._insert(sid)  # every caller gives a tuple of in-range codes
         self._cache.clear()
 
     def add_item(self, item_id: int, embedding: Tensor) -> tuple[int, ...]:
@@ -744,12 +765,23 @@ class SemanticIdTokenizer:
         else:  # unknown for moved items; an item that was not moved kept its own SID
             own = [None if m else c for c, m in zip(codes, moved, strict=True)]
         _check_ids(ids)
-        for item_id, sid, e, m, o in zip(ids, codes, err, moved, own, strict=True):
-            sid = tok._trie._check(sid)
+        _check_codes(tensors["codes"], tok.config)
+        if "own_codes" in tensors:
+            _check_codes(tensors["own_codes"], tok.config)
+        for item_id, sid, e, m, o in zip(ids, map(tuple, codes), err, moved, own, strict=True):
             if sid in tok._item_of:
                 raise ValueError(f"state gives SID {sid} to two items")
-            tok._append(item_id, sid, e, bool(m), None if o is None else tok._trie._check(o))
+            tok._append(item_id, sid, e, bool(m), None if o is None else tuple(o))
         return tok
+
+
+def _check_codes(codes: Tensor, config: TokenizerConfig) -> None:
+    """A state's (N, levels) code table, checked at once (SidTrie._check's rule, per item)."""
+    if codes.dim() != 2 or codes.shape[1] != config.levels:
+        raise ValueError(f"a SID has {config.levels} codes, got a code table {tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= config.codebook_size):
+        bad = codes[((codes < 0) | (codes >= config.codebook_size)).any(1)][0].tolist()
+        raise ValueError(f"SID codes must lie in [0, {config.codebook_size}), got {tuple(bad)}")
 
 
 def _count_prefixes(under: dict[tuple[int, ...], int], sid: tuple[int, ...]) -> None:

@@ -568,6 +568,15 @@ def test_state_round_trips_through_safetensors(tmp_path, emb, ids, strategy):
         SemanticIdTokenizer.from_state(
             tensors, {**meta, "config": {**meta["config"], "collision": "x"}}
         )
+    # A damaged code table is refused as a whole, before any item is taken in.
+    bad = tensors["codes"].clone()
+    bad[7, 1] = t.config.codebook_size
+    with pytest.raises(ValueError, match="SID codes must lie in"):
+        SemanticIdTokenizer.from_state(dict(tensors, codes=bad), meta)
+    with pytest.raises(ValueError, match="a SID has"):
+        SemanticIdTokenizer.from_state(dict(tensors, codes=tensors["codes"][:, :-1]), meta)
+    with pytest.raises(ValueError, match="SID codes must lie in"):
+        SemanticIdTokenizer.from_state(dict(tensors, own_codes=-tensors["own_codes"] - 1), meta)
 
 
 def test_older_states_load_as_nearest(emb, ids, tok_nearest):
