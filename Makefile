@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml uv.lock infra/kafka/pom.xml | uv
 
 install: $(STAMP)  ## install everything (Python deps from uv.lock, Kafka jars); idempotent
 
-demo: install  ## the main job: stack, seed model, three-arm A/B through the whole loop, report (~15 min)
+demo: install  ## the main job: stack, seed model, four-arm A/B through the whole loop, report (~15 min)
 	$(BIN)/recloop demo
 
 demo-quick: install  ## the same on a sample of users, smaller rounds (~5 min)
@@ -130,7 +130,7 @@ bench-training: install  ## continuous training: examples/s per round, round tim
 
 IPA_RUN := infra/experiments/ipa-vs-online.yaml
 
-bench-ipa: install  ## online-ipa vs online vs frozen through the whole loop, 1% and 5% mirrored (~1 h)
+bench-ipa: install  ## online-ipa vs online vs frozen through the whole loop, 1% and 5% mirrored (~35 min)
 	$(BIN)/python -m benchmarks.training --run-file $(IPA_RUN) --dpo-fraction 0.01 --out benchmarks/results/ipa_1pct.json
 	$(BIN)/python -m benchmarks.training --run-file $(IPA_RUN) --dpo-fraction 0.05 --out benchmarks/results/ipa_5pct.json
 
