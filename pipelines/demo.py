@@ -302,20 +302,33 @@ def build_summary(
     def pct(x: pd.Series, q: float) -> float | None:
         return round(float(x.quantile(q)), 2) if len(x) else None
 
-    # Requests sent while any arm's round was running, against the others.
-    spans = [
-        (r["completed_at_ms"] - 1000 * float(r.get("round_s") or 0), r["completed_at_ms"])
+    # Requests sent while any arm's round was running, against the others; and, of the
+    # former, those sent while a round promoted its version (the last phase: the replicas
+    # load it beside the requests; a recount's whole span counts as its promotion).
+    done = [
+        r
         for arm in learning
         for r in (manifest.get("learning") or {}).get(arm, {}).get("rounds", [])
         if r.get("round") is not None and r.get("completed_at_ms")
     ]
+    spans = [(r["completed_at_ms"] - 1000 * float(r.get("round_s") or 0), r) for r in done]
     by_rounds: dict[str, Any] = {"rounds": len(spans)}
     if "wall_ms" in ok.columns and spans:
         wall = ok["wall_ms"].astype(float)
         during = pd.Series(False, index=ok.index)
-        for lo, hi in spans:
+        promoting = pd.Series(False, index=ok.index)
+        for lo, r in spans:
+            hi = r["completed_at_ms"]
             during |= (wall >= lo) & (wall <= hi)
-        for name, part in (("during_rounds", lat[during]), ("between_rounds", lat[~during])):
+            promote_s = (r.get("phases") or {}).get("promote")
+            start = lo if r.get("kind") == "recount" else hi - 1000 * float(promote_s or 0)
+            promoting |= (wall >= start) & (wall <= hi)
+        for name, part in (
+            ("during_rounds", lat[during]),
+            ("between_rounds", lat[~during]),
+            ("during_promotions", lat[promoting]),
+            ("rest_of_rounds", lat[during & ~promoting]),
+        ):
             by_rounds[name] = {"p50": pct(part, 0.5), "p99": pct(part, 0.99), "n": len(part)}
         d99, b99 = by_rounds["during_rounds"]["p99"], by_rounds["between_rounds"]["p99"]
         by_rounds["p99_ratio"] = round(d99 / b99, 3) if d99 and b99 else None

@@ -451,6 +451,13 @@ def fig_serving(s: dict) -> tuple[Figure, str]:
             f"({during['n']:,} requests) vs {_num(between.get('p99'))} ms between rounds "
             f"({_num(br.get('p99_ratio'))}x)"
         )
+        promoting, rest = br.get("during_promotions") or {}, br.get("rest_of_rounds") or {}
+        if promoting.get("n") and rest.get("n"):
+            reading += (
+                f"; of those, p99 {_num(promoting.get('p99'))} ms while a version was being "
+                f"promoted ({promoting['n']:,}) and {_num(rest.get('p99'))} ms in the rest of "
+                "the rounds"
+            )
     return fig, reading
 
 
