@@ -19,9 +19,9 @@ Starts its own stack (temporary home, free ports, the shared jar cache), then:
    pushed to the online store, which serving reads per request) are recorded.
 
 Each Kafka client of ``--clients`` (``ingest.client``: kafka-python, confluent) is
-measured the same way: its bare reads and drains interleaved with the other's, then live (a fresh lake and
-group that start at the topics' ends, so one client's live records are not the next
-one's backlog).
+measured the same way: its bare reads and drains interleaved with the other's, then
+live (a fresh lake and group that start at the topics' ends, so one client's live
+records are not the next one's backlog).
 
     make bench-ingest           # or: .venv/bin/python -m benchmarks.ingest
 """

@@ -15,6 +15,8 @@ from recloop.config import StackConfig
 from recloop.ray_head import RayHead, auth_headers
 from tests.conftest import isolated_config, short_home
 
+pytestmark = pytest.mark.integration
+
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 

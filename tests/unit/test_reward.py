@@ -382,12 +382,11 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         "ids": (variant("ids", config={**conf, "item_ids": ids[:3]}), "item_ids"),
         "badcfg": (variant("badcfg", config={**conf, "reward": {"dims": 3}}), "config"),
     }
-    for name, (bad, msg) in cases.items():
+    for bad, msg in cases.values():
         with pytest.raises(CheckpointError, match=msg):
             load_reward(bad)
         with pytest.raises(CheckpointError):
             validate_checkpoint(bad)
-        assert name
 
 
 def test_a_reward_checkpoint_publishes_to_the_registry(tmp_path):
