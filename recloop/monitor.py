@@ -299,7 +299,7 @@ def _finite(x: Any) -> Any:
 
 # --------------------------------------------------------------------------- Prometheus
 METRICS_DOC: dict[str, tuple[str, str]] = {
-    # name: (type, help); labels are listed in the README
+    # name: (type, help); labels are listed in docs/demo.md
     "recloop_arm_info": (
         "gauge",
         "1 for the version each arm serves (labels arm, version, learning)",

@@ -4,7 +4,7 @@ Each test brings up what it breaks on its own ports and home (a broker of its ow
 Feast store of its own), so the session stack that other tests share is never touched.
 Every fault is bounded (timeouts everywhere) and loopback only. Each test records what
 it measured through ``fault_record``; ``python -m benchmarks.faults`` runs this module
-and renders the records as the README's table.
+and renders the records as the table of docs/operations.md ("Faults survived").
 """
 
 from __future__ import annotations
