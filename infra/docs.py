@@ -34,9 +34,7 @@ def help_text(argv: list[str]) -> str:
 def commands() -> list[str]:
     from recloop.cli import build_parser
 
-    sub = next(
-        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
-    )
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return list(sub.choices)
 
 
