@@ -322,13 +322,7 @@ class SidTrie:
         """(B, K) bool, True where the code may follow row b's prefix; lengths may differ."""
         if len(prefixes) == 0:
             return torch.zeros(0, self.codebook_size, dtype=torch.bool)
-        get, build = self._masks.get, self._mask
-        rows = []
-        for p in prefixes:
-            t = tuple(p)
-            m = get(t)
-            rows.append(build(t) if m is None else m)
-        return torch.stack(rows)
+        return torch.stack([self._mask(tuple(p)) for p in prefixes])
 
 
 # -----------------------------------------------------------------------------

@@ -311,14 +311,14 @@ def build_summary(
         for r in (manifest.get("learning") or {}).get(arm, {}).get("rounds", [])
         if r.get("round") is not None and r.get("completed_at_ms")
     ]
-    spans = [(r["completed_at_ms"] - 1000 * float(r.get("round_s") or 0), r) for r in done]
-    by_rounds: dict[str, Any] = {"rounds": len(spans)}
-    if "wall_ms" in ok.columns and spans:
+    by_rounds: dict[str, Any] = {"rounds": len(done)}
+    if "wall_ms" in ok.columns and done:
         wall = ok["wall_ms"].astype(float)
         during = pd.Series(False, index=ok.index)
         promoting = pd.Series(False, index=ok.index)
-        for lo, r in spans:
+        for r in done:
             hi = r["completed_at_ms"]
+            lo = hi - 1000 * float(r.get("round_s") or 0)
             during |= (wall >= lo) & (wall <= hi)
             promote_s = (r.get("phases") or {}).get("promote")
             start = lo if r.get("kind") == "recount" else hi - 1000 * float(promote_s or 0)

@@ -28,7 +28,9 @@ def sim_cfg(ray_driver: StackConfig, tmp_path_factory) -> StackConfig:
     delete(cfg)
 
 
-def _run_file(tmp: Path, name: str, arms: list[dict], control: str, **sim) -> Path:
+def _run_file(
+    tmp: Path, name: str, arms: list[dict], control: str, alpha: float = 0.05, **sim
+) -> Path:
     doc = {
         "experiment": {"name": name, "salt": f"{name}-salt", "arms": arms},
         "simulation": {
@@ -42,7 +44,12 @@ def _run_file(tmp: Path, name: str, arms: list[dict], control: str, **sim) -> Pa
             "shard_cpus": 0.1,
             **sim,
         },
-        "analysis": {"control": control, "horizon_sessions": 100, "n_boot": 1000},
+        "analysis": {
+            "control": control,
+            "horizon_sessions": 100,
+            "n_boot": 1000,
+            "alpha": alpha,
+        },
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -102,7 +109,11 @@ def test_an_aa_test_finds_no_difference(sim_cfg, synthetic_checkpoints, tmp_path
         {"name": "aa-x", "share": 0.5, "lineage": "aa", "model": "seed"},
         {"name": "aa-y", "share": 0.5, "lineage": "aa", "model": "seed"},
     ]
-    path = _run_file(tmp_path, "aa", arms, control="aa-x")
+    # Four metrics tested at once: the family-wise error at 5% (Bonferroni), or a correct
+    # A/A fails one run in five. (The CIs' coverage over 200 A/A tests is checked in
+    # tests/unit/test_ab_stats.py.)
+    metrics = ("swt", "vtr", "ltr", "wtr")
+    path = _run_file(tmp_path, "aa", arms, control="aa-x", alpha=0.05 / len(metrics))
     cfg = dataclasses.replace(sim_cfg, serve=dataclasses.replace(sim_cfg.serve, experiment=path))
     ensure_arms(cfg, seed=synthetic_checkpoints[0], progress=print)
     manifest = simulate(sim_cfg, path, say=print)
@@ -110,13 +121,12 @@ def test_an_aa_test_finds_no_difference(sim_cfg, synthetic_checkpoints, tmp_path
     _check_delivery(result, manifest)
     versions = result["meta"]["model_versions"]
     assert versions["aa-x"] == versions["aa-y"]  # the same model on both arms
-    # Four metrics tested at once: the family-wise error at 5% (Bonferroni), or a correct
-    # A/A fails one run in five. (The CIs' coverage over 200 A/A tests is checked in
-    # tests/unit/test_ab_stats.py.)
-    metrics = ("swt", "vtr", "ltr", "wtr")
+    assert result["config"]["alpha"] == 0.05 / len(metrics)
     for metric in metrics:
         c = _cmp(result, "aa-y", metric)
         assert c["p_value"] > 0.05 / len(metrics), c
+        assert c["ci_boot"][0] <= 0 <= c["ci_boot"][1], c  # at the same 1 - 0.05/4 level
+        assert c["verdict"] == "no significant difference", c
 
 
 def test_the_cli_analyzes_the_latest_run(sim_cfg, tmp_path):
