@@ -9,7 +9,7 @@ Starts its own stack (temporary home, free ports, the shared jar cache), then:
    machines). Both clocks start at the same point, the first record in hand (the group
    join and the opening of the Feast store come before it), and stop when the last
    record is read (bare) or committed with its features pushed, counters included
-   (ingestor). Both are timed three times, each drain right after its bare read (a lake
+   (ingestor). Both are timed five times, each drain right after its bare read (a lake
    and consumer group of its own each time), and the medians compared: a run lasts a
    second or two, so one run is at the mercy of whatever else the machine does (bare
    reads of the same records have differed by 2x within one run);
@@ -87,7 +87,7 @@ def sessions(n: int, seed: int, t0_ms: int, prefix: str):
         yield imp, fbs
 
 
-RUNS = 3  # bare reads and ingestor drains of the backlog, per client
+RUNS = 5  # bare reads and ingestor drains of the backlog, per client
 
 
 def raw_read(bootstrap: str, topics: list[str], expected: int, client: str) -> float:

@@ -31,8 +31,8 @@ from typing import Any, NamedTuple, Protocol
 from kafka import KafkaConsumer, KafkaProducer
 from pydantic import BaseModel
 
-from infra.kafka.topics import DLQ
 from recloop.events import EVENT_TYPES, DeadLetter, EventError, decode, encode
+from infra.kafka.topics import DLQ
 
 log = logging.getLogger(__name__)
 
@@ -453,6 +453,12 @@ class ConfluentEventConsumer(EventConsumer):
             consumer.assign(parts)
             self._assigned = {(t, p) for t, p in tps}
             self._pos = {(t, p): int(off) for (t, p), off in starts.items()}
+        for topic in {t for t, _ in tps}:  # metadata now, not while records wait
+            try:
+                self._partitions.pop(topic, None)
+                self.partitions(topic)
+            except Exception as exc:  # asked again when needed
+                log.warning("consumer: metadata of %s: %r", topic, exc)
 
     def _cb_revoke(self, consumer: Any, parts: list[Any]) -> None:
         tps = [TP(p.topic, p.partition) for p in parts]
@@ -538,22 +544,39 @@ class ConfluentEventConsumer(EventConsumer):
 
     def position(self, tp: tuple[str, int]) -> int | None:
         """The next offset to hand to the caller: after the last record handed, or where
-        the assignment started it; before either, the group's committed offset (or the
-        reset one; asks the broker once)."""
+        the assignment started it; before either, the group's committed offset, or the
+        reset one. The partitions without one are resolved together (a few requests for
+        all of them, once per assignment, not a round trip per partition and call)."""
         key = (tp[0], tp[1])
         at = self._pos.get(key)
         if at is not None or key not in self._assigned:
             return at
+        self._resolve_positions()
+        return self._pos.get(key)
+
+    def _resolve_positions(self) -> None:
         from confluent_kafka import TopicPartition
 
         c = self.consumer
-        committed = c.committed([TopicPartition(key[0], key[1])], timeout=10)[0].offset
-        if committed < 0:
-            lo, hi = c.get_watermark_offsets(TopicPartition(key[0], key[1]), timeout=10)
-            latest = str(self.settings.get("auto_offset_reset", "earliest")) in ("latest", "end")
-            committed = hi if latest else lo
-        self._pos[key] = int(committed)
-        return int(committed)
+        todo = [TopicPartition(t, p) for t, p in sorted(self._assigned - set(self._pos))]
+        if todo:  # what librdkafka knows without asking (records taken, none handed)
+            todo = self._take_positions(c.position(todo), todo)
+        if todo:
+            todo = self._take_positions(c.committed(todo, timeout=10), todo)
+        latest = str(self.settings.get("auto_offset_reset", "earliest")) in ("latest", "end")
+        if todo and not latest:  # no commit either: the first offsets, in one request
+            firsts = [TopicPartition(tp.topic, tp.partition, 0) for tp in todo]
+            todo = self._take_positions(c.offsets_for_times(firsts, timeout=10), todo)
+        for tp in todo:  # the end (an empty partition, or reset to the latest)
+            lo, hi = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+            self._pos[(tp.topic, tp.partition)] = int(hi if latest else lo)
+
+    def _take_positions(self, got: list[Any], todo: list[Any]) -> list[Any]:
+        """Keep the valid offsets of ``got``; returns the partitions of ``todo`` left."""
+        for tp in got:
+            if tp.error is None and tp.offset >= 0:
+                self._pos[(tp.topic, tp.partition)] = int(tp.offset)
+        return [tp for tp in todo if (tp.topic, tp.partition) not in self._pos]
 
     def highwater(self, tp: tuple[str, int]) -> int | None:
         from confluent_kafka import TopicPartition

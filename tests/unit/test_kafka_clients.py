@@ -65,6 +65,7 @@ class FakeRdkafka:
         self.owner, self.script = owner, script
         self.assigned: list = []
         self.commits: list = []
+        self.calls: dict[str, int] = {}
 
     def consume(self, n, timeout):
         if not self.script:
@@ -89,11 +90,40 @@ class FakeRdkafka:
     def commit(self, offsets, asynchronous):
         self.commits.append({(o.topic, o.partition): o.offset for o in offsets})
 
+    # Offsets: partition 1 has a committed offset, partition 2 is empty (0, 0), the rest
+    # hold 0..99; ``calls`` counts the requests a broker would answer.
+    committed_at = {1: 40}
+    ends = {2: 0}
+
+    def _tps(self, parts, offset_of):
+        return [
+            SimpleNamespace(topic=p.topic, partition=p.partition, offset=offset_of(p), error=None)
+            for p in parts
+        ]
+
+    def _ask(self, what):
+        self.calls[what] = self.calls.get(what, 0) + 1
+
+    def position(self, parts):  # nothing taken off the queue: no valid offset, no request
+        return self._tps(parts, lambda p: -1001)
+
     def committed(self, parts, timeout):
-        return [SimpleNamespace(offset=-1001) for _ in parts]
+        self._ask("committed")
+        return self._tps(parts, lambda p: self.committed_at.get(p.partition, -1001))
+
+    def offsets_for_times(self, parts, timeout):
+        self._ask("offsets_for_times")
+        return self._tps(parts, lambda p: -1 if self.ends.get(p.partition, 100) == 0 else 0)
 
     def get_watermark_offsets(self, tp, timeout=None, cached=False):
-        return (0, 100)
+        if not cached:
+            self._ask("watermarks")
+        return (0, self.ends.get(tp.partition, 100))
+
+    def list_topics(self, topic, timeout):
+        self._ask("metadata")
+        meta = SimpleNamespace(partitions={0: None, 1: None, 2: None, 3: None}, error=None)
+        return SimpleNamespace(topics={topic: meta})
 
     def close(self):
         pass
@@ -185,6 +215,21 @@ def test_position_before_any_record_is_the_reset_offset_and_lag_helpers_answer()
     assert c.position(TP(TOPIC, 0)) == 0  # nothing committed: earliest (low watermark)
     assert c.highwater(TP(TOPIC, 0)) == 100
     assert c.end_offsets([TP(TOPIC, 0)]) == {TP(TOPIC, 0): 100}
+
+
+def test_positions_before_any_record_are_resolved_together_once():
+    c = _consumer([[("assign", [0, 1, 2, 3])]])
+    c.poll(10)
+    fake = c.consumer
+    fake.calls = {}
+    got = {p: c.position(TP(TOPIC, p)) for p in range(4)}
+    assert got == {0: 0, 1: 40, 2: 0, 3: 0}  # earliest, committed, empty (its end), earliest
+    # One request per kind for all four, the empty partition's end alone asked apart.
+    assert fake.calls == {"committed": 1, "offsets_for_times": 1, "watermarks": 1}
+    assert [c.position(TP(TOPIC, p)) for p in range(4)] == [0, 40, 0, 0]
+    assert fake.calls == {"committed": 1, "offsets_for_times": 1, "watermarks": 1}
+    assert c.partitions(TOPIC) == {0, 1, 2, 3}  # fetched at assignment: no request now
+    assert "metadata" not in fake.calls
 
 
 def test_closing_does_not_call_back():
