@@ -42,21 +42,17 @@ from typing import Any
 import torch
 
 from recloop.config import StackConfig
+from recloop.registry import reward_arm
 
 Progress = Callable[[str], None]
 BATCH = 8  # mirrored requests generated in one beam search
-
-
-def reward_arm(arm: str) -> str:
-    """The registry pseudo-arm (and lineage) of an arm's session reward model."""
-    return f"{arm}.reward"
 
 
 def mined_arms(cfg: StackConfig) -> list[str]:
     """``dpo.arms``, or every online-ipa arm of the serving experiment."""
     if cfg.dpo.arms:
         return list(cfg.dpo.arms)
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     arms = load_experiment(cfg.serve.experiment).arms
     return [a.name for a in arms if a.learning == "online-ipa"]
@@ -111,7 +107,7 @@ def select_pair(rewards: Sequence[float]) -> tuple[int, int] | None:
 class PreferenceMiner:
     """The sampler's logic, without Ray: ``offer`` enqueues, ``run`` mines until stopped.
 
-    ``registry`` (a ``serving.registry.ModelRegistry``) and ``producer`` (an
+    ``registry`` (a ``recloop.registry.ModelRegistry``) and ``producer`` (an
     ``EventProducer``) are created from ``cfg`` unless given (tests pass their own)."""
 
     def __init__(
@@ -125,7 +121,7 @@ class PreferenceMiner:
         self.cfg, self.say = cfg, say
         self.arms = list(arms) if arms is not None else mined_arms(cfg)
         if registry is None:
-            from serving.registry import ModelRegistry
+            from recloop.registry import ModelRegistry
 
             registry = ModelRegistry(cfg.registry_uri)
         if producer is None:

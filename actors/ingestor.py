@@ -69,9 +69,10 @@ from actors.ingest_state import (
     orphan_row,
     session_row,
 )
-from infra.kafka.topics import IMPRESSIONS, INTERACTIONS
 from recloop.config import StackConfig
 from recloop.lake import ORPHANS, SCHEMAS, SESSIONS, Entry, Lake, fsync_dir, write_atomic
+from recloop.ray_head import ingestor_actor_name as actor_name
+from recloop.topics import IMPRESSIONS, INTERACTIONS
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -879,10 +880,6 @@ def _actor_class():
             self.stop_event.set()
 
     return IngestorActor
-
-
-def actor_name(i: int) -> str:
-    return f"ingestor-{i}"
 
 
 def start_actors(cfg: StackConfig, say: Progress = print) -> list[Any]:

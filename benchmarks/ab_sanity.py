@@ -83,10 +83,10 @@ def main() -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - set(KINDS):
         ap.error(f"--kinds: one or more of {KINDS}")
-    from pipelines.ab_analysis import analyze_run
+    from pipelines.analysis.ab_analysis import analyze_run
     from recloop.ray_head import connect
     from recloop.stack import Stack, isolated_config
-    from serving.control import latest_seed
+    from serving.api import latest_seed
 
     home = Path(tempfile.mkdtemp(prefix="rl-ab-", dir="/tmp"))
     cfg = isolated_config(home, **{"data.synthetic": args.synthetic or None})
@@ -109,7 +109,7 @@ def main() -> int:
     try:
         stack.up(_say)
         connect(cfg)
-        from serving.control import ensure_arms
+        from serving.api import ensure_arms
 
         for name in ("model-vs-baselines", "aa-seed"):  # publish the seed into each lineage
             import dataclasses

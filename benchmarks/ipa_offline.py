@@ -8,7 +8,7 @@ for every variant, without the stack:
 1. the seed OneRec model serves ``--steps`` sessions to each training user (the top beam,
    history excluded); the hidden user model (``actors/sim``, fitted on MovieLens) answers
    them, and the users' states move on (watched items count as history);
-2. a session reward model (``pipelines/reward``) is fitted on those logged sessions;
+2. a session reward model (``pipelines/alignment/reward``) is fitted on those logged sessions;
 3. DPO pairs: ``ratio`` × the logged sessions, drawn from the training users at their final
    state; ``dpo.candidates`` sessions from beam search, ranked by the reward model, best
    vs worst; reference log p from the seed (the generating version);
@@ -71,6 +71,8 @@ def main() -> int:
     from actors.sim.runfile import SimulationConfig
     from actors.sim.user_model import HiddenUserModel
     from models.reward import RewardConfig
+    from pipelines.alignment.ipa import build_pairs
+    from pipelines.alignment.reward import RewardTrainConfig, fit_reward, reward_data
     from pipelines.continuous import (
         LocalIO,
         build_examples,
@@ -79,12 +81,10 @@ def main() -> int:
         train_worker,
         worker_conf,
     )
-    from pipelines.ipa import build_pairs
-    from pipelines.reward import RewardTrainConfig, fit_reward, reward_data
     from recloop.checkpoint import load_checkpoint, save_reward
     from recloop.data import load
     from recloop.inference import LoadedModel
-    from serving.control import latest_seed
+    from serving.api import latest_seed
 
     cfg = load_config(env={})
     seed_dir = Path(args.checkpoint) if args.checkpoint else latest_seed(cfg)

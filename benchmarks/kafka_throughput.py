@@ -26,7 +26,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from infra.kafka.broker import KafkaBroker
+from recloop.broker import KafkaBroker
 from recloop.config import PROJECT_ROOT, load_config
 from recloop.events import Interaction, encode
 from recloop.kafka_io import EventConsumer, EventProducer

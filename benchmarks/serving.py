@@ -228,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
 
+    from recloop import smoke_app as smoke
+    from recloop.registry import open_registry
     from recloop.stack import Stack
-    from serving import smoke
+    from serving.api import ensure_arms, latest_seed, promote
     from serving.app import deploy
-    from serving.control import ensure_arms, latest_seed, promote, registry
 
     home = Path(tempfile.mkdtemp(prefix="rl-bs-", dir="/tmp"))
     cfg = _config(home, args.synthetic)
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         # Promotion under load, batching back on.
         cfg = _with_batch(cfg, 16)
         deploy(cfg)
-        new = registry(cfg).publish("treatment", checkpoint)
+        new = open_registry(cfg).publish("treatment", checkpoint)
 
         async def promote_under_load() -> dict:
             load = asyncio.create_task(_load(f"{base}/recommend", 8, args.seconds, users, True))

@@ -50,8 +50,8 @@ def sasrec_next_item(split: Any, epochs: int, seed: int) -> dict[str, Any]:
     """SASRec trained on the training prefixes (item rows + 1 as ids), early-stopped on
     each prefix's last item, then scored on the first held-out item with the prefix as
     history (the hidden models' protocol)."""
-    from pipelines.evaluation import evaluate_full
-    from pipelines.train_sasrec import train_sasrec
+    from pipelines.offline.evaluation import evaluate_full
+    from pipelines.offline.train_sasrec import train_sasrec
 
     hists, targets, _ = split.next_item_targets()
     prefixes = [[int(i) + 1 for i in h] for h in hists]

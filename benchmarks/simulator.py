@@ -149,9 +149,9 @@ def main() -> None:
 
     from actors.sim.runfile import SimulationConfig
     from actors.sim.user_model import HiddenUserModel
-    from infra.kafka.broker import KafkaBroker
-    from infra.kafka.topics import ensure_topics
+    from recloop.broker import KafkaBroker
     from recloop.data import load
+    from recloop.topics import ensure_topics
 
     home = Path(tempfile.mkdtemp(prefix="rl-bench-", dir="/tmp"))
     cfg = load_config(

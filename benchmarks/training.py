@@ -62,12 +62,12 @@ def final_rewards(cfg: Any, arms: list[str], ipa_arm: str, users: int = 300) -> 
     best session each arm's final version generates for the same users' lake histories."""
     import torch
 
-    from actors.dpo_sampler import RewardScorer, reward_arm
+    from actors.dpo_sampler import RewardScorer
     from recloop.inference import LoadedModel
     from recloop.lake import SESSIONS, Lake
-    from serving.control import registry
+    from recloop.registry import open_registry, reward_arm
 
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     rm_version = reg.current(reward_arm(ipa_arm))
     if rm_version is None:
         return {"error": "no reward model was made current"}
@@ -137,11 +137,11 @@ def warm_vs_bare(cfg: Any, round_no: int, repeats: int = 3) -> dict[str, Any] | 
         SEED,
         SessionExamples,
         WarmTrainer,
-        read_rounds,
         round_dir,
         worker_conf,
     )
-    from serving.control import registry
+    from recloop.registry import open_registry
+    from recloop.train_state import read_rounds
 
     path = round_dir(cfg, round_no) / "examples.safetensors"
     if not path.exists():
@@ -158,7 +158,7 @@ def warm_vs_bare(cfg: Any, round_no: int, repeats: int = 3) -> dict[str, Any] | 
         "lr": tc.lr,
         "checkpoint_every_steps": tc.checkpoint_every_steps,
     }
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     lineage = reg.arm(tc.arm)["lineage"]
     conf = worker_conf(cfg, round_no, plan, lineage, rec["base_version"], h, t)
     warm = WarmTrainer(cfg)
@@ -256,13 +256,13 @@ def main() -> int:
     from actors.ingestor import stop_actors
     from actors.sim.driver import simulate
     from actors.sim.runfile import load_run
-    from pipelines.ab_analysis import analyze_run
-    from pipelines.continuous import freshness, read_rounds
+    from pipelines.analysis.ab_analysis import analyze_run
     from recloop.config import load_config
     from recloop.lake import Lake
     from recloop.ray_head import connect
     from recloop.stack import Stack, isolated_config
-    from serving.control import ensure_arms, latest_seed
+    from recloop.train_state import freshness, read_rounds
+    from serving.api import ensure_arms, latest_seed
 
     arms = load_run(args.run_file).experiment.arms
     learning = [a.name for a in arms if a.learning != "frozen"]

@@ -3,6 +3,10 @@
 The Feast repo is this folder (definitions + ``feature_store.yaml``); its state (registry,
 SQLite online store, offline Parquet files) lives under the stack's home. ``apply`` is run
 by ``recloop up`` only, so the registry has a single writer.
+
+``features/`` imports nothing of the project: the stack's settings come in as any object
+with the fields of :class:`StoreConfig` (``recloop.config.StackConfig`` is one), so the
+ground floor may import this folder and never the other way round.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 import pyarrow as pa
@@ -22,9 +27,27 @@ from feast.protos.feast.types.Value_pb2 import Int64List
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 from features import definitions
-from recloop.config import StackConfig
 
 HERE = Path(__file__).resolve().parent
+
+
+class FeastSettings(Protocol):
+    """The ``feast`` section of the stack's config (``recloop.config.FeastConfig``)."""
+
+    online_store: str  # "sqlite" or "redis"
+    redis_connection: str
+    repo_dir: Path
+
+
+class StoreConfig(Protocol):
+    """What the store needs of the stack's config (``recloop.config.StackConfig``)."""
+
+    @property
+    def feast(self) -> FeastSettings: ...
+
+    @property
+    def feast_dir(self) -> Path: ...
+
 
 _TS = pa.timestamp("us", tz="UTC")
 _STATS_COLS = [
@@ -74,14 +97,14 @@ _FILES = {
 }
 
 
-def yaml_path(cfg: StackConfig) -> Path:
+def yaml_path(cfg: StoreConfig) -> Path:
     name = (
         "feature_store.yaml" if cfg.feast.online_store == "sqlite" else "feature_store.redis.yaml"
     )
     return cfg.feast.repo_dir / name
 
 
-def open_store(cfg: StackConfig) -> FeatureStore:
+def open_store(cfg: StoreConfig) -> FeatureStore:
     """The Feast store of this stack (definitions must have been applied by ``up``)."""
     cfg.feast_dir.mkdir(parents=True, exist_ok=True)
     if cfg.feast.online_store == "redis":  # feature_store.redis.yaml reads it from the env
@@ -127,7 +150,7 @@ def profile_frame(users: pd.DataFrame, as_of: datetime) -> pd.DataFrame:
 
 
 def apply(
-    cfg: StackConfig, users: pd.DataFrame, progress: Callable[[str], None] = lambda _: None
+    cfg: StoreConfig, users: pd.DataFrame, progress: Callable[[str], None] = lambda _: None
 ) -> FeatureStore:
     """Create the offline files, register the definitions and load the user profiles
     into the online store. Idempotent; pushed data already there is kept."""

@@ -2,7 +2,7 @@
 the tables and padding it (and serving, training, the DPO sampler) build inputs with.
 
 Pure torch on ``models.*``: serving loads checkpoints into an ``OneRecRanker`` without
-importing any training code (``recloop.inference``), and ``pipelines.train_onerec``
+importing any training code (``recloop.inference``), and ``pipelines.offline.train_onerec``
 validates with the same class.
 """
 

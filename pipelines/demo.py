@@ -93,7 +93,7 @@ def demo_config(home: Path, run_file: Path, quick: bool, synthetic: bool) -> Sta
 
 def find_or_train_seed(cfg: StackConfig, base: Path, quick: bool, synthetic: bool) -> Path:
     """The newest seed checkpoint; else pre-train one (``--quick``: a small, fast one)."""
-    from serving.control import latest_seed
+    from serving.api import latest_seed
 
     synthetic = synthetic or cfg.data.use_synthetic
     if not synthetic:
@@ -109,7 +109,7 @@ def find_or_train_seed(cfg: StackConfig, base: Path, quick: bool, synthetic: boo
             return made[-1].parent
     out = base / "models" / kind / time.strftime("%Y%m%d-%H%M%S")
     data = "synthetic" if synthetic else str(cfg.data.movielens_dir)
-    cmd = [sys.executable, "-m", "pipelines.pretrain", "--data", data, "--out", str(out)]
+    cmd = [sys.executable, "-m", "pipelines.offline.pretrain", "--data", data, "--out", str(out)]
     if quick or synthetic:  # disjoint sessions: a fifth of the examples, 2 short epochs
         cmd += ["--epochs", "2", "--stride", "5", "--max-minutes", "1.5"]
     else:
@@ -154,7 +154,7 @@ def build_summary(
     quick: bool,
     initial: dict[str, str | None],
 ) -> dict[str, Any]:
-    """The report's data (the schema is in ``pipelines.report``); ``initial``: each arm's
+    """The report's data (the schema is in ``pipelines.analysis.report``); ``initial``: each arm's
     version when the traffic started."""
     import pandas as pd
 
@@ -422,15 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     started = time.monotonic()
 
-    from actors.ingestor import stop_actors
-    from actors.sim.driver import simulate
-    from actors.sim.runfile import load_run
-    from pipelines.ab_analysis import analyze_run
-    from pipelines.report import render_report
+    from actors.api import load_run, simulate, stop_ingestors
+    from pipelines.analysis.ab_analysis import analyze_run
+    from pipelines.analysis.report import render_report
     from recloop.ray_head import connect
+    from recloop.registry import open_registry
     from recloop.stack import Stack
-    from serving.control import ensure_arms, registry
-    from serving.dashboard import dashboard_url
+    from serving.api import dashboard_url, ensure_arms
 
     base = Path(args.home or os.environ.get("RECLOOP_HOME") or PROJECT_ROOT / ".recloop")
     base = base.resolve()
@@ -459,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         ensure_arms(cfg, seed, _say)
         url = dashboard_url(cfg)
-        reg = registry(cfg)
+        reg = open_registry(cfg)
         initial = {a.name: reg.current(a.name) for a in run.experiment.arms}
 
         def progress() -> None:  # the loop's state every 30 s, from the dashboard
@@ -485,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "snapshots.json").write_text(json.dumps(history, default=str))  # the dashboard's
         report = render_report(summary, out)
         stop.set()
-        stop_actors(cfg, _say)
+        stop_ingestors(cfg, _say)
     except Exception as exc:
         import traceback
 

@@ -86,7 +86,7 @@ def watch(cfg: StackConfig, interval_s: float, looks: int | None = None) -> int:
     import requests
 
     from recloop.monitor import Monitor, format_snapshot
-    from serving.dashboard import dashboard_url
+    from serving.api import dashboard_url
 
     url = dashboard_url(cfg) + "/api/snapshot"
     local: Monitor | None = None
@@ -121,7 +121,7 @@ def cmd_down(cfg: StackConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(cfg: StackConfig, args: argparse.Namespace) -> int:
-    from infra.kafka.broker import KafkaBroker
+    from recloop.broker import KafkaBroker
 
     broker = KafkaBroker(cfg)
     broker.check_java()
@@ -138,44 +138,44 @@ def cmd_smoke(cfg: StackConfig, args: argparse.Namespace) -> int:
 def cmd_serve(cfg: StackConfig, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from serving.control import serve_up
+    from serving.api import serve_up
 
     serve_up(cfg, Path(args.seed) if args.seed else None, _say)
     return 0
 
 
 def cmd_publish(cfg: StackConfig, args: argparse.Namespace) -> int:
-    from serving.control import registry
+    from recloop.registry import open_registry
 
-    version = registry(cfg).publish(args.lineage, args.checkpoint, version=args.version)
+    version = open_registry(cfg).publish(args.lineage, args.checkpoint, version=args.version)
     _say(f"published {args.checkpoint} as {args.lineage}/{version}")
     print(version)
     return 0
 
 
 def cmd_promote(cfg: StackConfig, args: argparse.Namespace) -> int:
-    from serving.control import print_json, promote
+    from serving.api import print_json, promote
 
     print_json(promote(cfg, args.arm, args.version, _say))
     return 0
 
 
 def cmd_rollback(cfg: StackConfig, args: argparse.Namespace) -> int:
-    from serving.control import print_json, rollback
+    from serving.api import print_json, rollback
 
     print_json(rollback(cfg, args.arm, _say))
     return 0
 
 
 def cmd_arms(cfg: StackConfig, args: argparse.Namespace) -> int:
-    from serving.control import arms_report, print_json
+    from serving.api import arms_report, print_json
 
     print_json(arms_report(cfg))
     return 0
 
 
 def cmd_simulate(cfg: StackConfig, args: argparse.Namespace) -> int:
-    from actors.sim.driver import simulate
+    from actors.api import simulate
 
     overrides = {
         k: v
@@ -260,16 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Jobs with their own argument parsers: `recloop JOB --help` shows their flags.
 JOBS = {
-    "pretrain": "pipelines.pretrain",
-    "eval": "pipelines.evaluate",
-    "ablate": "pipelines.ablations",
-    "scaling": "pipelines.scaling",
-    "analyze": "pipelines.ab_analysis",
-    "fit-user-model": "pipelines.fit_user_model",
+    "pretrain": "pipelines.offline.pretrain",
+    "eval": "pipelines.offline.evaluate",
+    "ablate": "pipelines.offline.ablations",
+    "scaling": "pipelines.offline.scaling",
+    "analyze": "pipelines.analysis.ab_analysis",
+    "fit-user-model": "actors.sim.fit_user_model",
     "ingest": "actors.ingestor",
     "train": "pipelines.continuous",
     "dpo": "actors.dpo_sampler",
-    "reward": "pipelines.reward",
+    "reward": "pipelines.alignment.reward",
     "demo": "pipelines.demo",
 }
 

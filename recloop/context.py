@@ -21,7 +21,7 @@ needs; ``spec()`` is its JSON form, which a checkpoint carries so that serving b
 very rows the model was trained on.
 
 Ground floor (``recloop/``): serving builds rows with it, training writes its spec into
-checkpoints. ``pipelines.context.OfflineContext`` builds the offline rows of a dataset.
+checkpoints. ``pipelines.offline.context.OfflineContext`` builds the offline rows of a dataset.
 """
 
 from __future__ import annotations

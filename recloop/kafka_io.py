@@ -32,7 +32,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from pydantic import BaseModel
 
 from recloop.events import EVENT_TYPES, DeadLetter, EventError, decode, encode
-from infra.kafka.topics import DLQ
+from recloop.topics import DLQ
 
 log = logging.getLogger(__name__)
 

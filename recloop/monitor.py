@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from recloop.config import StackConfig
-from recloop.ray_head import NAMESPACE
+from recloop.ray_head import NAMESPACE, ingestor_actor_name
 
 RATES = {"vtr": "clicks", "ltr": "likes", "wtr": "follows"}  # metric: its numerator
 FIELDS = ("items", "watch_s", "clicks", "likes", "follows")  # summed per arm
@@ -129,10 +129,10 @@ class Monitor:
 
     # ------------------------------------------------------------------ sections
     def _arms(self) -> dict[str, Any]:
-        from serving.control import registry
-        from serving.experiment import load_experiment
+        from recloop.experiment import load_experiment
+        from recloop.registry import open_registry
 
-        reg = registry(self.cfg)
+        reg = open_registry(self.cfg)
         out = {}
         for spec in load_experiment(self.cfg.serve.experiment).arms:
             try:
@@ -149,12 +149,10 @@ class Monitor:
     def _ingest(self) -> dict[str, Any]:
         import ray
 
-        from actors.ingestor import actor_name
-
         stats = []
         for i in range(self.cfg.ingest.consumers):
             try:
-                actor = ray.get_actor(actor_name(i), namespace=NAMESPACE)
+                actor = ray.get_actor(ingestor_actor_name(i), namespace=NAMESPACE)
             except ValueError:
                 continue
             stats.append(ray.get(actor.stats.remote(), timeout=10))
@@ -178,7 +176,7 @@ class Monitor:
         }
 
     def _training(self, arms: dict[str, Any]) -> dict[str, Any]:
-        from pipelines.continuous import freshness, load_state, read_rounds
+        from recloop.train_state import freshness, load_state, read_rounds
 
         out: dict[str, Any] = {}
         for arm, info in arms.items():

@@ -30,6 +30,12 @@ READY_LINE = "Ray runtime started"
 NAMESPACE = "recloop"
 
 
+def ingestor_actor_name(i: int) -> str:
+    """The Ray name of the stack's ``i``-th ingestor actor (``actors.ingestor`` starts it,
+    the monitor looks it up); the DPO sampler's is ``serve.dpo_actor``."""
+    return f"ingestor-{i}"
+
+
 def auth_token_path(cfg: StackConfig) -> Path:
     """Where the token of Ray's token authentication is read (RAY_AUTH_TOKEN_PATH wins)."""
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or cfg.home / "ray-auth-token")

@@ -15,11 +15,11 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from infra.kafka.topics import DLQ, IMPRESSIONS, INTERACTIONS
 from recloop.config import StackConfig
 from recloop.events import DeadLetter, Impression, Interaction, ServedItem, decode
 from recloop.kafka_io import EventConsumer, EventProducer
 from recloop.ray_head import connect
+from recloop.topics import DLQ, IMPRESSIONS, INTERACTIONS
 
 SMOKE_USER = 1
 
@@ -124,7 +124,7 @@ def _feast_round_trip(cfg: StackConfig) -> str:
 def _serve_round_trip(cfg: StackConfig) -> str:
     import ray
 
-    from serving import smoke as app
+    from recloop import smoke_app as app
 
     connect(cfg)
     try:

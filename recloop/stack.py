@@ -16,11 +16,11 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.kafka.broker import KafkaBroker, probe
-from infra.kafka.topics import TOPICS, ensure_topics
+from recloop.broker import KafkaBroker, probe
 from recloop.config import PROJECT_ROOT, StackConfig, load_config
 from recloop.procs import port_open, processes_matching
 from recloop.ray_head import RayHead, connect
+from recloop.topics import TOPICS, ensure_topics
 
 Progress = Callable[[str], None]
 

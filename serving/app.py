@@ -246,7 +246,7 @@ class Router:
     {"versions": {arm: version}}`` selects their versions."""
 
     def __init__(self, cfg: dict, recommenders: dict[str, DeploymentHandle] | None = None) -> None:
-        from serving.experiment import load_experiment
+        from recloop.experiment import load_experiment
         from serving.features import FeatureClient
         from serving.impressions import ImpressionLogger
 
@@ -393,8 +393,8 @@ class Router:
 # --------------------------------------------------------------------------- building
 def current_versions(cfg: StackConfig) -> dict[str, str | None]:
     """Each arm's current version in the registry (None: not promoted yet)."""
-    from serving.experiment import load_experiment
-    from serving.registry import ModelRegistry, RegistryError
+    from recloop.experiment import load_experiment
+    from recloop.registry import ModelRegistry, RegistryError
 
     registry = ModelRegistry(cfg.registry_uri)
     out: dict[str, str | None] = {}
@@ -409,7 +409,7 @@ def current_versions(cfg: StackConfig) -> dict[str, str | None]:
 def build_app(cfg: StackConfig, versions: dict[str, str | None] | None = None):
     """The Serve application for ``cfg``: one Recommender per arm of the experiment, each
     on the version the registry says is current (or ``versions[arm]``)."""
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     s = cfg.serve
     experiment = load_experiment(s.experiment)
@@ -490,7 +490,7 @@ def service_config(cfg: StackConfig) -> dict:
 def deploy_config(cfg: StackConfig, versions: dict[str, str | None] | None = None) -> dict:
     """The declarative Serve config of the service for ``cfg``, with each arm's model
     version (from the registry unless given) in its ``user_config``."""
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     conf = render_serve_config(cfg)
     app = conf["applications"][0]
@@ -614,7 +614,7 @@ def render_serve_config(cfg: StackConfig, run_file: str | None = None) -> dict[s
     (``infra/serve/config.yaml`` is this, for the defaults; a test keeps them equal).
     ``run_file``: the run file the applications load where they run (e.g. a mounted
     ConfigMap on Kubernetes); None = the defaults and the environment."""
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     s = cfg.serve
     experiment = load_experiment(s.experiment)

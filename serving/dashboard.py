@@ -109,7 +109,3 @@ def dashboard_app_config(cfg: StackConfig) -> dict:
             {"name": "Dashboard", "ray_actor_options": {"num_cpus": cfg.serve.dashboard_cpus}}
         ],
     }
-
-
-def dashboard_url(cfg: StackConfig) -> str:
-    return f"http://{cfg.ray.host}:{cfg.ray.serve_port}{ROUTE}"

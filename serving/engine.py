@@ -55,7 +55,7 @@ class ArmEngine:
     def __init__(
         self, cfg: StackConfig, arm: str, lineage: str, scoring: dict | None = None
     ) -> None:
-        from serving.registry import ModelRegistry
+        from recloop.registry import ModelRegistry
 
         self.scoring = dict(scoring or {"scoring": "beam"})
         self.cfg = cfg

@@ -45,9 +45,9 @@ def broker_and_feast(prefix: str) -> Iterator[StackConfig]:
     ports under a throw-away home (no Ray): for tests that break or replace parts the
     session stack's other users rely on."""
     from features import store
-    from infra.kafka.broker import KafkaBroker
-    from infra.kafka.topics import TOPICS, ensure_topics
+    from recloop.broker import KafkaBroker
     from recloop.data import load
+    from recloop.topics import TOPICS, ensure_topics
 
     home = short_home(prefix)
     cfg = isolated_config(home)
@@ -149,8 +149,8 @@ def deployed_service(cfg: StackConfig, seed: Path) -> Iterator[str]:
     its base URL, and deletes the application after."""
     import requests
 
+    from serving.api import serve_up
     from serving.app import delete
-    from serving.control import serve_up
 
     serve_up(cfg, seed=seed, progress=print)
     base = f"http://{cfg.ray.host}:{cfg.ray.serve_port}"
@@ -188,7 +188,7 @@ def quick_checkpoint(out: Path, seed: int, *extra: str) -> Path:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "pipelines.pretrain", "--data", "synthetic", "--quick"]
+    cmd = [sys.executable, "-m", "pipelines.offline.pretrain", "--data", "synthetic", "--quick"]
     cmd += ["--dim", "32", "--threads", "1", "--seed", str(seed), "--out", str(out), *extra]
     subprocess.run(cmd, check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=600)
     return out

@@ -178,7 +178,7 @@ def simulate(
     cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, experiment=run.path))
     connect(cfg)
     if deploy:
-        from serving.control import serve_up
+        from serving.api import serve_up
 
         serve_up(cfg, progress=say)
     data = load(cfg.data)
@@ -339,11 +339,11 @@ def stop_learning(
     stopped as soon as it is between rounds, waiting at most that long."""
     import signal
 
-    from pipelines.continuous import load_state
-    from serving.control import registry
+    from recloop.registry import open_registry
+    from recloop.train_state import load_state, read_rounds
 
     out: dict[str, Any] = {}
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     deadline = time.monotonic() + drain_s
     states = {arm: load_state(cfg, arm) for arm in procs}
     # The round each busy arm is in: done once the completed round count passes it.
@@ -376,8 +376,6 @@ def stop_learning(
         except Exception:
             proc.kill()
         log.close()
-        from pipelines.continuous import read_rounds
-
         rounds = [r for r in read_rounds(cfg, arm) if r.get("completed_at_ms", 0) >= since_s * 1000]
         promoted = [h for h in reg.history(arm) if h.get("action") == "promote"]
         out[arm] = {"rounds": rounds, "promotions": promoted, "exit_code": proc.returncode}

@@ -1,6 +1,6 @@
 """The run file of a simulated A/B test: one YAML describes the whole experiment.
 
-    experiment:   the serving side (``serving.experiment``): arms, shares, salt, what each
+    experiment:   the serving side (``recloop.experiment``): arms, shares, salt, what each
                   arm starts from (``model``), how it learns (``learning``), data policy
     simulation:   the users: seed, population, virtual duration, arrival rate, speed-up,
                   concurrency (``SimulationConfig``)
@@ -102,9 +102,9 @@ class SimulationConfig:
 @dataclass
 class RunFile:
     path: Path
-    experiment: Any  # serving.experiment.Experiment
+    experiment: Any  # recloop.experiment.Experiment
     simulation: SimulationConfig
-    analysis: dict[str, Any] = field(default_factory=dict)  # pipelines.ab_stats.AnalysisConfig
+    analysis: dict[str, Any] = field(default_factory=dict)  # recloop.ab_stats.AnalysisConfig
 
 
 def _section(doc: dict, key: str, path: Path) -> dict:
@@ -117,7 +117,7 @@ def _section(doc: dict, key: str, path: Path) -> dict:
 def load_run(path: str | Path, simulation: dict[str, Any] | None = None) -> RunFile:
     """Read and validate a run file; every error names the file and the field.
     ``simulation`` overrides keys of its ``simulation:`` section (CLI flags)."""
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     p = Path(path)
     experiment = load_experiment(p)  # also checks the file exists and is YAML
@@ -137,7 +137,7 @@ def load_run(path: str | Path, simulation: dict[str, Any] | None = None) -> RunF
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{p}: {exc}") from exc
     analysis = _section(doc, "analysis", p)
-    from pipelines.ab_stats import AnalysisConfig
+    from recloop.ab_stats import AnalysisConfig
 
     a_names = {f.name for f in dataclasses.fields(AnalysisConfig)}
     if set(analysis) - a_names:

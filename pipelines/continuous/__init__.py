@@ -29,22 +29,23 @@ A round:
    report metrics and a checkpoint (safetensors: weights, AdamW state, the per-example
    count of training passes; JSON: epoch, step, losses);
 5. writes the candidate checkpoint (the base's tokenizer and item ids, plus round
-   provenance), publishes it to the arm's lineage, runs the gate (``pipelines.gate``)
+   provenance), publishes it to the arm's lineage, runs the gate (``continuous.gate``)
    and promotes it (registry + Serve hot swap) or records the rejection.
 
-Crash safety. ``<home>/train/<arm>/state.json`` (atomic writes) holds the marks of the
-completed rounds and the round in progress: its entries, the marks after it, its base
-version, the Ray Train run name and how far it got (trained, published, gated). A
-trainer that starts with a round in progress re-runs that same round: the same entries
-(its examples file), the same base, the same Ray Train run (``RunConfig(name,
-storage_path)``): Ray Train V2 finds the run's checkpoint snapshot in storage and
-``ray.train.get_checkpoint()`` hands the workers the latest checkpoint, from which they
-continue at the recorded epoch and step. The round's plan (workers, epochs, batch size,
-learning rate) is fixed in the state, the shuffle is seeded by (seed, round, epoch) and
-dropout by (seed, round, epoch, step, rank), and AdamW's state is restored: a resumed
-round replays exactly the batches that were left and ends with the weights an unbroken
-run would have had. The marks advance only when the round's version is published (or
-refused) and its outcome recorded, in one atomic state write.
+Crash safety. ``<home>/train/<arm>/state.json`` (atomic writes; its readers and writers
+are ``recloop.train_state``'s, the monitor reads it too) holds the marks of the completed
+rounds and the round in progress: its entries, the marks after it, its base version, the
+Ray Train run name and how far it got (trained, published, gated). A trainer that starts
+with a round in progress re-runs that same round: the same entries (its examples file),
+the same base, the same Ray Train run (``RunConfig(name, storage_path)``): Ray Train V2
+finds the run's checkpoint snapshot in storage and ``ray.train.get_checkpoint()`` hands
+the workers the latest checkpoint, from which they continue at the recorded epoch and
+step. The round's plan (workers, epochs, batch size, learning rate) is fixed in the
+state, the shuffle is seeded by (seed, round, epoch) and dropout by (seed, round, epoch,
+step, rank), and AdamW's state is restored: a resumed round replays exactly the batches
+that were left and ends with the weights an unbroken run would have had. The marks
+advance only when the round's version is published (or refused) and its outcome
+recorded, in one atomic state write.
 
 Files under ``<home>/train/<arm>/``::
 
@@ -78,7 +79,6 @@ from pipelines.continuous.data import (
 from pipelines.continuous.job import (
     actor_name,
     build_parser,
-    freshness,
     main,
     start_actor,
     stop_actor,
@@ -90,17 +90,7 @@ from pipelines.continuous.rounds import (
     promote_serving,
     run_round,
 )
-from pipelines.continuous.state import (
-    FAULT_ENV,
-    SEED,
-    _plain,
-    load_state,
-    read_rounds,
-    round_dir,
-    rounds_path,
-    state_path,
-    train_dir,
-)
+from pipelines.continuous.state import FAULT_ENV, SEED, round_dir
 from pipelines.continuous.trainer import (
     InjectedFault,
     LocalIO,
@@ -127,7 +117,6 @@ __all__ = [
     "WarmTrainer",
     "WorkerIO",
     "_load_optimizer",
-    "_plain",
     "_save_optimizer",
     "actor_name",
     "build_examples",
@@ -135,9 +124,7 @@ __all__ = [
     "default_trainer",
     "epoch_permutation",
     "epoch_schedule",
-    "freshness",
     "is_high_quality",
-    "load_state",
     "local_train",
     "main",
     "policy_sessions",
@@ -145,18 +132,14 @@ __all__ = [
     "promote_serving",
     "quality_sessions",
     "ray_train",
-    "read_rounds",
     "read_train_checkpoint",
     "round_context",
     "round_dir",
-    "rounds_path",
     "run_round",
     "select_entries",
     "session_rows",
     "start_actor",
-    "state_path",
     "stop_actor",
-    "train_dir",
     "train_forever",
     "train_worker",
     "worker_conf",

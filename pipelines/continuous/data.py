@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from pipelines.continuous.state import Progress, _plain
+from pipelines.continuous.state import Progress
 from recloop.config import StackConfig
 from recloop.lake import SESSIONS, Entry, Lake, write_atomic, write_with
+from recloop.train_state import plain
 
 SESSION_COLUMNS = [
     "event_id",
@@ -142,7 +143,7 @@ class SessionExamples:
         if self.context is not None:
             tensors["context"] = self.context.contiguous()
         write_with(path, lambda tmp: save_file(tensors, tmp))
-        write_atomic(path.with_suffix(".json"), json.dumps(_plain(meta), indent=1).encode())
+        write_atomic(path.with_suffix(".json"), json.dumps(plain(meta), indent=1).encode())
 
     @classmethod
     def load(cls, path: Path) -> SessionExamples:

@@ -1,5 +1,5 @@
-"""The continuous-training job: rounds until stopped, freshness, the trainer as a Ray
-actor of the stack, and ``recloop train``'s command line."""
+"""The continuous-training job: rounds until stopped, the trainer as a Ray actor of the
+stack, and ``recloop train``'s command line."""
 
 from __future__ import annotations
 
@@ -8,24 +8,16 @@ import json
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 from pipelines.continuous.rounds import default_trainer, run_round
-from pipelines.continuous.state import (
-    Progress,
-    PromoteFn,
-    _log,
-    _now_ms,
-    read_rounds,
-    train_dir,
-)
+from pipelines.continuous.state import Progress, PromoteFn, _log
 from pipelines.continuous.trainer import Trainer, WarmTrainer
 from recloop.config import StackConfig
-from recloop.lake import SESSIONS, Lake
+from recloop.train_state import freshness, read_rounds
 
 
-# --------------------------------------------------------------------------- loop, freshness
+# --------------------------------------------------------------------------- loop
 def train_forever(
     cfg: StackConfig,
     stop: threading.Event | None = None,
@@ -67,52 +59,6 @@ def train_forever(
             continue  # more data may be waiting
         if record is None:
             stop.wait(cfg.train.poll_s)
-
-
-def freshness(cfg: StackConfig, arm: str | None = None) -> dict[str, Any]:
-    """How fresh the arm's serving model is: the newest feedback (event time) and record
-    (wall clock) its training saw, the delay from that record to now and to the
-    version's promotion, and the lake's newest event time vs the version's."""
-    from recloop.checkpoint import checkpoint_format
-    from serving.control import registry
-
-    arm = arm or cfg.train.arm
-    reg = registry(cfg)
-    record = reg.arm(arm)
-    version = record["current"]
-    out: dict[str, Any] = {"arm": arm, "version": version, "lineage": record["lineage"]}
-    lake = Lake(cfg.lake_dir)
-    newest_lake = lake.newest_event_ms(SESSIONS)
-    out["lake_newest_event_ms"] = newest_lake
-    if version is None:
-        return out
-    path = reg.fetch(record["lineage"], version, cache_dir=train_dir(cfg, arm) / "cache")
-    meta = json.loads((Path(path) / "config.json").read_text())
-    now = _now_ms()
-    promoted = [h["at"] for h in record.get("history", []) if h.get("version") == version]
-    out.update(
-        {
-            "format": checkpoint_format(path),
-            "round": meta.get("round"),
-            "newest_event_ms": meta.get("newest_event_ms"),
-            "newest_feedback_ms": meta.get("newest_feedback_ms"),
-            "newest_record_ts_ms": meta.get("newest_record_ts_ms"),
-            "now_ms": now,
-            "promoted_at": promoted[-1] if promoted else None,
-        }
-    )
-    rec_ts = meta.get("newest_record_ts_ms")
-    out["feedback_age_s"] = (now - rec_ts) / 1000 if rec_ts else None
-    if rec_ts and promoted:
-        from datetime import datetime
-
-        at_ms = datetime.fromisoformat(promoted[-1]).timestamp() * 1000
-        out["feedback_to_serving_s"] = (at_ms - rec_ts) / 1000
-    else:
-        out["feedback_to_serving_s"] = None
-    ev = meta.get("newest_event_ms")
-    out["event_time_lag_s"] = (newest_lake - ev) / 1000 if ev and newest_lake else None
-    return out
 
 
 # --------------------------------------------------------------------------- as a Ray actor

@@ -26,16 +26,13 @@ from pipelines.continuous.state import (
     KEEP_STATE_ROUNDS,
     Progress,
     PromoteFn,
-    _append_round,
     _now_ms,
-    _plain,
-    _save_state,
-    load_state,
     round_dir,
 )
 from recloop.checkpoint import BASELINE_FORMAT, load_baseline, save_baseline
 from recloop.config import StackConfig
 from recloop.lake import Lake
+from recloop.train_state import append_round, load_state, plain, save_state
 
 # config.json keys save_baseline writes itself, or this round does
 _OWN_KEYS = {"format", "kind", "created_at", "session_len", "item_ids", "lake_marks"}
@@ -46,9 +43,9 @@ _OWN_KEYS |= {"newest_feedback_ms", "newest_record_ts_ms"}
 def serves_popularity(cfg: StackConfig) -> bool:
     """Whether the arm's current version is a popularity baseline (not a model): its
     ``config.json`` alone, read on every poll."""
-    from serving.control import registry
+    from recloop.registry import open_registry
 
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     arm = cfg.train.arm
     version = reg.current(arm)
     if version is None:
@@ -75,11 +72,11 @@ def recount_round(
 ) -> dict[str, Any] | None:
     """One round of the popularity arm; None while fewer than ``train.min_sessions`` new
     sessions of the policy are in the lake."""
-    from serving.control import registry
+    from recloop.registry import open_registry
 
     started = time.monotonic()
     tc, arm = cfg.train, cfg.train.arm
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     lineage, base_version = reg.arm(arm)["lineage"], reg.current(arm)
     marks = dict(reg.config(lineage, base_version).get("lake_marks") or {})
     lake = Lake(cfg.lake_dir)
@@ -149,10 +146,10 @@ def recount_round(
         "lake_marks": marks_after,
         "completed_at_ms": _now_ms(),
     }
-    _append_round(cfg, record)
+    append_round(cfg, record)
     state.update(marks=marks_after, round=round_no, in_progress=None)
-    state["rounds"] = (state.get("rounds", []) + [_plain(record)])[-KEEP_STATE_ROUNDS:]
-    _save_state(cfg, state)
+    state["rounds"] = (state.get("rounds", []) + [plain(record)])[-KEEP_STATE_ROUNDS:]
+    save_state(cfg, state)
     progress(
         f"round {round_no}: popularity +{record['clicks']} clicks from {len(mine)} sessions "
         f"-> {version} (promoted in {record['round_s']:.1f} s)"

@@ -34,18 +34,15 @@ from pipelines.continuous.state import (
     SEED,
     Progress,
     PromoteFn,
-    _append_round,
     _arm_lock,
     _now_ms,
-    _plain,
-    _save_state,
-    load_state,
     round_dir,
-    train_dir,
 )
 from pipelines.continuous.trainer import Trainer, WarmTrainer, ray_train, worker_conf
 from recloop.config import StackConfig
 from recloop.lake import Lake
+from recloop.registry import RegistryError, open_registry
+from recloop.train_state import append_round, load_state, plain, save_state, train_dir
 
 
 # --------------------------------------------------------------------------- promotion
@@ -53,20 +50,18 @@ def promote_serving(cfg: StackConfig, arm: str, version: str, progress: Progress
     """Registry promote, then a Serve redeploy (hot swap) when the service is deployed;
     with no service deployed the registry is the whole truth (a later ``recloop serve``
     deploys the current version)."""
-    from serving import control
+    from serving import api
 
-    if control.service_deployed(cfg):
-        return control.promote(cfg, arm, version, progress)
-    record = control.registry(cfg).promote(arm, version)
+    if api.service_deployed(cfg):
+        return api.promote(cfg, arm, version, progress)
+    record = open_registry(cfg).promote(arm, version)
     progress(f"arm {arm}: {version} is current (no service deployed: registry only)")
     return record
 
 
 def promote_registry(cfg: StackConfig, arm: str, version: str, progress: Progress = print) -> Any:
     """Registry-only promotion (no Serve redeploy): for tests and offline use."""
-    from serving import control
-
-    record = control.registry(cfg).promote(arm, version)
+    record = open_registry(cfg).promote(arm, version)
     progress(f"arm {arm}: {version} is current (registry)")
     return record
 
@@ -86,15 +81,15 @@ def _base(cfg: StackConfig, reg, arm: str) -> tuple[str, str]:
 
 def _complete(cfg: StackConfig, state: dict, record: dict, marks: dict) -> dict:
     """Record the round and advance the marks, in one atomic state write."""
-    _append_round(cfg, record)
+    append_round(cfg, record)
     state["marks"] = marks
     if record.get("pref_offsets") is not None:  # the round's pairs are consumed with it
         state["pref_offsets"] = record["pref_offsets"]
     if record.get("round") is not None:
         state["round"] = record["round"]
     state["in_progress"] = None
-    state["rounds"] = (state.get("rounds", []) + [_plain(record)])[-KEEP_STATE_ROUNDS:]
-    _save_state(cfg, state)
+    state["rounds"] = (state.get("rounds", []) + [plain(record)])[-KEEP_STATE_ROUNDS:]
+    save_state(cfg, state)
     return record
 
 
@@ -192,15 +187,13 @@ _waiting: dict[tuple[str, str], tuple[int, float]] = {}
 def _run_round(
     cfg: StackConfig, progress: Progress, pooled: bool, promote: PromoteFn, trainer: Trainer
 ) -> dict | None:
-    from serving.control import registry
-
     tc, arm = cfg.train, cfg.train.arm
     warm = trainer if isinstance(trainer, WarmTrainer) else None
     state = load_state(cfg)
     if warm is not None and warm.lake is None:
         warm.lake = Lake(cfg.lake_dir)  # keeps the commit log it parsed between polls
     lake = warm.lake if warm is not None else Lake(cfg.lake_dir)
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     ip = state.get("in_progress")
     t_data = time.monotonic()
     if ip is None:
@@ -265,7 +258,7 @@ def _run_round(
         run = f"r{round_no:05d}-{stamp}"
         pref_after = None
         if tc.dpo:  # IPA: the reward model, then the pairs its sampler mined
-            from pipelines.ipa import round_inputs
+            from pipelines.alignment.ipa import round_inputs
 
             pairs, pref_after, reward = round_inputs(
                 cfg,
@@ -309,7 +302,7 @@ def _run_round(
             },
         }
         state["in_progress"] = ip
-        _save_state(cfg, state)
+        save_state(cfg, state)
         progress(
             f"round {round_no}: {info['hq_sessions']} high-quality sessions of "
             f"{info['sessions']} in {len(entries)} commits -> {len(ex)} examples "
@@ -343,18 +336,16 @@ def _round_pairs(cfg: StackConfig, ip: dict):
     path = round_dir(cfg, ip["round"]) / "pairs.safetensors"
     if ip.get("pref_offsets_after") is None or not path.exists():
         return None
-    from pipelines.ipa import PairSet
+    from pipelines.alignment.ipa import PairSet
 
     return PairSet.load(path)
 
 
 def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promote, trainer) -> dict:
-    from pipelines.gate import GateResult, gate
+    from pipelines.continuous.gate import GateResult, gate
     from recloop.checkpoint import save_checkpoint
-    from serving.control import registry
-    from serving.registry import RegistryError
 
-    tc, arm, reg = cfg.train, cfg.train.arm, registry(cfg)
+    tc, arm, reg = cfg.train, cfg.train.arm, open_registry(cfg)
     rdir = round_dir(cfg, ip["round"])
     cand_dir = rdir / "candidate"
     info = ip["info"]
@@ -378,14 +369,14 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             conf["pairs"] = pairs.tensors()
             conf["dpo_beta"], conf["dpo_weight"] = cfg.dpo.beta, cfg.dpo.weight
         ip["attempts"] = int(ip.get("attempts", 0)) + 1
-        _save_state(cfg, state)
+        save_state(cfg, state)
         t0 = time.monotonic()
         try:
             with phase("train"):
                 out = trainer(cfg, conf, ip["run"], workers)
         finally:
             ip["train_s"] = float(ip.get("train_s", 0.0)) + time.monotonic() - t0
-            _save_state(cfg, state)
+            save_state(cfg, state)
         st, trained = out["state"], out["trained"]
         if len(trained) != len(t_train) or not bool((trained == epochs).all()):
             raise RuntimeError(
@@ -430,7 +421,7 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
         }
         if base.meta.get("context"):  # the same rows are built for it in serving
             meta["context"] = base.meta["context"]
-        save_checkpoint(cand_dir, model, base.tokenizer, _plain(meta))
+        save_checkpoint(cand_dir, model, base.tokenizer, plain(meta))
         phase.d["candidate"] = round(time.monotonic() - t_cand, 4)
         in_memory = (model, meta)  # the candidate, for a warm trainer to hold once published
         ip["training"] = {
@@ -442,7 +433,7 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             "workers": workers,
         }
         ip["phase"] = "trained"
-        _save_state(cfg, state)
+        save_state(cfg, state)
         losses = [round(e["ntp_loss"], 4) for e in st["epochs"]]
         progress(
             f"round {ip['round']}: trained {int(trained.sum())} example passes in "
@@ -451,7 +442,7 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
 
     if ip["phase"] == "trained":
         t_pub = time.monotonic()
-        metrics = _plain(
+        metrics = plain(
             {
                 "source": "continuous",
                 "arm": arm,
@@ -472,17 +463,17 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
                 ip["gate"] = GateResult(False, f"publish refused: {exc}"[:2000]).to_json()
                 ip["published"] = False
                 ip["phase"] = "gated"
-                _save_state(cfg, state)
+                save_state(cfg, state)
         if ip["phase"] == "trained":
             ip["published"] = True
             ip["phase"] = "published"
-            _save_state(cfg, state)
+            save_state(cfg, state)
             progress(f"round {ip['round']}: published {ip['lineage']}/{ip['version']}")
             if isinstance(trainer, WarmTrainer) and in_memory is not None:
                 from recloop.checkpoint import Checkpoint
 
                 path = reg.fetch(ip["lineage"], ip["version"], cache_dir=train_dir(cfg) / "cache")
-                ck = Checkpoint(in_memory[0], base.tokenizer, _plain(in_memory[1]), Path(path))
+                ck = Checkpoint(in_memory[0], base.tokenizer, plain(in_memory[1]), Path(path))
                 trainer.adopt(ip["lineage"], ip["version"], ck, path)
         phase.d["publish"] = round(phase.d.get("publish", 0.0) + time.monotonic() - t_pub, 4)
 
@@ -493,7 +484,7 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             result = gate(cand, base_dir, holdout, tc.tolerance)
         ip["gate"] = result.to_json()
         ip["phase"] = "gated"
-        _save_state(cfg, state)
+        save_state(cfg, state)
         progress(
             f"round {ip['round']}: gate {'passed' if result.passed else 'REJECTED'}: "
             f"{result.reason}"
@@ -507,7 +498,7 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
         else:
             ip["status"] = "rejected"
         ip["phase"] = "decided"
-        _save_state(cfg, state)
+        save_state(cfg, state)
 
     now = _now_ms()
     tr = ip.get("training", {})

@@ -1,12 +1,11 @@
-"""The trainer's files and state: ``<home>/train/<arm>/`` (see ``pipelines.continuous``)."""
+"""The trainer's own files under ``<home>/train/<arm>/`` (see ``pipelines.continuous``):
+its round folders and its lock, and the training constants. ``state.json`` and
+``rounds.jsonl``, which the monitor reads too, are ``recloop.train_state``'s."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
-import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from recloop.config import StackConfig
-from recloop.lake import write_atomic
+from recloop.train_state import train_dir
 
 Progress = Callable[[str], None]
 PromoteFn = Callable[[StackConfig, str, str, Progress], Any]
@@ -37,63 +36,8 @@ def _now_ms() -> int:
 
 
 # --------------------------------------------------------------------------- files
-def train_dir(cfg: StackConfig, arm: str | None = None) -> Path:
-    return cfg.home / "train" / (arm or cfg.train.arm)
-
-
-def state_path(cfg: StackConfig, arm: str | None = None) -> Path:
-    return train_dir(cfg, arm) / "state.json"
-
-
-def rounds_path(cfg: StackConfig, arm: str | None = None) -> Path:
-    return train_dir(cfg, arm) / "rounds.jsonl"
-
-
 def round_dir(cfg: StackConfig, round_no: int) -> Path:
     return train_dir(cfg) / "rounds" / f"r{round_no:05d}"
-
-
-def load_state(cfg: StackConfig, arm: str | None = None) -> dict[str, Any]:
-    path = state_path(cfg, arm)
-    if not path.exists():
-        return {
-            "arm": arm or cfg.train.arm,
-            "marks": {},
-            "pref_offsets": {},  # recloop.preferences partition -> next offset to train on
-            "round": 0,
-            "in_progress": None,
-            "rounds": [],
-        }
-    return json.loads(path.read_text())
-
-
-def _save_state(cfg: StackConfig, state: dict[str, Any]) -> None:
-    data = json.dumps(state, indent=1, sort_keys=True, allow_nan=False).encode()
-    write_atomic(state_path(cfg, state["arm"]), data)
-
-
-def read_rounds(cfg: StackConfig, arm: str | None = None) -> list[dict[str, Any]]:
-    path = rounds_path(cfg, arm)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _append_round(cfg: StackConfig, record: dict[str, Any]) -> None:
-    """Append ``record`` to rounds.jsonl unless a line for the same round is there (a
-    trainer that crashed after the append and before the state write redoes this)."""
-    path = rounds_path(cfg)
-    if record.get("round") is not None:
-        if any(
-            r.get("round") == record["round"] and r.get("run") == record.get("run")
-            for r in read_rounds(cfg)
-        ):
-            return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(_plain(record), sort_keys=True, allow_nan=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 @contextlib.contextmanager
@@ -111,14 +55,3 @@ def _arm_lock(cfg: StackConfig) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _plain(x: Any) -> Any:
-    """JSON-safe: non-finite floats become None, tuples lists."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    return x

@@ -23,10 +23,9 @@ from pipelines.continuous.state import (
     MAX_WORKER_FAILURES,
     WEIGHT_DECAY,
     _now_ms,
-    _plain,
-    train_dir,
 )
 from recloop.config import StackConfig
+from recloop.train_state import plain, train_dir
 
 
 # --------------------------------------------------------------------------- worker loop
@@ -172,8 +171,9 @@ def train_worker(conf: dict[str, Any], io: WorkerIO, resident: Any = None) -> No
     ``conf``: round, seed, epochs, batch_size, lr, weight_decay, torch_threads,
     checkpoint_every_steps, model_dir (the base checkpoint directory; or registry_uri,
     lineage, base_version to fetch it), histories (N, H), targets (N, M), fault; for IPA
-    rounds also pairs (``pipelines.ipa.PairSet.tensors()``), dpo_beta and dpo_weight: every
-    step then also trains on its slice of the epoch's shuffled pairs with the DPO loss."""
+    rounds also pairs (``pipelines.alignment.ipa.PairSet.tensors()``), dpo_beta and
+    dpo_weight: every step then also trains on its slice of the epoch's shuffled pairs
+    with the DPO loss."""
     from safetensors.torch import load_file, save_file
 
     from models.dpo import NtpDpoObjective
@@ -188,7 +188,7 @@ def train_worker(conf: dict[str, Any], io: WorkerIO, resident: Any = None) -> No
     else:
         model_dir = conf.get("model_dir")
         if model_dir is None:
-            from serving.registry import ModelRegistry
+            from recloop.registry import ModelRegistry
 
             reg = ModelRegistry(conf["registry_uri"])
             model_dir = reg.fetch(conf["lineage"], conf["base_version"])
@@ -301,7 +301,7 @@ def train_worker(conf: dict[str, Any], io: WorkerIO, resident: Any = None) -> No
                 if n_pairs:
                     counts["pairs_trained"] = pairs_trained.contiguous()
                 save_file(counts, str(root / "trained.safetensors"))
-                (root / "train_state.json").write_text(json.dumps(_plain(st), indent=1))
+                (root / "train_state.json").write_text(json.dumps(plain(st), indent=1))
                 io.report(metrics, root, name)
         else:
             io.report(metrics, None, name)
@@ -592,7 +592,7 @@ class WarmTrainer:
             self._codes.pop(old, None)
 
     def reference(self, reg: Any, lineage: str) -> Callable[[str], Any]:
-        """``reference`` for ``pipelines.ipa.build_pairs``: versions from memory."""
+        """``reference`` for ``pipelines.alignment.ipa.build_pairs``: versions from memory."""
         known = set(reg.versions(lineage))
         return lambda v: self.checkpoint(reg, lineage, v)[0] if v in known else None
 
@@ -616,10 +616,10 @@ class WarmTrainer:
     def __call__(
         self, cfg: StackConfig, conf: dict[str, Any], run_name: str, workers: int
     ) -> dict[str, Any]:
-        from serving.control import registry
+        from recloop.registry import open_registry
 
         key = (conf["lineage"], conf["base_version"])
-        base, _ = self.checkpoint(registry(cfg), *key)
+        base, _ = self.checkpoint(open_registry(cfg), *key)
         resident = self._resident(base, key)
         io = LocalIO(train_dir(cfg) / "local" / run_name)
         io.root.mkdir(parents=True, exist_ok=True)

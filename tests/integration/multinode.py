@@ -115,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     from recloop.lake import SESSIONS, Lake
     from recloop.procs import free_port
     from recloop.ray_head import connect
+    from recloop.registry import open_registry
     from recloop.stack import Stack
+    from serving.api import ensure_arms
     from serving.app import delete
-    from serving.control import ensure_arms, registry
 
     base = StackConfig.from_dict(json.loads(args.stack.read_text()))
     work = args.work
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         connect(cfg)
         Stack(cfg).start_serve(_say)
         ensure_arms(cfg, args.seed_model, _say)
-        seed_version = registry(cfg).current(ARM)
+        seed_version = open_registry(cfg).current(ARM)
         start_sampler(cfg, say=_say)
         ingest_actors.start_actors(cfg, _say)
 
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         result["served_after"] = {
             "model_version": body.get("model_version"),
             "seed_version": seed_version,
-            "current": registry(cfg).current(ARM),
+            "current": open_registry(cfg).current(ARM),
         }
 
         by_class = placements(labels)

@@ -46,7 +46,7 @@ def cascade_service(ray_driver: StackConfig, head_checkpoint, tmp_path_factory):
 
 
 def test_a_cascade_arm_serves_sessions_and_logs_them(cascade_service):
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     cfg, base = cascade_service
     exp = load_experiment(cfg.serve.experiment)

@@ -36,7 +36,7 @@ def own_stack() -> Iterator[StackConfig]:
 
 
 def _kill_broker(cfg: StackConfig) -> int:
-    from infra.kafka.broker import KafkaBroker
+    from recloop.broker import KafkaBroker
 
     broker = KafkaBroker(cfg)
     pid = broker.pid()
@@ -60,10 +60,10 @@ def test_broker_killed_and_restarted_during_traffic_loses_and_duplicates_nothing
     retry, the ingestor rejoins its group, and the lake holds every session exactly
     once with all of its feedback; the topics hold every event exactly once."""
     from actors.ingestor import Ingestor
-    from infra.kafka.broker import KafkaBroker
-    from infra.kafka.topics import IMPRESSIONS, INTERACTIONS
+    from recloop.broker import KafkaBroker
     from recloop.kafka_io import EventProducer, end_offsets, read_range
     from recloop.lake import SESSIONS, Lake
+    from recloop.topics import IMPRESSIONS, INTERACTIONS
 
     cfg = dataclasses.replace(
         own_stack,

@@ -70,13 +70,15 @@ def _wait_drained(cfg: StackConfig, want_offered: int, timeout_s: float = 180.0)
 def test_mirrored_requests_become_pairs_that_a_dpo_round_trains_on(
     ray_driver: StackConfig, synthetic_checkpoints, tmp_path: Path
 ) -> None:
-    from actors.dpo_sampler import reward_arm, start_sampler, stop_sampler
+    from actors.dpo_sampler import start_sampler, stop_sampler
     from actors.ingestor import Ingestor
     from actors.sim.driver import service_stats, simulate
-    from pipelines.continuous import load_state, run_round
+    from pipelines.continuous import run_round
     from recloop.kafka_io import end_offsets
+    from recloop.registry import open_registry, reward_arm
+    from recloop.train_state import load_state
+    from serving.api import ensure_arms
     from serving.app import delete
-    from serving.control import ensure_arms, registry
 
     run = _run_file(tmp_path, 5)
     cfg = dataclasses.replace(
@@ -102,7 +104,7 @@ def test_mirrored_requests_become_pairs_that_a_dpo_round_trains_on(
         dpo=dataclasses.replace(ray_driver.dpo, candidates=4, beam_width=8, reward_epochs=8),
     )
     ensure_arms(cfg, synthetic_checkpoints[0], print)
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     url = f"http://{cfg.ray.host}:{cfg.ray.serve_port}/recommend"
     pref_start = end_offsets(cfg.kafka.bootstrap, "recloop.preferences")
     try:

@@ -25,10 +25,12 @@ def test_feedback_reaches_the_weights_and_the_features(
 ) -> None:
     from actors.ingestor import Ingestor
     from actors.sim.driver import simulate
-    from pipelines.continuous import read_rounds, run_round
+    from pipelines.continuous import run_round
     from recloop.lake import SESSIONS, Lake
+    from recloop.registry import open_registry
+    from recloop.train_state import read_rounds
+    from serving.api import ensure_arms
     from serving.app import delete
-    from serving.control import ensure_arms, registry
 
     run = tmp_path / "loop.yaml"
     run.write_text(
@@ -70,7 +72,7 @@ def test_feedback_reaches_the_weights_and_the_features(
         ),
     )
     ensure_arms(cfg, synthetic_checkpoints[0], print)
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     seed_version = reg.current(ARM)
     try:
         manifest = simulate(cfg, run, print, deploy=True, learn=False)

@@ -45,7 +45,7 @@ def test_the_stacks_service_ports_listen_on_loopback_only(stack: StackConfig):
     whatever the node address (--node-ip-address=127.0.0.1 notwithstanding, and `ray start`
     cannot switch the client server off); they are listed, and Ray's token mode (below)
     is what guards them on a shared network."""
-    from infra.kafka.broker import KafkaBroker
+    from recloop.broker import KafkaBroker
 
     pids = [pid for pid in (RayHead(stack).pid(), KafkaBroker(stack).pid()) if pid]
     assert len(pids) == 2, "the session's stack runs a Ray head and a Kafka broker"

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.integration
 def test_a_trivial_deployment_answers_over_http_on_the_stack_head(ray_driver):
     import ray
 
-    from serving import smoke
+    from recloop import smoke_app as smoke
 
     assert ray.get_runtime_context().gcs_address.endswith(f":{ray_driver.ray.port}")
     smoke.deploy()

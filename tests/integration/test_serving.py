@@ -45,7 +45,7 @@ def _post(base: str, body, **kw) -> requests.Response:
 
 def test_a_user_with_a_feast_history_gets_a_session_outside_it(service, feature_store):
     from features.store import push
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     cfg, base = service
     history = [3, 17, 42, 5, 8]
@@ -138,14 +138,14 @@ def test_every_served_session_is_on_the_impressions_topic(service):
 
 
 def test_arms_endpoint_lists_arms_shares_and_versions(service):
-    from serving.control import registry
+    from recloop.registry import open_registry
 
     cfg, base = service
     arms = requests.get(f"{base}/arms", timeout=10).json()
     assert {a["arm"] for a in arms} == {"control", "treatment"}
     assert abs(sum(a["share"] for a in arms) - 1) < 1e-9
     for a in arms:
-        assert a["model_version"] == registry(cfg).current(a["arm"])
+        assert a["model_version"] == open_registry(cfg).current(a["arm"])
 
 
 class _Load:
@@ -184,7 +184,7 @@ class _Load:
 
 def _switch(service, action, expected: str) -> tuple[float, Counter]:
     """Run ``action`` under load; return seconds until responses show ``expected``."""
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     cfg, base = service
     exp = load_experiment(cfg.serve.experiment)
@@ -207,10 +207,11 @@ def _switch(service, action, expected: str) -> tuple[float, Counter]:
 
 
 def test_promotion_and_rollback_under_load_fail_no_request(service, checkpoints):
-    from serving.control import promote, registry, rollback
+    from recloop.registry import open_registry
+    from serving.api import promote, rollback
 
     cfg, _ = service
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     before, control = reg.current("treatment"), reg.current("control")
     new = reg.publish("treatment", checkpoints[1])
 
@@ -230,11 +231,11 @@ def test_a_corrupted_version_is_never_promoted_nor_served(service, checkpoints, 
     """Bad weights never serve: ``promote`` refuses a version whose files no longer match
     what was published, and a version that rots after the pointer moved is refused by the
     replicas, which keep serving the last good one. Requests keep succeeding throughout."""
-    from serving.control import _redeploy, promote, registry
-    from serving.registry import RegistryError
+    from recloop.registry import RegistryError, open_registry
+    from serving.api import _redeploy, promote
 
     cfg, base = service
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     good = reg.current("treatment")
     bad = reg.publish("treatment", checkpoints[1])
     weights = Path(reg.uri) / "lineages" / reg.arm("treatment")["lineage"] / bad
@@ -250,7 +251,7 @@ def test_a_corrupted_version_is_never_promoted_nor_served(service, checkpoints, 
         reg.promote("treatment", bad)  # the pointer moves past the check (storage rot)
         _redeploy(cfg, print)
 
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     exp = load_experiment(cfg.serve.experiment)
     users = [u for u in range(5000, 5400) if exp.assign(u) == "treatment"][:50]
@@ -295,7 +296,7 @@ def test_a_replica_killed_under_load_costs_no_request(service, fault_record):
     held, and at least 99.9% of requests succeed (here: all of them)."""
     import ray
 
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     cfg, base = service
     deployment = "recommender-treatment"
@@ -448,8 +449,9 @@ def test_the_inline_topology_serves_every_arm_from_the_router_and_promotes_in_pl
     """``serve.topology: inline``: the arms' models run in the Router replica (no
     Recommender deployments); a promotion of one arm reaches it in place, under load,
     with no failed request, and the other arm keeps its version."""
+    from recloop.registry import open_registry
+    from serving.api import promote
     from serving.app import app_status
-    from serving.control import promote, registry
 
     cfg = dataclasses.replace(
         ray_driver,
@@ -460,7 +462,7 @@ def test_the_inline_topology_serves_every_arm_from_the_router_and_promotes_in_pl
     with deployed_service(cfg, checkpoints[0]) as base:
         assert set(app_status(cfg)["deployments"]) == {"Router"}
         arms = requests.get(f"{base}/arms", timeout=10).json()
-        reg = registry(cfg)
+        reg = open_registry(cfg)
         assert {a["arm"]: a["model_version"] for a in arms} == {
             a: reg.current(a) for a in ("control", "treatment")
         }

@@ -74,8 +74,8 @@ def test_the_model_beats_a_popularity_arm_and_no_event_is_lost(
     sim_cfg, synthetic_checkpoints, tmp_path
 ):
     from actors.sim.driver import simulate
-    from pipelines.ab_analysis import analyze_run
-    from serving.control import ensure_arms
+    from pipelines.analysis.ab_analysis import analyze_run
+    from serving.api import ensure_arms
 
     arms = [
         {"name": "model", "share": 0.5, "model": "seed"},
@@ -102,8 +102,8 @@ def test_the_model_beats_a_popularity_arm_and_no_event_is_lost(
 
 def test_an_aa_test_finds_no_difference(sim_cfg, synthetic_checkpoints, tmp_path):
     from actors.sim.driver import simulate
-    from pipelines.ab_analysis import analyze_run
-    from serving.control import ensure_arms
+    from pipelines.analysis.ab_analysis import analyze_run
+    from serving.api import ensure_arms
 
     arms = [
         {"name": "aa-x", "share": 0.5, "lineage": "aa", "model": "seed"},

@@ -29,8 +29,8 @@ T0 = 1_750_000_000_000
 def _sessions(seed_dir: Path, users: int = 120) -> list[dict]:
     """Sessions of 5 served items after each 5th position of the users' sequences: the
     sequence's next items (clicked) interleaved with popular items (not clicked)."""
-    from pipelines.data import synthetic
-    from pipelines.datasets import from_interaction_data
+    from pipelines.offline.datasets import from_interaction_data
+    from recloop.data import synthetic
 
     meta = json.loads((seed_dir / "config.json").read_text())
     raw = meta["item_ids"]  # model id m -> data id raw[m - 1]
@@ -86,7 +86,7 @@ def _commit(lake: Lake, rows: list[dict], writer: str, seq: int) -> Entry:
 def _setup(ray_driver: StackConfig, seed_dir: Path, home: Path, **train) -> StackConfig:
     """A config on the stack's Ray with its own home, a registry whose arm ``online``
     serves the seed checkpoint, and a lake of three commits (two writers)."""
-    from serving.registry import ModelRegistry
+    from recloop.registry import ModelRegistry
 
     values = dict(
         arm=ARM,
@@ -128,10 +128,11 @@ def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
     (An uninterrupted round differs only by the missing restore; the unit tests run
     whole rounds, crashes and gate rejections with the in-process trainer.)"""
     from pipelines import continuous as ct
-    from serving.control import registry
+    from recloop import train_state as ts
+    from recloop.registry import open_registry
 
     cfg = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "home")
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     # rank 0 calls os._exit(1) once the checkpoint of step >= 3 is registered
     monkeypatch.setenv(ct.FAULT_ENV, "exit:3")
     started = time.monotonic()
@@ -142,11 +143,11 @@ def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
         f"{type(info.value).__name__}: {str(info.value)[:200]}"
     )
     monkeypatch.delenv(ct.FAULT_ENV)
-    state = ct.load_state(cfg)
+    state = ts.load_state(cfg)
     ip = state["in_progress"]
     assert state["marks"] == {} and ip is not None and ip["phase"] == "training"
     assert reg.current(ARM) == "seed" and reg.versions(ARM) == ["seed"]
-    assert any((ct.train_dir(cfg) / "ray" / ip["run"]).glob("ckpt-*"))
+    assert any((ts.train_dir(cfg) / "ray" / ip["run"]).glob("ckpt-*"))
 
     started = time.monotonic()
     rec = ct.run_round(cfg, promote=ct.promote_registry)  # the restarted trainer
@@ -172,12 +173,12 @@ def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
     assert meta["lake_marks"] == marks and meta["base_version"] == "seed" and meta["round"] == 1
     assert meta["newest_feedback_ms"] and meta["newest_record_ts_ms"]
     # the marks advanced exactly once
-    state = ct.load_state(cfg)
+    state = ts.load_state(cfg)
     assert state["marks"] == marks and state["round"] == 1 and state["in_progress"] is None
-    assert [r["round"] for r in ct.read_rounds(cfg)] == [1]
-    assert not (ct.train_dir(cfg) / "ray" / rec["run"]).exists()  # cleaned up
+    assert [r["round"] for r in ts.read_rounds(cfg)] == [1]
+    assert not (ts.train_dir(cfg) / "ray" / rec["run"]).exists()  # cleaned up
     assert ct.run_round(cfg, promote=ct.promote_registry) is None  # no new data
-    fresh = ct.freshness(cfg)
+    fresh = ts.freshness(cfg)
     assert fresh["version"] == rec["version"] and fresh["event_time_lag_s"] == 0
     assert 0 < fresh["feedback_to_serving_s"] < 900
     fault_record(
@@ -203,7 +204,8 @@ def test_the_warm_trainer_actor_killed_mid_round_resumes_exactly(
     from safetensors.torch import load_file
 
     from pipelines import continuous as ct
-    from serving.control import registry
+    from recloop import train_state as ts
+    from recloop.registry import open_registry
 
     straight = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "straight", workers=1)
     full = ct.run_round(straight, promote=ct.promote_registry, trainer=ct.WarmTrainer(straight))
@@ -212,9 +214,9 @@ def test_the_warm_trainer_actor_killed_mid_round_resumes_exactly(
     actor = ct.start_actor(cfg, run=False, env={ct.FAULT_ENV: "exit:3"})
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(actor.run_once.remote(), timeout=600)
-    ip = ct.load_state(cfg)["in_progress"]
+    ip = ts.load_state(cfg)["in_progress"]
     assert ip is not None and ip["phase"] == "training"
-    assert any((ct.train_dir(cfg) / "local" / ip["run"]).glob("ckpt-*"))
+    assert any((ts.train_dir(cfg) / "local" / ip["run"]).glob("ckpt-*"))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the dead actor's name is released
         try:
@@ -230,8 +232,9 @@ def test_the_warm_trainer_actor_killed_mid_round_resumes_exactly(
         assert rec["status"] == "promoted" and rec["run"] == ip["run"], rec.get("gate")
         assert rec["resumed_from_step"] >= 3 and rec["workers"] == 1
         assert rec["trained_examples"] == full["trained_examples"]
-        reg = registry(cfg)
-        a = load_file(str(registry(straight).fetch(ARM, full["version"]) / "model.safetensors"))
+        reg = open_registry(cfg)
+        fetched = open_registry(straight).fetch(ARM, full["version"])
+        a = load_file(str(fetched / "model.safetensors"))
         b = load_file(str(reg.fetch(ARM, rec["version"]) / "model.safetensors"))
         assert all(a[k].equal(b[k]) for k in a)  # exactly the unbroken round's weights
         status = ray.get(actor.status.remote(), timeout=60)

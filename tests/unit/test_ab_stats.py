@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.ab_stats import (
+from recloop.ab_stats import (
     METRICS,
     NO_VERDICT_FIXED,
     AnalysisConfig,

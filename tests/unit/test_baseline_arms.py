@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.checkpoint import (
+from recloop.checkpoint import (
     BASELINE_FORMAT,
     CheckpointError,
     load_baseline,
     save_baseline,
     validate_checkpoint,
 )
+from recloop.registry import ModelRegistry, RegistryError
 from serving.app import BaselineModel, LoadedModel
-from serving.registry import ModelRegistry, RegistryError
 
 IDS = [10, 20, 30, 40, 50, 60]
 COUNTS = torch.tensor([5.0, 60.0, 1.0, 30.0, 0.0, 12.0])

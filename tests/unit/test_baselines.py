@@ -12,10 +12,10 @@ import torch
 
 from models.popularity import MostPopular
 from models.sasrec import SASRec, SASRecConfig
-from pipelines.datasets import SequenceDataset
-from pipelines.evaluate import MODELS, main, run_eval
-from pipelines.evaluation import evaluate_full, evaluate_sampled, leave_one_out
-from pipelines.train_sasrec import make_windows, train_sasrec
+from pipelines.offline.datasets import SequenceDataset
+from pipelines.offline.evaluate import MODELS, main, run_eval
+from pipelines.offline.evaluation import evaluate_full, evaluate_sampled, leave_one_out
+from pipelines.offline.train_sasrec import make_windows, train_sasrec
 from recloop.config import DataConfig
 
 ML100K = DataConfig().movielens_dir  # read in place, from the configured folder
@@ -187,8 +187,8 @@ def test_eval_splits_full_ranking_by_test_targets_tied_in_time(tmp_path):
         rows += [(u, (u + j) % 9 + 1, t) for j, t in enumerate(times)]
     path = tmp_path / "ties.csv"
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(path, index=False)
-    from pipelines.datasets import load_dataset
-    from pipelines.evaluation import leave_one_out
+    from pipelines.offline.datasets import load_dataset
+    from pipelines.offline.evaluation import leave_one_out
 
     assert leave_one_out(load_dataset(path)).test_tied == [True] * 3 + [False] * 3
     res = run_eval("pop", path, num_negatives=3, log=None)

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from infra.kafka.broker import KafkaBroker, kafka_version
-from infra.kafka.topics import TOPICS
+from recloop.broker import KafkaBroker, kafka_version
 from recloop.config import ConfigError, load_config
 from recloop.procs import PrerequisiteMissing
+from recloop.topics import TOPICS
 
 
 def _cfg(tmp_path, **kw):

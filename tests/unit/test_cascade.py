@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from models.beam_search import CompiledTrie, beam_search
 from models.cascade import blend, rerank_beams, rerank_scores
 from models.onerec import OneRec
-from pipelines.train_onerec import (
+from pipelines.offline.train_onerec import (
     OneRecRanker,
     TrainConfig,
     _param_groups,
@@ -268,7 +268,7 @@ def test_latent_steps_train():
 
 
 def test_power_law_fit_recovers_its_exponent():
-    from pipelines.scaling import fit_power_law
+    from pipelines.offline.scaling import fit_power_law
 
     x = [1e3, 3e3, 1e4, 3e4, 1e5]
     fit = fit_power_law(x, [5.0 * v**-0.2 for v in x])
@@ -283,7 +283,7 @@ def test_power_law_fit_recovers_its_exponent():
 def test_scaling_study_runs_end_to_end_on_generated_data(tmp_path):
     import json
 
-    from pipelines.scaling import main
+    from pipelines.offline.scaling import main
 
     out = tmp_path / "scaling.json"
     argv = ["--data", "synthetic", "--dims", "8,16", "--fractions", "0.5,1", "--epochs", "1"]

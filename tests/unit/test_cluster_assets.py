@@ -52,7 +52,7 @@ def test_the_mounted_run_file_is_a_valid_cluster_config(tmp_path):
     assert not cfg.ray.provisioned and not cfg.kafka.provisioned  # nothing is started
     assert cfg.feast.online_store == "redis"
     # The arms the RayService deploys are the experiment's.
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     (svc,) = cluster.manifests("rayservice.yaml")
     deployments = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["deployments"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from models.onerec import OneRec
-from pipelines.context import OfflineContext
-from pipelines.datasets import load_dataset
-from pipelines.evaluation import leave_one_out
+from pipelines.offline.context import OfflineContext
+from pipelines.offline.datasets import load_dataset
+from pipelines.offline.evaluation import leave_one_out
 from tests.unit.test_onerec import L, random_codes, tiny_config
 
 N = 40
@@ -136,8 +136,8 @@ def context_checkpoint(tmp_path_factory):
 
 
 def _offline(seed: int = 0):
-    from pipelines.data import synthetic
-    from pipelines.datasets import from_interaction_data
+    from pipelines.offline.datasets import from_interaction_data
+    from recloop.data import synthetic
 
     data = synthetic(seed=seed)
     ds = from_interaction_data(data)
@@ -203,7 +203,7 @@ def test_a_context_checkpoint_without_its_spec_is_never_served(context_checkpoin
     import json
     import shutil
 
-    from pipelines.checkpoint import CheckpointError, validate_checkpoint
+    from recloop.checkpoint import CheckpointError, validate_checkpoint
     from serving.app import LoadedModel
 
     bad = tmp_path / "no-spec"
@@ -224,7 +224,7 @@ def test_a_context_checkpoint_without_its_spec_is_never_served(context_checkpoin
 
 
 def test_request_tags_hash_to_stable_buckets_and_are_unknown_when_absent():
-    from pipelines.context import ContextBuilder, tag_bucket
+    from recloop.context import ContextBuilder, tag_bucket
 
     b = ContextBuilder({"hour": 7, "weekday": 8, "tag:surface": 17})
     home = b.row([], None, None, {"surface": "home"})

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipelines import continuous as ct
-from pipelines.gate import gate
+from pipelines.continuous.gate import gate
+from recloop import train_state as ts
 from recloop.config import load_config
 from recloop.lake import SCHEMAS, SESSIONS, Entry, Lake
 
@@ -171,7 +172,7 @@ def test_epoch_schedule_gives_every_example_once_and_every_rank_the_same_steps()
 def _tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     from models.onerec import OneRec, OneRecConfig
     from models.tokenizer import SemanticIdTokenizer, TokenizerConfig
-    from pipelines.checkpoint import save_checkpoint
+    from recloop.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     cfg = OneRecConfig(
@@ -338,10 +339,10 @@ def test_a_worker_resumed_after_its_last_step_hands_on_the_final_checkpoint(base
 
 
 def _pairs(base: Path, n: int = 13) -> dict:
-    """Preference pairs with reference log p from the base (what pipelines.ipa builds)."""
+    """Preference pairs with reference log p from the base (what pipelines.alignment.ipa builds)."""
     from models.dpo import session_logprob
-    from pipelines.checkpoint import load_checkpoint
-    from pipelines.train_onerec import code_table
+    from pipelines.offline.train_onerec import code_table
+    from recloop.checkpoint import load_checkpoint
 
     ck = load_checkpoint(base)
     codes = code_table(ck.tokenizer, ck.tokenizer.num_items)
@@ -404,7 +405,7 @@ def test_the_optimizer_state_survives_safetensors_and_json(tmp_path):
 
 # ------------------------------------------------------------------------------ whole rounds
 def _stack(tmp_path: Path, base: Path, **train):
-    from serving.registry import ModelRegistry
+    from recloop.registry import ModelRegistry
 
     values = dict(
         min_sessions=20, max_sessions=1000, epochs=2, batch_size=8, workers=1,
@@ -439,7 +440,7 @@ def test_a_round_trains_publishes_gates_promotes_and_advances_the_marks(base_ckp
     _traffic(lake, "ing-0", 1, 0, 20)
     msgs: list[str] = []
     assert ct.run_round(cfg, msgs.append, trainer=ct.local_train) is None  # too few yet
-    assert "waiting for data" in msgs[-1] and ct.load_state(cfg)["marks"] == {}
+    assert "waiting for data" in msgs[-1] and ts.load_state(cfg)["marks"] == {}
     _traffic(lake, "ing-0", 2, 20, 40)
     rec = ct.run_round(cfg, msgs.append, promote=ct.promote_registry, trainer=ct.local_train)
     assert rec["status"] == "promoted" and rec["round"] == 1, rec
@@ -453,11 +454,11 @@ def test_a_round_trains_publishes_gates_promotes_and_advances_the_marks(base_ckp
     assert meta["lake_marks"] == {"ing-0": 2} and meta["base_version"] == "seed"
     assert meta["item_ids"] == RAW and meta["round"] == 1
     assert meta["newest_record_ts_ms"] == 1_800_000_000_000 + 59
-    state = ct.load_state(cfg)
+    state = ts.load_state(cfg)
     assert state["marks"] == {"ing-0": 2} and state["in_progress"] is None
-    assert [r["round"] for r in ct.read_rounds(cfg)] == [1]
+    assert [r["round"] for r in ts.read_rounds(cfg)] == [1]
     assert ct.run_round(cfg, trainer=ct.local_train) is None  # nothing new
-    fresh = ct.freshness(cfg)
+    fresh = ts.freshness(cfg)
     assert fresh["version"] == rec["version"] and fresh["feedback_to_serving_s"] is not None
     assert fresh["event_time_lag_s"] == 0
     assert fresh["newest_feedback_ms"] == 1_700_000_000_000 + 1000 * 59 + 500
@@ -481,7 +482,7 @@ def test_a_crashed_round_resumes_with_the_same_entries_and_advances_the_marks_on
     with pytest.raises(ct.InjectedFault):
         ct.run_round(cfg, promote=ct.promote_registry, trainer=ct.local_train)
     monkeypatch.delenv(ct.FAULT_ENV)
-    state = ct.load_state(cfg)
+    state = ts.load_state(cfg)
     ip = state["in_progress"]
     assert state["marks"] == {} and ip["entries"] == [["ing-0", 1]] and ip["phase"] == "training"
     _traffic(lake, "ing-0", 2, 40, 40)  # new data meanwhile: not part of the round
@@ -497,10 +498,10 @@ def test_a_crashed_round_resumes_with_the_same_entries_and_advances_the_marks_on
     starts = [a["start_global_step"] for a in rec["attempts"]]
     assert starts[0] == 0 and starts[1] == rec["resumed_from_step"] >= 2  # not step 0
     assert rec["trained_examples"] == rec["train_examples"] * cfg.train.epochs
-    assert ct.load_state(cfg)["marks"] == {"ing-0": 1}
+    assert ts.load_state(cfg)["marks"] == {"ing-0": 1}
     rec2 = ct.run_round(cfg, promote=ct.promote_registry, trainer=ct.local_train)
     assert rec2["round"] == 2 and rec2["lake_marks"] == {"ing-0": 2}
-    assert [r["round"] for r in ct.read_rounds(cfg)] == [1, 2]
+    assert [r["round"] for r in ts.read_rounds(cfg)] == [1, 2]
     assert reg.current("online") == rec2["version"]
 
 
@@ -518,7 +519,7 @@ def test_bad_weights_are_never_promoted(base_ckpt, tmp_path, fault_record):
     assert rec["status"] == "rejected" and not rec["promoted"] and rec["version"] is None
     assert "non-finite" in rec["gate"]["reason"]
     assert reg.current("online") == "seed"
-    assert ct.load_state(cfg)["marks"] == {"ing-0": 1}  # consumed: the next round moves on
+    assert ts.load_state(cfg)["marks"] == {"ing-0": 1}  # consumed: the next round moves on
     fault_record(
         fault="a training round that produced NaN weights",
         load="1 round on 60 sessions",
@@ -562,12 +563,13 @@ def test_a_regressing_round_stays_published_but_is_recorded_as_rejected(base_ckp
     rec = ct.run_round(cfg, promote=ct.promote_registry, trainer=blind)
     assert rec["status"] == "rejected" and rec["version"] in reg.versions("online")
     assert reg.current("online") == "seed"
-    assert ct.load_state(cfg)["rounds"][-1]["gate"]["passed"] is False
+    assert ts.load_state(cfg)["rounds"][-1]["gate"]["passed"] is False
 
 
 # ------------------------------------------------------------------------------ IPA rounds
 class FakePreferences:
-    """``pipelines.ipa.read_pairs`` over an in-memory partition 0 of recloop.preferences."""
+    """``pipelines.alignment.ipa.read_pairs`` over an in-memory partition 0 of
+    recloop.preferences."""
 
     def __init__(self) -> None:
         self.events: list = []
@@ -602,8 +604,8 @@ class FakePreferences:
 def test_ipa_rounds_fit_the_reward_model_and_train_each_pair_exactly_once(
     base_ckpt, tmp_path, monkeypatch
 ):
-    from actors.dpo_sampler import reward_arm
-    from pipelines import ipa
+    from pipelines.alignment import ipa
+    from recloop.registry import reward_arm
 
     cfg, reg = _stack(tmp_path, base_ckpt, min_sessions=10, dpo=True)
     fake = FakePreferences()
@@ -617,7 +619,7 @@ def test_ipa_rounds_fit_the_reward_model_and_train_each_pair_exactly_once(
     assert rec["pairs"]["pairs"] == 6 == rec["trained_pairs"]
     assert rec["pairs"]["other_arm"] == 2 and rec["pairs"]["versions"] == {"seed": 6}
     assert all("dpo_loss" in e for e in rec["losses"]), rec["losses"]
-    assert ct.load_state(cfg)["pref_offsets"] == {"0": 8} and rec["pref_offsets"] == {"0": 8}
+    assert ts.load_state(cfg)["pref_offsets"] == {"0": 8} and rec["pref_offsets"] == {"0": 8}
     rm = rec["reward_model"]
     assert rm["version"] in reg.versions(reward_arm("online")) and rm["sessions"] == 32
     assert set(rm["holdout"]["auc"]) == {"vtr", "ltr", "wtr"}
@@ -631,12 +633,12 @@ def test_ipa_rounds_fit_the_reward_model_and_train_each_pair_exactly_once(
     with pytest.raises(ct.InjectedFault):
         ct.run_round(cfg, promote=ct.promote_registry, trainer=ct.local_train)
     monkeypatch.delenv(ct.FAULT_ENV)
-    assert ct.load_state(cfg)["pref_offsets"] == {"0": 8}  # not advanced by a crash
+    assert ts.load_state(cfg)["pref_offsets"] == {"0": 8}  # not advanced by a crash
     fake.add(5, start=300)  # arrives during the crash: left for round 3
     rec2 = ct.run_round(cfg, promote=ct.promote_registry, trainer=ct.local_train)
     assert rec2["round"] == 2 and rec2["trained_pairs"] == 3 == rec2["pairs"]["pairs"]
     assert rec2["pairs"]["no_reference"] == 1 and rec2["resumed_from_step"] >= 1
-    assert ct.load_state(cfg)["pref_offsets"] == {"0": 12}
+    assert ts.load_state(cfg)["pref_offsets"] == {"0": 12}
     assert fake.reads == [(0, 8), (8, 12)]  # the resume read no Kafka range again
     # Every pair was read by exactly one completed round.
     assert rec["pairs"]["read"] + rec2["pairs"]["read"] == 12
@@ -652,8 +654,8 @@ def _context_checkpoint(path: Path) -> Path:
     the context spec its checkpoint carries."""
     from dataclasses import replace
 
-    from pipelines.checkpoint import load_checkpoint, save_checkpoint
-    from pipelines.context import ContextBuilder
+    from recloop.checkpoint import load_checkpoint, save_checkpoint
+    from recloop.context import ContextBuilder
 
     plain = load_checkpoint(_tiny_checkpoint(path.with_name(path.name + "-plain")))
     torch.manual_seed(3)
@@ -670,8 +672,8 @@ def _context_checkpoint(path: Path) -> Path:
 
 
 def test_a_context_model_trains_on_the_rows_serving_builds_and_stays_servable(tmp_path):
-    from pipelines.checkpoint import validate_checkpoint
-    from pipelines.context import ContextBuilder
+    from recloop.checkpoint import validate_checkpoint
+    from recloop.context import ContextBuilder
 
     base = _context_checkpoint(tmp_path / "ctx-base")
     cfg, reg = _stack(tmp_path, base, min_sessions=10)
@@ -818,7 +820,7 @@ def test_a_popularity_arm_follows_its_clicks_and_never_counts_one_twice(tmp_path
     a round whose state write was lost counts nothing again (the checkpoint holds the
     marks its counts cover)."""
     from recloop.checkpoint import load_baseline, save_baseline
-    from serving.registry import ModelRegistry
+    from recloop.registry import ModelRegistry
 
     cfg = load_config(
         overrides={"home": str(tmp_path / "home"), "train.arm": "pop", "train.min_sessions": 5},
@@ -851,7 +853,7 @@ def test_a_popularity_arm_follows_its_clicks_and_never_counts_one_twice(tmp_path
     assert served.meta["lake_marks"] == {"ing-0": 2} and rec["most_clicked"][0] == late
     assert served.meta["newest_record_ts_ms"] == 1_800_000_000_000 + 13
     # the state file of that round lost: the served version's marks still hold
-    ct.state_path(cfg).unlink()
+    ts.state_path(cfg).unlink()
     assert ct.run_round(cfg, promote=ct.promote_registry) is None
     _commit(lake, [_session(30 + i, arm="pop", items=[late], clicked=[True]) for i in range(5)],
             "ing-0", 3, at=3)  # fmt: skip

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.dpo_sampler import PreferenceMiner, reward_arm, select_pair
+from actors.dpo_sampler import PreferenceMiner, select_pair
 from recloop.config import load_config
 from recloop.events import Preference, decode, encode
+from recloop.registry import reward_arm
 from tests.unit.test_continuous import RAW, _tiny_checkpoint
 
 ARM = "ipa"
@@ -36,7 +37,7 @@ class Recorder:
 
 def _reward_ckpt(path: Path) -> Path:
     from models.reward import RewardConfig, SessionRewardModel
-    from pipelines.checkpoint import save_reward
+    from recloop.checkpoint import save_reward
 
     torch.manual_seed(0)
     model = SessionRewardModel(RewardConfig(num_items=len(RAW), max_history=8))
@@ -48,7 +49,7 @@ def _reward_ckpt(path: Path) -> Path:
 
 @pytest.fixture
 def miner(tmp_path):
-    from serving.registry import ModelRegistry
+    from recloop.registry import ModelRegistry
 
     cfg = load_config(
         overrides={

@@ -11,15 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from pipelines.data import synthetic
-from pipelines.datasets import (
+from pipelines.offline.datasets import (
     SequenceDataset,
     from_interaction_data,
     load_dataset,
     read_sasrec_text,
     read_table,
 )
-from pipelines.evaluation import (
+from pipelines.offline.evaluation import (
     Ranker,
     evaluate_full,
     evaluate_sampled,
@@ -29,6 +28,7 @@ from pipelines.evaluation import (
     rank_full,
     sample_negatives,
 )
+from recloop.data import synthetic
 
 
 class TableRanker:
@@ -291,8 +291,8 @@ def test_beam_retrieval_counts_a_target_no_beam_proposes_as_a_miss():
 
     import torch
 
-    from pipelines.ablations import beam_ranks
-    from pipelines.evaluation import hr_at_k
+    from pipelines.offline.ablations import beam_ranks
+    from pipelines.offline.evaluation import hr_at_k
 
     class Fixed:  # two beams per request; first items 5 then 7
         def recommend(self, histories, beam_width):
@@ -305,7 +305,7 @@ def test_beam_retrieval_counts_a_target_no_beam_proposes_as_a_miss():
 
 
 def test_model_names_with_variants_and_scorings():
-    from pipelines.evaluate import parse_model
+    from pipelines.offline.evaluate import parse_model
 
     assert parse_model("sasrec") == ("sasrec", None)
     assert parse_model("onerec:cascade") == ("onerec", "cascade")
@@ -321,7 +321,7 @@ def test_model_names_with_variants_and_scorings():
 
 
 def test_scorings_of_a_variant_share_one_training_and_variants_get_their_options(tmp_path):
-    from pipelines.evaluate import run_compare
+    from pipelines.offline.evaluate import run_compare
 
     base = {"dim": 16, "ffn_hidden": 32, "epochs": 1, "infonce_weight": 1.0}
     out = run_compare(
@@ -347,7 +347,7 @@ def test_scorings_of_a_variant_share_one_training_and_variants_get_their_options
 def test_paired_comparison_of_two_models_on_the_same_users(tmp_path):
     import json
 
-    from pipelines.paired import compare, main, per_user
+    from pipelines.analysis.paired import compare, main, per_user
 
     ndcg = per_user([1, 3, 11], 10)["NDCG@10"]
     assert ndcg.tolist() == pytest.approx([1.0, 1 / math.log2(4), 0.0])

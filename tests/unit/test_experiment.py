@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from serving.experiment import (
+from recloop.experiment import (
     DEFAULT_EXPERIMENT_PATH,
     ArmSpec,
     Experiment,

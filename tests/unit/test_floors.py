@@ -1,36 +1,68 @@
-"""The floors of DESIGN.md ("who may import whom"), checked on the source with ``ast``.
+"""The floors of DESIGN.md ("who may import whom"), checked on the source with ``ast``
+(docs/architecture.md draws them):
 
-    pipelines/ (jobs)   serving/ (Ray Serve)   actors/ (long-lived)
-                  \\             |              /
-                   recloop/ (ground floor)  +  features/ (the Feast repo)
-                                |
-                          models/ (pure torch)
+    pipelines/ (jobs)      serving/ (Ray Serve)      actors/ (long-lived)
+            \\                    |                        /
+             └─────────── recloop/ (the ground floor) ───┘
+                          /                         \\
+              models/ (pure torch)         features/ (the Feast repo)
 
-Every import statement counts, at module level or inside a function. A known exception
-is listed in ``ALLOWED`` with its reason; a new violation fails ``test_no_new_floor_
-violations`` and an entry that no longer matches anything fails
-``test_every_allowed_exception_still_exists`` (delete it then).
+Every import statement counts, at module level or inside a function, ``from a import b``
+as ``a.b`` when ``b`` is a module. The rules:
 
-``features/`` is the Feast repo: its store adapter reads ``recloop.config`` only, so it
-sits on the ground floor beside ``recloop/`` rather than below it. The ground floor's
-own modules therefore do not import it (that would make the two floors import each
-other); only the stack launcher and its smoke check, which apply and probe the store,
-do. Everything above may import it.
+- ``models/`` and ``features/`` import nothing of the project (the Feast store takes the
+  stack's settings as an argument);
+- ``recloop/`` imports only ``models/`` and ``features/``; its CLI (``recloop/cli.py``)
+  may also reach serving and the actors, through their public APIs only;
+- ``serving/`` imports only the floors below; ``actors/`` the floors below and
+  ``serving.api``; ``pipelines/`` the floors below, ``serving.api`` and ``actors.api``:
+  nothing reaches another upper floor's internals, and nothing imports ``pipelines/``
+  (the CLI runs its jobs by module name);
+- no import cycle between top-level folders (the CLI's imports aside); ``benchmarks/``,
+  ``tests/`` and ``infra/`` (tools) may import any floor and no floor imports them.
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT = ("models", "recloop", "features", "serving", "actors", "pipelines", "benchmarks", "tests")
+FLOORS = ("models", "features", "recloop", "serving", "actors", "pipelines")
+TOOLS = ("benchmarks", "tests", "infra")
+PROJECT = FLOORS + TOOLS
+CLI = "recloop.cli"
+PUBLIC_API = {"serving": "serving.api", "actors": "actors.api"}
 
-# Serving's public surface for the other floors: the model registry, what the CLI does
-# to the service (deploy, promote, roll back) and the experiment's definition.
-SERVING_PUBLIC = ("serving.registry", "serving.control", "serving.experiment")
+# The floors each floor may import (besides itself and the public APIs listed below).
+BELOW: dict[str, tuple[str, ...]] = {
+    "models": (),
+    "features": (),
+    "recloop": ("models", "features"),
+    "serving": ("recloop", "models", "features"),
+    "actors": ("recloop", "models", "features"),
+    "pipelines": ("recloop", "models", "features"),
+}
+APIS: dict[str, tuple[str, ...]] = {
+    "models": (),
+    "features": (),
+    "recloop": (),
+    "serving": (),
+    "actors": ("serving.api",),
+    "pipelines": ("serving.api", "actors.api"),
+}
+RULES = {
+    "models": "models/ imports nothing of the project",
+    "features": "features/ imports nothing of the project (settings come in as arguments)",
+    "recloop": "recloop/ imports only models/ and features/",
+    "serving": "serving/ imports only recloop/, models/ and features/",
+    "actors": "actors/ imports only the floors below and serving.api",
+    "pipelines": "pipelines/ imports only the floors below, serving.api and actors.api",
+}
+CLI_RULE = "the CLI imports the floors below, serving.api and actors.api (jobs by name)"
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -49,132 +81,192 @@ def _is_module(name: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-def _imports(path: Path) -> set[str]:
-    """Every project module ``path`` imports (``from a import b`` counts as ``a.b`` when
-    ``b`` is a module, else as ``a``)."""
-    me = _module(path)
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+def imports(source: str, module: str, package: bool = False) -> list[tuple[int, str]]:
+    """(line, imported module) of every project import in ``source``, the text of
+    ``module`` (``package``: an ``__init__.py``); relative imports resolved."""
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
+            out.extend((node.lineno, a.name) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: from the importer's package
-                package = me.split(".")
-                if path.name != "__init__.py":
-                    package.pop()
-                package = package[: len(package) - (node.level - 1)]
-                base = ".".join([*package, base] if base else package)
+                pkg = module.split(".") if package else module.split(".")[:-1]
+                pkg = pkg[: len(pkg) - (node.level - 1)]
+                base = ".".join([*pkg, base] if base else pkg)
             for a in node.names:
                 full = f"{base}.{a.name}"
-                out.add(full if _is_module(full) else base)
-    return {n for n in out if n.split(".")[0] in PROJECT}
+                out.append((node.lineno, full if _is_module(full) else base))
+    found = [(line, n) for line, n in out if n.split(".")[0] in PROJECT]
+    return list(dict.fromkeys(found))  # `from a import b, c` of one module: once
 
 
-def _sources(top: str) -> list[Path]:
-    return sorted(p for p in (ROOT / top).rglob("*.py") if "__pycache__" not in p.parts)
+def broken_rule(importer: str, name: str) -> str | None:
+    """The rule ``importer`` importing ``name`` breaks, None when it is allowed."""
+    me, it = importer.split(".")[0], name.split(".")[0]
+    if me in TOOLS or me == it:
+        return None
+    if _under(importer, CLI):
+        ok = it in BELOW["recloop"] or name in PUBLIC_API.values()
+        return None if ok else CLI_RULE
+    if it in BELOW[me] or name in APIS[me]:
+        return None
+    return RULES[me]
 
 
-# (rule, importer prefix, what it may not import): each returns True for a violation.
-RULES = {
-    "models/ imports nothing of the project": (
-        "models",
-        lambda name: not _under(name, "models"),
-    ),
-    "recloop/ imports only models/ (its CLI and stack launcher aside)": (
-        "recloop",
-        lambda name: not (_under(name, "recloop") or _under(name, "models")),
-    ),
-    "features/ (the Feast repo) imports only recloop/": (
-        "features",
-        lambda name: not (_under(name, "features") or _under(name, "recloop")),
-    ),
-    "serving/ never imports pipelines/ or actors/": (
-        "serving",
-        lambda name: _under(name, "pipelines") or _under(name, "actors"),
-    ),
-    "pipelines/ reach serving only through its registry and control (promote) API": (
-        "pipelines",
-        lambda name: _under(name, "serving") and not any(_under(name, p) for p in SERVING_PUBLIC),
-    ),
-    "the DPO sampler loads models from recloop/ and models/, never serving.app or pipelines/": (
-        "actors.dpo_sampler",
-        lambda name: (
-            _under(name, "pipelines")
-            or (_under(name, "serving") and name not in ("serving.registry", "serving.experiment"))
-        ),
-    ),
-}
-
-# (importer prefix, imported prefix) -> why it is allowed for now.
-ALLOWED = {
-    ("recloop.cli", "serving"): "the CLI: deploys, promotes and shows the service",
-    ("recloop.cli", "actors"): "the CLI: `recloop simulate` runs the simulation driver",
-    ("recloop.stack", "features"): "the stack launcher applies the Feast definitions on `up`",
-    ("recloop.smoke", "features"): "the stack's smoke check pushes and reads a Feast row",
-    ("recloop.smoke", "serving.smoke"): "the stack's smoke check deploys a smoke app on Serve",
-    ("recloop.monitor", "serving"): "the stack monitor (`recloop status`, the dashboard) "
-    "reads the registry and the experiment",
-    ("recloop.monitor", "actors.ingestor"): "the stack monitor reads the ingestor actor's stats",
-    ("recloop.monitor", "pipelines.continuous"): "the stack monitor reads the training rounds' "
-    "state and freshness (to move below with the continuous package, issue 22)",
-    ("pipelines.demo", "serving.dashboard"): "the demo job prints the dashboard's URL",
-}
-
-
-def _violations() -> dict[tuple[str, str], str]:
-    """(importer module, imported module) -> the rule it breaks."""
-    out: dict[tuple[str, str], str] = {}
-    for rule, (prefix, forbidden) in RULES.items():
-        top = prefix.split(".")[0]
-        for path in _sources(top):
-            importer = _module(path)
-            if not _under(importer, prefix):
-                continue
-            for name in _imports(path):
-                if forbidden(name):
-                    out.setdefault((importer, name), rule)
+def violations(source: str, module: str, package: bool = False) -> list[tuple[int, str, str]]:
+    """(line, imported module, rule) for each import of ``source`` that breaks a rule."""
+    out = []
+    for line, name in imports(source, module, package):
+        rule = broken_rule(module, name)
+        if rule is not None:
+            out.append((line, name, rule))
     return out
 
 
-def _allowed(importer: str, name: str) -> bool:
-    return any(_under(importer, i) and _under(name, n) for i, n in ALLOWED)
+def cycles(edges: Iterable[tuple[str, str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one folder in the graph ``edges``."""
+    graph: dict[str, set[str]] = {}
+    for a, b in edges:
+        if a != b:
+            graph.setdefault(a, set()).add(b)
+            graph.setdefault(b, set())
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    reachable = {n: reach(n) for n in graph}
+    groups = {frozenset(m for m in graph if m in reachable[n] and n in reachable[m]) for n in graph}
+    return sorted(sorted(g) for g in groups if len(g) > 1)
 
 
-def test_the_import_scan_sees_what_it_must():
-    """The scanner itself: function-level imports, ``from pkg import module``."""
-    sampler = _imports(ROOT / "actors" / "dpo_sampler.py")
-    assert "recloop.inference" in sampler  # imported inside a method
-    assert "recloop.config" in sampler  # at module level
-    smoke = _imports(ROOT / "recloop" / "smoke.py")
-    assert "serving.smoke" in smoke  # `from serving import smoke as app`
-
-
-def test_no_new_floor_violations():
-    new = {k: rule for k, rule in _violations().items() if not _allowed(*k)}
-    assert not new, "imports across the floors (DESIGN.md, 'Floors'):\n" + "\n".join(
-        f"  {importer} imports {name}: breaks '{rule}'"
-        for (importer, name), rule in sorted(new.items())
+def _sources(tops: Iterable[str]) -> list[Path]:
+    return sorted(
+        p for top in tops for p in (ROOT / top).rglob("*.py") if "__pycache__" not in p.parts
     )
 
 
-def test_every_allowed_exception_still_exists():
-    found = _violations()
-    stale = [
-        (i, n)
-        for i, n in ALLOWED
-        if not any(_under(imp, i) and _under(name, n) for imp, name in found)
+def _scan() -> list[tuple[Path, str, int, str]]:
+    """(file, importer, line, imported) of every project import in the repository."""
+    out = []
+    for path in _sources(PROJECT):
+        module = _module(path)
+        for line, name in imports(path.read_text(), module, path.name == "__init__.py"):
+            out.append((path, module, line, name))
+    return out
+
+
+# --------------------------------------------------------------------------- the checker
+def test_the_scanner_sees_every_kind_of_import():
+    src = (
+        "import models.onerec\n"
+        "from recloop import config\n"  # a module: recloop.config
+        "from serving.api import promote\n"  # a name: serving.api
+        "def f():\n"
+        "    from actors import ingestor as ing\n"  # inside a function
+        "    from .alignment import ipa\n"  # relative, from pipelines/demo.py
+    )
+    assert imports(src, "pipelines.demo") == [
+        (1, "models.onerec"),
+        (2, "recloop.config"),
+        (3, "serving.api"),
+        (5, "actors.ingestor"),
+        (6, "pipelines.alignment.ipa"),
     ]
-    assert not stale, f"no longer needed, delete from ALLOWED: {stale}"
+    assert imports("from . import state\n", "pipelines.continuous", package=True) == [
+        (1, "pipelines.continuous.state")
+    ]
 
 
-@pytest.mark.parametrize(
-    "module",
-    ["recloop.checkpoint", "recloop.context", "recloop.inference", "recloop.data", "models.ranker"],
-)
-def test_model_loading_sits_below_serving_and_training(module):
-    """What serving, the trainer and the DPO sampler load models with imports no floor
-    above the ground floor (no exception allowed)."""
-    path = ROOT.joinpath(*module.split(".")).with_suffix(".py")
-    above = [n for n in _imports(path) if n.split(".")[0] not in ("recloop", "models")]
-    assert not above, f"{module} imports {above}"
+def test_a_deliberately_bad_import_is_caught():
+    bad = (
+        "from recloop.config import StackConfig\n"
+        "from serving.api import promote\n"
+        "\n"
+        "def run():\n"
+        "    from serving.app import deploy\n"  # serving's internals
+        "    from actors.sim.driver import simulate\n"  # the actors' internals
+        "    import benchmarks.training\n"  # a tool
+    )
+    rule = RULES["pipelines"]
+    assert violations(bad, "pipelines.analysis.fake") == [
+        (5, "serving.app", rule),
+        (6, "actors.sim.driver", rule),
+        (7, "benchmarks.training", rule),
+    ]
+    monitor = "def f():\n    from pipelines.continuous import read_rounds\n"
+    assert violations(monitor, "recloop.monitor") == [(2, "pipelines.continuous", RULES["recloop"])]
+
+
+def test_each_floor_gets_its_own_rule():
+    assert broken_rule("models.onerec", "recloop.config") == RULES["models"]
+    assert broken_rule("features.store", "recloop.config") == RULES["features"]
+    assert broken_rule("recloop.monitor", "pipelines.continuous") == RULES["recloop"]
+    assert broken_rule("recloop.monitor", "serving.api") == RULES["recloop"]
+    assert broken_rule("recloop.stack", "features.store") is None
+    assert broken_rule("recloop.cli", "serving.api") is None
+    assert broken_rule("recloop.cli", "serving.app") == CLI_RULE
+    assert broken_rule("recloop.cli", "pipelines.demo") == CLI_RULE
+    assert broken_rule("serving.app", "actors.api") == RULES["serving"]
+    assert broken_rule("actors.sim.driver", "serving.api") is None
+    assert broken_rule("actors.sim.driver", "pipelines.continuous") == RULES["actors"]
+    assert broken_rule("pipelines.demo", "actors.api") is None
+    assert broken_rule("pipelines.demo", "actors.ingestor") == RULES["pipelines"]
+    assert broken_rule("pipelines.demo", "benchmarks.training") == RULES["pipelines"]
+    assert broken_rule("benchmarks.training", "serving.app") is None
+
+
+def test_a_cycle_between_folders_is_caught():
+    assert cycles([("serving", "recloop"), ("recloop", "models")]) == []
+    assert cycles([("serving", "recloop"), ("recloop", "features"), ("features", "serving")]) == [
+        ["features", "recloop", "serving"]
+    ]
+
+
+# --------------------------------------------------------------------------- the repository
+def test_every_import_keeps_to_its_floor():
+    found = [
+        f"  {path.relative_to(ROOT)}:{line}: {importer} imports {name}: breaks '{rule}'"
+        for path, importer, line, name in _scan()
+        if (rule := broken_rule(importer, name)) is not None
+    ]
+    assert not found, "imports across the floors (DESIGN.md, 'Floors'):\n" + "\n".join(found)
+
+
+def test_no_import_cycle_between_top_level_folders():
+    scan = [s for s in _scan() if not _under(s[1], CLI)]
+    edges = {(importer.split(".")[0], name.split(".")[0]) for _, importer, _, name in scan}
+    found = cycles(edges)
+    where = [
+        f"  {path.relative_to(ROOT)}:{line}: {importer} imports {name}"
+        for group in found
+        for path, importer, line, name in scan
+        if importer.split(".")[0] in group
+        and name.split(".")[0] in group
+        and importer.split(".")[0] != name.split(".")[0]
+    ]
+    assert not found, f"import cycles between folders {found}:\n" + "\n".join(where)
+
+
+@pytest.mark.parametrize("top", FLOORS)
+def test_the_scan_covers_the_floor(top):
+    assert _sources([top]), f"no Python file under {top}/"
+
+
+def test_the_public_apis_exist():
+    for module in PUBLIC_API.values():
+        assert _is_module(module), module
+
+
+def test_pipelines_reads_as_the_loop():
+    """``pipelines/`` holds one sub-package per stage and the demo job, nothing else."""
+    entries = {p.name for p in (ROOT / "pipelines").iterdir() if p.name not in ("__pycache__",)}
+    loose = {e for e in entries if e.endswith(".py")} - {"__init__.py", "demo.py"}
+    assert not loose, f"modules outside a stage's sub-package: {sorted(loose)}"
+    stages = {e for e in entries if (ROOT / "pipelines" / e / "__init__.py").is_file()}
+    assert stages == {"offline", "continuous", "alignment", "analysis"}

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from serving.registry import COMPLETE_MARKER, ModelRegistry, RegistryError
+from recloop.registry import COMPLETE_MARKER, ModelRegistry, RegistryError
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ def checkpoint(tmp_path_factory) -> Path:
     """A tiny but real OneRec checkpoint written by save_checkpoint."""
     from models.onerec import OneRec, OneRecConfig
     from models.tokenizer import SemanticIdTokenizer, TokenizerConfig
-    from pipelines.checkpoint import save_checkpoint
+    from recloop.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     cfg = OneRecConfig(
@@ -63,7 +63,7 @@ def _remote(tmp_path: Path) -> ModelRegistry:
 
 # ------------------------------------------------------------------------------- publish/fetch
 def test_publish_list_fetch_and_load(reg, checkpoint):
-    from pipelines.checkpoint import load_checkpoint
+    from recloop.checkpoint import load_checkpoint
 
     v = reg.publish("treatment", checkpoint, metrics={"recall@10": 0.25})
     assert v.startswith("v") and reg.versions("treatment") == [v]
@@ -250,7 +250,7 @@ def test_promote_refuses_unknown_versions_and_arms(reg, checkpoint):
 
 _PROMOTER = """
 import sys
-from serving.registry import ModelRegistry
+from recloop.registry import ModelRegistry
 reg = ModelRegistry(sys.argv[1])
 versions = sys.argv[2].split(",")
 for i in range(int(sys.argv[3])):
@@ -319,7 +319,7 @@ def test_file_uri_and_plain_path_see_the_same_registry(tmp_path, checkpoint):
 
 
 def test_non_local_filesystem_path(tmp_path, checkpoint):
-    from pipelines.checkpoint import load_checkpoint
+    from recloop.checkpoint import load_checkpoint
 
     reg = _remote(tmp_path)
     v = reg.publish("t", checkpoint, version="v1", metrics={"ndcg": 0.1})
@@ -359,10 +359,11 @@ def test_non_local_filesystem_path(tmp_path, checkpoint):
 
 def test_promotion_verifies_the_version_before_the_pointer_moves(tmp_path, checkpoint):
     from recloop.config import load_config
-    from serving.control import promote, registry
+    from recloop.registry import open_registry
+    from serving.api import promote
 
     cfg = load_config(overrides={"serve.registry_uri": str(tmp_path / "reg")}, env={})
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     reg.create_arm("a", "lin")
     good = reg.publish("lin", checkpoint, version="good")
     reg.promote("a", good)
@@ -383,7 +384,7 @@ def test_promotions_of_different_arms_take_turns_and_each_deploys_the_other(tmp_
     import time
 
     from recloop.config import load_config
-    from serving import control
+    from serving import api
 
     cfg = load_config(overrides={"home": str(tmp_path / "home")}, env={})
     current: dict[str, str] = {}
@@ -403,11 +404,11 @@ def test_promotions_of_different_arms_take_turns_and_each_deploys_the_other(tmp_
         deployed.append(snapshot)
         inside.pop()
 
-    monkeypatch.setattr(control, "registry", lambda cfg: Registry())
-    monkeypatch.setattr(control, "verify_version", lambda cfg, arm, version: None)
-    monkeypatch.setattr(control, "_redeploy", redeploy)
+    monkeypatch.setattr(api, "open_registry", lambda cfg: Registry())
+    monkeypatch.setattr(api, "verify_version", lambda cfg, arm, version: None)
+    monkeypatch.setattr(api, "_redeploy", redeploy)
     threads = [
-        threading.Thread(target=control.promote, args=(cfg, arm, f"{arm}-v1", lambda m: None))
+        threading.Thread(target=api.promote, args=(cfg, arm, f"{arm}-v1", lambda m: None))
         for arm in ("a", "b")
     ]
     for t in threads:

@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 
-from pipelines.report import FIGURES, main, render_report
+from pipelines.analysis.report import FIGURES, main, render_report
 
 FIGURE_IDS = [fid for fid, _, _ in FIGURES]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

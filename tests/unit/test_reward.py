@@ -23,7 +23,15 @@ from models.reward import (
     concordance,
     reward_loss,
 )
-from pipelines.checkpoint import (
+from pipelines.alignment.reward import (
+    RewardTrainConfig,
+    evaluate_reward,
+    fit_reward,
+    main,
+    reward_data,
+    split_holdout,
+)
+from recloop.checkpoint import (
     FILES,
     FORMAT,
     REWARD_FORMAT,
@@ -31,14 +39,6 @@ from pipelines.checkpoint import (
     load_reward,
     save_reward,
     validate_checkpoint,
-)
-from pipelines.reward import (
-    RewardTrainConfig,
-    evaluate_reward,
-    fit_reward,
-    main,
-    reward_data,
-    split_holdout,
 )
 
 torch.set_num_threads(1)
@@ -390,7 +390,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
 
 
 def test_a_reward_checkpoint_publishes_to_the_registry(tmp_path):
-    from serving.registry import ModelRegistry, RegistryError
+    from recloop.registry import ModelRegistry, RegistryError
 
     cfg = tiny()
     m = model_for(cfg)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from pipelines.train_onerec import OneRecRanker
+from pipelines.offline.train_onerec import OneRecRanker
 from recloop.config import PROJECT_ROOT, load_config
 from serving.app import LoadedModel, RecommendRequest, mirrored, render_serve_config
 
@@ -21,7 +21,7 @@ from serving.app import LoadedModel, RecommendRequest, mirrored, render_serve_co
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A real checkpoint from the pre-training job on generated data (seconds)."""
     out = tmp_path_factory.mktemp("ckpt") / "seed"
-    cmd = [sys.executable, "-m", "pipelines.pretrain", "--data", "synthetic", "--quick"]
+    cmd = [sys.executable, "-m", "pipelines.offline.pretrain", "--data", "synthetic", "--quick"]
     cmd += ["--dim", "32", "--threads", "1", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=600)
     return out
@@ -94,7 +94,7 @@ def test_a_cascade_arm_serves_distinct_real_items_outside_the_history():
 
 
 def test_only_a_model_arm_can_serve_by_cascade():
-    from serving.experiment import ArmSpec
+    from recloop.experiment import ArmSpec
 
     assert ArmSpec(name="a", share=1.0, scoring="cascade").scoring_options() == {
         "scoring": "cascade",
@@ -324,8 +324,8 @@ def test_a_new_replica_whose_version_rotted_serves_the_last_good_one(tiny_checkp
     no model to keep: it serves the newest version of the arm's history that loads."""
     import asyncio
 
+    from recloop.registry import ModelRegistry
     from serving.app import Recommender
-    from serving.registry import ModelRegistry
 
     reg = ModelRegistry(str(tmp_path / "registry"))
     reg.create_arm("treatment", "treatment")

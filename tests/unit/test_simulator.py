@@ -13,8 +13,8 @@ import pytest
 
 from actors.sim.runfile import SimulationConfig, load_run
 from actors.sim.simulator import Population, RequestFailed, Simulator, event_id, schedule
-from pipelines.data import synthetic
 from recloop.config import PROJECT_ROOT
+from recloop.data import synthetic
 from recloop.events import Interaction, decode, encode
 
 T0 = 1_800_000_000_000

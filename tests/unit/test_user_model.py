@@ -17,7 +17,7 @@ from actors.sim.user_model import (
     UserState,
     auc,
 )
-from pipelines.data import synthetic
+from recloop.data import synthetic
 
 T0 = 1_700_000_000_000  # simulation epoch, ms
 DAY_MS = 86_400_000
@@ -472,7 +472,7 @@ def test_load_refuses_non_finite_weights(model, tmp_path):
 
 
 def test_fit_job_writes_a_loadable_model(tmp_path, capsys):
-    from pipelines.fit_user_model import main
+    from actors.sim.fit_user_model import main
 
     out = tmp_path / "job"
     assert (

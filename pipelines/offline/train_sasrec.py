@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from models.sasrec import SASRec, SASRecConfig
-from pipelines.evaluation import evaluate_full
+from pipelines.offline.evaluation import evaluate_full
 
 
 def make_windows(sequences: Sequence[list[int]], max_len: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The experiment report of ``recloop demo``: one self-contained HTML page plus PNG figures.
 
 Everything is drawn from the JSON summary the demo writes (see ``render_report``), so a
-saved summary re-renders the same report: ``python -m pipelines.report SUMMARY.json``.
+saved summary re-renders the same report: ``python -m pipelines.analysis.report SUMMARY.json``.
 
 The page shows a header (run id, machine, wall time, arms with their traffic shares and
 learning mode, data, seed checkpoint), the headline sentence, the verdict table (lift of
@@ -604,9 +604,10 @@ def render_report(summary: dict, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines.report SUMMARY.json [--out DIR]``: re-render a saved summary."""
+    """``python -m pipelines.analysis.report SUMMARY.json [--out DIR]``: re-render a saved
+    summary."""
     ap = argparse.ArgumentParser(
-        prog="python -m pipelines.report", description=__doc__.splitlines()[0]
+        prog="python -m pipelines.analysis.report", description=__doc__.splitlines()[0]
     )
     ap.add_argument("summary", type=Path, help="the demo's JSON summary")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: its folder)")

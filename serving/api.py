@@ -1,9 +1,20 @@
-"""What the CLI does to the service: deploy it, publish checkpoints, promote, roll back.
+"""Serving's public API: what the other floors (the CLI, the jobs of ``pipelines/``, the
+simulation driver in ``actors/``) do to the service. Everything else in ``serving/`` is
+internal to it.
 
-A promotion is two steps: the registry records the arm's new version (the source of
-truth, written atomically), then the application is redeployed with that version in the
-arm's ``user_config``. Serve applies a changed ``user_config`` to running replicas in
-place (``Recommender.reconfigure``): no replica restarts, no request dropped.
+    serve_up           deploy the service (its arms get their models first: ``ensure_arms``)
+    ensure_arms        every arm of the experiment has a version in the registry
+    latest_seed        the newest pre-trained seed checkpoint
+    promote, rollback  change an arm's version and hot-swap the replicas
+    service_deployed   whether the service runs on the stack's Serve
+    arms_report        the registry's view of the arms, and the live one
+    dashboard_url      where the live dashboard answers
+
+A promotion is two steps: the registry (``recloop.registry``, the ground floor's) records
+the arm's new version (the source of truth, written atomically), then the application is
+redeployed with that version in the arm's ``user_config``. Serve applies a changed
+``user_config`` to running replicas in place (``Recommender.reconfigure``): no replica
+restarts, no request dropped.
 """
 
 from __future__ import annotations
@@ -16,14 +27,22 @@ from pathlib import Path
 from typing import Any
 
 from recloop.config import PROJECT_ROOT, StackConfig
+from recloop.registry import open_registry
 
 Progress = Callable[[str], None]
 
-
-def registry(cfg: StackConfig):
-    from serving.registry import ModelRegistry
-
-    return ModelRegistry(cfg.registry_uri)
+__all__ = [
+    "arms_report",
+    "dashboard_url",
+    "ensure_arms",
+    "latest_seed",
+    "print_json",
+    "promote",
+    "rollback",
+    "serve_up",
+    "service_deployed",
+    "verify_version",
+]
 
 
 def latest_seed(cfg: StackConfig) -> Path | None:
@@ -42,9 +61,9 @@ def latest_seed(cfg: StackConfig) -> Path | None:
 def ensure_arms(cfg: StackConfig, seed: Path | None = None, progress: Progress = print) -> dict:
     """Every arm of the experiment exists in the registry and has a version: an arm
     without one gets the seed checkpoint (published once into its lineage)."""
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     experiment = load_experiment(cfg.serve.experiment)
     published: dict[str, str] = {}
     for spec in experiment.arms:
@@ -133,7 +152,7 @@ def verify_version(cfg: StackConfig, arm: str, version: str) -> None:
 
     from recloop.checkpoint import validate_checkpoint
 
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     with tempfile.TemporaryDirectory(prefix="recloop-verify-") as tmp:
         validate_checkpoint(reg.fetch(reg.arm(arm)["lineage"], version, cache_dir=tmp))
 
@@ -161,7 +180,7 @@ def promote(cfg: StackConfig, arm: str, version: str, progress: Progress = print
     they load, so a version corrupted after this check is not served either.)"""
     verify_version(cfg, arm, version)
     with promotion_lock(cfg):
-        record = registry(cfg).promote(arm, version)
+        record = open_registry(cfg).promote(arm, version)
         progress(f"arm {arm}: {version} is current; reconfiguring replicas")
         _redeploy(cfg, progress)
     return record
@@ -169,7 +188,7 @@ def promote(cfg: StackConfig, arm: str, version: str, progress: Progress = print
 
 def rollback(cfg: StackConfig, arm: str, progress: Progress = print) -> dict:
     with promotion_lock(cfg):
-        record = registry(cfg).rollback(arm)
+        record = open_registry(cfg).rollback(arm)
         progress(f"arm {arm}: back to {record['current']}; reconfiguring replicas")
         _redeploy(cfg, progress)
     return record
@@ -179,10 +198,10 @@ def arms_report(cfg: StackConfig) -> dict[str, Any]:
     """Registry view (and the live one from ``GET /arms`` when the service answers)."""
     import requests
 
-    from serving.experiment import load_experiment
+    from recloop.experiment import load_experiment
 
     experiment = load_experiment(cfg.serve.experiment)
-    reg = registry(cfg)
+    reg = open_registry(cfg)
     known = reg.arms()
     out: dict[str, Any] = {"experiment": experiment.name, "arms": {}}
     for spec in experiment.arms:
@@ -206,3 +225,10 @@ def arms_report(cfg: StackConfig) -> dict[str, Any]:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+def dashboard_url(cfg: StackConfig) -> str:
+    """The live dashboard's URL (``serving.dashboard``, deployed with the service)."""
+    from serving.dashboard import ROUTE
+
+    return f"http://{cfg.ray.host}:{cfg.ray.serve_port}{ROUTE}"

@@ -5,7 +5,7 @@ run's interactions back from Kafka between the offsets noted at its start and en
 events tagged with the run's id count: other traffic may share the topic), checks that
 every event the simulator produced came back exactly once, rebuilds one row per served
 session, joins the simulator's ledger for the hidden model's expected and oracle values,
-and hands the sessions to ``pipelines.ab_stats``. Prints a table; saves
+and hands the sessions to ``recloop.ab_stats``. Prints a table; saves
 ``analysis.json`` in the run folder (or ``--out``).
 """
 
@@ -109,7 +109,7 @@ def first_vs_returning(sessions: pd.DataFrame) -> dict[str, dict[str, Any]]:
 
 def analyze_run(cfg: Any, run_dir: Path, overrides: dict | None = None) -> dict[str, Any]:
     """The analysis of one run folder (``cfg``: the stack config, for Kafka)."""
-    from pipelines.ab_stats import AnalysisConfig, analyze
+    from recloop.ab_stats import AnalysisConfig, analyze
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     ledger = pd.read_parquet(run_dir / "ledger.parquet")
@@ -157,8 +157,8 @@ def analyze_run(cfg: Any, run_dir: Path, overrides: dict | None = None) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from actors.sim.driver import resolve_run
-    from pipelines.ab_stats import format_table
+    from actors.api import resolve_run
+    from recloop.ab_stats import format_table
     from recloop.config import load_config
 
     ap = argparse.ArgumentParser(prog="recloop analyze", description=__doc__.split("\n\n")[0])

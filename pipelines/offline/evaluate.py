@@ -1,9 +1,9 @@
 """Offline evaluation job: leave-one-out split, train a model, rank the test targets.
 
-    python -m pipelines.evaluate --model pop --data /path/to/ml-100k
-    python -m pipelines.evaluate --model sasrec --data ratings.csv --epochs 50 --out r.json
-    python -m pipelines.evaluate --model pop,sasrec,onerec -o sasrec.lr=0.003 --out cmp.json
-    python -m pipelines.evaluate --model onerec,onerec:infonce,onerec:cascade \
+    python -m pipelines.offline.evaluate --model pop --data /path/to/ml-100k
+    python -m pipelines.offline.evaluate --model sasrec --data ratings.csv --epochs 50 --out r.json
+    python -m pipelines.offline.evaluate --model pop,sasrec,onerec -o sasrec.lr=0.003 --out cmp.json
+    python -m pipelines.offline.evaluate --model onerec,onerec:infonce,onerec:cascade \
         -o onerec.infonce_weight=1 -o onerec.cascade_weight=1
 
 Several models in one run share the split and the seed and end in one comparison table;
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.datasets import TIES, load_dataset, movielens_folder
-from pipelines.evaluation import (
+from pipelines.offline.datasets import TIES, load_dataset, movielens_folder
+from pipelines.offline.evaluation import (
     Ranker,
     Split,
     evaluate_sampled,
@@ -67,7 +67,7 @@ def build_sasrec(split: Split, seed: int, options: dict[str, Any], ds: Any = Non
     from dataclasses import asdict, fields
 
     from models.sasrec import SASRecConfig
-    from pipelines.train_sasrec import train_sasrec
+    from pipelines.offline.train_sasrec import train_sasrec
 
     cfg_keys = {f.name for f in fields(SASRecConfig)} - {"num_items"}
     defaults = inspect.signature(train_sasrec).parameters
@@ -106,8 +106,8 @@ def build_onerec(split: Split, seed: int, options: dict[str, Any], ds: Any = Non
     from dataclasses import fields, replace
 
     from models.onerec import OneRecConfig
-    from pipelines.pretrain import default_config, fit_onerec, genre_features
-    from pipelines.train_onerec import TrainConfig
+    from pipelines.offline.pretrain import default_config, fit_onerec, genre_features
+    from pipelines.offline.train_onerec import TrainConfig
 
     options = dict(options)
     content_dir = options.pop("content_dir", None)
@@ -120,7 +120,7 @@ def build_onerec(split: Split, seed: int, options: dict[str, Any], ds: Any = Non
         raise ValueError(f"unknown onerec option(s): {', '.join(sorted(unknown))}")
     context = None
     if descriptors or options.get("anchors"):
-        from pipelines.context import OfflineContext
+        from pipelines.offline.context import OfflineContext
 
         if ds is None:
             raise ValueError("descriptors / anchors need the dataset the split came from")
@@ -137,7 +137,7 @@ def build_onerec(split: Split, seed: int, options: dict[str, Any], ds: Any = Non
     cfg = replace(cfg, seed=seed, **{k: v for k, v in options.items() if k in train_keys})
     content = None
     if content_dir is not None:
-        from pipelines.datasets import load_dataset
+        from pipelines.offline.datasets import load_dataset
 
         content = genre_features(load_dataset(content_dir), Path(content_dir))
     ranker, tokenizer, history, info = fit_onerec(split, cfg, content, context=context)
@@ -422,7 +422,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.evaluate", description=__doc__.split("\n\n")[0]
+        prog="python -m pipelines.offline.evaluate", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--model",

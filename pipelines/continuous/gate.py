@@ -16,7 +16,7 @@ b. **offline metric on the held-out slice**: the round's newest sessions, never 
    whole catalogue given the user's history (``OneRecRanker.score``: log p(item is the
    first item of the next session)); history items are excluded from the ranking unless
    they are also engaged items, and ties are broken pessimistically (rank = 1 + the items
-   scoring >= the item), as in ``pipelines.evaluation``. The relevant items are the
+   scoring >= the item), as in ``pipelines.offline.evaluation``. The relevant items are the
    session's engaged (clicked) items; per session
 
        NDCG@k   = sum_{engaged t, rank_t <= k} 1/log2(1 + rank_t) / IDCG(min(|T|, k))

@@ -38,6 +38,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from recloop.config import StackConfig
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 METRICS_FILE = "metrics.json"
@@ -568,6 +570,16 @@ class ModelRegistry:
         record["current"] = target
         self._write_arm(record)
         return record
+
+
+def open_registry(cfg: StackConfig) -> ModelRegistry:
+    """The stack's registry (``cfg.registry_uri``)."""
+    return ModelRegistry(cfg.registry_uri)
+
+
+def reward_arm(arm: str) -> str:
+    """The registry pseudo-arm (and lineage) of an arm's session reward model."""
+    return f"{arm}.reward"
 
 
 def _served_stack(history: list[dict]) -> list[str]:

@@ -1,6 +1,6 @@
 """Paired comparison of two models of one ``recloop eval`` run, on the same test users.
 
-    python -m pipelines.paired RESULT.json MODEL_A MODEL_B [--k 10] [--resamples 10000]
+    python -m pipelines.analysis.paired RESULT.json MODEL_A MODEL_B [--k 10] [--resamples 10000]
 
 Reads each model's per-user test ranks (``test_ranks``, written by ``recloop eval``),
 computes NDCG@k and HR@k per user, and bootstraps the users (the same resample for both
@@ -62,7 +62,7 @@ def compare(result: dict[str, Any], model_a: str, model_b: str, k: int = 10, **k
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.paired", description=__doc__.split("\n\n")[0]
+        prog="python -m pipelines.analysis.paired", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("result", type=Path, help="a recloop eval JSON")
     parser.add_argument("model_a")

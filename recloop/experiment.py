@@ -1,6 +1,6 @@
 """A/B experiment config: which arms exist, their traffic shares, and who sees which arm.
 
-An experiment is a list of arms, each backed by a registry lineage (see ``serving.registry``)
+An experiment is a list of arms, each backed by a registry lineage (see ``recloop.registry``)
 and taking a share of users. Assignment hashes ``"<salt>:<user_id>"`` with SHA-256, so it is
 stable across processes, machines and restarts (no Python ``hash()`` randomisation), and a new
 salt reshuffles users for a fresh experiment. The config lives in YAML
@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # the registry's name rule (serving.registry)
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # the registry's name rule (recloop.registry)
 SHARE_TOLERANCE = 1e-6
 DEFAULT_EXPERIMENT_PATH = (
     Path(__file__).resolve().parents[1] / "infra" / "serve" / "experiment.yaml"

@@ -114,7 +114,7 @@ def build_pairs(
     generating version (None if the registry does not have it: such pairs are dropped);
     reference log-probabilities come from it, in eval mode."""
     from models.dpo import session_logprob
-    from pipelines.train_onerec import code_table, pad_histories
+    from pipelines.offline.train_onerec import code_table, pad_histories
 
     to_model = {int(d): m for m, d in enumerate(item_ids, start=1)}
     info = {"read": len(events), "other_arm": 0, "unknown_items": 0, "no_reference": 0}
@@ -157,7 +157,7 @@ def build_pairs(
 def registry_reference(reg: Any, lineage: str, cache_dir: Path):
     """``reference`` for ``build_pairs``: a version of ``lineage`` loaded from the
     registry (None when the lineage does not hold it)."""
-    from pipelines.checkpoint import load_checkpoint
+    from recloop.checkpoint import load_checkpoint
 
     known = set(reg.versions(lineage))
 
@@ -187,11 +187,11 @@ def update_reward_model(
     what happened (version, AUCs, promoted), for the round's record."""
     import shutil
 
-    from actors.dpo_sampler import reward_arm
     from models.reward import RewardConfig
-    from pipelines.checkpoint import load_reward, save_reward
-    from pipelines.continuous import _plain
-    from pipelines.reward import RewardTrainConfig, fit_reward, reward_data
+    from pipelines.alignment.reward import RewardTrainConfig, fit_reward, reward_data
+    from recloop.checkpoint import load_reward, save_reward
+    from recloop.registry import reward_arm
+    from recloop.train_state import plain
 
     t0 = time.monotonic()
     name = reward_arm(arm)
@@ -218,7 +218,7 @@ def update_reward_model(
     out = work_dir / f"reward-r{round_no:05d}"
     shutil.rmtree(out, ignore_errors=True)
     save_reward(out, model, item_ids, {"round": round_no, "base_version": base_version})
-    reg.publish(name, out, version=version, metrics=_plain(report))
+    reg.publish(name, out, version=version, metrics=plain(report))
     shutil.rmtree(out, ignore_errors=True)
     auc = (report.get("holdout") or {}).get("auc", {})
     vtr = auc.get("vtr")

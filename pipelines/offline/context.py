@@ -2,8 +2,7 @@
 descriptors and preference anchors) of every session of a leave-one-out split.
 
 The row itself is ``recloop.context.ContextBuilder``'s, the very one serving builds per
-request (see there for the fields); this module re-exports it, ``tag_bucket`` and
-``live_popularity`` for existing imports.
+request (see there for the fields).
 """
 
 from __future__ import annotations
@@ -15,32 +14,9 @@ from typing import Any
 
 import torch
 
-from pipelines.datasets import SequenceDataset
-from pipelines.evaluation import Split
-from recloop.context import (
-    AGE_EDGES,
-    SPEC_VERSION,
-    TAG_BUCKETS,
-    TAG_PREFIX,
-    TIME_FIELDS,
-    USER_FIELDS,
-    ContextBuilder,
-    live_popularity,
-    tag_bucket,
-)
-
-__all__ = [
-    "AGE_EDGES",
-    "SPEC_VERSION",
-    "TAG_BUCKETS",
-    "TAG_PREFIX",
-    "TIME_FIELDS",
-    "USER_FIELDS",
-    "ContextBuilder",
-    "OfflineContext",
-    "live_popularity",
-    "tag_bucket",
-]
+from pipelines.offline.datasets import SequenceDataset
+from pipelines.offline.evaluation import Split
+from recloop.context import TAG_BUCKETS, TAG_PREFIX, TIME_FIELDS, USER_FIELDS, ContextBuilder
 
 
 class OfflineContext:
@@ -79,7 +55,7 @@ class OfflineContext:
         if anchors:
             if data is None:
                 raise ValueError(f"{ds.name}: preference anchors need genres (MovieLens u.item)")
-            from pipelines.pretrain import genre_features
+            from pipelines.offline.pretrain import genre_features
 
             genres = genre_features(ds, Path(), data)
             counts = Counter(i for seq in split.train for i in seq)

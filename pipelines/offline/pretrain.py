@@ -22,9 +22,9 @@ import torch
 
 from models.onerec import OneRecConfig
 from models.tokenizer import SemanticIdTokenizer, TokenizerConfig
-from pipelines.datasets import SequenceDataset, from_interaction_data, load_dataset
-from pipelines.evaluation import Split, evaluate_full, leave_one_out
-from pipelines.train_onerec import (
+from pipelines.offline.datasets import SequenceDataset, from_interaction_data, load_dataset
+from pipelines.offline.evaluation import Split, evaluate_full, leave_one_out
+from pipelines.offline.train_onerec import (
     OneRecRanker,
     TrainConfig,
     build_tokenizer,
@@ -62,7 +62,7 @@ def fit_onerec(
     cfg: TrainConfig,
     content: torch.Tensor | None = None,
     log=_log,
-    context=None,  # pipelines.context.OfflineContext, for a model that takes one
+    context=None,  # pipelines.offline.context.OfflineContext, for a model that takes one
 ) -> tuple[OneRecRanker, SemanticIdTokenizer, list[dict], dict]:
     """Tokenizer + model trained on ``split.train``, early-stopped on validation."""
     torch.manual_seed(cfg.seed)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     context = None
     tags = [t.strip() for t in args.context_tags.split(",") if t.strip()]
     if args.descriptors or args.anchors or tags:
-        from pipelines.context import OfflineContext
+        from pipelines.offline.context import OfflineContext
 
         context = OfflineContext(
             ds, split, data, descriptors=args.descriptors, anchors=args.anchors, tags=tags

@@ -1,6 +1,6 @@
 """Fit the simulator's hidden user-response model and write it with its held-out report.
 
-    python -m pipelines.fit_user_model [--data DIR|synthetic] [--out DIR] [--epochs N] [--seed S]
+    python -m actors.sim.fit_user_model [--data DIR|synthetic] [--out DIR] [--epochs N] [--seed S]
 
 Reads MovieLens-100k in place (default: ``DataConfig().movielens_dir``) or generates the
 synthetic stand-in, fits ``actors.sim.user_model.HiddenUserModel`` (``--kind``) on each
@@ -29,7 +29,7 @@ def _log(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.fit_user_model", description=__doc__.split("\n\n")[0]
+        prog="python -m actors.sim.fit_user_model", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--data",

@@ -1,6 +1,7 @@
 """A minimal Serve application that proves the stack can serve HTTP: ``GET /ping``
-answers with the replica and node that handled it. Used by ``recloop smoke`` and the
-stack's integration tests."""
+answers with the replica and node that handled it. Used by ``recloop smoke``
+(``recloop.smoke``) and the stack's integration tests; nothing of the recommender, so it
+sits with the stack on the ground floor."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from recloop.config import ConfigError, StackConfig
+from recloop.config import PROJECT_ROOT, ConfigError, StackConfig
 from recloop.procs import (
     PrerequisiteMissing,
     log_tail,
@@ -28,7 +28,7 @@ from recloop.procs import (
     terminate,
 )
 
-HERE = Path(__file__).resolve().parent
+HERE = PROJECT_ROOT / "infra" / "kafka"  # the broker's assets: its POM and log4j2 config
 POM = HERE / "pom.xml"
 LOG4J_CONFIG = HERE / "log4j2.properties"
 
@@ -197,7 +197,7 @@ class KafkaBroker:
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": "1",
-            # Topics come from infra/kafka/topics.py or are created explicitly by tests.
+            # Topics come from recloop/topics.py or are created explicitly by tests.
             "auto.create.topics.enable": "false",
             "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "10",

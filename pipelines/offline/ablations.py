@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.datasets import load_dataset
-from pipelines.evaluation import evaluate_full, hr_at_k, leave_one_out, ndcg_at_k
-from pipelines.pretrain import default_config, fit_onerec, genre_features
-from pipelines.train_onerec import OneRecRanker
+from pipelines.offline.datasets import load_dataset
+from pipelines.offline.evaluation import evaluate_full, hr_at_k, leave_one_out, ndcg_at_k
+from pipelines.offline.pretrain import default_config, fit_onerec, genre_features
+from pipelines.offline.train_onerec import OneRecRanker
 from recloop.config import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_dataset(args.data)
     split = leave_one_out(ds)
     if args.beams_only:
-        from pipelines.train_onerec import code_table
+        from pipelines.offline.train_onerec import code_table
         from recloop.checkpoint import load_checkpoint
 
         ck = load_checkpoint(args.beams_only)

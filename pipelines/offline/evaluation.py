@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from pipelines.datasets import SequenceDataset
+from pipelines.offline.datasets import SequenceDataset
 
 
 @runtime_checkable
@@ -52,7 +52,7 @@ class Split:
     num_items: int
     # Per user, whether the test target has the same timestamp as the item before it
     # (None when the data has no times): the order of such pairs is the file's, or the
-    # item ids' (``pipelines.datasets``), not the user's.
+    # item ids' (``pipelines.offline.datasets``), not the user's.
     test_tied: list[bool] | None = None
 
 

@@ -1,6 +1,6 @@
 """Training the session reward model (``models/reward``) on the lake's served sessions.
 
-    python -m pipelines.reward --home DIR --checkpoint SEED_DIR [--epochs N] [--out DIR]
+    python -m pipelines.alignment.reward --home DIR --checkpoint SEED_DIR [--epochs N] [--out DIR]
 
 Each lake session row (one served session with its feedback joined position by
 position) becomes one example: the user's history before the session, the served items,
@@ -268,7 +268,7 @@ def evaluate_reward(model: SessionRewardModel, data: RewardData, batch_size: int
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.reward", description=__doc__.split("\n\n")[0]
+        prog="python -m pipelines.alignment.reward", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--home", required=True, help="the stack's home (its lake is home/lake)")
     parser.add_argument("--checkpoint", required=True, help="OneRec seed checkpoint (item ids)")

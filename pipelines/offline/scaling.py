@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from models.onerec import OneRec
-from pipelines.datasets import load_dataset
-from pipelines.evaluation import Split, leave_one_out
-from pipelines.train_onerec import (
+from pipelines.offline.datasets import load_dataset
+from pipelines.offline.evaluation import Split, leave_one_out
+from pipelines.offline.train_onerec import (
     TrainConfig,
     build_tokenizer,
     code_table,
@@ -149,7 +149,7 @@ def run_study(
     stride: int = 5,
     log=_log,
 ) -> dict[str, Any]:
-    from pipelines.pretrain import default_config
+    from pipelines.offline.pretrain import default_config
 
     ds = load_dataset(data)
     split = leave_one_out(ds)
