@@ -15,6 +15,8 @@ VENV       := .venv
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.recloop-installed
 PYTEST_ARGS ?=
+# make test's pytest-xdist workers (tests/conftest.py groups the integration tests); 0: one process
+TEST_WORKERS ?= 2
 
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
@@ -50,7 +52,7 @@ demo-quick: install  ## the same on a sample of users, smaller rounds (~5 min)
 	$(BIN)/recloop demo --quick
 
 test: install  ## the whole suite: unit + integration against a real Kafka, Ray and Feast
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-unit: install  ## unit tests only (no broker, no Ray head)
 	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)

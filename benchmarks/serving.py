@@ -139,10 +139,12 @@ def _run_load(
 
 def _replicas(app_name: str) -> dict[str, int]:
     """Serve replica actor → its pid, for the deployments of ``app_name``."""
+    import ray
     from ray.util.state import list_actors
 
+    here = ray.get_runtime_context().gcs_address  # other Ray clusters may run beside it
     out = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+    for a in list_actors(address=here, filters=[("state", "=", "ALIVE")], limit=1000):
         name = a.class_name or ""
         if name.startswith(f"ServeReplica:{app_name}:") and a.pid:
             out[f"{name.split(':')[-1]}-{a.actor_id[:6]}"] = a.pid

@@ -281,18 +281,32 @@ class KafkaBroker:
         argv.insert(2, f"-Xms{min(self.kcfg.heap_mb, 256)}m")
         argv.insert(3, "-Drecloop.kafka.loglevel=INFO")
         started = time.monotonic()
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         proc = spawn(argv, self.log_file, self.pid_file)
         progress(f"starting Kafka {self.version} on {self.kcfg.bootstrap} (pid {proc.pid})")
-        self.wait_ready(proc.pid)
+        self.wait_ready(proc.pid, proc, offset)
         return f"started (pid {proc.pid}) in {time.monotonic() - started:.1f} s"
 
-    def wait_ready(self, pid: int) -> None:
+    def wait_ready(
+        self, pid: int, proc: subprocess.Popen[bytes] | None = None, log_from: int = 0
+    ) -> None:
+        """Until the broker answers. ``proc``: the process just spawned, judged alive by
+        its exit status; its command line can read empty or be the launcher's while the
+        JVM starts (seen on a loaded machine), so the pid-file check (command line has
+        our properties file) is kept for a broker started earlier."""
         deadline = time.monotonic() + self.kcfg.start_timeout_s
         while time.monotonic() < deadline:
-            if read_pid(self.pid_file, str(self.properties)) != pid:
+            exited = (
+                proc.poll() is not None
+                if proc is not None
+                else read_pid(self.pid_file, str(self.properties)) != pid
+            )
+            if exited:
+                code = f" (code {proc.returncode})" if proc is not None else ""
+                self.pid_file.unlink(missing_ok=True)
                 raise RuntimeError(
-                    f"the Kafka broker exited during start; last lines of {self.log_file}:\n"
-                    + log_tail(self.log_file)
+                    f"the Kafka broker exited during start{code}; last lines of "
+                    f"{self.log_file}:\n" + log_tail(self.log_file, since=log_from)
                 )
             if port_open(self.kcfg.host, self.kcfg.port) and probe(self.kcfg.bootstrap, 2.0):
                 return

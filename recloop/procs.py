@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,11 +28,26 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+# Where free_port looks: below Linux's ephemeral range (32768-60999, which the OS hands to
+# every bind to port 0, Ray's gRPC servers included) and above Ray's worker ports
+# (10002-19999). A port taken from the ephemeral range can be handed to another process
+# between the pick and the broker's bind, which happens when two stacks start at once.
+FREE_PORTS = (20000, 32767)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free right now (for tests and ephemeral stacks)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port that is free right now, outside the ranges the OS and Ray hand out (for
+    tests, benchmarks and ephemeral stacks)."""
+    rng = random.Random(os.urandom(8))
+    for _ in range(200):
+        port = rng.randint(*FREE_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {FREE_PORTS[0]}-{FREE_PORTS[1]} on {host}")
 
 
 def read_pid(pid_file: Path, marker: str) -> int | None:
@@ -139,8 +155,18 @@ def reap(procs: list[psutil.Process], timeout_s: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def log_tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path, lines: int = 20, since: int = 0) -> str:
+    """The last ``lines`` of a log from byte ``since`` on (a log appended across runs:
+    this run's part), after its first ERROR lines (a process that fails logs why once,
+    then pages of shutdown)."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with open(path, "rb") as fh:
+            fh.seek(since)
+            text = fh.read().decode(errors="replace").splitlines()
     except FileNotFoundError:
         return f"(no log at {path})"
+    if not text:
+        return f"(nothing in {path} yet)"
+    tail = text[-lines:]
+    errors = [ln for ln in text[:-lines] if " ERROR " in ln or ln.startswith("ERROR")][:5]
+    return "\n".join([*errors, "...", *tail] if errors else tail)

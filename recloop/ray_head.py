@@ -167,7 +167,7 @@ class RayHead:
                 self.pid_file.unlink(missing_ok=True)
                 raise RuntimeError(
                     f"the Ray head exited during start (code {proc.returncode}); last lines of "
-                    f"{self.log_file}:\n{log_tail(self.log_file)}"
+                    f"{self.log_file}:\n{log_tail(self.log_file, since=offset)}"
                 )
             with open(self.log_file, "rb") as fh:
                 fh.seek(offset)

@@ -3,6 +3,8 @@ integration tests, on free ports and a throw-away home, sharing the jar cache.""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 import time
@@ -18,6 +20,21 @@ from recloop.config import PROJECT_ROOT, StackConfig
 SHARED_CACHE = PROJECT_ROOT / ".recloop" / "cache"
 
 
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup). The tests on
+# the session stack form one group, run in order by one worker (one stack, one driver);
+# each module that brings up a stack or a broker of its own is a group of its own; unit
+# tests go wherever a worker is free. Most of an integration test's time is waiting (on a
+# JVM, a Ray head, a deployment, virtual traffic), so two of them overlap well on 2 cores.
+#
+# The groups are computed here and handed to a scheduler of our own: xdist 3.8 groups by
+# a suffix it writes to the private ``_nodeid``, which pytest 9.2 no longer reads (nodeid
+# is derived from ``_id``), so its own loadgroup runs a group's tests on any worker. Each
+# worker writes {nodeid: group} to a folder the controller names (GROUPS_ENV) while it
+# collects; the controller's scheduler reads the files once every worker has collected.
+SESSION_STACK_FIXTURES = frozenset({"stack", "ray_driver", "feature_store", "topic_factory"})
+GROUPS_ENV = "RECLOOP_TEST_GROUPS"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # On a 2-core machine shared with a Ray head and a broker, torch's worker threads
     # spin waiting for each other and small ops slow down by ~100x; tests check
@@ -25,6 +42,59 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
+    workers = getattr(config.option, "numprocesses", None)
+    if workers and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller, before
+        os.environ[GROUPS_ENV] = tempfile.mkdtemp(prefix="recloop-groups-")  # it spawns
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(GROUPS_ENV):
+        shutil.rmtree(os.environ.pop(GROUPS_ENV), ignore_errors=True)
+
+
+def xdist_group_of(item: pytest.Item) -> str | None:
+    """The worker group of an integration test (None: a unit test, free to go anywhere)."""
+    if item.get_closest_marker("integration") is None:
+        return None
+    if SESSION_STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "session-stack"
+    return item.module.__name__ if isinstance(item, pytest.Function) else item.nodeid
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    worker, folder = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(GROUPS_ENV)
+    if worker and folder:  # before the worker reports its collection to the controller
+        groups = {i.nodeid: g for i in items if (g := xdist_group_of(i)) is not None}
+        (Path(folder) / f"{worker}.json").write_text(json.dumps(groups))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN201 (xdist's type)
+    folder = os.environ.get(GROUPS_ENV)
+    if config.getvalue("dist") != "loadgroup" or not folder:
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        """xdist's scope scheduling with our groups as the scopes (a test of no group is
+        a scope of its own); the biggest group goes out first."""
+
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                self.groups = {}
+                for f in sorted(Path(folder).glob("*.json")):
+                    self.groups.update(json.loads(f.read_text()))
+            return self.groups.get(nodeid, nodeid)
+
+    return GroupScheduling(config, log)
+
+
+def run_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every xdist worker of this run sees (the run's base temp folder; without
+    xdist, this process's own)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def isolated_config(home: Path, **extra: object) -> StackConfig:
@@ -197,8 +267,16 @@ def quick_checkpoint(out: Path, seed: int, *extra: str) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     """Two quick seed checkpoints on the generated data (seeds 0 and 1)."""
-    root = tmp_path_factory.mktemp("ckpts")
-    return quick_checkpoint(root / "a", 0), quick_checkpoint(root / "b", 1)
+    from filelock import FileLock
+
+    root = run_shared_dir(tmp_path_factory) / "ckpts"  # built once, by the first worker
+    with FileLock(f"{root}.lock"):
+        if not (root / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            quick_checkpoint(root / "a", 0)
+            quick_checkpoint(root / "b", 1)
+            (root / "done").touch()
+    return root / "a", root / "b"
 
 
 @pytest.fixture(scope="session")
@@ -218,13 +296,21 @@ FAULTS_JSON = PROJECT_ROOT / "tests" / "artifacts" / "faults.json"
 
 @pytest.fixture(scope="session")
 def _fault_records() -> Iterator[list[dict]]:
+    from filelock import FileLock
+
     records: list[dict] = []
     yield records
-    if records:
-        import json
-
-        FAULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-        FAULTS_JSON.write_text(json.dumps({"faults": records}, indent=1))
+    if not records:
+        return
+    FAULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # xdist: each worker adds its own
+    with FileLock(f"{FAULTS_JSON}.lock"):
+        earlier: list[dict] = []
+        if run and FAULTS_JSON.exists():
+            prev = json.loads(FAULTS_JSON.read_text())
+            earlier = prev["faults"] if prev.get("run") == run else []
+        doc = {"run": run, "faults": earlier + records}
+        FAULTS_JSON.write_text(json.dumps(doc, indent=1))
 
 
 @pytest.fixture

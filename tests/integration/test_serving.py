@@ -280,11 +280,13 @@ def test_a_corrupted_version_is_never_promoted_nor_served(service, checkpoints, 
 
 
 def _replica_actors(deployment: str) -> list[str]:
+    import ray
     from ray.util.state import list_actors
 
+    here = ray.get_runtime_context().gcs_address  # other Ray clusters may run beside it
     return sorted(
         a.name
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        for a in list_actors(address=here, filters=[("state", "=", "ALIVE")], limit=1000)
         if a.name and a.name.startswith("SERVE_REPLICA::") and f"#{deployment}#" in a.name
     )
 
@@ -300,7 +302,10 @@ def test_a_replica_killed_under_load_costs_no_request(service, fault_record):
 
     cfg, base = service
     deployment = "recommender-treatment"
-    (victim,) = _replica_actors(deployment)
+    deadline = time.monotonic() + 60  # a replica restarted by an earlier test may be starting
+    while len(alive := _replica_actors(deployment)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    (victim,) = alive
     exp = load_experiment(cfg.serve.experiment)
     users = [u for u in range(5000, 5400) if exp.assign(u) == "treatment"][:50]
     before = requests.get(f"{base}/stats", timeout=10).json()["router"]

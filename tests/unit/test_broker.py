@@ -90,3 +90,57 @@ def test_topics_are_declared_once_with_the_loops_names():
     ]
     assert all(t.partitions >= 1 and t.retention_ms > 0 for t in TOPICS)
     assert kafka_version().startswith("4.")
+
+
+def test_free_ports_come_from_outside_the_ranges_the_os_and_ray_hand_out():
+    import socket
+
+    from recloop.procs import FREE_PORTS, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(FREE_PORTS[0] <= p <= FREE_PORTS[1] for p in ports)
+    assert FREE_PORTS[1] < 32768 and FREE_PORTS[0] > 19999  # ephemeral; Ray's workers
+    with socket.socket() as s:  # free: it binds
+        s.bind(("127.0.0.1", ports.pop()))
+
+
+def test_a_log_tail_leads_with_the_error_that_preceded_the_shutdown(tmp_path):
+    from recloop.procs import log_tail
+
+    log = tmp_path / "kafka.log"
+    lines = [f"[t{i}] INFO starting {i}" for i in range(10)]
+    lines.append("[t10] ERROR Socket server failed to bind to 127.0.0.1:23456")
+    lines += [f"[t{i}] INFO shutting down {i}" for i in range(11, 60)]
+    log.write_text("\n".join(lines) + "\n")
+    tail = log_tail(log, lines=5).splitlines()
+    assert tail[0].endswith("failed to bind to 127.0.0.1:23456") and tail[1] == "..."
+    assert tail[2:] == lines[-5:]
+    assert log_tail(tmp_path / "none.log").startswith("(no log at")
+
+
+def test_a_spawned_broker_is_judged_by_its_exit_status_not_its_command_line(tmp_path):
+    import subprocess
+
+    from recloop.procs import free_port
+
+    port = free_port()
+    broker = KafkaBroker(_cfg(tmp_path, **{"kafka.port": port, "kafka.start_timeout_s": 1.0}))
+    broker.log_file.parent.mkdir(parents=True, exist_ok=True)
+    broker.log_file.write_text("[t0] INFO an earlier run's shutdown\n")
+    since = broker.log_file.stat().st_size
+    # Alive but not a broker (no pid file, a command line without our properties file,
+    # as a JVM's can read while it starts): not "exited", it times out.
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(TimeoutError):
+            broker.wait_ready(alive.pid, alive, since)
+    finally:
+        alive.kill()
+        alive.wait()
+    with open(broker.log_file, "a") as log:
+        log.write("[t1] ERROR Socket server failed to bind\n[t2] INFO shutting down\n")
+    dead = subprocess.Popen(["sh", "-c", "exit 3"])
+    dead.wait()
+    with pytest.raises(RuntimeError, match=r"exited during start \(code 3\)") as err:
+        broker.wait_ready(dead.pid, dead, since)
+    assert "failed to bind" in str(err.value) and "earlier run" not in str(err.value)
