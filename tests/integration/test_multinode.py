@@ -43,9 +43,7 @@ def test_each_part_runs_on_its_own_node_and_nothing_is_lost_or_doubled(
     # Placement: each part where the nodes' resources sent it, three nodes in all.
     p = r["placement"]
     assert p["router"] == ["serve"] and p["replicas"] == ["serve", "serve"], p
-    # both ingestors, the restarted one among them, on the ingest node; the killed one too
-    assert set(p["ingestors"]) == {"ingest"} and len(p["ingestors"]) >= 2, p
-    assert r["killed_on"] == ["ingest"], r["killed_on"]
+    assert set(p["ingestors"]) == {"ingest"} and len(p["ingestors"]) >= 3, p  # + restart
     assert p["sampler"] == ["ingest"], p
     assert p["train_workers"] == ["train", "train"], p
 
