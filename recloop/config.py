@@ -10,12 +10,16 @@ Resolution order for a field: dataclass default < YAML file < ``RECLOOP_*`` env 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -429,18 +433,22 @@ _ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Instantiate a (nested) dataclass from a mapping, rejecting unknown keys."""
+    """Instantiate a (nested) dataclass from a mapping, rejecting unknown keys and values
+    that are not of their field's type (``kafka.port: abc``), each with its key."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key(s) in {where or 'config'}: {', '.join(unknown)}")
+    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         sub = fields[name].default_factory  # type: ignore[misc]
         if dataclasses.is_dataclass(sub) and isinstance(sub, type):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}{name} must be a mapping")
+                raise ConfigError(f"{where}{name} must be a mapping, got {value!r}")
             value = _build(sub, value, f"{where}{name}.")
+        else:
+            value = _typed(f"{where}{name}", hints[name], value)
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -448,14 +456,49 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"bad value in {where or 'config'}: {exc}") from exc
 
 
-def _coerce(value: str, current: Any) -> Any:
-    if isinstance(current, bool):
-        return value.lower() in ("1", "true", "yes")
-    if isinstance(current, int):
-        return int(value)
-    if isinstance(current, float):
-        return float(value)
-    return value
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+_SCALARS = (bool, int, float, str, Path, type(None))
+# Numbers are read as text where text is wanted (YAML reads ``java: 17`` as an int).
+_LAX = ConfigDict(coerce_numbers_to_str=True)
+
+
+@functools.cache
+def _adapter(tp: Any) -> TypeAdapter | None:
+    """A validator for a field of plain scalar type (``int``, ``float``, ``bool``,
+    ``str``, ``Path``, or one of them or None); None for the others (mappings are
+    checked by their section's own rules)."""
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    members = typing.get_args(tp) if union else (tp,)
+    if not all(m in _SCALARS for m in members):
+        return None
+    return TypeAdapter(tp, config=_LAX)
+
+
+def _type_name(tp: Any) -> str:
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    members = typing.get_args(tp) if union else (tp,)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+    names |= {Path: "a path", type(None): "null"}
+    return " or ".join(names.get(m, getattr(m, "__name__", str(m))) for m in members)
+
+
+def _typed(key: str, tp: Any, value: Any) -> Any:
+    """``value`` as the field's type (text that reads as one is converted: ``"9092"``
+    for an integer, ``"yes"`` for true); ConfigError naming the key otherwise."""
+    adapter = _adapter(tp)
+    if adapter is None:
+        return value
+    if value == "" and type(None) in typing.get_args(tp):
+        return None  # an empty setting (``cache_dir: ""``) is no setting
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        reason = exc.errors(include_url=False)[0]["msg"]
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} ({reason})") from None
 
 
 # A run file's sections that belong to other components than the stack.
@@ -490,13 +533,9 @@ def load_config(
 
     env = os.environ if env is None else env
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    defaults = StackConfig()
     for var, keys in _ENV_OVERRIDES.items():
-        if env.get(var):
-            current: Any = defaults
-            for k in keys:
-                current = getattr(current, k)
-            _set(merged, keys, _coerce(env[var], current))
+        if env.get(var):  # text: read as the field's type by _build
+            _set(merged, keys, env[var])
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set(merged, tuple(dotted.split(".")), value)

@@ -74,6 +74,48 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path, stack, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("stack", "env", "message"),
+    [
+        (
+            {"kafka": {"port": "abc"}},
+            {},
+            "kafka.port must be an integer, got 'abc' (Input should be a valid integer",
+        ),
+        ({"kafka": {"port": 90.5}}, {}, "kafka.port must be an integer, got 90.5"),
+        ({"ray": {"start_timeout_s": "soon"}}, {}, "ray.start_timeout_s must be a number"),
+        ({"serve": {"dashboard": "maybe"}}, {}, "serve.dashboard must be true or false"),
+        ({"ray": {"num_cpus": "two"}}, {}, "ray.num_cpus must be an integer or null"),
+        ({"kafka": {"host": ["a", "b"]}}, {}, "kafka.host must be text, got ['a', 'b']"),
+        ({}, {"RECLOOP_KAFKA_PORT": "x9092"}, "kafka.port must be an integer, got 'x9092'"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_with_key_value_and_reason(
+    tmp_path, stack, env, message
+):
+    """``kafka.port: abc`` was accepted as the string 'abc' (and failed later, somewhere
+    else); a value is now read as its field's type or refused where it is set."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"stack": stack}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env=env)
+    assert message in str(err.value)
+
+
+def test_text_that_reads_as_the_fields_type_is_converted(tmp_path):
+    """What env vars and ``-o key=value`` flags give is text: numbers, booleans and paths
+    in it are read as the field's type; numbers where text is wanted become text."""
+    path = tmp_path / "ok.yaml"
+    stack = {"kafka": {"port": "19092", "java": 17}, "ray": {"num_cpus": "2"}}
+    stack |= {"serve": {"dashboard": "no"}, "cache_dir": str(tmp_path / "c")}
+    path.write_text(yaml.safe_dump({"stack": stack}))
+    cfg = load_config(path, env={"RECLOOP_SERVE_PORT": "18001"})
+    assert cfg.kafka.port == 19092 and cfg.ray.num_cpus == 2 and cfg.ray.serve_port == 18001
+    assert cfg.kafka.java == "17" and cfg.serve.dashboard is False
+    assert cfg.cache_dir == tmp_path / "c"
+    assert load_config(overrides={"ray.num_cpus": ""}, env={}).ray.num_cpus is None
+
+
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
