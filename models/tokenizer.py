@@ -71,6 +71,19 @@ class TokenizerConfig:
         return self.codebook_size**self.levels
 
 
+def codebook_for(num_items: int, levels: int = 3, smallest: int = 16) -> int:
+    """Codes per level for a catalogue of ``num_items``: the smallest power of two, from
+    ``smallest`` on, whose ``levels``-deep tree has twice as many SIDs as items (a tree
+    that is at most half full: MovieLens-100k's 1 682 items fill 41% of 16**3, the
+    setting measured best there; 23 000 items get 64 codes, 262 144 SIDs)."""
+    if num_items < 1 or levels < 1:
+        raise ValueError(f"need num_items >= 1 and levels >= 1, got {num_items}, {levels}")
+    k = smallest
+    while k**levels < 2 * num_items:
+        k *= 2
+    return k
+
+
 # -----------------------------------------------------------------------------
 # Balanced k-means (OneRec Algorithm 1)
 
@@ -389,7 +402,8 @@ class SemanticIdTokenizer:
         if n > config.capacity:
             raise ValueError(
                 f"{n} items cannot all get unique SIDs: only codebook_size**levels = "
-                f"{config.capacity} exist; raise codebook_size or levels"
+                f"{config.capacity} exist; raise codebook_size or levels (codebook_for("
+                f"{n}, {config.levels}) = {codebook_for(n, config.levels)} codes fits)"
             )
         if n < config.codebook_size:
             raise ValueError(f"need at least codebook_size={config.codebook_size} items, got {n}")

@@ -133,7 +133,8 @@ def build_onerec(split: Split, seed: int, options: dict[str, Any], ds: Any = Non
             window=anchor_window,
         )
         options["context_fields"] = context.fields
-    cfg = default_config(**{k: v for k, v in options.items() if k in model_keys})
+    model_options = {k: v for k, v in options.items() if k in model_keys}
+    cfg = default_config(num_items=split.num_items, **model_options)
     cfg = replace(cfg, seed=seed, **{k: v for k, v in options.items() if k in train_keys})
     content = None
     if content_dir is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from models.onerec import OneRecConfig
-from models.tokenizer import SemanticIdTokenizer, TokenizerConfig
+from models.tokenizer import SemanticIdTokenizer, TokenizerConfig, codebook_for
 from pipelines.offline.datasets import SequenceDataset, from_interaction_data, load_dataset
 from pipelines.offline.evaluation import Split, evaluate_full, leave_one_out
 from pipelines.offline.train_onerec import (
@@ -120,7 +120,16 @@ SEED_MODEL = dict(dim=64, ffn_hidden=256, heads=4, next_item_weight=1.0, codeboo
 SEED_TRAIN = dict(epochs=5, lr=3e-3)
 
 
-def default_config(quick: bool = False, **model_overrides) -> TrainConfig:
+def default_config(
+    quick: bool = False, num_items: int | None = None, **model_overrides
+) -> TrainConfig:
+    """The seed configuration; with ``num_items`` and no ``codebook_size`` given, the
+    codebook fits the catalogue (``models.tokenizer.codebook_for``: 16 codes up to 2 048
+    items, more for larger catalogues, so a 23 k-item catalogue trains as it is)."""
+    if num_items is not None and "codebook_size" not in model_overrides:
+        levels = model_overrides.get("levels", OneRecConfig.levels)
+        smallest = int(SEED_MODEL["codebook_size"])
+        model_overrides["codebook_size"] = codebook_for(num_items, levels, smallest)
     model = OneRecConfig(**{**SEED_MODEL, **model_overrides})
     cfg = TrainConfig(
         model=model,
@@ -182,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         help="context engineering: request context keys read as descriptors, e.g. "
         "surface,device (comma-separated; unknown in the offline data)",
     )
-    parser.add_argument("--codebook-size", type=int, help="K, codes per SID level (default 16)")
+    parser.add_argument(
+        "--codebook-size",
+        type=int,
+        help="K, codes per SID level (default: fits the catalogue, 16 up to 2048 items)",
+    )
     parser.add_argument("--session-len", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -234,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.update(context.model_options())
         _log(f"context: {', '.join(context.fields) or 'no descriptors'}; {args.anchors} anchors")
 
-    cfg = default_config(args.quick, **overrides)
+    cfg = default_config(args.quick, ds.num_items, **overrides)
     cfg = replace(
         cfg,
         seed=args.seed,

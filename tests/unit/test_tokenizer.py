@@ -18,6 +18,7 @@ from models.tokenizer import (
     TokenizerConfig,
     balanced_kmeans,
     balanced_kmeans_reference,
+    codebook_for,
     collaborative_item_embeddings,
     residual_balanced_kmeans,
 )
@@ -745,3 +746,32 @@ def test_movielens_100k_fit(capsys):
         print("[ml-100k] prefix " + json.dumps(s))
         print(f"[ml-100k] nearest fit {near_s:.2f} s " + json.dumps(ns))
     assert end - mid < 10
+
+
+def test_the_codebook_fits_the_catalogue():
+    """The default K leaves the SID tree at most half full: MovieLens-100k keeps its
+    measured 16 codes; a 23 000-item catalogue, which 16**3 cannot hold, gets 64 (it
+    stopped with an error before); the refusal of a too-small K names the K that fits."""
+    from pipelines.offline.pretrain import default_config
+
+    assert codebook_for(1682) == 16 and codebook_for(2048) == 16
+    assert codebook_for(2049) == 32 and codebook_for(23_000) == 64
+    assert default_config(num_items=1682).model.codebook_size == 16
+    big = default_config(num_items=23_000)
+    assert big.model.codebook_size == big.tokenizer.codebook_size == 64
+    assert default_config(num_items=23_000, codebook_size=32).model.codebook_size == 32
+    with pytest.raises(ValueError):
+        codebook_for(0)
+
+    n, levels = 600, 2
+    k = codebook_for(n, levels, smallest=4)
+    assert k == 64 and k**levels >= 2 * n > (k // 2) ** levels
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(n, 8, generator=gen)
+    cfg = TokenizerConfig(levels=levels, codebook_size=k, kmeans_iters=5)
+    tok = SemanticIdTokenizer.fit(emb, list(range(1, n + 1)), cfg)
+    assert len({tok.sid(i) for i in range(1, n + 1)}) == n
+    with pytest.raises(ValueError, match=r"codebook_for\(600, 2\) = 64"):
+        SemanticIdTokenizer.fit(
+            emb, list(range(1, n + 1)), dataclasses.replace(cfg, codebook_size=16)
+        )
