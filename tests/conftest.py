@@ -264,19 +264,37 @@ def quick_checkpoint(out: Path, seed: int, *extra: str) -> Path:
     return out
 
 
+def shared_quick_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, name: str, seed: int, *extra: str
+) -> Path:
+    """``quick_checkpoint(seed, *extra)`` built once per test run, by whichever test (or
+    xdist worker) needs it first; ``name`` tells the variants apart."""
+    from filelock import FileLock
+
+    root = run_shared_dir(tmp_path_factory) / "ckpts"
+    root.mkdir(parents=True, exist_ok=True)
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(f"{root / name}.lock"):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            quick_checkpoint(out, seed, *extra)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def synthetic_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
     """Two quick seed checkpoints on the generated data (seeds 0 and 1)."""
-    from filelock import FileLock
+    return (
+        shared_quick_checkpoint(tmp_path_factory, "a", 0),
+        shared_quick_checkpoint(tmp_path_factory, "b", 1),
+    )
 
-    root = run_shared_dir(tmp_path_factory) / "ckpts"  # built once, by the first worker
-    with FileLock(f"{root}.lock"):
-        if not (root / "done").exists():
-            shutil.rmtree(root, ignore_errors=True)
-            quick_checkpoint(root / "a", 0)
-            quick_checkpoint(root / "b", 1)
-            (root / "done").touch()
-    return root / "a", root / "b"
+
+@pytest.fixture(scope="session")
+def synthetic_checkpoint(tmp_path_factory) -> Path:
+    """The first of ``synthetic_checkpoints`` alone (the unit tests need no second)."""
+    return shared_quick_checkpoint(tmp_path_factory, "a", 0)
 
 
 @pytest.fixture(scope="session")

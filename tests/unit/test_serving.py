@@ -3,8 +3,6 @@ sessions, the impression buffer, and the Serve deploy config kept in sync."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,13 +16,10 @@ from serving.app import LoadedModel, RecommendRequest, mirrored, render_serve_co
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A real checkpoint from the pre-training job on generated data (seconds)."""
-    out = tmp_path_factory.mktemp("ckpt") / "seed"
-    cmd = [sys.executable, "-m", "pipelines.offline.pretrain", "--data", "synthetic", "--quick"]
-    cmd += ["--dim", "32", "--threads", "1", "--out", str(out)]
-    subprocess.run(cmd, check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=600)
-    return out
+def tiny_checkpoint(synthetic_checkpoint) -> Path:
+    """A real checkpoint from the pre-training job on generated data: the run's first
+    quick seed (built once per run; the integration tests serve it too)."""
+    return synthetic_checkpoint
 
 
 def test_request_schema_refuses_what_it_cannot_serve():
