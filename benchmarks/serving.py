@@ -6,8 +6,12 @@ latest history into Feast, deploys the service and measures, closed-loop with an
 client (``aiohttp``, one thread):
 
 - ``/recommend`` at concurrency 1, 8 and 32 with batching on (``serve.max_batch_size``)
-  and off (max_batch_size 1): p50/p99 latency, requests/s, errors, each arm's mean batch
-  size and each replica's CPU use (cores) over the load;
+  and off (a batch limit of 1): p50/p99 latency, requests/s, errors, each arm's mean batch
+  size and each replica's CPU use (cores) over the load. On and off are the same replicas,
+  switched in place (the limit travels in the deployments' ``user_config``), in
+  ``--rounds`` alternating pairs per concurrency; the batching gain is the median of the
+  pairs' ratios and each row the median run, because this machine's speed drifts by tens
+  of percent within minutes (one run of each, a minute apart, gave 0.96x to 3.1x);
 - the same loads on the trivial ``GET /ping`` deployment of ``recloop smoke`` — the
   floor of Serve's HTTP path on this machine; the ratio is the figure to compare;
 - the batched loads again with ``serve.topology: inline`` (the arms' models in the
@@ -47,6 +51,12 @@ def _say(msg: str) -> None:
 
 def _with_batch(cfg: StackConfig, batch: int) -> StackConfig:
     return dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, max_batch_size=batch))
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median requests/s, with every run's figure beside it."""
+    ordered = sorted(runs, key=lambda r: r["rps"])
+    return {**ordered[len(ordered) // 2], "rps_runs": [round(r["rps"], 1) for r in runs]}
 
 
 def _config(home: Path, synthetic: bool) -> StackConfig:
@@ -224,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="seed checkpoint (default: newest from pretrain)")
     parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating on/off pairs per concurrency"
+    )
     parser.add_argument("--synthetic", action="store_true", help="generated data and a tiny model")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
     parser.add_argument("--keep", action="store_true", help="leave the stack's home behind")
@@ -265,30 +278,51 @@ def main(argv: list[str] | None = None) -> int:
         smoke.delete()
         _say(f"baseline: {json.dumps(result['baseline_ping'])}")
 
-        # Batching on and off, then the arms' models in the Router's process instead (one
-        # hop less per request).
-        inline = _with_batch(cfg, 16)
+        # Batching on and off on the same replicas, in alternating pairs.
+        batched = _with_batch(cfg, 16)
+        _say("deploying the service (batched; off = a batch limit of 1, set in place)")
+        deploy(batched)
+        _run_load(f"{base}/recommend", 4, 3, users)  # warm-up
+        result["batched"], result["unbatched"] = {}, {}
+        for c in levels:
+            runs: dict[str, list[dict]] = {"batched": [], "unbatched": []}
+            for r in range(args.rounds):
+                order = [("batched", 16), ("unbatched", 1)]
+                for label, limit in order if r % 2 == 0 else order[::-1]:
+                    deploy(batched, extra={"max_batch": limit})
+                    runs[label].append(
+                        _run_load(
+                            f"{base}/recommend", c, args.seconds, users, app=cfg.serve.app_name
+                        )
+                    )
+                    _say(f"{label} c={c} round {r + 1}: {runs[label][-1]['rps']:.1f} req/s")
+            pairs = sorted(
+                b["rps"] / u["rps"]
+                for b, u in zip(runs["batched"], runs["unbatched"], strict=True)
+                if u["rps"]
+            )
+            result["batched"][str(c)] = _median_run(runs["batched"])
+            result["batched"][str(c)]["vs_unbatched_rps"] = (
+                pairs[len(pairs) // 2] if pairs else None
+            )
+            result["batched"][str(c)]["vs_unbatched_rps_pairs"] = [round(x, 3) for x in pairs]
+            result["unbatched"][str(c)] = _median_run(runs["unbatched"])
+        result["rss_mb"] = _replica_rss(cfg.serve.app_name)
+        deploy(batched)
+
+        # The arms' models in the Router's process instead (one hop less per request).
         inline = dataclasses.replace(
-            inline, serve=dataclasses.replace(inline.serve, topology="inline")
+            batched, serve=dataclasses.replace(batched.serve, topology="inline")
         )
-        variants = [
-            ("batched", _with_batch(cfg, 16)),
-            ("unbatched", _with_batch(cfg, 1)),
-            ("inline", inline),
-        ]
-        for label, conf in variants:
-            _say(f"deploying the service ({label})")
-            deploy(conf)
-            _run_load(f"{base}/recommend", 4, 3, users)  # warm-up
-            rows = {}
-            for c in levels:
-                rows[str(c)] = _run_load(
-                    f"{base}/recommend", c, args.seconds, users, app=cfg.serve.app_name
-                )
-                _say(f"{label} c={c}: {json.dumps(rows[str(c)])}")
-            result[label] = rows
-            if label == "unbatched":
-                result["rss_mb"] = _replica_rss(cfg.serve.app_name)
+        _say("deploying the service (inline)")
+        deploy(inline)
+        _run_load(f"{base}/recommend", 4, 3, users)  # warm-up
+        result["inline"] = {}
+        for c in levels:
+            result["inline"][str(c)] = _run_load(
+                f"{base}/recommend", c, args.seconds, users, app=cfg.serve.app_name
+            )
+            _say(f"inline c={c}: {json.dumps(result['inline'][str(c)])}")
 
         # Promotion under load, batching back on.
         cfg = _with_batch(cfg, 16)
@@ -314,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
 
     for c in map(str, levels):
         b, u, p = result["batched"][c], result["unbatched"][c], result["baseline_ping"][c]
-        b["vs_unbatched_rps"] = b["rps"] / u["rps"] if u["rps"] else None
         b["vs_ping_rps"] = b["rps"] / p["rps"] if p["rps"] else None
         i = result["inline"][c]
         i["vs_split_rps"] = i["rps"] / b["rps"] if b["rps"] else None

@@ -125,13 +125,16 @@ def replica_info(replica: str, engine: ArmEngine) -> dict:
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
 class Recommender:
-    """One arm's model. ``user_config = {"version": ...}`` selects the registry version."""
+    """One arm's model. ``user_config = {"version": ...}`` selects the registry version;
+    an optional ``"max_batch"`` sets the batch limit of the running replica in place
+    (``serve.max_batch_size`` otherwise)."""
 
     def __init__(self, cfg: dict, arm: str, lineage: str, scoring: dict | None = None) -> None:
         self.engine = ArmEngine(StackConfig.from_dict(cfg), arm, lineage, scoring)
         self.replica = _replica_id()
 
     async def reconfigure(self, user_config: dict) -> None:
+        self.engine.set_max_batch((user_config or {}).get("max_batch"))
         await self.engine.set_version((user_config or {}).get("version"))
 
     def version(self) -> str | None:
@@ -273,9 +276,10 @@ class Router:
 
     async def reconfigure(self, user_config: dict) -> None:
         """Inline: each arm's engine to its version (an arm whose version does not load
-        keeps the one it serves; the others go on)."""
+        keeps the one it serves; the others go on), and an optional ``"max_batch"``."""
         versions = (user_config or {}).get("versions") or {}
         for arm, engine in self.engines.items():
+            engine.set_max_batch((user_config or {}).get("max_batch"))
             await engine.set_version(versions.get(arm))
 
     @api.get("/healthz")
@@ -519,15 +523,21 @@ def _serve_api(cfg: StackConfig) -> str:
     return f"http://{cfg.ray.host}:{cfg.ray.dashboard_port}/api/serve/applications/"
 
 
-def deploy(cfg: StackConfig, timeout_s: float = 300.0) -> None:
+def deploy(cfg: StackConfig, timeout_s: float = 300.0, extra: dict | None = None) -> None:
     """Deploy the service, or update it in place, through Serve's declarative REST API.
 
     Declarative updates keep a deployment's code version when only its ``user_config``
     changed, so a promotion reaches the running replicas through ``reconfigure``
-    instead of replacing them (``serve.run`` would start new replicas every time)."""
+    instead of replacing them (``serve.run`` would start new replicas every time).
+    ``extra``: keys added to every model deployment's ``user_config`` (``{"max_batch":
+    1}`` sets the running replicas' batch limit in place)."""
     import requests
 
     conf = deploy_config(cfg)
+    for a in conf["applications"]:
+        for d in a.get("deployments", []) if a["name"] == cfg.serve.app_name else []:
+            if extra and "user_config" in d:
+                d["user_config"] = {**d["user_config"], **extra}
     resp = requests.put(_serve_api(cfg), json=conf, headers=auth_headers(cfg), timeout=60)
     if resp.status_code >= 400:
         raise RuntimeError(f"Serve refused the deploy config ({resp.status_code}): {resp.text}")

@@ -103,6 +103,11 @@ class ArmEngine:
     def version(self) -> str | None:
         return None if self.model is None else self.model.version
 
+    def set_max_batch(self, n: int | None) -> None:
+        """The batch limit from now on (None: ``serve.max_batch_size``); the batch that
+        runs finishes as it is."""
+        self.batcher.set_max_batch(self.cfg.serve.max_batch_size if n is None else int(n))
+
     def _keep_anchors_fresh(self) -> None:
         if self._anchor_task is None and has_anchors(self.model):
             self._anchor_task = asyncio.get_running_loop().create_task(self._refresh_anchors())

@@ -361,3 +361,21 @@ def test_the_inline_topology_deploys_one_router_that_holds_every_arms_version(tm
     assert names == ["Router", "recommender-control", "recommender-treatment"]
     with pytest.raises(ValueError, match="topology"):
         load_config(overrides={"serve.topology": "merged"}, env={})
+
+
+def test_a_replicas_batch_limit_follows_its_user_config_in_place(tmp_path):
+    """``max_batch`` in a Recommender's (or the inline Router's engines') user_config sets
+    the running batcher's limit; without it the limit is serve.max_batch_size again."""
+    import asyncio
+
+    from serving.app import Recommender
+
+    cfg = load_config(overrides={"serve.registry_uri": str(tmp_path / "registry")}, env={})
+    replica = Recommender.func_or_class(cfg.to_dict(), "treatment", "treatment")
+    assert replica.engine.batcher.max_batch == cfg.serve.max_batch_size == 16
+    asyncio.run(replica.reconfigure({"version": None, "max_batch": 1}))
+    assert replica.engine.batcher.max_batch == 1
+    asyncio.run(replica.reconfigure({"version": None}))
+    assert replica.engine.batcher.max_batch == 16
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        asyncio.run(replica.reconfigure({"version": None, "max_batch": 0}))
