@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.api import load_run, simulate, stop_ingestors
     from pipelines.analysis.ab_analysis import analyze_run
     from pipelines.analysis.report import render_report
+    from recloop.data import resolve_movielens
     from recloop.ray_head import connect
     from recloop.registry import open_registry
     from recloop.stack import Stack
@@ -438,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.minutes:
         sim_overrides["duration_s"] = args.minutes * 60 * run.simulation.speedup
     cfg = demo_config(home, args.run_file, args.quick, args.synthetic)
+    # MovieLens-100k where configured, else fetched once; else generated data, said why.
+    cfg = dataclasses.replace(cfg, data=resolve_movielens(cfg.data, _say))
     if cfg.data.use_synthetic:  # fewer users than MovieLens: as many sessions from them
         want = QUICK["simulation"]["users"] if args.quick else MOVIELENS_USERS
         scale = max(1.0, want / cfg.data.synthetic_users)

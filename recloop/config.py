@@ -141,11 +141,16 @@ class DataConfig:
     """Where the interaction data comes from.
 
     ``movielens_dir`` is read in place (its terms forbid copying it into the repo). When
-    it is absent, or ``synthetic`` is set, recloop generates MovieLens-shaped data.
+    it is absent, recloop fetches it once (``fetch``); when that fails, or ``synthetic``
+    is set, recloop generates MovieLens-shaped data and says why.
     """
 
     movielens_dir: Path = PROJECT_ROOT.parent / "shared" / "data" / "ml-100k"
     synthetic: bool = False
+    # Not at movielens_dir: fetch it from GroupLens on first use (SHA-256 checked, kept
+    # in ~/.cache/recloop, outside the repository); off, or offline: generated data, and
+    # the run says so (recloop.data.resolve_movielens).
+    fetch: bool = True
     synthetic_users: int = 200
     synthetic_items: int = 300
     synthetic_ratings: int = 6000

@@ -7,6 +7,9 @@ path), never copied into the repository.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,9 +184,121 @@ def synthetic(
 
 
 def load(cfg) -> InteractionData:  # cfg: recloop.config.DataConfig
-    """The data a run is configured for: MovieLens when present, synthetic otherwise."""
+    """The data a run is configured for: MovieLens when present, synthetic otherwise
+    (with a warning when MovieLens was wanted: ``resolve_movielens`` says why at a job's
+    start, and fetches it)."""
     if cfg.use_synthetic:
+        if not cfg.synthetic:
+            logging.getLogger(__name__).warning(
+                "MovieLens-100k is not at %s: generated data instead", cfg.movielens_dir
+            )
         return synthetic(
             cfg.synthetic_users, cfg.synthetic_items, cfg.synthetic_ratings, seed=cfg.seed
         )
     return load_movielens(cfg.movielens_dir)
+
+
+# --------------------------------------------------------------------------- first use
+# Where GroupLens publishes MovieLens-100k, and the SHA-256 of the files recloop reads,
+# as published (checked against the copy this project was developed on): a fetched copy
+# whose files differ is refused.
+MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+MOVIELENS_SHA256 = {
+    "u.data": "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
+    "u.item": "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
+    "u.user": "f120e114da2e8cf314fd28f99417c94ae9ddf1cb6db8ce0e4b5995d40e90e62c",
+}
+
+
+def movielens_cache() -> Path:
+    """Where a fetched MovieLens-100k is kept: the user's cache, outside any repository
+    (its terms forbid redistributing it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "recloop" / "ml-100k"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified(root: Path, digests: dict[str, str]) -> str | None:
+    """None if ``root`` holds every file of ``digests`` with that SHA-256, else why not."""
+    for name, digest in digests.items():
+        if not (root / name).exists():
+            return f"{name} is missing"
+        if _sha256(root / name) != digest:
+            return f"{name} does not have the published SHA-256"
+    return None
+
+
+def fetch_movielens(
+    dest: Path,
+    url: str = MOVIELENS_URL,
+    digests: dict[str, str] | None = None,
+    timeout_s: float = 30.0,
+) -> Path:
+    """Download MovieLens-100k's zip from ``url``, check each file recloop reads against
+    its SHA-256 and move the folder to ``dest`` (atomically: a partial download never
+    looks like data). Raises OSError with the reason when it cannot."""
+    import shutil
+    import tempfile
+    import urllib.request
+    import zipfile
+
+    digests = MOVIELENS_SHA256 if digests is None else digests
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+        archive = Path(tmp) / "ml-100k.zip"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp, open(archive, "wb") as f:
+                shutil.copyfileobj(resp, f)
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(Path(tmp) / "x")
+        except (OSError, zipfile.BadZipFile) as exc:  # URLError is an OSError
+            raise OSError(f"fetching {url} failed: {exc}") from exc
+        found = next((p.parent for p in (Path(tmp) / "x").rglob("u.data")), None)
+        if found is None:
+            raise OSError(f"{url} holds no u.data")
+        why = _verified(found, digests)
+        if why is not None:
+            raise OSError(f"the copy fetched from {url} is refused: {why}")
+        shutil.rmtree(dest, ignore_errors=True)
+        found.rename(dest)
+    return dest
+
+
+def resolve_movielens(cfg, say=print, url: str = MOVIELENS_URL, cache: Path | None = None):
+    """``cfg`` (a ``DataConfig``) pointing at MovieLens-100k when it can be had: the
+    configured folder, else a copy fetched before (``movielens_cache``), else one fetched
+    now (``data.fetch``); otherwise unchanged, and ``say`` tells why the run will use
+    generated data, so it never switches silently."""
+    import dataclasses
+
+    if cfg.synthetic:
+        return cfg
+    if (cfg.movielens_dir / "u.data").exists():
+        return cfg
+    cache = movielens_cache() if cache is None else cache
+    if _verified(cache, MOVIELENS_SHA256) is None:
+        say(f"data: MovieLens-100k from {cache} (fetched before; not at {cfg.movielens_dir})")
+        return dataclasses.replace(cfg, movielens_dir=cache)
+    why = "data.fetch is off"
+    if cfg.fetch:
+        say(f"data: MovieLens-100k is not at {cfg.movielens_dir}; fetching it from {url}")
+        try:
+            fetch_movielens(cache, url)
+        except OSError as exc:
+            why = str(exc)
+        else:
+            say(f"data: MovieLens-100k fetched to {cache} (SHA-256 checked)")
+            return dataclasses.replace(cfg, movielens_dir=cache)
+    say(
+        f"data: GENERATED data ({cfg.synthetic_users} users, {cfg.synthetic_items} items), "
+        f"not MovieLens-100k: it is not at {cfg.movielens_dir} and {why}. Put the "
+        "ml-100k folder there, or point data.movielens_dir (RECLOOP_MOVIELENS_DIR) at it"
+    )
+    return cfg

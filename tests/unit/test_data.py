@@ -57,3 +57,101 @@ def test_movielens_is_read_in_place_when_present():
         "Children's",
         "Comedy",
     ]
+
+
+# ------------------------------------------------------------------ first use: fetching
+class _ZipServer:
+    """A real HTTP server on loopback serving one zip at /ml-100k.zip."""
+
+    def __init__(self, body: bytes) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                self.send_response(200 if self.path == "/ml-100k.zip" else 404)
+                self.end_headers()
+                if self.path == "/ml-100k.zip":
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/ml-100k.zip"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _fake_archive() -> tuple[bytes, dict[str, str]]:
+    """A zip shaped like GroupLens' (files under ml-100k/), with made-up content (the
+    real data may not be copied), and the SHA-256 of its files."""
+    import hashlib
+    import io
+    import zipfile
+
+    files = {"u.data": b"1\t2\t5\t881250949\n", "u.item": b"2|x|||", "u.user": b"1|24|M|x|1"}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(f"ml-100k/{name}", data)
+    return buf.getvalue(), {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
+
+
+def test_movielens_is_fetched_checked_against_its_sha256_and_kept_whole(tmp_path):
+    from recloop.data import fetch_movielens
+
+    body, digests = _fake_archive()
+    server = _ZipServer(body)
+    try:
+        dest = fetch_movielens(tmp_path / "cache" / "ml-100k", server.url, digests)
+        assert (dest / "u.data").read_bytes() == b"1\t2\t5\t881250949\n"
+        # a copy whose files differ from the published digests is refused, nothing kept
+        wrong = {**digests, "u.data": "0" * 64}
+        with pytest.raises(OSError, match="refused: u.data does not have the published"):
+            fetch_movielens(tmp_path / "other" / "ml-100k", server.url, wrong)
+        assert not (tmp_path / "other" / "ml-100k").exists()
+        with pytest.raises(OSError, match="fetching .*nope.zip failed"):
+            fetch_movielens(tmp_path / "x", server.url.replace("ml-100k.zip", "nope.zip"))
+    finally:
+        server.close()
+
+
+def test_a_run_without_movielens_fetches_it_once_or_says_why_it_uses_generated_data(
+    tmp_path, monkeypatch
+):
+    import recloop.data as data
+
+    absent = DataConfig(movielens_dir=tmp_path / "nowhere")
+    said: list[str] = []
+    # offline (a closed port): generated data, and the reason in plain words
+    got = data.resolve_movielens(absent, said.append, "http://127.0.0.1:9/x.zip", tmp_path / "c")
+    assert got is absent and got.use_synthetic
+    assert "GENERATED data (200 users, 300 items)" in said[-1]
+    assert str(tmp_path / "nowhere") in said[-1] and "failed" in said[-1]
+    said.clear()
+    data.resolve_movielens(DataConfig(movielens_dir=tmp_path / "n", fetch=False), said.append)
+    assert "data.fetch is off" in said[-1]
+
+    body, digests = _fake_archive()
+    monkeypatch.setattr(data, "MOVIELENS_SHA256", digests)
+    server = _ZipServer(body)
+    try:
+        got = data.resolve_movielens(absent, said.append, server.url, tmp_path / "c" / "ml")
+    finally:
+        server.close()
+    assert got.movielens_dir == tmp_path / "c" / "ml" and not got.use_synthetic
+    # fetched before: used without the network
+    again = data.resolve_movielens(
+        absent, said.append, "http://127.0.0.1:9/", tmp_path / "c" / "ml"
+    )
+    assert again.movielens_dir == tmp_path / "c" / "ml" and "fetched before" in said[-1]
+    # configured data, or synthetic asked for: nothing to do, nothing said
+    said.clear()
+    here = DataConfig(movielens_dir=tmp_path / "c" / "ml")
+    assert data.resolve_movielens(here, said.append) is here
+    assert data.resolve_movielens(DataConfig(synthetic=True), said.append).synthetic
+    assert said == []
