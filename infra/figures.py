@@ -689,6 +689,13 @@ def row_serving(s: Data, short: bool) -> list[str]:
     )
     unbatched = per_level(s, "unbatched", "rps", lambda x: num(x))
     gain = per_level(s, "batched", "vs_unbatched_rps", lambda x: ratio(x))
+    pairs = s.get(("batched", top, "vs_unbatched_rps_pairs"))
+    pairs_note = (
+        f" (on and off are the same replicas, the batch limit switched in place; medians of "
+        f"{len(pairs)} alternating pairs, {span(list(pairs), ratio)} at {top})"
+        if pairs is not None
+        else ""
+    )
     ping = per_level(s, "baseline_ping", "rps", lambda x: num(x, 0))
     router = " / ".join(num(replica_cores(s, c, True)[0], 2) for c in levels)
     recs = " / ".join(span(replica_cores(s, c, False), lambda x: num(x, 2)) for c in levels)
@@ -706,7 +713,8 @@ def row_serving(s: Data, short: bool) -> list[str]:
         "takes the newest seed)",
         f"concurrency {at}, batching on: p50 {p50} ms, p99 {p99} ms, **{rps} req/s**, "
         f"{errors} errors; mean batch per arm {batches}; batching off: {unbatched} req/s, so "
-        f"batching gives **{gain}**. Trivial `/ping` deployment in the same run: {ping} req/s "
+        f"batching gives **{gain}**{pairs_note}. Trivial `/ping` deployment in the same run: "
+        f"{ping} req/s "
         "(this machine's speed varies from day to day: compare the ratios), so the service "
         f"reaches **{vs_ping}** of Serve's HTTP floor. CPU per replica over the load (cores): "
         f"router {router}, each recommender {recs}. The arms' engines inside the router's "
