@@ -476,19 +476,21 @@ def _adapter(tp: Any) -> TypeAdapter | None:
     """A validator for a field of plain scalar type (``int``, ``float``, ``bool``,
     ``str``, ``Path``, or one of them or None); None for the others (mappings are
     checked by their section's own rules)."""
-    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
-    members = typing.get_args(tp) if union else (tp,)
-    if not all(m in _SCALARS for m in members):
+    if not all(m in _SCALARS for m in _members(tp)):
         return None
     return TypeAdapter(tp, config=_LAX)
 
 
-def _type_name(tp: Any) -> str:
+def _members(tp: Any) -> tuple[Any, ...]:
+    """The types a field's annotation admits (``int | None``: int and NoneType)."""
     union = typing.get_origin(tp) in (typing.Union, types.UnionType)
-    members = typing.get_args(tp) if union else (tp,)
+    return typing.get_args(tp) if union else (tp,)
+
+
+def _type_name(tp: Any) -> str:
     names = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
     names |= {Path: "a path", type(None): "null"}
-    return " or ".join(names.get(m, getattr(m, "__name__", str(m))) for m in members)
+    return " or ".join(names.get(m, getattr(m, "__name__", str(m))) for m in _members(tp))
 
 
 def _typed(key: str, tp: Any, value: Any) -> Any:
@@ -497,7 +499,7 @@ def _typed(key: str, tp: Any, value: Any) -> Any:
     adapter = _adapter(tp)
     if adapter is None:
         return value
-    if value == "" and type(None) in typing.get_args(tp):
+    if value == "" and type(None) in _members(tp):
         return None  # an empty setting (``cache_dir: ""``) is no setting
     try:
         return adapter.validate_python(value)

@@ -200,8 +200,8 @@ def load(cfg) -> InteractionData:  # cfg: recloop.config.DataConfig
 
 # --------------------------------------------------------------------------- first use
 # Where GroupLens publishes MovieLens-100k, and the SHA-256 of the files recloop reads,
-# as published (checked against the copy this project was developed on): a fetched copy
-# whose files differ is refused.
+# taken from the copy this project runs on (../shared/data/ml-100k): a fetched copy whose
+# files differ is refused.
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 MOVIELENS_SHA256 = {
     "u.data": "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",

@@ -277,9 +277,10 @@ class Router:
     async def reconfigure(self, user_config: dict) -> None:
         """Inline: each arm's engine to its version (an arm whose version does not load
         keeps the one it serves; the others go on), and an optional ``"max_batch"``."""
-        versions = (user_config or {}).get("versions") or {}
+        user_config = user_config or {}
+        versions = user_config.get("versions") or {}
         for arm, engine in self.engines.items():
-            engine.set_max_batch((user_config or {}).get("max_batch"))
+            engine.set_max_batch(user_config.get("max_batch"))
             await engine.set_version(versions.get(arm))
 
     @api.get("/healthz")
@@ -534,14 +535,13 @@ def deploy(cfg: StackConfig, timeout_s: float = 300.0, extra: dict | None = None
     import requests
 
     conf = deploy_config(cfg)
-    for a in conf["applications"]:
-        for d in a.get("deployments", []) if a["name"] == cfg.serve.app_name else []:
-            if extra and "user_config" in d:
-                d["user_config"] = {**d["user_config"], **extra}
+    app = next(a for a in conf["applications"] if a["name"] == cfg.serve.app_name)
+    for d in app["deployments"] if extra else []:
+        if "user_config" in d:
+            d["user_config"] = {**d["user_config"], **extra}
     resp = requests.put(_serve_api(cfg), json=conf, headers=auth_headers(cfg), timeout=60)
     if resp.status_code >= 400:
         raise RuntimeError(f"Serve refused the deploy config ({resp.status_code}): {resp.text}")
-    app = next(a for a in conf["applications"] if a["name"] == cfg.serve.app_name)
     expected = {d["name"]: d["user_config"] for d in app["deployments"] if "user_config" in d}
     wait_running(cfg, timeout_s, expected)
 

@@ -81,10 +81,12 @@ def run_file(work: Path, seed: int, sessions: int) -> Path:
 def placements(nodes: dict[str, str]) -> dict[str, list[str]]:
     """Per actor class name, as Ray's state API gives it: the labels of the nodes its
     actors, alive or dead, ran on."""
+    import ray
     from ray.util.state import list_actors
 
+    here = ray.get_runtime_context().gcs_address  # the session's stack runs beside it
     out: dict[str, list[str]] = {}
-    for a in list_actors(limit=10_000, raise_on_missing_output=False):
+    for a in list_actors(address=here, limit=10_000, raise_on_missing_output=False):
         if a.node_id:
             out.setdefault(a.class_name, []).append(nodes.get(a.node_id, f"?{a.node_id[:8]}"))
     return {k: sorted(v) for k, v in out.items()}
