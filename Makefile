@@ -23,7 +23,7 @@ TEST_WORKERS ?= 0
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help uv install system-deps demo demo-quick test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-sim-fit bench-ab bench-ingest bench-training bench-ipa bench-ipa-offline simulate analyze ingest train serve pretrain eval clean docs figures
+.PHONY: help uv install system-deps demo demo-quick test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-sim-fit bench-ab bench-ingest bench-training bench-ipa bench-ipa-offline bench-loop-offline simulate analyze ingest train serve pretrain eval clean docs figures
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -140,6 +140,9 @@ bench-ipa: install  ## online-ipa vs online vs frozen through the whole loop, 1%
 
 bench-ipa-offline: install  ## IPA offline and paired: DPO vs next-token only, hidden-model ground truth (~3 min)
 	$(BIN)/python -m benchmarks.ipa_offline --steps 4 --ratios 0.01,0.05,0.2 --holdout-users 0.3
+
+bench-loop-offline: install  ## the loop without the stack: how rounds learn vs frozen and popularity, 5 runs (~8 min)
+	$(BIN)/python -m benchmarks.loop_offline --arm online-ntp:reward_weighting=none
 
 figures: install  ## the README's and docs' figures, rendered from benchmarks/results/ (--check: CHECK=1)
 	$(BIN)/python -m infra.figures $(if $(CHECK),--check)

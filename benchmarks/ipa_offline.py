@@ -13,8 +13,9 @@ for every variant, without the stack:
    state; ``dpo.candidates`` sessions from beam search, ranked by the reward model, best
    vs worst; reference log p from the seed (the generating version);
 4. each variant fine-tunes the seed exactly like a training round (``train_worker``, one
-   worker, the round's epochs, batch and lr): next-token on the high-quality logged
-   sessions, plus the DPO term on the pairs of its ratio (0 = no DPO: the baseline);
+   worker, the round's epochs, batch, lr and reward weighting): next-token on the
+   high-quality logged sessions, plus the DPO term on the pairs of its ratio (0 = no
+   DPO: the baseline);
 5. on held-out users (never logged), each variant's top session is scored by the
    reward model and by the hidden model's expected watch time (the ground truth the
    reward model only estimates). Differences to the baseline are paired over users.
@@ -207,7 +208,10 @@ def main() -> int:
             "seed": train_seed, "epochs": epochs, "batch_size": cfg.train.batch_size,
             "lr": cfg.train.lr, "checkpoint_every_steps": 10**9,
         }  # fmt: skip
-        conf = worker_conf(cfg, 1, plan, "offline", "seed", ex.histories, ex.targets)
+        conf = worker_conf(
+            cfg, 1, plan, "offline", "seed", ex.histories, ex.targets, None,
+            ex.target_weights(cfg.train.reward_weighting),
+        )  # fmt: skip
         conf.update(model_dir=str(seed_dir), torch_threads=1)  # the seed from disk
         if n:
             pairs = build_pairs(

@@ -107,6 +107,7 @@ def bare_loop(model: Any, codes: Any, conf: dict[str, Any]) -> float:
     from pipelines.continuous.trainer import epoch_permutation, epoch_schedule, ntp_batch
 
     hist, tgt = conf["histories"].long(), conf["targets"].long()
+    tw = conf.get("target_weights")
     n = len(tgt)
     net = NtpDpoObjective(model, 0.1, 1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=conf["lr"], weight_decay=conf["weight_decay"])
@@ -116,7 +117,10 @@ def bare_loop(model: Any, codes: Any, conf: dict[str, Any]) -> float:
         perm = epoch_permutation(n, conf["seed"], conf["round"], epoch)
         for lo, hi in epoch_schedule(n, 1, int(conf["batch_size"])):
             idx = perm[lo:hi]
-            loss, _ = net(ntp_batch(codes, hist[idx], tgt[idx]), None)
+            batch = ntp_batch(codes, hist[idx], tgt[idx])
+            if tw is not None:
+                batch["target_weight"] = tw[idx].float()
+            loss, _ = net(batch, None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -160,7 +164,8 @@ def warm_vs_bare(cfg: Any, round_no: int, repeats: int = 3) -> dict[str, Any] | 
     }
     reg = open_registry(cfg)
     lineage = reg.arm(tc.arm)["lineage"]
-    conf = worker_conf(cfg, round_no, plan, lineage, rec["base_version"], h, t)
+    weights = ex.target_weights(tc.reward_weighting)  # as the round trained them
+    conf = worker_conf(cfg, round_no, plan, lineage, rec["base_version"], h, t, None, weights)
     warm = WarmTrainer(cfg)
     base, _ = warm.checkpoint(reg, lineage, rec["base_version"])  # loaded once, untimed
     from models.ranker import code_table

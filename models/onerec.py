@@ -759,8 +759,15 @@ class OneRec(nn.Module):
         prefix_end: Tensor | None = None,  # (B, C) last visible encoder position
         target_items: Tensor | None = None,  # (B, [C,] M) ids, for next_item_weight
         context: Tensor | None = None,  # (B, [C,] context_width): each session's context
+        target_weight: Tensor | None = None,  # (B, [C,] M) float: each target item's weight
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Next-token loss (OneRec eq. 4) plus the MoE balance loss; returns (loss, parts).
+
+        ``target_weight`` weighs each target item's tokens (and the next-item loss by the
+        first item's): the loss is the sum of weight x token loss over the kept tokens,
+        divided by their count, so weights that average one keep the unweighted scale
+        (reward-weighted likelihood: items users rewarded more count more). ``parts["ntp"]``
+        stays the unweighted loss, comparable across rounds.
 
         Without ``prefix_end`` session b follows history b. With it the histories are
         windows of a user's sequence and session (b, c) follows the prefix of window b
@@ -788,21 +795,48 @@ class OneRec(nn.Module):
         if target_mask is not None:
             keep = target_mask.repeat_interleave(cfg.levels, dim=-1)
             labels = labels.masked_fill(~keep, -100)
-        ntp = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-        )
+        if target_weight is None:
+            ntp = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+            )
+            fit = ntp
+        else:
+            tok = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="none",
+            )
+            kept = (labels.reshape(-1) != -100).to(tok.dtype)
+            n_kept = kept.sum().clamp(min=1.0)
+            w = target_weight.to(tok.dtype).repeat_interleave(cfg.levels, dim=-1).reshape(-1)
+            ntp = (tok * kept).sum() / n_kept
+            fit = (tok * w * kept).sum() / n_kept
         aux = self.moe_aux_loss()
-        loss = ntp + cfg.moe_aux_weight * aux
+        loss = fit + cfg.moe_aux_weight * aux
         parts = {"ntp": ntp.detach(), "moe_aux": aux.detach()}
         if cfg.next_item_weight and target_items is not None:
             assert self.item_emb is not None
             nxt = target_items[..., 0]  # (B, [C]) the next item
             nxt = nxt.masked_fill((nxt <= 0) | (nxt >= cfg.item_vocab), -100)
             logits_item = self.next_item_logits(enc)  # (B, [C,] V)
-            item_loss = F.cross_entropy(
-                logits_item.reshape(-1, cfg.item_vocab), nxt.reshape(-1), ignore_index=-100
-            )
-            loss = loss + cfg.next_item_weight * item_loss
+            flat = nxt.reshape(-1)
+            if target_weight is None:
+                item_loss = F.cross_entropy(
+                    logits_item.reshape(-1, cfg.item_vocab), flat, ignore_index=-100
+                )
+                item_fit = item_loss
+            else:
+                per = F.cross_entropy(
+                    logits_item.reshape(-1, cfg.item_vocab), flat, ignore_index=-100,
+                    reduction="none",
+                )  # fmt: skip
+                ok = (flat != -100).to(per.dtype)
+                n_ok = ok.sum().clamp(min=1.0)
+                item_loss = (per * ok).sum() / n_ok
+                w0 = target_weight[..., 0].reshape(-1).to(per.dtype)
+                item_fit = (per * w0 * ok).sum() / n_ok
+            loss = loss + cfg.next_item_weight * item_fit
             parts["next_item"] = item_loss.detach()
         if cfg.contrastive_head and target_items is not None:
             nxt = target_items[..., 0].reshape(-1)

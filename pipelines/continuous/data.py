@@ -101,6 +101,7 @@ class SessionExamples:
     holdout: torch.Tensor  # (N,) bool: the newest, for the gate only
     served: torch.Tensor | None = None  # (N, M) every served item by position (the gate)
     context: torch.Tensor | None = None  # (N, W) context rows, for a model that takes them
+    watch: torch.Tensor | None = None  # (N, M) watch seconds of each target (clicked) item
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -108,6 +109,23 @@ class SessionExamples:
     def train_part(self) -> tuple[torch.Tensor, torch.Tensor]:
         keep = ~self.holdout
         return self.histories[keep], self.targets[keep]
+
+    def target_weights(self, mode: str) -> torch.Tensor | None:
+        """(N_train, M) weights of the training targets for ``train.reward_weighting``:
+        None for "none"; for "watch" each clicked item's watch time over the mean of the
+        training targets' (so the weights average one; 0 on padding)."""
+        if mode == "none":
+            return None
+        if mode != "watch":
+            raise ValueError(f"unknown reward weighting {mode!r}")
+        if self.watch is None:
+            raise ValueError("these examples carry no watch times (built before they were kept)")
+        keep = ~self.holdout
+        w, real = self.watch[keep].double().clamp(min=0.0), self.targets[keep] > 0
+        mean = float(w[real].mean()) if bool(real.any()) else 0.0
+        if not mean > 0:  # no watch time at all: every click counts alike
+            return real.float()
+        return (w / mean * real).float()
 
     def holdout_raw(self, item_ids: Sequence[int]) -> list[dict]:
         """The held-out slice in data item ids, as the gate takes it."""
@@ -142,6 +160,8 @@ class SessionExamples:
             tensors["served"] = self.served.contiguous()
         if self.context is not None:
             tensors["context"] = self.context.contiguous()
+        if self.watch is not None:
+            tensors["watch"] = self.watch.contiguous()
         write_with(path, lambda tmp: save_file(tensors, tmp))
         write_atomic(path.with_suffix(".json"), json.dumps(plain(meta), indent=1).encode())
 
@@ -157,6 +177,7 @@ class SessionExamples:
             t["holdout"].bool(),
             t.get("served"),
             t.get("context"),
+            t.get("watch"),
         )
 
 
@@ -174,12 +195,20 @@ def build_examples(
     row, for a model that takes one."""
     to_model = {int(d): m for m, d in enumerate(item_ids, start=1)}
     rows = sorted(sessions, key=lambda r: (int(r["event_time_ms"]), str(r.get("event_id") or "")))
-    hist, tgt, times, served, ctx = [], [], [], [], []
+    hist, tgt, times, served, ctx, watch = [], [], [], [], [], []
     for r in rows:
         items, clicked = r.get("items") or [], r.get("clicked") or []
-        t = [to_model[i] for i, c in zip(items, clicked, strict=False) if c and i in to_model]
+        secs = r.get("watch_time_s") or []
+        secs = [float(x or 0.0) for x in secs] + [0.0] * (len(items) - len(secs))
+        hits = [
+            (to_model[i], s)
+            for i, c, s in zip(items, clicked, secs, strict=False)
+            if c and i in to_model
+        ]
+        t, w = [m for m, _ in hits], [s for _, s in hits]
         if not t:
             continue
+        watch.append(w[:session_len] + [0.0] * (session_len - len(w[:session_len])))
         hist.append([to_model[i] for i in (r.get("history") or []) if i in to_model])
         if context is not None:
             ctx.append(context(r, hist[-1]))
@@ -203,6 +232,7 @@ def build_examples(
         holdout,
         torch.tensor(served, dtype=torch.long).view(n, session_len),
         None if context is None else torch.tensor(ctx, dtype=torch.long).reshape(n, -1 if n else 0),
+        torch.tensor(watch, dtype=torch.float32).view(n, session_len),
     )
 
 

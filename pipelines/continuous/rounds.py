@@ -298,6 +298,7 @@ def _run_round(
                 "batch_size": tc.batch_size,
                 "lr": tc.lr,
                 "checkpoint_every_steps": tc.checkpoint_every_steps,
+                "reward_weighting": tc.reward_weighting,
                 "seed": SEED,
             },
         }
@@ -361,7 +362,15 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             connect(cfg)
         c_train = None if ex.context is None else ex.context[~ex.holdout]
         conf = worker_conf(
-            cfg, ip["round"], plan, ip["lineage"], ip["base_version"], h_train, t_train, c_train
+            cfg,
+            ip["round"],
+            plan,
+            ip["lineage"],
+            ip["base_version"],
+            h_train,
+            t_train,
+            c_train,
+            ex.target_weights(plan.get("reward_weighting", "none")),
         )
         conf["fault"] = _fault_from_env()
         pairs = _round_pairs(cfg, ip)

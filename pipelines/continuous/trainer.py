@@ -197,6 +197,7 @@ def train_worker(conf: dict[str, Any], io: WorkerIO, resident: Any = None) -> No
     loaded_s = time.monotonic() - entered
     hist, tgt = conf["histories"].long(), conf["targets"].long()
     ctx = conf.get("contexts")  # (N, W) for a model that takes a context
+    tw = conf.get("target_weights")  # (N, M) per target item (train.reward_weighting)
     n, epochs, round_no, seed = len(tgt), int(conf["epochs"]), int(conf["round"]), int(conf["seed"])
     opt = torch.optim.AdamW(
         model.parameters(), lr=float(conf["lr"]), weight_decay=float(conf["weight_decay"])
@@ -323,6 +324,8 @@ def train_worker(conf: dict[str, Any], io: WorkerIO, resident: Any = None) -> No
             ntp = ntp_batch(codes, hist[idx], tgt[idx])
             if ctx is not None:
                 ntp["context"] = ctx[idx].long()
+            if tw is not None:
+                ntp["target_weight"] = tw[idx].float()
             plo, phi = step * n_pairs // len(schedule), (step + 1) * n_pairs // len(schedule)
             pidx = pair_perm[plo:phi][rank::world]
             batch_pairs = _pair_batch(pairs, pidx, codes) if len(pidx) else None
@@ -485,6 +488,7 @@ def worker_conf(
     histories: torch.Tensor,
     targets: torch.Tensor,
     contexts: torch.Tensor | None = None,
+    target_weights: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """``train_worker``'s config: the round's plan (seed, epochs, batch size, lr,
     checkpoint cadence), where its base comes from, and its training examples (with
@@ -507,6 +511,8 @@ def worker_conf(
     }
     if contexts is not None:
         conf["contexts"] = contexts
+    if target_weights is not None:
+        conf["target_weights"] = target_weights
     return conf
 
 

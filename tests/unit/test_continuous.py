@@ -116,9 +116,76 @@ def test_examples_round_trip_through_safetensors(tmp_path):
     path = tmp_path / "r1" / "examples.safetensors"
     ex.save(path, {"round": 1})
     back = ct.SessionExamples.load(path)
-    for f in ("histories", "targets", "event_time_ms", "holdout"):
+    for f in ("histories", "targets", "event_time_ms", "holdout", "watch"):
         assert torch.equal(getattr(back, f), getattr(ex, f))
     assert json.loads(path.with_suffix(".json").read_text()) == {"round": 1}
+
+
+def test_watch_weights_follow_each_clicked_items_watch_time_and_average_one():
+    rows = [
+        _session(1, t=1000, items=[RAW[1], RAW[2], RAW[3]], clicked=[True, False, True],
+                 watch_time_s=[30.0, 0.0, 90.0]),
+        _session(2, t=2000, items=[RAW[4], RAW[5]], clicked=[False, True],
+                 watch_time_s=[0.0, 60.0]),
+        _session(3, t=3000, items=[RAW[6]], clicked=[True], watch_time_s=[500.0]),  # held out
+    ]  # fmt: skip
+    ex = ct.build_examples(rows, RAW, 4, 3, holdout_fraction=0.34)
+    assert ex.targets.tolist() == [[2, 4, 0], [6, 0, 0], [7, 0, 0]]
+    assert ex.watch.tolist() == [[30.0, 90.0, 0.0], [60.0, 0.0, 0.0], [500.0, 0.0, 0.0]]
+    assert ex.target_weights("none") is None
+    w = ex.target_weights("watch")  # the training rows only; the mean of 30, 90 and 60
+    torch.testing.assert_close(w, torch.tensor([[0.5, 1.5, 0.0], [1.0, 0.0, 0.0]]))
+    assert float(w[ex.train_part()[1] > 0].mean()) == pytest.approx(1.0)
+    silent = dataclasses.replace(ex, watch=torch.zeros_like(ex.watch))  # no watch times at all
+    assert silent.target_weights("watch").tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="no watch times"):
+        dataclasses.replace(ex, watch=None).target_weights("watch")
+    with pytest.raises(ValueError, match="unknown reward weighting"):
+        ex.target_weights("likes")
+    with pytest.raises(ValueError, match="reward_weighting"):
+        load_config(overrides={"train.reward_weighting": "likes"}, env={})
+
+
+def test_a_watch_weighted_worker_learns_the_item_watched_longer(base_ckpt, tmp_path):
+    """Two items clicked equally often, one watched ten times longer: weighted by watch
+    time, a round moves the model towards the longer-watched item; unweighted, it cannot
+    tell them apart and moves both alike."""
+    from recloop.checkpoint import load_checkpoint
+    from recloop.inference import LoadedModel
+
+    n, long_item, short_item = 40, 5, 9  # model ids
+    g = torch.Generator().manual_seed(1)
+    hist = torch.randint(1, N_ITEMS + 1, (n, 8), generator=g)
+    tgt = torch.zeros(n, 3, dtype=torch.long)
+    tgt[0::2, 0], tgt[1::2, 0] = long_item, short_item
+    watch = torch.zeros(n, 3)
+    watch[0::2, 0], watch[1::2, 0] = 200.0, 20.0
+    ex = ct.SessionExamples(hist, tgt, torch.arange(n), torch.zeros(n, dtype=torch.bool),
+                            watch=watch)  # fmt: skip
+    probe = LoadedModel.load(str(base_ckpt), "probe")
+    h = [[i for i in row.tolist() if i > 0] for row in hist]
+
+    def margin(weights) -> float:
+        """log p(long first) - log p(short first), mean over the histories."""
+        model = probe.ranker.model
+        model.load_state_dict(load_checkpoint(base_ckpt).model.state_dict())
+        if weights is not None:
+            io = ct.LocalIO(tmp_path / weights)
+            io.root.mkdir()
+            conf = _worker_conf(base_ckpt, histories=hist, targets=tgt, epochs=3, lr=3e-3,
+                                target_weights=ex.target_weights(weights))  # fmt: skip
+            if conf["target_weights"] is None:
+                del conf["target_weights"]
+            ct.train_worker(conf, io)
+            model.load_state_dict(ct.read_train_checkpoint(io.latest())["weights"])
+        model.eval()
+        s = probe.ranker.score(h, None)
+        return float((s[:, long_item] - s[:, short_item]).mean())
+
+    base = margin(None)
+    plain, weighted = margin("none") - base, margin("watch") - base
+    assert weighted > plain + 0.5, (base, plain, weighted)
+    assert abs(plain) < weighted
 
 
 # ------------------------------------------------------------------------------ entries

@@ -187,6 +187,48 @@ def test_prefix_shared_loss_equals_encoding_each_history_alone():
     assert torch.allclose(shared["ntp"], alone["ntp"], atol=1e-5)
 
 
+def test_target_weights_scale_each_items_share_of_the_next_token_loss():
+    """Reward-weighted likelihood: weights of one are the plain loss; an item of weight
+    zero gives no gradient (as if it were masked); the reported ntp stays unweighted."""
+    torch.manual_seed(0)
+    model = OneRec(tiny_config(item_vocab=31, next_item_weight=0.5)).eval()
+    codes = torch.zeros(31, L, dtype=torch.long)
+    codes[1:] = random_codes(30)
+    g = torch.Generator().manual_seed(3)
+    h = torch.randint(1, 31, (4, 10), generator=g)
+    t = torch.randint(1, 31, (4, 3), generator=g)
+    t[1, 2] = 0  # a short session
+    args = (codes[h], h > 0, codes[t], t > 0)
+    kw = dict(history_items=h, target_items=t)
+    plain, parts = model(*args, **kw)
+    ones, ones_parts = model(*args, target_weight=torch.ones(4, 3), **kw)
+    torch.testing.assert_close(ones, plain)
+    twice, twice_parts = model(*args, target_weight=torch.full((4, 3), 2.0), **kw)
+    aux = model.cfg.moe_aux_weight * parts["moe_aux"]
+    torch.testing.assert_close(twice - aux, 2 * (plain - aux))
+    torch.testing.assert_close(twice_parts["ntp"], parts["ntp"])  # reported unweighted
+    # weight zero on the first session's items == those items masked, up to the count
+    # (the code-token loss alone: no next-item head, no balance loss to rescale)
+    torch.manual_seed(0)
+    model = OneRec(tiny_config(item_vocab=31, moe_aux_weight=0.0)).eval()
+    w = torch.ones(4, 3)
+    w[0] = 0.0
+    model.zero_grad()
+    model(*args, target_weight=w, **kw)[0].backward()
+    weighted = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    keep = t > 0
+    keep[0] = False
+    model.zero_grad()
+    masked = OneRec.forward(model, codes[h], h > 0, codes[t], keep, history_items=h,
+                            target_items=t.masked_fill(~keep, 0))[0]  # fmt: skip
+    ratio = float(keep.sum()) / float((t > 0).sum())  # the weighted loss divides by all kept
+    (masked * ratio).backward()
+    masked_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert len(weighted) == len(masked_grads)
+    for a, b in zip(weighted, masked_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_training_loss_decreases_on_a_tiny_planted_dataset():
     codes = torch.zeros(31, L, dtype=torch.long)
     codes[1:] = random_codes(30)
