@@ -268,6 +268,7 @@ def main() -> int:
         "heldout_users": len(held),
         "beta": beta,
         "epochs": epochs,
+        "reward_weighting": cfg.train.reward_weighting,
         "reward_model": report["holdout"],
         "variants": {k: {x: v[x] for x in ("pairs", "losses")} for k, v in variants.items()},
         "summary": summary,

@@ -39,6 +39,7 @@ WRITERS: dict[str, str] = {
     "ipa_1pct.json": "make bench-ipa",
     "ipa_5pct.json": "make bench-ipa",
     "ipa_offline.json": "make bench-ipa-offline",
+    "loop_offline.json": "make bench-loop-offline",
     "sim_fit_ml100k.json": "make bench-sim-fit",
     "ab_sanity.json": "make bench-ab",
     "serving.json": "make bench-serving",
@@ -505,6 +506,19 @@ def lift_se(o: Data, k: str, what: str = "expected_watch_s") -> str:
     return f"**{text}**" if what == "expected_watch_s" and abs(lift) > 2 * se else text
 
 
+def loop_lift(o: Data, arm: str, part: str = "last") -> tuple[float, float]:
+    """(mean, smallest) lift of ``arm`` over control across the runs, whole run
+    (``all``) or last third (``last``)."""
+    d = o[f"lift_{part}", arm]
+    return d["mean"], d["min"]
+
+
+def loop_ahead_runs(o: Data, arm: str, other: str, part: str = "last") -> int:
+    """In how many runs ``arm``'s lift is above ``other``'s."""
+    a, b = o[f"lift_{part}", arm, "runs"], o[f"lift_{part}", other, "runs"]
+    return sum(x > y for x, y in zip(a, b, strict=True))
+
+
 # ---------------------------------------------------------------------------- rows of both tables
 
 
@@ -585,6 +599,36 @@ def row_ipa(one: Data, five: Data, short: bool) -> list[str]:
         f"**{lifts}** ({p}); sampler **{span(cpu, lambda x: num(x, 2))} s CPU per mirrored "
         f"request**, {shares} of a core at {' / '.join(ipa_fraction(d) for d in runs)}, "
         f"{dropped} dropped; see [Preference alignment](preference-alignment.md)",
+    ]
+
+
+def row_loop_offline(o: Data, short: bool) -> list[str]:
+    runs, users = len(o["seeds"]), o["users"]
+    on, on_min = loop_lift(o, "online")
+    pop, _ = loop_lift(o, "popularity")
+    ahead = loop_ahead_runs(o, "online", "popularity")
+    claim(ahead > len(o["seeds"]) / 2, "online ends ahead of popularity in most runs")
+    if short:
+        return [
+            "The loop offline: learning rounds vs frozen seed and popularity, simulated users",
+            f"`make bench-loop-offline` ({minutes(o['wall_s'])})",
+            f"last third of {runs} runs: online **{spct(on)}** expected watch time over the "
+            f"frozen seed (smallest {spct(on_min)}), popularity {spct(pop)}; online ahead of "
+            f"popularity in {ahead} of {runs}",
+        ]
+    ntp = [k for k in o["arms"] if o["arms", k].raw.get("train.reward_weighting") == "none"]
+    rest = ""
+    if ntp:
+        rest = f"; every click alike ({ntp[0]}): {spct(loop_lift(o, ntp[0])[0])}"
+    return [
+        "The loop without the stack: the real rounds (warm trainer, gate, registry, lake "
+        f"format), {o['hidden_user_model']} users with the demo's drift, {users} users per "
+        f"run (the demo's per arm), {o['steps']} sessions each, {runs} traffic seeds",
+        f"`make bench-loop-offline` ({minutes(o['wall_s'])})",
+        f"expected watch time vs the frozen seed, last third, mean of the runs [smallest]: "
+        f"online (watch-weighted rounds) **{spct(on)}** [{spct(on_min)}], popularity "
+        f"{spct(pop)}{rest}; online ahead of popularity in {ahead} of {runs} runs; see "
+        "[Continuous training](training.md)",
     ]
 
 
@@ -939,13 +983,25 @@ def readme_demo_reading(s: Data, t: Data, one: Data, five: Data) -> str:
     "beam_search.json",
     "ingest.json",
     "faults.json",
+    "loop_offline.json",
 )
 def headline(
-    t: Data, one: Data, five: Data, o: Data, f: Data, e: Data, s: Data, b: Data, i: Data, fa: Data
+    t: Data,
+    one: Data,
+    five: Data,
+    o: Data,
+    f: Data,
+    e: Data,
+    s: Data,
+    b: Data,
+    i: Data,
+    fa: Data,
+    lo: Data,
 ) -> str:
     return table(
         ["what", "command", "figure"],
         [
+            row_loop_offline(lo, short=True),
             row_training(t, short=True),
             row_ipa(one, five, short=True),
             row_ipa_offline(o, short=True),
@@ -977,6 +1033,7 @@ def headline(
     "kafka_throughput.json",
     "beam_search.json",
     "serving.json",
+    "loop_offline.json",
 )
 def benchmarks(
     d: Data,
@@ -992,6 +1049,7 @@ def benchmarks(
     k: Data,
     b: Data,
     s: Data,
+    lo: Data,
 ) -> str:
     learning = demo_learning_arms(d)
     times = [r["round_s"] for a in learning for r in d["training", a]]
@@ -1053,6 +1111,7 @@ def benchmarks(
             demo,
             simulator,
             row_ingest(i, short=False),
+            row_loop_offline(lo, short=False),
             row_training(t, short=False),
             row_ipa(one, five, short=False),
             row_ipa_offline(o, short=False),
@@ -1545,6 +1604,86 @@ def demo_findings(s: Data) -> str:
 # ---------------------------------------------------------------------------- docs/training.md
 
 
+@block("loop-offline", "loop_offline.json")
+def loop_offline(o: Data) -> str:
+    arms = list(o["lift_all"])
+    label = {"control": "control (frozen seed)", "popularity": "popularity (its clicks)"}
+    rows = []
+    for a in arms:
+        if a == "control":
+            continue
+        over = o["arms", a]
+        name = label.get(a, a)
+        if over:
+            name += (
+                " ("
+                + ", ".join(f"{k.removeprefix('train.')} {v}" for k, v in over.raw.items())
+                + ")"
+            )
+        elif a == "online":
+            name += f" ({o['train', 'reward_weighting']}-weighted)"
+        runs_last = o["lift_last", a, "runs"]
+        rows.append(
+            [
+                name,
+                f"{spct(o['lift_all', a, 'mean'])} [{spct(o['lift_all', a, 'min'])}]",
+                f"{spct(o['lift_last', a, 'mean'])} [{spct(o['lift_last', a, 'min'])}]",
+                ", ".join(spct(x, 0) for x in runs_last),
+                " → ".join(str(n) for n in (o["runs"][0]["summary"][a]["distinct_items_by_step"])),
+            ]
+        )
+    on, on_min = loop_lift(o, "online")
+    pop, pop_min = loop_lift(o, "popularity")
+    ahead = loop_ahead_runs(o, "online", "popularity")
+    claim(on > pop and ahead > len(o["seeds"]) / 2, "online overtakes popularity")
+    ntp = [k for k in o["arms"] if o["arms", k].raw.get("train.reward_weighting") == "none"]
+    claim(bool(ntp), "an unweighted arm ran")
+    ntp_all = loop_lift(o, ntp[0], "all")[0]
+    items = o["runs"][0]["summary"]["online"]["distinct_items_by_step"]
+    claim(items[-1] < items[0], "the catalogue served narrows")
+    claim(abs(ntp_all) < 0.05, "unweighted rounds leave the seed where it was")
+    return blocks(
+        para(
+            f"**The loop offline** (`make bench-loop-offline`, "
+            f"`benchmarks/results/loop_offline.json`, {minutes(o['wall_s'])}): the rounds "
+            "above, without Kafka, Ray or Serve. Every arm serves the same "
+            f"{o['users']} simulated users ({o['hidden_user_model']}, the demo's drift; the "
+            f"demo gives each of its arms that many) {o['steps']} sessions each, "
+            f"{num(o['gap_h'], 0)} virtual hours apart; after every {o['chunk']} users an "
+            "arm's sessions are committed to its own lake and its round runs (the real "
+            "`run_round`: warm trainer, gate, registry promotion; popularity re-counts its "
+            f"clicks). The users answer with the same draws in every arm. {len(o['seeds'])} "
+            "runs under different traffic seeds, because a learning loop is path-dependent: "
+            "what one round learns decides what the next one is shown. Expected session "
+            "watch time (the hidden model's, of each served slate) against the frozen seed, "
+            "paired over users, mean of the runs [smallest]:",
+        ),
+        table(
+            [
+                "arm",
+                "whole run",
+                "last third",
+                "last third, each run",
+                "distinct items served by step (first run)",
+            ],
+            rows,
+        ),
+        para(
+            f"Rounds that weigh every click alike ({ntp[0]}) leave the seed where it was "
+            f"({spct(ntp_all)} over the whole run): a 10-second click and a 300-second one "
+            "teach them the same, while the users' value is watch time (each item's length "
+            "and how much of it they watch). Weighted by watch time, the same rounds move "
+            f"the served sessions towards what users watch longest: online ends "
+            f"{spct(on)} over the frozen seed (smallest run {spct(on_min)}) against "
+            f"popularity's {spct(pop)}, ahead of popularity in {ahead} of "
+            f"{len(o['seeds'])} runs. The runs differ widely (each trajectory settles on "
+            "its own items), and the catalogue an arm serves narrows round after round "
+            f"(online {items[0]} → {items[-1]} distinct items by step in the first run): "
+            "exploration that keeps more of the catalogue in play is the next lead.",
+        ),
+    )
+
+
 @block("training", "training.json")
 def training(t: Data) -> str:
     comps, arms = t["ab", "comparisons"], t["ab", "arms"]
@@ -1762,6 +1901,12 @@ def ipa(one: Data, five: Data) -> str:
     )
 
 
+def weighting(o: Data) -> str:
+    """How the run's rounds weighed their clicked items."""
+    w = o.get("reward_weighting", "none")
+    return "clicks weighted by watch time" if w == "watch" else "every click alike"
+
+
 IPA_OFFLINE = {
     "seed": "the seed, not fine-tuned",
     "0": "next-token only",
@@ -1799,7 +1944,7 @@ def ipa_offline(o: Data) -> str:
         para(
             "**Offline, paired** (`make bench-ipa-offline`, "
             "`benchmarks/results/ipa_offline.json`): the effect the A/B cannot see. The seed "
-            f"(the demo's 3-minute one) serves {per_user:.0f} sessions to each of "
+            f"(`{Path(o['checkpoint']).name}`) serves {per_user:.0f} sessions to each of "
             f"{o['train_users']} training users, the hidden user model "
             f"({o['hidden_user_model']}, the simulator's default) answers "
             f"({o['logged_sessions']} logged sessions), a reward model is fitted on them "
@@ -1807,7 +1952,8 @@ def ipa_offline(o: Data) -> str:
             f"{num(rm['wtr'], 2)}), and pairs are mined from the training users as the "
             "sampler does (8 candidates, best vs worst). Each variant fine-tunes the seed with "
             f"the round's worker (the rounds' defaults: {word(o['epochs'])} epoch, batch 64, "
-            "lr 5e-4) on the same high-quality sessions; only the pairs differ. Scored on "
+            f"lr 5e-4, {weighting(o)}) on the same high-quality sessions; only the pairs "
+            "differ. Scored on "
             f"{o['heldout_users']} held-out users by the hidden model's expected watch time "
             "(the ground truth the reward model estimates) and by the reward model:",
         ),
