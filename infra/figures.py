@@ -633,40 +633,33 @@ def row_loop_offline(o: Data, short: bool) -> list[str]:
 
 
 def row_ipa_offline(o: Data, short: bool) -> list[str]:
-    best = ipa_offline_best(o)
-    s = o["summary", best]
+    dpo = ipa_offline_dpo(o)
+    su = o["summary"]
+    round_gain = su["0", "expected_watch_s"] / su["seed", "expected_watch_s"] - 1
+    lifts = []
+    for k in dpo:
+        lift, se = su[k, "expected_watch_s_lift"], su[k, "expected_watch_s_lift_se"]
+        lifts.append(f"**{spct(lift)}**" if abs(lift) > 2 * se else spct(lift))
+    ses = [su[k, "expected_watch_s_lift_se"] for k in dpo]
+    second = abs(su["0/seed+1", "expected_watch_s_lift"])
+    pairs = " / ".join(str(su[k, "pairs"]) for k in dpo)
     if short:
         return [
             "Preference alignment offline, paired, hidden-model ground truth",
             f"`make bench-ipa-offline` ({minutes(o['wall_s'])})",
-            f"a DPO round on {s['pairs']} pairs: **{spct(s['expected_watch_s_lift'])}** "
-            "expected watch time over a next-token-only round "
-            f"(± {pct(s['expected_watch_s_lift_se'])} paired SE)",
+            f"a round ({weighting(o)}) **{spct(round_gain)}** expected watch time over the "
+            f"seed; DPO on top of it {' / '.join(lifts)} ({pairs} pairs; a second training "
+            f"seed moves the round by {pct(second)})",
         ]
-    dpo = ipa_offline_dpo(o)
-    lifts = []
-    for k in dpo:
-        lift, se = (
-            o["summary", k, "expected_watch_s_lift"],
-            o["summary", k, "expected_watch_s_lift_se"],
-        )
-        lifts.append(f"**{spct(lift)}**" if abs(lift) > 2 * se else spct(lift))
-    ses = [o["summary", k, "expected_watch_s_lift_se"] for k in dpo]
-    seed = o["summary", "seed"]
-    claim(
-        abs(seed["expected_watch_s_lift"]) < 2 * seed["expected_watch_s_lift_se"],
-        "a next-token-only round keeps the seed's value",
-    )
-    second = o["summary", "0/seed+1", "expected_watch_s_lift"]
     return [
-        "IPA offline and paired: DPO rounds vs next-token-only rounds on the same logged "
-        f"sessions, hidden-model ground truth ({o['hidden_user_model']} users), "
-        f"{o['heldout_users']} held-out users, {word(o['epochs'])}-epoch rounds",
+        "IPA offline and paired: rounds with DPO vs the same round without, on the same "
+        f"logged sessions, hidden-model ground truth ({o['hidden_user_model']} users), "
+        f"{o['heldout_users']} held-out users, {word(o['epochs'])}-epoch rounds, "
+        f"{weighting(o)}",
         f"`make bench-ipa-offline` ({minutes(o['wall_s'])})",
-        f"expected watch time {' / '.join(lifts)} with "
-        f"{' / '.join(str(o['summary', k, 'pairs']) for k in dpo)} pairs "
-        f"(± {pspan(ses)} paired SE; a second training seed moves the "
-        f"baseline by {pct(abs(second))}); a next-token-only round keeps the seed's value",
+        f"the round without DPO: **{spct(round_gain)}** expected watch time over the seed; "
+        f"DPO adds {' / '.join(lifts)} with {pairs} pairs (± {pspan(ses)} paired SE; a "
+        f"second training seed moves the round by {pct(second)})",
     ]
 
 
@@ -1909,8 +1902,8 @@ def weighting(o: Data) -> str:
 
 IPA_OFFLINE = {
     "seed": "the seed, not fine-tuned",
-    "0": "next-token only",
-    "0/seed+1": "next-token only, another training seed",
+    "0": "the round without DPO",
+    "0/seed+1": "the round without DPO, another training seed",
 }
 
 
@@ -1962,9 +1955,9 @@ def ipa_offline(o: Data) -> str:
                 "variant",
                 "pairs",
                 "expected watch s (hidden model)",
-                "vs next-token only (± paired SE)",
+                "vs the round without DPO (± paired SE)",
                 "reward model",
-                "vs next-token only",
+                "vs the round without DPO",
             ],
             rows,
         ),
@@ -1973,31 +1966,38 @@ def ipa_offline(o: Data) -> str:
 
 @block("ipa-offline-epochs", "ipa_offline.json")
 def ipa_offline_epochs(o: Data) -> str:
-    summary = o["summary"]
-    seed = summary["seed", "expected_watch_s"]
-    claim(
-        abs(summary["seed", "expected_watch_s_lift"])
-        < 2 * summary["seed", "expected_watch_s_lift_se"],
-        "the next-token round keeps the seed's value",
-    )
+    su = o["summary"]
+    round_gain = su["0", "expected_watch_s"] / su["seed", "expected_watch_s"] - 1
     dpo = ipa_offline_dpo(o)
-    over_seed = [summary[k, "expected_watch_s"] / seed - 1 for k in dpo]
-    most = max(dpo, key=lambda k: summary[k, "pairs"])
-    best = ipa_offline_best(o)
-    claim(
-        summary[most, "expected_watch_s_lift"] - summary[best, "expected_watch_s_lift"]
-        < summary[most, "expected_watch_s_lift_se"],
-        "more pairs stop paying",
-    )
-    second = abs(summary["0/seed+1", "expected_watch_s_lift"])
+    second = abs(su["0/seed+1", "expected_watch_s_lift"])
+    lifts = [su[k, "expected_watch_s_lift"] for k in dpo]
+    beyond = [x for x in lifts if abs(x) > second]
+    claim(round_gain > 0.1, "the round itself lifts the seed")
+    claim(all(x <= second for x in lifts), "DPO adds no gain beyond the noise floor")
+    if beyond:
+        dpo_text = (
+            "DPO on top of it moves expected watch time by "
+            + ", ".join(spct(x) for x in lifts)
+            + f" ({' / '.join(str(su[k, 'pairs']) for k in dpo)} pairs); only "
+            + " and ".join(spct(x) for x in beyond)
+            + f", a loss, is beyond the {pct(second)} a second training seed moves the "
+            "round (the noise floor the paired SE does not include)"
+        )
+    else:
+        dpo_text = (
+            "DPO on top of it moves expected watch time by "
+            + ", ".join(spct(x) for x in lifts)
+            + f" ({' / '.join(str(su[k, 'pairs']) for k in dpo)} pairs), none of it beyond "
+            f"the {pct(second)} a second training seed moves the round (the noise floor "
+            "the paired SE does not include)"
+        )
     return para(
-        f"With {word(o['epochs'])} epoch the next-token round keeps the seed's value, and "
-        "the DPO rounds add "
-        + ", ".join(spct(x) for x in over_seed[:-1])
-        + f" and {spct(over_seed[-1])} to it ({' / '.join(str(summary[k, 'pairs']) for k in dpo)} "
-        f"pairs); a second training seed moves a round by {pct(second)}, the noise floor the "
-        f"paired SE does not include. More pairs beyond {summary[best, 'pairs']} stop paying "
-        f"at {word(o['epochs'])} epoch.",
+        f"The round itself ({word(o['epochs'])} epoch, {weighting(o)}) lifts the seed's "
+        f"expected watch time by {spct(round_gain)} on the held-out users; {dpo_text}. "
+        "OneRec reports +4.04% max session watch time offline for IPA over its base model "
+        "and +1.68% watch time online; here, once the rounds weigh what users watch, the "
+        "preference pairs mined by the reward model add no gain the offline bench can "
+        "tell from noise.",
     )
 
 
