@@ -60,11 +60,19 @@ def _say(msg: str) -> None:
     print(f"[loop-offline {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def parse_arm(spec: str) -> tuple[str, dict[str, Any]]:
-    """``NAME:key=value,key=value`` -> (NAME, {train.key: value}) with values as YAML
-    scalars (numbers, booleans) or text."""
-    import yaml
+def _value(text: str) -> Any:
+    """An --arm value: an integer, a number, true/false, or the text itself."""
+    t = text.strip()
+    for kind in (int, float):
+        try:
+            return kind(t)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(t.lower(), t)
 
+
+def parse_arm(spec: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:key=value,key=value`` -> (NAME, {train.key: value})."""
     name, _, rest = spec.partition(":")
     if not name or name in ("control", "popularity"):
         raise ValueError(f"--arm {spec!r}: a new arm name first (NAME:key=value,...)")
@@ -73,7 +81,7 @@ def parse_arm(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = part.partition("=")
         if not eq:
             raise ValueError(f"--arm {spec!r}: {part!r} is not key=value")
-        over[f"train.{key.strip()}"] = yaml.safe_load(value)
+        over[f"train.{key.strip()}"] = _value(value)
     return name, over
 
 
