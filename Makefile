@@ -141,7 +141,7 @@ bench-ipa: install  ## online-ipa vs online vs frozen through the whole loop, 1%
 bench-ipa-offline: install  ## IPA offline and paired: DPO vs next-token only, hidden-model ground truth (~3 min)
 	$(BIN)/python -m benchmarks.ipa_offline --steps 4 --ratios 0.01,0.05,0.2 --holdout-users 0.3
 
-bench-loop-offline: install  ## the loop without the stack: how rounds learn vs frozen and popularity, 5 runs (~8 min)
+bench-loop-offline: install  ## the loop without the stack: how rounds learn vs frozen and popularity, 5 runs (~5 min)
 	$(BIN)/python -m benchmarks.loop_offline --arm online-ntp:reward_weighting=none
 
 figures: install  ## the README's and docs' figures, rendered from benchmarks/results/ (--check: CHECK=1)
