@@ -513,6 +513,11 @@ def loop_lift(o: Data, arm: str, part: str = "last") -> tuple[float, float]:
     return d["mean"], d["min"]
 
 
+def loop_unweighted(o: Data) -> list[str]:
+    """The arms of the run whose rounds weigh every click alike."""
+    return [k for k in o["arms"] if o["arms", k].raw.get("train.reward_weighting") == "none"]
+
+
 def loop_ahead_runs(o: Data, arm: str, other: str, part: str = "last") -> int:
     """In how many runs ``arm``'s lift is above ``other``'s."""
     a, b = o[f"lift_{part}", arm, "runs"], o[f"lift_{part}", other, "runs"]
@@ -623,7 +628,7 @@ def row_loop_offline(o: Data, short: bool) -> list[str]:
             f"frozen seed (smallest {spct(on_min)}), popularity {spct(pop)}; online ahead of "
             f"popularity in {ahead} of {runs}",
         ]
-    ntp = [k for k in o["arms"] if o["arms", k].raw.get("train.reward_weighting") == "none"]
+    ntp = loop_unweighted(o)
     rest = ""
     if ntp:
         rest = f"; every click alike ({ntp[0]}): {spct(loop_lift(o, ntp[0])[0])}"
@@ -1633,10 +1638,10 @@ def loop_offline(o: Data) -> str:
             ]
         )
     on, on_min = loop_lift(o, "online")
-    pop, pop_min = loop_lift(o, "popularity")
+    pop = loop_lift(o, "popularity")[0]
     ahead = loop_ahead_runs(o, "online", "popularity")
     claim(on > pop and ahead > len(o["seeds"]) / 2, "online overtakes popularity")
-    ntp = [k for k in o["arms"] if o["arms", k].raw.get("train.reward_weighting") == "none"]
+    ntp = loop_unweighted(o)
     claim(bool(ntp), "an unweighted arm ran")
     ntp_all = loop_lift(o, ntp[0], "all")[0]
     items = o["runs"][0]["summary"]["online"]["distinct_items_by_step"]

@@ -419,6 +419,19 @@ class Encoded:
         return Encoded(self.memory, mask, self.cross_kv, summary, self.layer_kv)
 
 
+def _weighted_ce(logits: Tensor, labels: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(mean cross-entropy over the labels that are not -100, the same with each term
+    times ``weight`` (same shape as ``labels``), divided by the same count); without a
+    weight both are the plain mean."""
+    if weight is None:
+        plain = F.cross_entropy(logits, labels, ignore_index=-100)
+        return plain, plain
+    per = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    kept = (labels != -100).to(per.dtype)
+    n = kept.sum().clamp(min=1.0)
+    return (per * kept).sum() / n, (per * weight.reshape(-1).to(per.dtype) * kept).sum() / n
+
+
 class OneRec(nn.Module):
     def __init__(self, cfg: OneRecConfig) -> None:
         super().__init__()
@@ -795,23 +808,8 @@ class OneRec(nn.Module):
         if target_mask is not None:
             keep = target_mask.repeat_interleave(cfg.levels, dim=-1)
             labels = labels.masked_fill(~keep, -100)
-        if target_weight is None:
-            ntp = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-            )
-            fit = ntp
-        else:
-            tok = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="none",
-            )
-            kept = (labels.reshape(-1) != -100).to(tok.dtype)
-            n_kept = kept.sum().clamp(min=1.0)
-            w = target_weight.to(tok.dtype).repeat_interleave(cfg.levels, dim=-1).reshape(-1)
-            ntp = (tok * kept).sum() / n_kept
-            fit = (tok * w * kept).sum() / n_kept
+        w = None if target_weight is None else target_weight.repeat_interleave(cfg.levels, -1)
+        ntp, fit = _weighted_ce(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), w)
         aux = self.moe_aux_loss()
         loss = fit + cfg.moe_aux_weight * aux
         parts = {"ntp": ntp.detach(), "moe_aux": aux.detach()}
@@ -820,22 +818,10 @@ class OneRec(nn.Module):
             nxt = target_items[..., 0]  # (B, [C]) the next item
             nxt = nxt.masked_fill((nxt <= 0) | (nxt >= cfg.item_vocab), -100)
             logits_item = self.next_item_logits(enc)  # (B, [C,] V)
-            flat = nxt.reshape(-1)
-            if target_weight is None:
-                item_loss = F.cross_entropy(
-                    logits_item.reshape(-1, cfg.item_vocab), flat, ignore_index=-100
-                )
-                item_fit = item_loss
-            else:
-                per = F.cross_entropy(
-                    logits_item.reshape(-1, cfg.item_vocab), flat, ignore_index=-100,
-                    reduction="none",
-                )  # fmt: skip
-                ok = (flat != -100).to(per.dtype)
-                n_ok = ok.sum().clamp(min=1.0)
-                item_loss = (per * ok).sum() / n_ok
-                w0 = target_weight[..., 0].reshape(-1).to(per.dtype)
-                item_fit = (per * w0 * ok).sum() / n_ok
+            w0 = None if target_weight is None else target_weight[..., 0]
+            item_loss, item_fit = _weighted_ce(
+                logits_item.reshape(-1, cfg.item_vocab), nxt.reshape(-1), w0
+            )
             loss = loss + cfg.next_item_weight * item_fit
             parts["next_item"] = item_loss.detach()
         if cfg.contrastive_head and target_items is not None:
