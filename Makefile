@@ -34,7 +34,7 @@ uv:  ## install uv, the package manager that reads uv.lock (when missing)
 	  $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)" || \
 	  $(PYTHON) -m pip install --quiet --user "uv==$(UV_VERSION)"; }
 
-system-deps:  ## check Java 17 and Maven (install them with apt-get when missing and root)
+system-deps:  ## check Java 17, Maven, Chromium and Prometheus (apt-get installs them when missing and root)
 	@bash infra/system-deps.sh
 
 $(STAMP): pyproject.toml uv.lock infra/kafka/pom.xml | uv

@@ -122,6 +122,8 @@ class Ingestor:
         self.flushes = 0
         self.started = time.monotonic()
         self.freshness_ms: deque[float] = deque(maxlen=20_000)
+        # Called with each push's freshness figures (ms): the actor's Ray histogram.
+        self.on_freshness: Callable[[list[float]], None] | None = None
         self.flush_s: deque[float] = deque(maxlen=1000)
         self.flush_records: deque[int] = deque(maxlen=1000)
         self.retired = Counters()  # counters of partitions given away
@@ -612,7 +614,10 @@ class Ingestor:
         rows = self._push_history()
         pushed_ms = _now_ms()
         sessions = len(self._unpushed)
-        self.freshness_ms.extend(pushed_ms - ts for ts in self._unpushed)
+        fresh = [pushed_ms - ts for ts in self._unpushed]
+        self.freshness_ms.extend(fresh)
+        if self.on_freshness is not None and fresh:
+            self.on_freshness(fresh)
         self._unpushed = []
         stats_due = time.monotonic() - self.last_stats_push >= self.ic.stats_push_s
         if (push_stats or stats_due) and self._stats_pending():
@@ -854,6 +859,33 @@ def _legacy_state(d: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- as Ray actors
+# Kafka record → Feast online store, seconds: sub-second when caught up, tens under load.
+FRESHNESS_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 30, 60, 120, 300)
+
+
+def freshness_histogram(writer: str) -> Callable[[list[float]], None]:
+    """A Ray histogram of the actor's feature freshness (``recloop_ingest_freshness_
+    seconds``, exported by Ray's metrics agent as ``ray_recloop_ingest_freshness_seconds``
+    with a ``writer`` label): it adds up over ingestor actors, which a quantile per actor
+    would not."""
+    from ray.util.metrics import Histogram
+
+    hist = Histogram(
+        "recloop_ingest_freshness_seconds",
+        description="Kafka record (its producer's timestamp) to its user's history pushed "
+        "into the online store",
+        boundaries=list(FRESHNESS_BUCKETS_S),
+        tag_keys=("writer",),
+    )
+    hist.set_default_tags({"writer": writer})
+
+    def observe(values_ms: list[float]) -> None:
+        for v in values_ms:
+            hist.observe(max(0.0, v) / 1000)
+
+    return observe
+
+
 def _actor_class():
     import ray
 
@@ -868,6 +900,7 @@ def _actor_class():
             applied = priority.apply(stack)
             print(f"{actor_name(index)}: background priority {applied}", flush=True)
             self.ing = Ingestor(stack, index, say=lambda m: print(m, flush=True))
+            self.ing.on_freshness = freshness_histogram(self.ing.writer)
             self.stop_event = threading.Event()
 
         def run(self) -> dict:

@@ -10,6 +10,7 @@
     recloop promote   make a version current for an arm; replicas swap without downtime
     recloop rollback  return an arm to the version it served before
     recloop arms      arms, shares, current and live versions
+    recloop prometheus  a Prometheus server scraping the stack (Ray's metrics + the loop's)
     recloop simulate  drive simulated users' A/B traffic through the running stack
     recloop analyze   the A/B verdict of a simulated run, from its logged events
     recloop ingest    Kafka → Feast + lake, exactly once (foreground, or --detach as actors)
@@ -174,6 +175,21 @@ def cmd_arms(cfg: StackConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prometheus(cfg: StackConfig, args: argparse.Namespace) -> int:
+    from recloop.prometheus import Prometheus
+
+    prom = Prometheus(cfg, port=args.port, scrape_s=args.scrape_s, binary=args.binary)
+    prom.start(_say)
+    _say("scraping Ray's metrics agents and /dashboard/metrics; Ctrl-C stops it")
+    try:
+        while prom.proc is not None and prom.proc.poll() is None:
+            time.sleep(1)
+        _say(f"prometheus exited; see {prom.log_file}")
+        return 1
+    finally:
+        prom.stop()
+
+
 def cmd_simulate(cfg: StackConfig, args: argparse.Namespace) -> int:
     from actors.api import simulate
 
@@ -238,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("arms", parents=[common], help="arms and their versions").set_defaults(
         fn=cmd_arms
     )
+    prom = sub.add_parser("prometheus", parents=[common], help="Prometheus scraping the stack")
+    prom.add_argument("--port", type=int, default=9090, help="its HTTP port (UI and query API)")
+    prom.add_argument("--scrape-s", type=float, default=5.0, help="scrape interval, seconds")
+    prom.add_argument("--binary", help="the prometheus binary (default: the one on PATH)")
+    prom.set_defaults(fn=cmd_prometheus)
     sim = sub.add_parser("simulate", parents=[common], help="simulated A/B traffic")
     sim.add_argument(
         "--experiment",

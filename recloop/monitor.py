@@ -296,6 +296,11 @@ def _finite(x: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- Prometheus
+# The loop's state as the snapshot holds it, for ``/dashboard/metrics``. Per-request
+# figures are not here: the router's request counter and latency histogram are Ray
+# metrics of each replica (``serving.metrics``), and the ingestor's freshness histogram
+# one of each ingestor actor (``actors.ingestor``), exported by Ray's metrics agents as
+# ``ray_recloop_*``, so that they add up over replicas and nodes.
 METRICS_DOC: dict[str, tuple[str, str]] = {
     # name: (type, help); labels are listed in docs/demo.md
     "recloop_arm_info": (
@@ -314,7 +319,6 @@ METRICS_DOC: dict[str, tuple[str, str]] = {
     "recloop_ingest_lag_records": ("gauge", "records behind the end of recloop.interactions"),
     "recloop_ingest_records": ("counter", "records ingested by the ingestor actors"),
     "recloop_ingest_dead_lettered": ("counter", "records sent to the dead-letter topic"),
-    "recloop_ingest_freshness_seconds": ("gauge", "record-to-feature-store delay (quantile)"),
     "recloop_training_rounds": ("counter", "training rounds completed, per arm and status"),
     "recloop_training_ntp_loss": ("gauge", "next-token loss of the last round's last epoch"),
     "recloop_training_dpo_loss": ("gauge", "DPO loss of the last round's last epoch"),
@@ -322,15 +326,12 @@ METRICS_DOC: dict[str, tuple[str, str]] = {
     "recloop_feedback_age_seconds": ("gauge", "age of the newest feedback the serving model saw"),
     "recloop_dpo_requests": ("counter", "mirrored requests at the DPO sampler, per state"),
     "recloop_dpo_queue": ("gauge", "requests waiting in the DPO sampler's queue"),
-    "recloop_serving_requests": ("counter", "requests answered by the router"),
-    "recloop_serving_errors": ("counter", "requests the router failed"),
-    "recloop_serving_latency_ms": ("gauge", "router latency over its recent window (quantile)"),
-    "recloop_serving_requests_per_second": ("gauge", "answered requests per second"),
 }
 
 
-def prometheus_text(snap: dict[str, Any] | None) -> str:
-    """``snap`` in the Prometheus text exposition format (version 0.0.4)."""
+def _samples(snap: dict[str, Any]) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The snapshot's values per metric of ``METRICS_DOC``, with their labels (values
+    that are None or not finite are left out)."""
     samples: dict[str, list[tuple[dict[str, str], float]]] = {k: [] for k in METRICS_DOC}
 
     def put(name: str, value: Any, **labels: Any) -> None:
@@ -339,7 +340,6 @@ def prometheus_text(snap: dict[str, Any] | None) -> str:
         if isinstance(value, int | float) and math.isfinite(value):
             samples[name].append(({k: str(v) for k, v in labels.items()}, float(value)))
 
-    snap = snap or {}
     for arm, a in (snap.get("arms") or {}).items():
         put("recloop_arm_info", 1, arm=arm, version=a.get("version") or "", learning=a["learning"])
         put("recloop_arm_share", a.get("share"), arm=arm)
@@ -353,9 +353,6 @@ def prometheus_text(snap: dict[str, Any] | None) -> str:
     put("recloop_ingest_lag_records", ing.get("lag"))
     put("recloop_ingest_records", ing.get("records"))
     put("recloop_ingest_dead_lettered", ing.get("dead_lettered"))
-    for q in ("p50", "p99"):
-        v = ing.get(f"freshness_{q}_ms")
-        put("recloop_ingest_freshness_seconds", v / 1000 if v is not None else None, quantile=q)
     for arm, t in (snap.get("training") or {}).items():
         for status in ("promoted", "rejected"):
             put("recloop_training_rounds", t.get(status), arm=arm, status=status)
@@ -367,26 +364,35 @@ def prometheus_text(snap: dict[str, Any] | None) -> str:
     for state in ("offered", "processed", "emitted", "dropped"):
         put("recloop_dpo_requests", dpo.get(state), state=state)
     put("recloop_dpo_queue", dpo.get("queue"))
-    sv = snap.get("serving") or {}
-    put("recloop_serving_requests", sv.get("requests"))
-    put("recloop_serving_errors", sv.get("errors"))
-    put("recloop_serving_requests_per_second", sv.get("requests_per_s"))
-    for q in ("p50", "p90", "p99"):
-        put("recloop_serving_latency_ms", (sv.get("latency_ms") or {}).get(q), quantile=q)
-
-    lines = []
-    for name, (kind, doc) in METRICS_DOC.items():
-        exposed = f"{name}_total" if kind == "counter" else name
-        lines.append(f"# HELP {exposed} {doc}")
-        lines.append(f"# TYPE {exposed} {kind}")
-        for labels, value in samples[name]:
-            lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            lines.append(f"{exposed}{{{lab}}} {value:g}" if lab else f"{exposed} {value:g}")
-    return "\n".join(lines) + "\n"
+    return samples
 
 
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class SnapshotCollector:
+    """A ``prometheus_client`` collector of one snapshot's metrics (``METRICS_DOC``)."""
+
+    def __init__(self, snap: dict[str, Any] | None) -> None:
+        self.snap = snap or {}
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
+        for name, samples in _samples(self.snap).items():
+            kind, doc = METRICS_DOC[name]
+            keys = list(dict.fromkeys(k for labels, _ in samples for k in labels))
+            family = kinds[kind](name, doc, labels=keys)
+            for labels, value in samples:
+                family.add_metric([labels.get(k, "") for k in keys], value)
+            yield family
+
+
+def prometheus_text(snap: dict[str, Any] | None) -> str:
+    """``snap`` in the Prometheus text exposition format, by ``prometheus_client``."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snap))
+    return generate_latest(registry).decode()
 
 
 # --------------------------------------------------------------------------- terminal view

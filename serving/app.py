@@ -252,6 +252,7 @@ class Router:
         from recloop.experiment import load_experiment
         from serving.features import FeatureClient
         from serving.impressions import ImpressionLogger
+        from serving.metrics import RouterMetrics
 
         self.cfg = StackConfig.from_dict(cfg)
         s = self.cfg.serve
@@ -272,6 +273,8 @@ class Router:
         # Router-side latency of the last LATENCY_WINDOW answered requests (features +
         # generation + logging), for /stats and the dashboard.
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        # The same as Prometheus metrics (a counter, a histogram) that add up over replicas.
+        self.metrics = RouterMetrics()
         self.features.warm_up()
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -307,9 +310,11 @@ class Router:
             result = await self._generate(arm, req)
         except Exception as exc:
             self.counts["errors"] += 1
+            self.metrics.error(arm)
             raise HTTPException(503, f"arm {arm} unavailable: {type(exc).__name__}") from exc
         if "error" in result:
             self.counts["errors"] += 1
+            self.metrics.error(arm)
             raise HTTPException(503, result["error"])
         items = [ServedItem(**i) for i in result["items"]]
         version = result["model_version"]
@@ -340,7 +345,9 @@ class Router:
             },
         )
         self.counts["ok"] += 1
-        self.latency_ms.append((time.perf_counter() - started) * 1000)
+        took_ms = (time.perf_counter() - started) * 1000
+        self.latency_ms.append(took_ms)
+        self.metrics.ok(arm, took_ms)
         return RecommendResponse(request_id=request_id, arm=arm, model_version=version, items=items)
 
     async def _generate(self, arm: str, req: dict) -> dict:

@@ -67,11 +67,12 @@ class Dashboard:
 
     @api.get("/metrics", response_class=PlainTextResponse)
     def metrics(self) -> PlainTextResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
         from recloop.monitor import prometheus_text
 
         return PlainTextResponse(
-            prometheus_text(self.monitor.latest()),
-            media_type="text/plain; version=0.0.4; charset=utf-8",
+            prometheus_text(self.monitor.latest()), media_type=CONTENT_TYPE_LATEST
         )
 
 

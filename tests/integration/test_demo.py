@@ -105,8 +105,8 @@ def test_quick_demo_runs_the_loop_writes_the_report_and_the_dashboard_updates_li
         assert metrics.status_code == 200 and metrics.headers["content-type"].startswith(
             "text/plain"
         )
-        served = re.search(r"^recloop_serving_requests_total (\S+)$", metrics.text, re.M)
-        assert served and float(served.group(1)) > 0, metrics.text[:2000]
+        landed = re.search(r"^recloop_ingest_records_total (\S+)$", metrics.text, re.M)
+        assert landed and float(landed.group(1)) > 0, metrics.text[:2000]
         assert 'recloop_arm_info{arm="online-ipa"' in metrics.text
 
         proc.wait(timeout=600)

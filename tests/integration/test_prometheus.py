@@ -1,0 +1,106 @@
+"""Metrics scraped by a real Prometheus server (Debian's ``prometheus``, ``make
+system-deps``): the router's latency histogram from two replicas adds up in a PromQL
+quantile, and the loop's snapshot metrics come from ``/dashboard/metrics``."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from recloop.config import StackConfig
+from tests.conftest import experiment_service
+
+pytestmark = pytest.mark.integration
+
+EXPERIMENT = """
+experiment:
+  name: metrics
+  salt: metrics-1
+  arms:
+    - {name: solo, share: 1.0, lineage: solo, replicas: 2}
+"""
+REQUESTS = 60
+LAT = "ray_recloop_serving_latency_ms"
+
+
+def _wait(prom, expr: str, ok, timeout_s: float = 150.0) -> list[dict]:
+    """Query ``expr`` until ``ok(result)`` holds (Ray's agents export every few seconds,
+    Prometheus scrapes every second)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = prom.query(expr)
+        if ok(got) or time.monotonic() > deadline:
+            return got
+        time.sleep(2)
+
+
+def _router_replicas(app: str) -> set[str]:
+    """The replica ids (Serve's ``replica`` label) of the application's live Router
+    replicas, from their actor names (``SERVE_REPLICA::<app>#Router#<id>``)."""
+    from ray.util.state import list_actors
+
+    names = [a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)]
+    prefix = f"SERVE_REPLICA::{app}#Router#"
+    return {n.removeprefix(prefix) for n in names if n and n.startswith(prefix)}
+
+
+def test_a_latency_quantile_over_two_router_replicas_from_a_real_prometheus(
+    ray_driver: StackConfig, synthetic_checkpoints, tmp_path
+):
+    from recloop.procs import free_port
+    from recloop.prometheus import INSTALL_HINT, Prometheus, targets
+    from serving.metrics import LATENCY_BUCKETS_MS
+
+    if shutil.which("prometheus") is None:
+        pytest.fail(f"no prometheus binary: {INSTALL_HINT}")
+    with experiment_service(
+        ray_driver, tmp_path, EXPERIMENT, synthetic_checkpoints[0], topology="inline"
+    ) as (cfg, base):
+        with Prometheus(cfg, port=free_port(), scrape_s=1) as prom:
+            prom.start(print)
+
+            def post(u: int) -> float:
+                t = time.perf_counter()
+                r = requests.post(f"{base}/recommend", json={"user_id": u}, timeout=60)
+                assert r.status_code == 200, r.text
+                return (time.perf_counter() - t) * 1000
+
+            with ThreadPoolExecutor(4) as pool:
+                client_ms = sorted(pool.map(post, range(REQUESTS)))
+
+            # This deployment's two Router replicas (the stack's Ray agents still export
+            # the series of replicas that earlier tests deployed and deleted).
+            ours = _router_replicas(cfg.serve.app_name)
+            assert len(ours) == 2, ours
+            mine = f'replica=~"{"|".join(ours)}"'
+            # Both replicas answered, and their counts add up to every request.
+            per_replica = _wait(
+                prom,
+                f"sum by (replica) ({LAT}_count{{{mine}}})",
+                lambda r: sum(float(x["value"][1]) for x in r) >= REQUESTS,
+            )
+            seen = {x["metric"]["replica"]: float(x["value"][1]) for x in per_replica}
+            print(f"requests per replica, as Prometheus has them: {seen}")
+            print({t["labels"].get("job"): t["health"] for t in targets(prom.url)})
+            assert set(seen) == ours and all(v > 0 for v in seen.values()), seen
+            assert sum(seen.values()) == REQUESTS
+            ok = prom.query(f'sum(ray_recloop_serving_requests_total{{outcome="ok",{mine}}})')
+            assert float(ok[0]["value"][1]) == REQUESTS
+
+            # One quantile over both replicas' histograms.
+            q = prom.query(f"histogram_quantile(0.99, sum by (le) ({LAT}_bucket{{{mine}}}))")
+            p99 = float(q[0]["value"][1])
+            # The router's time is part of the client's; the estimate interpolates in a
+            # bucket, so it stays below the bucket bound above the slowest request.
+            bound = next((b for b in LATENCY_BUCKETS_MS if b >= client_ms[-1]), math.inf)
+            print(f"router p99 over 2 replicas {p99:.1f} ms; client max {client_ms[-1]:.1f} ms")
+            assert 0 < p99 <= bound
+
+            # The loop's snapshot, from the dashboard's /dashboard/metrics.
+            arms = _wait(prom, "recloop_arm_share", lambda r: bool(r))
+            assert {x["metric"]["arm"]: float(x["value"][1]) for x in arms} == {"solo": 1.0}
