@@ -11,12 +11,13 @@ member, which is where one user's impression and feedback are). Per micro-batch:
 1. records are validated, each parsed once (invalid ones go to ``recloop.dlq`` with the
    reason, durably, before anything after them is committed), deduplicated and joined
    per partition (``actors.ingest_state``);
-2. closed sessions and orphan feedback are written to the lake as Parquet files under
-   hidden names, fsynced and renamed;
+2. orphan feedback is appended to the lake's orphans table (Delta Lake; it counts once
+   the commit point below lands, and is rolled back at the next start otherwise);
 3. one state file holds every changed partition's state as a delta (a full snapshot
-   every ``snapshot_every`` commits of a partition) with the offsets it covers; each
-   directory written is fsynced once; then one lake commit entry makes files, state and
-   offsets visible together (the commit point);
+   every ``snapshot_every`` commits of a partition) with the offsets it covers, written
+   and fsynced; then one commit of the sessions table adds the closed sessions and
+   records the writer's progress (its seq as a Delta application transaction, the
+   offsets and the state file in the commit's metadata): the commit point;
 4. the touched users' history is pushed to the Feast online store (serving reads it per
    request); user and item counters are pushed every ``stats_push_s`` (and when the
    ingestor stops or gives a partition away). Values are absolute and come from
@@ -30,14 +31,14 @@ once it has caught up, a flush follows ``flush_min_s`` after the first unflushed
 without flushes taking more than about a third of the time; ``flush_interval_s`` bounds
 the wait in any case.
 
-After a crash anywhere in 2–5 the ingestor resumes from the last lake commit: files
-written after it are removed, the state is restored (the last snapshot, then the deltas
-after it), everything the state lists as not yet pushed (users and items changed since
-their last push, saved with each commit) is pushed again, and the consumer seeks to the
-committed offsets. So every event lands in the lake exactly once and the Feast counters
-match the lake. Metrics: records/s, consumer lag, and feature freshness (the record's
-Kafka timestamp, i.e. when the event was produced, to its user's history being pushed
-into the online store).
+After a crash anywhere in 2–5 the ingestor resumes from its last commit point: orphan
+rows and state files written after it are removed, the state is restored (the last
+snapshot, then the deltas after it), everything the state lists as not yet pushed
+(users and items changed since their last push, saved with each commit) is pushed
+again, and the consumer seeks to the committed offsets. So every event lands in the
+lake exactly once and the Feast counters match the lake. Metrics: records/s, consumer
+lag, and feature freshness (the record's Kafka timestamp, i.e. when the event was
+produced, to its user's history being pushed into the online store).
 """
 
 from __future__ import annotations
@@ -102,12 +103,13 @@ class Ingestor:
     def __init__(self, cfg: StackConfig, index: int = 0, say: Progress = print) -> None:
         self.cfg = cfg
         self.ic = cfg.ingest
+        self.index = index
         self.writer = f"ingestor-{index}"
         self.say = say
         self.lake = Lake(cfg.lake_dir)
         removed = self.lake.remove_uncommitted(self.writer)
         if removed:
-            say(f"{self.writer}: removed {len(removed)} uncommitted file(s) of an earlier run")
+            say(f"{self.writer}: rolled back {removed} uncommitted row(s) of an earlier run")
         self.seq = self.lake.last_seq(self.writer)
         self._remove_uncommitted_state()
         self.states: dict[int, PartitionState] = {}
@@ -118,6 +120,7 @@ class Ingestor:
         self.first_unflushed: float | None = None
         self.last_flush = time.monotonic()
         self.last_stats_push = time.monotonic()
+        self.last_upkeep = time.monotonic()
         self.records = 0
         self.flushes = 0
         self.started = time.monotonic()
@@ -532,10 +535,9 @@ class Ingestor:
         return entry
 
     def _commit_lake(self, positions: dict[int, dict[str, int]]) -> Entry:
-        """Closed sessions and orphans to the lake, then one state file with every
-        changed partition's state (a delta, or a snapshot) and the offsets, then the
-        commit entry that makes them visible together. Each directory written is
-        fsynced once, before the entry that refers to its files."""
+        """Orphans to their table, then one state file with every changed partition's
+        state (a delta, or a snapshot) and the offsets, fsynced, then the commit of the
+        sessions table that adds the closed sessions and makes all of it count."""
         users: dict[int, list[int]] = {}
         for p, c in self.outbox:
             if c.history is None:
@@ -551,8 +553,10 @@ class Ingestor:
         orphans = pa.Table.from_pylist(
             [orphan_row(f, why) for f, why in self.orphans], SCHEMAS[ORPHANS]
         )
-        files = self.lake.write_files(SESSIONS, sessions, self.writer, seq, sync)
-        files += self.lake.write_files(ORPHANS, orphans, self.writer, seq, sync)
+        # Sessions wait for the commit point; orphans are appended to their table now
+        # (rolled back at the next start unless the commit point lands).
+        files = self.lake.write_files(SESSIONS, sessions, self.writer, seq)
+        files += self.lake.write_files(ORPHANS, orphans, self.writer, seq)
         self._maybe_crash("after-files", sessions.num_rows)
 
         parts: dict[str, dict[str, Any]] = {}
@@ -790,6 +794,8 @@ class Ingestor:
                         if stop.wait(backoff):
                             break
                         backoff = min(30.0, backoff * 2)
+                if self._upkeep_due():
+                    self.upkeep()
                 if time.monotonic() - last_progress >= (progress_s or 5.0):
                     # The consumer is not thread-safe: lag is measured here, in the
                     # consuming thread, and ``stats`` (any thread) reports the last one.
@@ -814,6 +820,29 @@ class Ingestor:
         finally:
             self._consumer.close()
         return self.stats()
+
+    def _upkeep_due(self) -> bool:
+        every = self.ic.compact_every_s
+        return self.index == 0 and every > 0 and time.monotonic() - self.last_upkeep >= every
+
+    def upkeep(self) -> None:
+        """Compact the lake's tables and vacuum them (the first ingestor does it for the
+        group). A failure (a commit that raced it, say) is reported and tried next time:
+        the tables stay correct, only bigger."""
+        self.last_upkeep = time.monotonic()
+        try:
+            compacted = self.lake.compact()
+            vacuumed = self.lake.vacuum(self.ic.vacuum_retention_h)
+        except Exception as exc:
+            self.last_error = f"lake upkeep: {exc!r}"[:500]
+            self.say(f"{self.writer}: lake upkeep failed, trying again later: {exc!r}")
+            return
+        took = time.monotonic() - self.last_upkeep
+        merged = sum(c["files_removed"] for c in compacted.values())
+        self.say(
+            f"{self.writer}: lake upkeep in {took:.1f} s: {merged} small files compacted, "
+            f"{sum(vacuumed.values())} old files vacuumed"
+        )
 
     def progress_line(self) -> str:
         s = self.stats()

@@ -11,6 +11,7 @@
     recloop rollback  return an arm to the version it served before
     recloop arms      arms, shares, current and live versions
     recloop prometheus  a Prometheus server scraping the stack (Ray's metrics + the loop's)
+    recloop lake      the lake's Delta tables: summary | compact | vacuum | migrate
     recloop simulate  drive simulated users' A/B traffic through the running stack
     recloop analyze   the A/B verdict of a simulated run, from its logged events
     recloop ingest    Kafka → Feast + lake, exactly once (foreground, or --detach as actors)
@@ -190,6 +191,27 @@ def cmd_prometheus(cfg: StackConfig, args: argparse.Namespace) -> int:
         prom.stop()
 
 
+def cmd_lake(cfg: StackConfig, args: argparse.Namespace) -> int:
+    import json
+
+    from recloop.lake import Lake, LakeError
+
+    lake = Lake(args.lake or cfg.lake_dir)
+    try:
+        if args.action == "migrate":
+            out = lake.migrate(_say)
+        elif args.action == "compact":
+            out = lake.compact()
+        elif args.action == "vacuum":
+            out = lake.vacuum(args.retention_hours)
+        else:
+            out = lake.summary()
+    except LakeError as exc:
+        raise ConfigError(str(exc)) from None
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_simulate(cfg: StackConfig, args: argparse.Namespace) -> int:
     from actors.api import simulate
 
@@ -259,6 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     prom.add_argument("--scrape-s", type=float, default=5.0, help="scrape interval, seconds")
     prom.add_argument("--binary", help="the prometheus binary (default: the one on PATH)")
     prom.set_defaults(fn=cmd_prometheus)
+    lake = sub.add_parser("lake", parents=[common], help="the lake's Delta tables")
+    lake.add_argument(
+        "action",
+        nargs="?",
+        default="summary",
+        choices=["summary", "compact", "vacuum", "migrate"],
+        help="summary (default); compact: merge small files, checkpoint the log; vacuum: "
+        "delete files no recent version reads; migrate: a lake of the layout before Delta",
+    )
+    lake.add_argument("--lake", help="the lake's folder (default: the stack's, <home>/lake)")
+    lake.add_argument(
+        "--retention-hours", type=float, default=24.0, help="vacuum: keep files this recent"
+    )
+    lake.set_defaults(fn=cmd_lake)
     sim = sub.add_parser("simulate", parents=[common], help="simulated A/B traffic")
     sim.add_argument(
         "--experiment",

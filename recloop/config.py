@@ -250,6 +250,11 @@ class IngestConfig:
     # the offline record; the file offline store rewrites its file on every append)
     progress_s: float = 5.0
     lake_dir: Path | None = None  # default <home>/lake
+    # Lake upkeep by the first ingestor: Delta compaction (one small file per flush into
+    # big ones) and a log checkpoint every ``compact_every_s`` (0: never), then vacuum of
+    # the files no version of the last ``vacuum_retention_h`` hours reads.
+    compact_every_s: float = 600.0
+    vacuum_retention_h: float = 24.0
     # The Kafka consumer client behind recloop.kafka_io's interface: "kafka-python" (pure
     # Python) or "confluent" (confluent-kafka, librdkafka). bench-ingest measures both.
     client: str = "kafka-python"
@@ -263,6 +268,8 @@ class IngestConfig:
         if self.consumers < 1 or self.batch_events < 1 or self.join_window_ms < 1:
             raise ConfigError("ingest.consumers, batch_events and join_window_ms must be >= 1")
         self.batch_max_events = max(int(self.batch_max_events), int(self.batch_events))
+        if self.compact_every_s < 0 or self.vacuum_retention_h < 0:
+            raise ConfigError("ingest.compact_every_s and vacuum_retention_h must be >= 0")
         if self.flush_min_s < 0 or self.flush_interval_s <= 0 or self.stats_push_s < 0:
             raise ConfigError(
                 "ingest.flush_min_s and stats_push_s must be >= 0, flush_interval_s > 0"

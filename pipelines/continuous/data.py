@@ -256,12 +256,14 @@ def _read_sessions(
     keys = [(e.writer, e.seq) for e in entries]
     for key in set(cache) - set(keys):
         del cache[key]
-    rows: list[dict] = []
-    for key, e in zip(keys, entries, strict=True):
-        if key not in cache:
-            cache[key] = lake.read(SESSIONS, [e], columns=SESSION_COLUMNS).to_pylist()
-        rows.extend(cache[key])
-    return rows
+    missing = [e for key, e in zip(keys, entries, strict=True) if key not in cache]
+    if missing:  # one read for all of them, split by the commit each row came from
+        fresh = {(e.writer, e.seq): [] for e in missing}
+        table = lake.read(SESSIONS, missing, columns=SESSION_COLUMNS, with_commit=True)
+        for row in table.to_pylist():
+            fresh[(row.pop("writer"), row.pop("seq"))].append(row)
+        cache.update(fresh)
+    return [row for key in keys for row in cache[key]]
 
 
 def _newest(rows: Sequence[dict], key: str) -> int | None:

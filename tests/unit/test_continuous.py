@@ -863,9 +863,9 @@ def test_a_waiting_warm_trainer_reads_each_lake_entry_once(base_ckpt, tmp_path, 
     reads: list[int] = []
     real = Lake.read
 
-    def counting(self, name="sessions", entries=None, columns=None):
+    def counting(self, name="sessions", entries=None, columns=None, with_commit=False):
         reads.append(len(list(entries or [])))
-        return real(self, name, entries, columns)
+        return real(self, name, entries, columns, with_commit)
 
     monkeypatch.setattr(Lake, "read", counting)
     _traffic(lake, "ing-0", 1, 0, 30)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-import pytest
 
 from actors.ingest_state import PartitionState, UserState, orphan_row, session_row
 from recloop.events import Impression, Interaction, ServedItem
-from recloop.lake import ORPHANS, SCHEMAS, SESSIONS, Entry, Lake
+from recloop.lake import ORPHANS, SCHEMAS, Entry, Lake
 
 WINDOW = 60_000
 
@@ -249,31 +248,6 @@ def test_a_snapshot_then_deltas_restore_the_state_a_delta_holds_only_changes():
     for doc in saved:
         items.load(doc, items_only=True)
     assert items.items == st.items and not items.users and not items.open
-
-
-def test_lake_commit_log_and_marks(tmp_path):
-    lake = Lake(tmp_path)
-    st = state()
-    st.on_impression(impression("a", 7, 1000), 1, 0)
-    st.on_impression(impression("b", 7, 1000 + 3_600_000), 1, 0)  # the next hour
-    closed, _ = st.close_due(10**9)
-    for c in closed:
-        st.apply(c)
-    table = pa.Table.from_pylist([session_row(c) for c in closed], SCHEMAS[SESSIONS])
-    files = lake.write_files(SESSIONS, table, "ingestor-0", 1)
-    assert len(files) == 2  # one per event-time hour
-    assert lake.read(SESSIONS).num_rows == 0  # not visible before the commit
-    lake.commit(Entry("ingestor-0", 1, 5, files, {}, {}))
-    assert sorted(lake.read(SESSIONS).column("request_id").to_pylist()) == ["a", "b"]
-    # a file written but never committed is removed when the writer starts again
-    orphan = lake.write_files(SESSIONS, table.slice(0, 1), "ingestor-0", 2)
-    assert (tmp_path / orphan[0]["path"]).exists()
-    assert lake.remove_uncommitted("ingestor-0") == [tmp_path / orphan[0]["path"]]
-    new = lake.new_entries({})
-    assert [e.seq for e in new] == [1]
-    assert lake.new_entries(Lake.advance({}, new)) == []
-    with pytest.raises(Exception, match="committed seq 1 already"):
-        lake.commit(Entry("ingestor-0", 1, 5, [], {}, {}))
 
 
 def test_a_state_saved_in_the_earlier_layout_is_restored(tmp_path):
