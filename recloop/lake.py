@@ -53,6 +53,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 SESSIONS = "sessions"
@@ -270,11 +271,12 @@ class Lake:
             self._append(name, _with_commit(table, writer, seq))
         return [file_record(name, table)]
 
-    def _append(self, name: str, rows: pa.Table, props: Any = None) -> None:
+    def _append(self, name: str, rows: pa.Table, props: Any = None, dt: Any = None) -> None:
+        """Append ``rows`` in one commit (``dt``: the table, already brought up to date)."""
         from deltalake import write_deltalake
 
-        dt = self._table(name, create=True)
-        write_deltalake(dt, rows, mode="append", commit_properties=props)
+        dt = self._table(name, create=True) if dt is None else dt
+        write_deltalake(dt, rows, mode="append", commit_properties=props)  # updates ``dt``
 
     def commit(self, entry: Entry) -> int:
         """The commit point of ``entry``: its sessions (held by ``write_files``) and the
@@ -283,16 +285,17 @@ class Lake:
 
         if not WRITER.match(entry.writer):
             raise LakeError(f"bad writer name {entry.writer!r}")
-        if self.last_seq(entry.writer) >= entry.seq:
+        dt = self._table(SESSIONS, create=True)
+        if int(dt.transaction_version(entry.writer) or 0) >= entry.seq:
             raise LakeError(f"{entry.writer} committed seq {entry.seq} already")
         held = self._staged.pop((entry.writer, entry.seq), SCHEMAS[SESSIONS].empty_table())
         props = CommitProperties(
             custom_metadata={META_KEY: json.dumps(entry.to_json(), sort_keys=True)},
             app_transactions=[Transaction(app_id=entry.writer, version=entry.seq)],
         )
-        self._append(SESSIONS, _with_commit(held, entry.writer, entry.seq), props)
+        self._append(SESSIONS, _with_commit(held, entry.writer, entry.seq), props, dt)
         self._entries[(entry.writer, entry.seq)] = entry
-        return self._table(SESSIONS).version()
+        return dt.version()
 
     def remove_uncommitted(self, writer: str) -> int:
         """Delete the rows ``writer`` appended after its last commit point (a crash
@@ -366,7 +369,13 @@ class Lake:
         match = _commit_filter(order, every=entries is None)
         wanted = [f.name for f in fields]
         need = list(dict.fromkeys([*wanted, "writer", "seq"]))
-        table = dt.to_pyarrow_dataset().to_table(columns=need, filter=match)
+        # Only the files whose commit statistics can hold these commits: an incremental
+        # read of a few commits opens a few files, not one per flush since compaction.
+        paths = [str(self.root / name / p) for p in _files_of(dt, order, every=entries is None)]
+        if not paths:
+            return schema.empty_table()
+        data = pads.dataset(paths, schema=table_schema(name), format="parquet")
+        table = data.to_table(columns=need, filter=match)
         rank = {(e.writer, e.seq): i for i, e in enumerate(order)}
         pairs = zip(
             table.column("writer").to_pylist(), table.column("seq").to_pylist(), strict=True
@@ -478,6 +487,29 @@ def _with_commit(table: pa.Table, writer: str, seq: int) -> pa.Table:
     return pa.Table.from_arrays(
         [*table.columns, *commit], schema=pa.schema([*table.schema, *COMMIT_FIELDS])
     )
+
+
+def _files_of(dt: Any, entries: Sequence[Entry], every: bool) -> list[str]:
+    """The table's files (paths relative to it) whose writer and seq statistics overlap
+    ``entries`` (``every``: every seq of their writers up to the newest). A file without
+    statistics is kept."""
+    spans: dict[str, tuple[int, int]] = {}
+    for e in entries:
+        lo, hi = spans.get(e.writer, (e.seq, e.seq))
+        spans[e.writer] = (0 if every else min(lo, e.seq), max(hi, e.seq))
+    acts = pa.table(dt.get_add_actions(flatten=True))
+    cols = ("path", "min.writer", "max.writer", "min.seq", "max.seq")
+    if any(c not in acts.column_names for c in cols):
+        return acts.column("path").to_pylist()
+    out = []
+    for path, w_lo, w_hi, s_lo, s_hi in zip(
+        *(acts.column(c).to_pylist() for c in cols), strict=True
+    ):
+        if None in (w_lo, w_hi, s_lo, s_hi) or any(
+            w_lo <= w <= w_hi and s_lo <= hi and s_hi >= lo for w, (lo, hi) in spans.items()
+        ):
+            out.append(path)
+    return out
 
 
 def _commit_filter(entries: Sequence[Entry], every: bool) -> pc.Expression:

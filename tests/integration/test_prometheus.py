@@ -1,9 +1,11 @@
 """Metrics scraped by a real Prometheus server (Debian's ``prometheus``, ``make
 system-deps``): the router's latency histogram from two replicas adds up in a PromQL
-quantile, and the loop's snapshot metrics come from ``/dashboard/metrics``."""
+quantile, the loop's snapshot metrics come from ``/dashboard/metrics``, and the ingestor
+actors' freshness histogram from Ray's metrics agent."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -52,6 +54,7 @@ def _router_replicas(app: str) -> set[str]:
 def test_a_latency_quantile_over_two_router_replicas_from_a_real_prometheus(
     ray_driver: StackConfig, synthetic_checkpoints, tmp_path
 ):
+    from actors.api import start_ingestors, stop_ingestors
     from recloop.procs import free_port
     from recloop.prometheus import INSTALL_HINT, Prometheus, targets
     from serving.metrics import LATENCY_BUCKETS_MS
@@ -64,14 +67,15 @@ def test_a_latency_quantile_over_two_router_replicas_from_a_real_prometheus(
         with Prometheus(cfg, port=free_port(), scrape_s=1) as prom:
             prom.start(print)
 
-            def post(u: int) -> float:
+            def post(u: int) -> tuple[float, dict]:
                 t = time.perf_counter()
                 r = requests.post(f"{base}/recommend", json={"user_id": u}, timeout=60)
                 assert r.status_code == 200, r.text
-                return (time.perf_counter() - t) * 1000
+                return (time.perf_counter() - t) * 1000, {"user_id": u, **r.json()}
 
             with ThreadPoolExecutor(4) as pool:
-                client_ms = sorted(pool.map(post, range(REQUESTS)))
+                answers = list(pool.map(post, range(REQUESTS)))
+            client_ms = sorted(ms for ms, _ in answers)
 
             # This deployment's two Router replicas (the stack's Ray agents still export
             # the series of replicas that earlier tests deployed and deleted).
@@ -104,3 +108,54 @@ def test_a_latency_quantile_over_two_router_replicas_from_a_real_prometheus(
             # The loop's snapshot, from the dashboard's /dashboard/metrics.
             arms = _wait(prom, "recloop_arm_share", lambda r: bool(r))
             assert {x["metric"]["arm"]: float(x["value"][1]) for x in arms} == {"solo": 1.0}
+
+            # The ingestor actor's freshness histogram: feedback on every served item
+            # closes the sessions, and each one's push is observed.
+            _feedback(cfg, [body for _, body in answers])
+            icfg = dataclasses.replace(
+                cfg,
+                ingest=dataclasses.replace(
+                    cfg.ingest, group_id=f"prom-{time.time_ns()}", lake_dir=tmp_path / "lake"
+                ),
+            )
+            try:
+                start_ingestors(icfg, print)
+                fresh = _wait(
+                    prom,
+                    "sum(ray_recloop_ingest_freshness_seconds_count)",
+                    lambda r: bool(r) and float(r[0]["value"][1]) >= REQUESTS,
+                )
+                assert fresh and float(fresh[0]["value"][1]) >= REQUESTS, fresh
+                q = prom.query(
+                    "histogram_quantile(0.5, sum by (le) "
+                    "(ray_recloop_ingest_freshness_seconds_bucket))"
+                )
+                print(f"freshness p50 over the ingestor actors: {float(q[0]['value'][1]):.2f} s")
+                assert 0 < float(q[0]["value"][1]) < 300
+            finally:
+                stop_ingestors(icfg, print)
+
+
+def _feedback(cfg: StackConfig, answers: list[dict]) -> None:
+    """An interaction (not clicked) for every item of every answered request."""
+    from recloop.events import Interaction
+    from recloop.kafka_io import EventProducer
+
+    now = int(time.time() * 1000)
+    with EventProducer(cfg.kafka.bootstrap) as prod:
+        for a in answers:
+            for item in a["items"]:
+                prod.send(
+                    Interaction(
+                        event_time_ms=now,
+                        request_id=a["request_id"],
+                        user_id=a["user_id"],
+                        item_id=item["item_id"],
+                        position=item["position"],
+                        arm=a["arm"],
+                        model_version=a["model_version"],
+                        clicked=False,
+                        watch_time_s=0.0,
+                    )
+                )
+        prod.flush()
