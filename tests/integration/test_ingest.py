@@ -140,8 +140,9 @@ def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path, fault_
         prod.flush()
 
         crashes = 0
-        # Crash in the middle of a flush that closes sessions: after the lake files (not
-        # committed), then after the Feast push (committed, Kafka's offsets not).
+        # Crash in the middle of a flush that closes sessions: after its orphans were
+        # appended (before the commit point: rolled back at the restart), then after the
+        # Feast push (committed, Kafka's offsets not).
         for crash in ("after-files:1", "after-feast:1"):
             r = _run(cfg_path, crash)
             assert r.returncode == 17, r.stderr[-3000:]
@@ -229,7 +230,7 @@ def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path, fault_
         len(imp.items) for rid, imp in expected.items() if not rid.endswith("-9")
     )
     fault_record(
-        fault="ingestor killed mid-flush (after the lake files, after the Feast push, "
+        fault="ingestor killed mid-flush (after the orphans append, after the Feast push, "
         "after the lake commit)",
         load=f"{len(expected)} sessions of {len(USERS)} users, a duplicate, a late and a "
         "malformed event",
