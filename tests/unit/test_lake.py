@@ -163,3 +163,41 @@ def test_a_lake_of_the_earlier_layout_says_to_migrate_and_migrates_commit_by_com
     assert lake.last_seq("ingestor-0") == 2  # the ingestor resumes after seq 2
     assert [e.partitions["0"]["pseq"] for e in lake.entries()] == [1, 2]
     assert (tmp_path / "_pre_delta" / "_log").is_dir()  # the old files are kept
+
+
+def test_the_first_ingestor_compacts_and_vacuums_the_lake_on_its_schedule(tmp_path):
+    import time
+
+    from actors.ingestor import Ingestor
+    from recloop.config import StackConfig
+
+    lake = Lake(tmp_path / "lake")
+    for seq in range(1, 5):
+        _commit(lake, "ingestor-0", seq, [f"s{seq}"], [f"o{seq}"])
+    cfg = StackConfig.from_dict(
+        {
+            "home": str(tmp_path / "home"),
+            "ingest": {
+                "lake_dir": str(tmp_path / "lake"),
+                "compact_every_s": 60,
+                "vacuum_retention_h": 0,
+            },
+        }
+    )
+    said: list[str] = []
+    first, second = Ingestor(cfg, 0, said.append), Ingestor(cfg, 1, said.append)
+    assert not first._upkeep_due()  # not before its period
+    first.last_upkeep = second.last_upkeep = time.monotonic() - 61
+    assert first._upkeep_due() and not second._upkeep_due()  # one ingestor does it
+    first.upkeep()
+    assert not first._upkeep_due()
+    # four small files of each table merged, and the replaced ones deleted (retention 0)
+    assert any("8 small files compacted, 8 old files vacuumed" in s for s in said), said
+    sessions = lake._table(SESSIONS)
+    assert len(pa.table(sessions.get_add_actions(flatten=True))) == 1
+    assert sorted(Lake(tmp_path / "lake").read(SESSIONS).column("request_id").to_pylist()) == [
+        "s1",
+        "s2",
+        "s3",
+        "s4",
+    ]
