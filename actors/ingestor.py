@@ -889,6 +889,7 @@ def _legacy_state(d: Any) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- as Ray actors
 # Kafka record → Feast online store, seconds: sub-second when caught up, tens under load.
+FRESHNESS = "recloop_ingest_freshness_seconds"
 FRESHNESS_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 
 
@@ -900,7 +901,7 @@ def freshness_histogram(writer: str) -> Callable[[list[float]], None]:
     from ray.util.metrics import Histogram
 
     hist = Histogram(
-        "recloop_ingest_freshness_seconds",
+        FRESHNESS,
         description="Kafka record (its producer's timestamp) to its user's history pushed "
         "into the online store",
         boundaries=list(FRESHNESS_BUCKETS_S),

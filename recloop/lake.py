@@ -300,13 +300,26 @@ class Lake:
     def remove_uncommitted(self, writer: str) -> int:
         """Delete the rows ``writer`` appended after its last commit point (a crash
         between them); returns how many. Other writers' rows are not touched."""
+        from deltalake.exceptions import CommitFailedError
+
         self._staged = {k: v for k, v in self._staged.items() if k[0] != writer}
         last, removed = self.last_seq(writer), 0
         quoted = writer.replace("'", "''")
         for name in SCHEMAS:
             if name == SESSIONS or (dt := self._table(name)) is None:
                 continue
-            got = dt.delete(f"writer = '{quoted}' AND seq > {int(last)}")
+            # A clean restart has nothing to roll back: the files' statistics say so
+            # without a delete (which rewrites nothing but still commits).
+            if not _files_of(dt, [Entry(writer, last + 1, 0, [], {}, {})], every=False, after=True):
+                continue
+            for attempt in range(5):
+                try:
+                    got = dt.delete(f"writer = '{quoted}' AND seq > {int(last)}")
+                    break
+                except CommitFailedError:  # another writer's compaction committed first
+                    if attempt == 4:
+                        raise
+                    dt.update_incremental()
             removed += int(got.get("num_deleted_rows", 0))
         return removed
 
@@ -376,16 +389,19 @@ class Lake:
             return schema.empty_table()
         data = pads.dataset(paths, schema=table_schema(name), format="parquet")
         table = data.to_table(columns=need, filter=match)
-        rank = {(e.writer, e.seq): i for i, e in enumerate(order)}
-        pairs = zip(
-            table.column("writer").to_pylist(), table.column("seq").to_pylist(), strict=True
-        )
-        keys = [rank[p] for p in pairs]
-        table = table.take(pa.array(sorted(range(len(keys)), key=keys.__getitem__), pa.int64()))
-        return table.select(wanted).cast(schema)
+        return _in_commit_order(table, order).select(wanted).cast(schema)
 
     def newest_event_ms(self, name: str | None = None) -> int | None:
         """The newest event time committed (to table ``name``, or any)."""
+        if name == SESSIONS:
+            # Only commit points write the sessions table: its files' statistics are
+            # the answer, without parsing the log's history.
+            dt = self._table(SESSIONS)
+            acts = pa.table(dt.get_add_actions(flatten=True)) if dt is not None else None
+            col = "max.event_time_ms"
+            if acts is not None and col in acts.column_names and acts.column(col).null_count == 0:
+                got = pc.max(acts.column(col)).as_py()
+                return None if got is None else int(got)
         names = list(SCHEMAS) if name is None else [name]
         return max(
             (f["max_event_ms"] for e in self.entries() for f in e.files if f["table"] in names),
@@ -489,14 +505,16 @@ def _with_commit(table: pa.Table, writer: str, seq: int) -> pa.Table:
     )
 
 
-def _files_of(dt: Any, entries: Sequence[Entry], every: bool) -> list[str]:
+def _files_of(
+    dt: Any, entries: Sequence[Entry], every: bool, after: bool = False
+) -> list[str]:
     """The table's files (paths relative to it) whose writer and seq statistics overlap
-    ``entries`` (``every``: every seq of their writers up to the newest). A file without
-    statistics is kept."""
+    ``entries`` (``every``: every seq of their writers up to the newest; ``after``: every
+    seq from the entries' on). A file without statistics is kept."""
     spans: dict[str, tuple[int, int]] = {}
     for e in entries:
         lo, hi = spans.get(e.writer, (e.seq, e.seq))
-        spans[e.writer] = (0 if every else min(lo, e.seq), max(hi, e.seq))
+        spans[e.writer] = (0 if every else min(lo, e.seq), 2**62 if after else max(hi, e.seq))
     acts = pa.table(dt.get_add_actions(flatten=True))
     cols = ("path", "min.writer", "max.writer", "min.seq", "max.seq")
     if any(c not in acts.column_names for c in cols):
@@ -510,6 +528,31 @@ def _files_of(dt: Any, entries: Sequence[Entry], every: bool) -> list[str]:
         ):
             out.append(path)
     return out
+
+
+def _in_commit_order(table: pa.Table, order: Sequence[Entry]) -> pa.Table:
+    """``table``'s rows ordered by their commit's place in ``order``; rows of one
+    commit keep their order. Rows of commits older than the log's retention (no entry
+    any more) come first, by seq."""
+    keys = pa.table(
+        {
+            "writer": pa.array([e.writer for e in order], pa.string()),
+            "seq": pa.array([e.seq for e in order], pa.int64()),
+            "_rank": pa.array(range(len(order)), pa.int64()),
+        }
+    )
+    indexed = pa.table(
+        {
+            "writer": table.column("writer"),
+            "seq": table.column("seq"),
+            "_row": pa.array(range(table.num_rows), pa.int64()),
+        }
+    )
+    ranked = indexed.join(keys, ["writer", "seq"], join_type="left outer")
+    rank = pc.fill_null(ranked.column("_rank"), -1)
+    ranked = ranked.set_column(ranked.schema.get_field_index("_rank"), "_rank", rank)
+    order_by = [("_rank", "ascending"), ("seq", "ascending"), ("_row", "ascending")]
+    return table.take(ranked.sort_by(order_by).column("_row"))
 
 
 def _commit_filter(entries: Sequence[Entry], every: bool) -> pc.Expression:

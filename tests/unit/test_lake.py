@@ -84,6 +84,10 @@ def test_rows_a_crash_left_before_the_commit_point_are_rolled_back_for_that_writ
     # ingestor-1's uncommitted row stays on disk (its own restart rolls it back) and is
     # never read.
     assert restarted.remove_uncommitted("ingestor-1") == 1
+    # A clean restart finds nothing to roll back and commits nothing.
+    versions = {n: restarted._table(n).version() for n in (SESSIONS, ORPHANS)}
+    assert Lake(tmp_path).remove_uncommitted("ingestor-0") == 0
+    assert {n: restarted._table(n).version() for n in (SESSIONS, ORPHANS)} == versions
 
 
 def test_incremental_reads_by_marks_return_each_commit_once_in_commit_order(tmp_path):

@@ -19,11 +19,12 @@ def _exported() -> set[str]:
     """Every series name recloop exports: the snapshot's (counters with ``_total``) and
     the Ray metrics of the router and the ingestor (``ray_`` prefix; a histogram's
     ``_bucket``, ``_count`` and ``_sum``)."""
+    from actors.ingestor import FRESHNESS
     from serving.metrics import LATENCY, REQUESTS
 
     names = {f"{n}_total" if kind == "counter" else n for n, (kind, _) in METRICS_DOC.items()}
     names.add(f"ray_{REQUESTS}_total")
-    for hist in (LATENCY, "recloop_ingest_freshness_seconds"):
+    for hist in (LATENCY, FRESHNESS):
         names |= {f"ray_{hist}_{s}" for s in ("bucket", "count", "sum")}
     return names
 
