@@ -505,9 +505,7 @@ def _with_commit(table: pa.Table, writer: str, seq: int) -> pa.Table:
     )
 
 
-def _files_of(
-    dt: Any, entries: Sequence[Entry], every: bool, after: bool = False
-) -> list[str]:
+def _files_of(dt: Any, entries: Sequence[Entry], every: bool, after: bool = False) -> list[str]:
     """The table's files (paths relative to it) whose writer and seq statistics overlap
     ``entries`` (``every``: every seq of their writers up to the newest; ``after``: every
     seq from the entries' on). A file without statistics is kept."""
