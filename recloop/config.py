@@ -278,6 +278,7 @@ class IngestConfig:
 
 
 REWARD_WEIGHTINGS = ("none", "watch")
+DATA_ENGINES = ("auto", "ray", "local")
 
 
 @dataclass
@@ -313,9 +314,25 @@ class TrainLoopConfig:
     # simulator's users, in the demo's volume, "none" rounds left the seed where it was
     # and "watch" rounds overtook popularity (make bench-loop-offline)
     reward_weighting: str = "watch"
+    # How a round reads its sessions and maps them to examples: "ray", Ray Data tasks
+    # over the sessions Delta table (any node of a cluster); "local", in the round's
+    # process; "auto", Ray Data when the process is connected to Ray (the trainer actor).
+    data_engine: str = "auto"
+    data_cpus: float = 0.1  # each Ray Data task's CPU share (it only schedules)
+    # Ray Data tasks at once per step of a round's dataset: each new one may start a
+    # worker process (~2 s of imports on one core); a cluster can raise it
+    data_tasks: int = 2
 
     def __post_init__(self) -> None:
         self.worker_resources = _resources("train.worker_resources", self.worker_resources)
+        if self.data_engine not in DATA_ENGINES:
+            raise ConfigError(
+                f"train.data_engine must be one of {', '.join(DATA_ENGINES)}: {self.data_engine!r}"
+            )
+        if not self.data_cpus > 0:
+            raise ConfigError(f"train.data_cpus must be > 0: {self.data_cpus!r}")
+        if int(self.data_tasks) < 1:
+            raise ConfigError(f"train.data_tasks must be >= 1: {self.data_tasks!r}")
         if self.reward_weighting not in REWARD_WEIGHTINGS:
             raise ConfigError(
                 f"train.reward_weighting must be one of {', '.join(REWARD_WEIGHTINGS)}: "

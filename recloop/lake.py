@@ -248,6 +248,11 @@ class Lake:
         dt = self._tables[name] = DeltaTable(uri)
         return dt
 
+    def version(self, name: str = SESSIONS) -> int | None:
+        """Table ``name``'s newest version (None: no table yet)."""
+        dt = self._table(name)
+        return None if dt is None else int(dt.version())
+
     def is_legacy(self) -> bool:
         """Whether ``root`` holds the commit log of the layout before Delta Lake."""
         return (self.root / "_log").is_dir()
@@ -389,7 +394,7 @@ class Lake:
             return schema.empty_table()
         data = pads.dataset(paths, schema=table_schema(name), format="parquet")
         table = data.to_table(columns=need, filter=match)
-        return _in_commit_order(table, order).select(wanted).cast(schema)
+        return in_commit_order(table, order).select(wanted).cast(schema)
 
     def newest_event_ms(self, name: str | None = None) -> int | None:
         """The newest event time committed (to table ``name``, or any)."""
@@ -528,7 +533,7 @@ def _files_of(dt: Any, entries: Sequence[Entry], every: bool, after: bool = Fals
     return out
 
 
-def _in_commit_order(table: pa.Table, order: Sequence[Entry]) -> pa.Table:
+def in_commit_order(table: pa.Table, order: Sequence[Entry]) -> pa.Table:
     """``table``'s rows ordered by their commit's place in ``order``; rows of one
     commit keep their order. Rows of commits older than the log's retention (no entry
     any more) come first, by seq."""

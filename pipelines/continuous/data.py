@@ -13,6 +13,7 @@ import torch
 
 from pipelines.continuous.state import Progress
 from recloop.config import StackConfig
+from recloop.examples import example_order, session_example
 from recloop.lake import SESSIONS, Entry, Lake, write_atomic, write_with
 from recloop.train_state import plain
 
@@ -181,6 +182,37 @@ class SessionExamples:
         )
 
 
+def assemble_examples(
+    rows: Sequence[dict],
+    examples: Sequence[dict],
+    max_history: int,
+    session_len: int,
+    holdout_fraction: float,
+    context: Callable[[dict, list[int]], list[int]] | None = None,
+) -> SessionExamples:
+    """``SessionExamples`` of ``examples`` (``session_example``'s, in event-time order,
+    of the session ``rows`` beside them); the newest ``holdout_fraction`` of them (at
+    least one when there are two or more) are held out."""
+    from models.ranker import pad_histories
+
+    n = len(examples)
+    hist = [e["history"] for e in examples]
+    ctx = [context(r, e["history"]) for r, e in zip(rows, examples, strict=True)] if context else []
+    holdout = torch.zeros(n, dtype=torch.bool)
+    if n >= 2 and holdout_fraction > 0:
+        k = min(n - 1, max(1, int(n * holdout_fraction)))
+        holdout[n - k :] = True  # rows are in event-time order
+    return SessionExamples(
+        pad_histories(hist, max_history),
+        torch.tensor([e["targets"] for e in examples], dtype=torch.long).view(n, session_len),
+        torch.tensor([e["event_time_ms"] for e in examples], dtype=torch.long),
+        holdout,
+        torch.tensor([e["served"] for e in examples], dtype=torch.long).view(n, session_len),
+        None if context is None else torch.tensor(ctx, dtype=torch.long).reshape(n, -1 if n else 0),
+        torch.tensor([e["watch"] for e in examples], dtype=torch.float32).view(n, session_len),
+    )
+
+
 def build_examples(
     sessions: Sequence[dict],
     item_ids: Sequence[int],
@@ -189,51 +221,18 @@ def build_examples(
     holdout_fraction: float,
     context: Callable[[dict, list[int]], list[int]] | None = None,
 ) -> SessionExamples:
-    """One example per session with a known clicked item (see the module docstring);
-    the newest ``holdout_fraction`` of them (at least one when there are two or more)
-    are held out. ``context(session row, history in model ids)``: the session's context
-    row, for a model that takes one."""
+    """One example per session with a known clicked item (see the module docstring),
+    in one process: the reference of ``pipelines.continuous.dataset``'s Ray Data path.
+    ``context(session row, history in model ids)``: the session's context row, for a
+    model that takes one."""
     to_model = {int(d): m for m, d in enumerate(item_ids, start=1)}
-    rows = sorted(sessions, key=lambda r: (int(r["event_time_ms"]), str(r.get("event_id") or "")))
-    hist, tgt, times, served, ctx, watch = [], [], [], [], [], []
-    for r in rows:
-        items, clicked = r.get("items") or [], r.get("clicked") or []
-        secs = r.get("watch_time_s") or []
-        secs = [float(x or 0.0) for x in secs] + [0.0] * (len(items) - len(secs))
-        hits = [
-            (to_model[i], s)
-            for i, c, s in zip(items, clicked, secs, strict=False)
-            if c and i in to_model
-        ]
-        t, w = [m for m, _ in hits], [s for _, s in hits]
-        if not t:
-            continue
-        watch.append(w[:session_len] + [0.0] * (session_len - len(w[:session_len])))
-        hist.append([to_model[i] for i in (r.get("history") or []) if i in to_model])
-        if context is not None:
-            ctx.append(context(r, hist[-1]))
-        tgt.append(t[:session_len] + [0] * (session_len - len(t[:session_len])))
-        s = [to_model[i] for i in items if i in to_model][:session_len]
-        served.append(s + [0] * (session_len - len(s)))
-        times.append(int(r["event_time_ms"]))
-    from models.ranker import pad_histories
-
-    n = len(tgt)
-    histories = pad_histories(hist, max_history)
-    targets = torch.tensor(tgt, dtype=torch.long).view(n, session_len)
-    holdout = torch.zeros(n, dtype=torch.bool)
-    if n >= 2 and holdout_fraction > 0:
-        k = min(n - 1, max(1, int(n * holdout_fraction)))
-        holdout[n - k :] = True  # rows are in event-time order
-    return SessionExamples(
-        histories,
-        targets,
-        torch.tensor(times, dtype=torch.long),
-        holdout,
-        torch.tensor(served, dtype=torch.long).view(n, session_len),
-        None if context is None else torch.tensor(ctx, dtype=torch.long).reshape(n, -1 if n else 0),
-        torch.tensor(watch, dtype=torch.float32).view(n, session_len),
-    )
+    rows, examples = [], []
+    for r in sorted(sessions, key=example_order):
+        ex = session_example(r, to_model, session_len)
+        if ex is not None:
+            rows.append(r)
+            examples.append(ex)
+    return assemble_examples(rows, examples, max_history, session_len, holdout_fraction, context)
 
 
 def _entries_by_key(lake: Lake, keys: Sequence[Sequence]) -> list[Entry]:
@@ -245,21 +244,39 @@ def _entries_by_key(lake: Lake, keys: Sequence[Sequence]) -> list[Entry]:
     return found
 
 
+# What a poll reads to decide whether a round starts (and what it reports): the data
+# policy's and the quality bar's columns and the times; a round reads the rest.
+POLL_COLUMNS = [
+    "arm",
+    "clicks",
+    "session_watch_s",
+    "likes",
+    "follows",
+    "event_time_ms",
+    "last_feedback_ms",
+    "record_ts_ms",
+]
+
+
 def _read_sessions(
-    lake: Lake, entries: Sequence[Entry], cache: dict[tuple[str, int], list[dict]] | None = None
+    lake: Lake,
+    entries: Sequence[Entry],
+    cache: dict[tuple[str, int], list[dict]] | None = None,
+    columns: Sequence[str] = SESSION_COLUMNS,
 ) -> list[dict]:
-    """The session rows of ``entries``. With ``cache`` (a warm trainer's: entries are
-    immutable once committed), each entry is read once however often the lake is polled
-    while a round waits for data; entries not asked for any more are dropped from it."""
+    """The session rows of ``entries`` (``columns`` of them). With ``cache`` (a warm
+    trainer's: entries are immutable once committed), each entry is read once however
+    often the lake is polled while a round waits for data; entries not asked for any
+    more are dropped from it."""
     if cache is None:
-        return lake.read(SESSIONS, entries, columns=SESSION_COLUMNS).to_pylist()
+        return lake.read(SESSIONS, entries, columns=columns).to_pylist()
     keys = [(e.writer, e.seq) for e in entries]
     for key in set(cache) - set(keys):
         del cache[key]
     missing = [e for key, e in zip(keys, entries, strict=True) if key not in cache]
     if missing:  # one read for all of them, split by the commit each row came from
         fresh = {(e.writer, e.seq): [] for e in missing}
-        table = lake.read(SESSIONS, missing, columns=SESSION_COLUMNS, with_commit=True)
+        table = lake.read(SESSIONS, missing, columns=columns, with_commit=True)
         for row in table.to_pylist():
             fresh[(row.pop("writer"), row.pop("seq"))].append(row)
         cache.update(fresh)

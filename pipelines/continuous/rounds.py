@@ -17,16 +17,17 @@ import torch
 
 from pipelines.continuous import recount
 from pipelines.continuous.data import (
+    POLL_COLUMNS,
     SessionExamples,
     _entries_by_key,
     _newest,
     _read_sessions,
-    build_examples,
     policy_sessions,
     quality_sessions,
     round_context,
     select_entries,
 )
+from pipelines.continuous.dataset import round_data
 from pipelines.continuous.state import (
     FAULT_ENV,
     KEEP_ROUND_DIRS,
@@ -203,7 +204,8 @@ def _run_round(
         if not new:
             return None
         entries, capped = select_entries(new, tc.max_sessions)
-        rows = _read_sessions(lake, entries, warm.sessions if warm is not None else None)
+        cache = warm.sessions if warm is not None else None
+        rows = _read_sessions(lake, entries, cache, POLL_COLUMNS)
         mine = policy_sessions(rows, arm, pooled)
         hq = quality_sessions(mine, tc.min_clicks, tc.min_watch_s)
         marks_after = Lake.advance(state["marks"], entries)
@@ -220,12 +222,32 @@ def _run_round(
         base, base_dir = _load_base(cfg, reg, warm, lineage, base_version)
         item_ids = base.meta.get("item_ids") or list(range(1, base.tokenizer.num_items + 1))
         mc = base.model.cfg
-        context = round_context(cfg, base, hq, progress) if mc.context_width else None
-        ex = build_examples(
-            hq, item_ids, mc.max_history, mc.session_len, tc.holdout_fraction, context
+        t_read = time.monotonic()
+        data = round_data(
+            lake,
+            entries,
+            arm=arm,
+            pooled=pooled,
+            min_clicks=tc.min_clicks,
+            min_watch_s=tc.min_watch_s,
+            item_ids=item_ids,
+            max_history=mc.max_history,
+            session_len=mc.session_len,
+            holdout_fraction=tc.holdout_fraction,
+            context=(lambda hq: round_context(cfg, base, hq, progress))
+            if mc.context_width
+            else None,
+            policy_rows=tc.dpo,
+            data_engine=tc.data_engine,
+            cpus=tc.data_cpus,
+            resources=tc.worker_resources,
+            tasks=tc.data_tasks,
         )
+        ex = data.examples
         n_train = int((~ex.holdout).sum())
         info = {
+            "data_engine": data.engine,
+            "data_read_s": round(time.monotonic() - t_read, 4),
             "sessions": len(rows),
             "policy_sessions": len(mine),
             "hq_sessions": len(hq),
@@ -264,7 +286,7 @@ def _run_round(
                 cfg,
                 reg,
                 state.get("pref_offsets", {}),
-                mine,
+                data.policy_rows,
                 item_ids,
                 mc,
                 round_no,

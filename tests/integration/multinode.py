@@ -92,6 +92,20 @@ def placements(nodes: dict[str, str]) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+def task_placements(nodes: dict[str, str], names: tuple[str, ...]) -> list[str]:
+    """The labels of the nodes that ran the tasks whose name holds one of ``names``
+    (Ray Data names its tasks after the operators they run)."""
+    import ray
+    from ray.util.state import list_tasks
+
+    here = ray.get_runtime_context().gcs_address
+    return sorted(
+        nodes.get(t.node_id, f"?{t.node_id[:8]}")
+        for t in list_tasks(address=here, limit=10_000, raise_on_missing_output=False)
+        if t.node_id and any(n in (t.name or "") for n in names)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stack", type=Path, required=True)
@@ -260,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
 
         record = run_round(cfg, _say)
         result["round"] = {
-            k: (record or {}).get(k) for k in ("status", "version", "sessions", "workers")
+            k: (record or {}).get(k)
+            for k in ("status", "version", "sessions", "workers", "data_engine")
         }
+        # The round's Ray Data tasks: the Delta read and the map to examples.
+        result["data_tasks"] = task_placements(labels, ("ReadParquet", "to_examples"))
         url = f"http://{cfg.ray.host}:{cfg.ray.serve_port}/recommend"
         body = requests.post(url, json={"user_id": int(ran[0]["user_id"])}, timeout=60).json()
         result["served_after"] = {

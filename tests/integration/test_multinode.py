@@ -60,6 +60,9 @@ def test_each_part_runs_on_its_own_node_and_nothing_is_lost_or_doubled(
     # Training on the train node: the round is promoted and served from the shared registry.
     rnd = r["round"]
     assert rnd["status"] == "promoted", rnd
+    # Its data came through Ray Data, in tasks on the train node (train.worker_resources).
+    assert rnd["data_engine"] == "ray" and r["data_tasks"], r["data_tasks"]
+    assert set(r["data_tasks"]) == {"train"}, r["data_tasks"]
     served = r["served_after"]
     assert served["model_version"] == served["current"] == rnd["version"] != served["seed_version"]
     fault_record(

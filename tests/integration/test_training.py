@@ -165,6 +165,7 @@ def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
     # checks the per-example counts): nothing skipped, nothing repeated
     assert rec["trained_examples"] == rec["train_examples"] * cfg.train.epochs
     assert 0 < rec["hq_sessions"] < rec["policy_sessions"] < rec["sessions"]  # policy, quality
+    assert rec["data_engine"] == "ray"  # the driver is connected: Ray Data read the round
     # published and promoted; its meta says what it learned from
     assert rec["status"] == "promoted" and rec["promoted"], rec["gate"]
     assert rec["version"] in reg.versions(ARM) and reg.current(ARM) == rec["version"]
@@ -231,6 +232,7 @@ def test_the_warm_trainer_actor_killed_mid_round_resumes_exactly(
         resumed_s = time.monotonic() - started
         assert rec["status"] == "promoted" and rec["run"] == ip["run"], rec.get("gate")
         assert rec["resumed_from_step"] >= 3 and rec["workers"] == 1
+        assert rec["data_engine"] == full["data_engine"] == "ray"
         assert rec["trained_examples"] == full["trained_examples"]
         reg = open_registry(cfg)
         fetched = open_registry(straight).fetch(ARM, full["version"])
@@ -251,3 +253,43 @@ def test_the_warm_trainer_actor_killed_mid_round_resumes_exactly(
         detail=f"a new actor resumed from step {rec['resumed_from_step']}; weights equal to "
         "an unbroken round's; promoted",
     )
+
+
+def test_a_rounds_data_through_ray_data_equals_the_in_process_reference(
+    ray_driver, synthetic_checkpoints, tmp_path
+):
+    """Ray Data's path (the sessions Delta table read, filtered by commit, data policy and
+    quality, and mapped to examples in Ray tasks) gives exactly the examples, held-out
+    slice and policy rows of the in-process reference, for a few commits and for all."""
+    import torch
+
+    from pipelines.continuous.dataset import round_data
+
+    cfg = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "home")
+    meta = json.loads((synthetic_checkpoints[0] / "config.json").read_text())
+    lake = Lake(cfg.lake_dir)
+    entries = lake.entries()
+    for chosen in (entries[:1], entries[1:], entries):
+        kw = dict(
+            arm=ARM,
+            pooled=False,
+            min_clicks=2,
+            min_watch_s=600.0,
+            item_ids=meta["item_ids"],
+            max_history=20,
+            session_len=5,
+            holdout_fraction=0.2,
+            policy_rows=True,
+        )
+        ray_data = round_data(lake, chosen, data_engine="ray", **kw)
+        local = round_data(lake, chosen, data_engine="local", **kw)
+        assert ray_data.engine == "ray" and local.engine == "local"
+        a, b = ray_data.examples, local.examples
+        assert len(a) == len(b) > 10
+        for name in ("histories", "targets", "event_time_ms", "holdout", "served", "watch"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert ray_data.policy_rows == local.policy_rows
+        assert {r["arm"] for r in ray_data.policy_rows} == {ARM}
+    # pooled: every arm's sessions
+    both = round_data(lake, entries, **{**kw, "pooled": True}, data_engine="ray")
+    assert len(both.policy_rows) == sum(e.counts["sessions"] for e in entries)

@@ -64,6 +64,8 @@ def test_external_kafka_and_ray_are_used_not_provisioned():
         ({"ingest": {"consumer_resources": {"recloop_ingest": 0}}}, "must be a number > 0"),
         ({"train": {"worker_resources": ["gpu"]}}, "train.worker_resources must be a mapping"),
         ({"serve": {"proxy_location": "Everywhere"}}, "EveryNode or HeadOnly"),
+        ({"train": {"data_engine": "spark"}}, "train.data_engine must be one of auto, ray"),
+        ({"train": {"data_tasks": 0}}, "train.data_tasks must be >= 1"),
     ],
 )
 def test_bad_config_is_refused_with_the_key_named(tmp_path, stack, message):

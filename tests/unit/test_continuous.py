@@ -856,7 +856,9 @@ def test_a_killed_warm_trainer_resumes_exactly(base_ckpt, tmp_path, monkeypatch)
 
 def test_a_waiting_warm_trainer_reads_each_lake_entry_once(base_ckpt, tmp_path, monkeypatch):
     """Polled every second while a round waits for data, the warm trainer reads each new
-    entry's sessions once; the rows of entries a round consumed are dropped."""
+    entry's poll columns once; the round, once it starts, reads its sessions once (Ray
+    Data's read when connected to Ray, the lake's here); the rows of entries a round
+    consumed are dropped."""
     cfg, _ = _stack(tmp_path, base_ckpt, min_sessions=30)
     lake = Lake(cfg.lake_dir)
     warm = ct.WarmTrainer(cfg)
@@ -874,7 +876,8 @@ def test_a_waiting_warm_trainer_reads_each_lake_entry_once(base_ckpt, tmp_path, 
     assert reads == [1] and set(warm.sessions) == {("ing-0", 1)}
     _traffic(lake, "ing-0", 2, 30, 60)
     rec = ct.run_round(cfg, promote=ct.promote_registry, trainer=warm)
-    assert rec["status"] == "promoted" and rec["sessions"] == 90 and reads[1:] == [1]
+    assert rec["status"] == "promoted" and rec["sessions"] == 90 and reads[1:] == [1, 2]
+    assert rec["data_engine"] == "local"
     _traffic(lake, "ing-0", 3, 90, 5)
     assert ct.run_round(cfg, promote=ct.promote_registry, trainer=warm) is None
     assert set(warm.sessions) == {("ing-0", 3)}
@@ -927,3 +930,23 @@ def test_a_popularity_arm_follows_its_clicks_and_never_counts_one_twice(tmp_path
     rec2 = ct.run_round(cfg, promote=ct.promote_registry)
     want[N_ITEMS - 1] += 5
     assert torch.equal(load_baseline(reg.fetch("pop", rec2["version"])).scores, want)
+
+
+def test_a_round_reads_through_ray_data_only_when_its_process_is_connected(monkeypatch):
+    """``train.data_engine: auto``: Ray Data in a trainer actor or a connected driver,
+    in process in a plain one (never a Ray started behind the user's back)."""
+    import sys
+    import types
+
+    from pipelines.continuous.dataset import engine
+
+    assert engine("local") == "local" and engine("ray") == "ray"
+    connected = types.SimpleNamespace(is_initialized=lambda: True)
+    monkeypatch.setitem(sys.modules, "ray", connected)
+    assert engine("auto") == "ray"
+    connected.is_initialized = lambda: False
+    assert engine("auto") == "local"
+    monkeypatch.delitem(sys.modules, "ray")
+    assert engine("auto") == "local"
+    with pytest.raises(ValueError, match="train.data_engine must be one of"):
+        engine("spark")
