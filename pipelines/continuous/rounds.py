@@ -201,6 +201,7 @@ def _run_round(
         new = lake.new_entries(state["marks"])
         if warm is not None:  # hold the version serving before the round needs it
             warm.prefetch(reg, arm, progress)
+            warm.warm_data(progress)
         if not new:
             return None
         entries, capped = select_entries(new, tc.max_sessions)

@@ -546,6 +546,7 @@ class WarmTrainer:
         self.rounds = 0  # rounds trained in this process
         self.lake: Any = None  # the lake, kept open: its parsed commit log is reused
         self.sessions: dict[tuple[str, int], list[dict]] = {}  # rows of entries not trained
+        self.data_warm = False  # Ray Data's workers started (``warm_data``)
 
     def checkpoint(self, reg: Any, lineage: str, version: str) -> tuple[Any, Path]:
         """(Checkpoint, its directory) of ``lineage/version``, from memory when held.
@@ -587,6 +588,24 @@ class WarmTrainer:
         # every cold round (and every Ray Train worker) pays inside its training.
         torch.optim.AdamW(model.parameters(), lr=1e-3)
         progress(f"warm trainer: holds {key[0]}/{key[1]} ({time.monotonic() - t0:.1f} s)")
+
+    def warm_data(self, progress: Callable[[str], None] = print) -> None:
+        """Start the round's Ray Data workers while the rounds wait for data (once; a
+        no-op when rounds read in process)."""
+        from pipelines.continuous.dataset import engine, warm_up
+
+        tc = self.cfg.train
+        if self.data_warm or self.lake is None or engine(tc.data_engine) != "ray":
+            return
+        t0 = time.monotonic()
+        try:
+            done = warm_up(self.lake, tc.data_cpus, tc.worker_resources, tc.data_tasks)
+        except Exception as exc:  # the round reads anyway, and says what fails
+            progress(f"warm trainer: Ray Data warm-up failed ({type(exc).__name__}: {exc})")
+            done = True
+        if done:
+            self.data_warm = True
+            progress(f"warm trainer: Ray Data workers ready ({time.monotonic() - t0:.1f} s)")
 
     def adopt(self, lineage: str, version: str, ck: Any, path: Path) -> None:
         """Hold a version this process just wrote (the round's published candidate): the
@@ -645,4 +664,5 @@ class WarmTrainer:
             "held": [f"{lin}/{ver}" for lin, ver in self._cache],
             "registry_loads": self.loads,
             "rounds": self.rounds,
+            "data_warm": self.data_warm,
         }
