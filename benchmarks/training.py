@@ -221,6 +221,10 @@ def round_summary(rounds: list[dict]) -> dict[str, Any]:
         "round_s_median": _median([r.get("round_s") for r in trained]),
         "round_s_max": max((r.get("round_s") or 0 for r in trained), default=None),
         "phases_median_s": {k: _median(v) for k, v in phases.items()},
+        # How the rounds read their sessions (Ray Data in the trainer actor) and how long
+        # that read took, within the data phase.
+        "data_engines": sorted({str(r.get("data_engine")) for r in trained}),
+        "data_read_s_median": _median([r.get("data_read_s") for r in trained]),
         "feedback_to_served_p50_s": _median(delays),
         "feedback_to_served_max_s": max(delays, default=None),
     }
@@ -346,7 +350,7 @@ def main() -> int:
             "round", "status", "version", "sessions", "hq_sessions", "examples",
             "examples_per_s", "compute_examples_per_s", "train_s", "round_s", "phases", "gate",
             "trained_pairs", "pairs", "reward_model", "losses", "newest_record_ts_ms",
-            "completed_at_ms",
+            "completed_at_ms", "data_engine", "data_read_s",
         )  # fmt: skip
         by_arm = {arm: read_rounds(cfg, arm) for arm in learning}
         out["rounds_by_arm"] = {

@@ -231,6 +231,16 @@ def mparams(n: float) -> str:
     return f"{n / 1e6:.2f} M"
 
 
+def _data_read(summary: dict) -> str:
+    """What the training summary says of the rounds' data read (runs before the rounds
+    read through Ray Data say nothing)."""
+    if summary.get("data_read_s_median") is None:
+        return ""
+    engines = summary.get("data_engines") or []
+    how = "through Ray Data" if engines == ["ray"] else f"engines {', '.join(engines)}"
+    return f" (of it the sessions read and mapped {how}: {num(summary['data_read_s_median'], 2)} s)"
+
+
 def para(*sentences: str) -> str:
     """One paragraph, wrapped."""
     return textwrap.fill(" ".join(sentences), WIDTH, break_long_words=False, break_on_hyphens=False)
@@ -1770,7 +1780,8 @@ def training(t: Data) -> str:
             f"promoted and {summary['rejected']} rejected by the gate. A round takes "
             f"**{span([r['round_s'] for r in rounds], num)} s** end to end (median "
             f"{num(summary['round_s_median'])} s; phases, medians: data "
-            f"{num(phases['data'], 2)} s, train {num(phases['train'], 2)} s, gate "
+            f"{num(phases['data'], 2)} s{_data_read(summary)}, train "
+            f"{num(phases['train'], 2)} s, gate "
             f"{num(phases['gate'], 2)} s, promote {num(phases['promote'], 2)} s through "
             f"Serve's reconfigure, publish {num(phases['publish'], 2)} s). In the same run, "
             "the last round's examples trained again after the traffic: the warm trainer "
