@@ -322,6 +322,9 @@ class TrainLoopConfig:
     # Ray Data tasks at once per step of a round's dataset: each new one may start a
     # worker process (~2 s of imports on one core); a cluster can raise it
     data_tasks: int = 2
+    # A round's Ray Data execution that makes no progress this long (no free CPU share
+    # for its tasks) stops; the round reads in process ("auto") or fails ("ray")
+    data_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         self.worker_resources = _resources("train.worker_resources", self.worker_resources)
@@ -333,6 +336,8 @@ class TrainLoopConfig:
             raise ConfigError(f"train.data_cpus must be > 0: {self.data_cpus!r}")
         if int(self.data_tasks) < 1:
             raise ConfigError(f"train.data_tasks must be >= 1: {self.data_tasks!r}")
+        if not self.data_timeout_s > 0:
+            raise ConfigError(f"train.data_timeout_s must be > 0: {self.data_timeout_s!r}")
         if self.reward_weighting not in REWARD_WEIGHTINGS:
             raise ConfigError(
                 f"train.reward_weighting must be one of {', '.join(REWARD_WEIGHTINGS)}: "

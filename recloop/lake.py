@@ -381,20 +381,31 @@ class Lake:
         if with_commit:
             fields += COMMIT_FIELDS
         schema = pa.schema(fields)
-        dt = self._table(name)
-        if dt is None or not order:
+        if not order:
             return schema.empty_table()
-        match = _commit_filter(order, every=entries is None)
-        wanted = [f.name for f in fields]
-        need = list(dict.fromkeys([*wanted, "writer", "seq"]))
-        # Only the files whose commit statistics can hold these commits: an incremental
-        # read of a few commits opens a few files, not one per flush since compaction.
-        paths = [str(self.root / name / p) for p in _files_of(dt, order, every=entries is None)]
+        paths, match = self.scan(name, order, every=entries is None)
         if not paths:
             return schema.empty_table()
+        wanted = [f.name for f in fields]
+        need = list(dict.fromkeys([*wanted, "writer", "seq"]))
         data = pads.dataset(paths, schema=table_schema(name), format="parquet")
         table = data.to_table(columns=need, filter=match)
         return in_commit_order(table, order).select(wanted).cast(schema)
+
+    def scan(
+        self, name: str, entries: Sequence[Entry], every: bool = False
+    ) -> tuple[list[str], pc.Expression | None]:
+        """What a reader of ``entries``' rows of table ``name`` opens: the table's files
+        (absolute paths, at its newest version) whose commit statistics can hold them,
+        and the row filter that keeps exactly their rows (``every``: every commit of
+        their writers up to the newest). An incremental read of a few commits opens a
+        few files, not one per flush since the last compaction. Any Parquet reader can
+        read them (the round's Ray Data tasks do); ([], None) when there is nothing."""
+        dt = self._table(name)
+        if dt is None or not entries:
+            return [], None
+        paths = [str(self.root / name / p) for p in _files_of(dt, entries, every=every)]
+        return paths, _commit_filter(entries, every=every)
 
     def newest_event_ms(self, name: str | None = None) -> int | None:
         """The newest event time committed (to table ``name``, or any)."""

@@ -1,7 +1,7 @@
 """A round's data through Ray Data: the round's commits read from the sessions Delta table
-as a Ray Dataset, filtered by the data policy and the quality bar and mapped to
-next-session examples in Ray tasks (on any node of a cluster that reaches the lake), then
-collected in event-time order by the round.
+as a Ray Dataset (the files the lake names for them, filtered by commit, data policy and
+quality bar as they are read) and mapped to next-session examples in Ray tasks (on any
+node of a cluster that reaches the lake), then collected in event-time order.
 
 The same code runs on one machine and on a cluster: the tasks hold ``train.data_cpus``
 each, so a two-core machine whose serving replicas hold most of its CPUs still schedules
@@ -15,13 +15,17 @@ of them held out, which only a whole view of the round can say.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.continuous.data import (
     SESSION_COLUMNS,
@@ -33,7 +37,7 @@ from pipelines.continuous.data import (
 )
 from recloop.config import DATA_ENGINES as ENGINES
 from recloop.examples import example_order, to_examples
-from recloop.lake import SESSIONS, Entry, Lake, in_commit_order
+from recloop.lake import SESSIONS, Entry, Lake, in_commit_order, table_schema
 
 
 @dataclass
@@ -45,6 +49,7 @@ class RoundData:
     examples: SessionExamples
     policy_rows: list[dict] | None
     engine: str  # "ray" or "local"
+    fallback: str | None = None  # why an "auto" round read in process after all
 
 
 def engine(name: str) -> str:
@@ -76,62 +81,146 @@ def round_data(
     cpus: float = 0.1,
     resources: dict[str, float] | None = None,
     tasks: int = 2,
+    timeout_s: float = 60.0,
 ) -> RoundData:
     """The examples of ``entries``' sessions that the data policy (``arm``'s own, or
     every arm's when ``pooled``) and the quality bar keep. ``context(high-quality session
     rows)`` returns the row builder of a context model; ``policy_rows``: also return the
     policy's sessions (whole rows, in commit order). Ray Data's tasks hold ``cpus`` and
     ``resources`` each (the train workers' custom resources: they run on train nodes),
-    at most ``tasks`` at once per step."""
+    at most ``tasks`` at once per step.
+
+    With ``data_engine`` "auto", a round whose Ray Data tasks cannot run (no free share
+    of the cluster for one, or an execution without progress for ``timeout_s``) reads
+    in process instead and says why in ``RoundData.fallback``; with "ray" it raises."""
     kind = engine(data_engine)
-    if kind == "local":
-        rows = lake.read(SESSIONS, entries, columns=SESSION_COLUMNS).to_pylist()
-        mine = policy_sessions(rows, arm, pooled)
-        hq = quality_sessions(mine, min_clicks, min_watch_s)
-        build = context(hq) if context is not None else None
-        ex = build_examples(hq, item_ids, max_history, session_len, holdout_fraction, build)
-        return RoundData(ex, mine if policy_rows else None, "local")
-    return _ray_round_data(
-        lake,
-        entries,
-        arm=arm,
-        pooled=pooled,
-        min_clicks=min_clicks,
-        min_watch_s=min_watch_s,
-        item_ids=item_ids,
-        max_history=max_history,
-        session_len=session_len,
-        holdout_fraction=holdout_fraction,
-        context=context,
-        policy_rows=policy_rows,
-        remote={"num_cpus": cpus, "resources": dict(resources or {}), "concurrency": tasks},
-    )
+    fallback = None
+    if kind == "ray":
+        remote = {"num_cpus": cpus, "resources": dict(resources or {}), "concurrency": tasks}
+        try:
+            no_room(cpus, resources)
+            return _ray_round_data(
+                lake,
+                entries,
+                arm=arm,
+                pooled=pooled,
+                min_clicks=min_clicks,
+                min_watch_s=min_watch_s,
+                item_ids=item_ids,
+                max_history=max_history,
+                session_len=session_len,
+                holdout_fraction=holdout_fraction,
+                context=context,
+                policy_rows=policy_rows,
+                remote=remote,
+                timeout_s=timeout_s,
+            )
+        except Exception as exc:  # the loop goes on; the record says how it read
+            if data_engine == "ray":
+                raise
+            fallback = f"Ray Data: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    rows = lake.read(SESSIONS, entries, columns=SESSION_COLUMNS).to_pylist()
+    mine = policy_sessions(rows, arm, pooled)
+    hq = quality_sessions(mine, min_clicks, min_watch_s)
+    build = context(hq) if context is not None else None
+    ex = build_examples(hq, item_ids, max_history, session_len, holdout_fraction, build)
+    return RoundData(ex, mine if policy_rows else None, "local", fallback)
 
 
-def _commits(entries: Sequence[Entry]) -> Any:
-    """A Ray Data predicate: rows of these commits."""
-    from ray.data.expressions import col
+class NoRoom(RuntimeError):
+    """No free share of the cluster for one Ray Data task."""
 
-    seqs: dict[str, list[int]] = {}
-    for e in entries:
-        seqs.setdefault(e.writer, []).append(int(e.seq))
-    match = None
-    for writer, ss in sorted(seqs.items()):
-        cond = (col("writer") == writer) & col("seq").is_in(sorted(ss))
-        match = cond if match is None else match | cond
-    return match
+
+def no_room(cpus: float, resources: dict[str, float] | None) -> None:
+    """Raise ``NoRoom`` when the cluster has no free share for one task of ``cpus`` CPUs
+    and ``resources`` (its tasks would wait for one)."""
+    import ray
+
+    free = ray.available_resources()
+    need = {"CPU": float(cpus), **{k: float(v) for k, v in (resources or {}).items()}}
+    short = {k: round(free.get(k, 0.0), 3) for k, v in need.items() if free.get(k, 0.0) < v}
+    if short:
+        raise NoRoom(f"no free share for a task of {need} (free now: {short})")
+
+
+@functools.cache
+def commit_files() -> type:
+    """The Ray Data datasource class of a round's read (Ray is imported on first use):
+    ``CommitFiles(paths, match, columns, schema)`` reads the rows of some commits of a
+    lake table from the files the lake names for them (``Lake.scan``: pruned by the
+    commits' statistics), one read task per file, each applying the commit filter (and
+    the data policy's and quality bar's) as it reads.
+
+    ``ray.data.read_delta`` reads the same table, but it first samples files in tasks of
+    one whole CPU each, which never start on a machine whose serving replicas hold most
+    of its CPUs; these read tasks hold the share the round gives them."""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class CommitFiles(Datasource):
+        def __init__(self, paths: list[str], match: Any, columns: list[str], schema) -> None:
+            self.paths, self.match = list(paths), match
+            self.columns, self.schema = list(columns), schema
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return sum(_size(p) or 0 for p in self.paths)
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            read = functools.partial(read_file, match=self.match, columns=self.columns)
+            return [
+                ReadTask(
+                    functools.partial(read, path, schema=self.schema),
+                    BlockMetadata(
+                        num_rows=None, size_bytes=_size(path), exec_stats=None, input_files=(path,)
+                    ),
+                    schema=self.schema,
+                )
+                for path in self.paths
+            ]
+
+        def get_name(self) -> str:
+            return "LakeCommits"
+
+    return CommitFiles
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def read_file(path: str, *, match: Any, columns: list[str], schema: pa.Schema) -> list[pa.Table]:
+    """One read task: ``columns`` of the rows of ``path`` that ``match`` keeps."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(path, format="parquet").to_table(columns=columns, filter=match)
+    return [table.cast(schema)]
 
 
 def _quality(min_clicks: int, min_watch_s: float) -> Any:
-    """``data.is_high_quality`` as a Ray Data predicate (a null count is no count)."""
-    from ray.data.expressions import col
-
+    """``data.is_high_quality`` as a row filter (a null count is no count)."""
     return (
-        (col("clicks") >= int(min_clicks))
-        | (col("session_watch_s") >= float(min_watch_s))
-        | (col("likes") > 0)
-        | (col("follows") > 0)
+        (pc.field("clicks") >= int(min_clicks))
+        | (pc.field("session_watch_s") >= float(min_watch_s))
+        | (pc.field("likes") > 0)
+        | (pc.field("follows") > 0)
     )
+
+
+def _sessions(lake: Lake, entries: Sequence[Entry], where: Any, remote: dict[str, Any]) -> Any:
+    """The sessions of ``entries`` that ``where`` keeps, as a Ray Dataset (None: no file
+    holds them)."""
+    import ray
+
+    paths, match = lake.scan(SESSIONS, entries)
+    if not paths:
+        return None
+    columns = [*SESSION_COLUMNS, "writer", "seq"]
+    schema = pa.schema([table_schema(SESSIONS).field(c) for c in columns])
+    source = commit_files()(paths, match & where if where is not None else match, columns, schema)
+    return ray.data.read_datasource(source, **remote)
 
 
 def _ray_round_data(
@@ -149,81 +238,81 @@ def _ray_round_data(
     context: Callable[[list[dict]], Callable[[dict, list[int]], list[int]]] | None,
     policy_rows: bool,
     remote: dict[str, Any],
+    timeout_s: float,
 ) -> RoundData:
     import ray
-    from ray.data.expressions import col
 
-    _quiet(ray)
-    version = lake.version(SESSIONS)
-    if version is None or not entries:
-        empty = build_examples([], item_ids, max_history, session_len, holdout_fraction)
-        return RoundData(empty, [] if policy_rows else None, "ray")
-    ds = ray.data.read_delta(
-        str(lake.root / SESSIONS),
-        version=version,  # the version that holds every entry asked for
-        columns=[*SESSION_COLUMNS, "writer", "seq"],
-        **remote,
-    )
-    keep = _commits(entries)
-    if not pooled:
-        keep = keep & (col("arm") == arm)
-    ds = ds.filter(expr=keep, **remote)
-    mine = None
-    if policy_rows:
-        ds = ds.materialize()
-        table = _collect(ds)
-        mine = (
-            in_commit_order(table, entries).drop_columns(["writer", "seq"]).to_pylist()
-            if table.num_rows
-            else []
+    _quiet(ray, timeout_s)
+    policy = None if pooled else pc.field("arm") == arm
+    quality = _quality(min_clicks, min_watch_s)
+    mine = [] if policy_rows else None
+    if policy_rows:  # the policy's sessions whole, in commit order (the reward model's)
+        ds = _sessions(lake, entries, policy, remote)
+        table = _collect(ds) if ds is not None else pa.table({})
+        if table.num_rows:
+            mine = in_commit_order(table, entries).drop_columns(["writer", "seq"]).to_pylist()
+    where = quality if policy is None else policy & quality
+    ds = _sessions(lake, entries, where, remote)
+    rows: list[dict] = []
+    if ds is not None:
+        examples = ds.map_batches(
+            to_examples,
+            fn_kwargs={"item_ids": [int(i) for i in item_ids], "session_len": session_len},
+            batch_format="pyarrow",
+            **remote,
         )
-    examples = ds.filter(expr=_quality(min_clicks, min_watch_s), **remote).map_batches(
-        to_examples,
-        fn_kwargs={"item_ids": [int(i) for i in item_ids], "session_len": session_len},
-        batch_format="pyarrow",
-        **remote,
-    )
-    rows = sorted(_collect(examples).to_pylist(), key=example_order)
+        rows = sorted(_collect(examples).to_pylist(), key=example_order)
     build = context(rows) if context is not None else None
     ex = assemble_examples(rows, rows, max_history, session_len, holdout_fraction, build)
     return RoundData(ex, mine, "ray")
 
 
 def warm_up(
-    lake: Lake, cpus: float = 0.1, resources: dict[str, float] | None = None, tasks: int = 2
+    lake: Lake,
+    cpus: float = 0.1,
+    resources: dict[str, float] | None = None,
+    tasks: int = 2,
+    timeout_s: float = 60.0,
 ) -> bool:
     """Run the round's Ray Data steps once over no rows (a filter nothing passes), so
     the worker processes exist and have imported what the read and the map need before
     the first round (~4 s on this machine, paid while the rounds wait for data). False
-    when there is no sessions table to read yet."""
+    when there is nothing to read yet; ``NoRoom`` when the cluster has no free share
+    for a task now."""
     import ray
-    from ray.data.expressions import col
 
-    version = lake.version(SESSIONS)
-    if version is None:
+    entries = lake.entries()[-1:]
+    if not entries:
         return False
     remote = {"num_cpus": cpus, "resources": dict(resources or {}), "concurrency": tasks}
-    _quiet(ray)
-    ds = ray.data.read_delta(
-        str(lake.root / SESSIONS), version=version, columns=SESSION_COLUMNS, **remote
+    no_room(cpus, resources)
+    _quiet(ray, timeout_s)
+    ds = _sessions(lake, entries, pc.field("event_time_ms") < 0, remote)
+    if ds is None:
+        return False
+    _collect(
+        ds.map_batches(
+            to_examples,
+            fn_kwargs={"item_ids": [], "session_len": 1},
+            batch_format="pyarrow",
+            **remote,
+        )
     )
-    ds = ds.filter(expr=col("event_time_ms") < 0, **remote).map_batches(
-        to_examples,
-        fn_kwargs={"item_ids": [], "session_len": 1},
-        batch_format="pyarrow",
-        **remote,
-    )
-    _collect(ds)
     return True
 
 
-def _quiet(ray: Any) -> None:
-    """A round says what it read in one line: no progress bars, no plan per execution."""
+def _quiet(ray: Any, timeout_s: float = 60.0) -> None:
+    """A round says what it read in one line: no progress bars, no plan per execution;
+    an execution that makes no progress for ``timeout_s`` (its tasks find no CPU share
+    free) raises instead of waiting for ever."""
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False
     data_ctx.print_on_execution_start = False
     data_ctx.execution_options.preserve_order = True  # blocks in file order
+    data_ctx.execution_no_progress_timeout_s = float(timeout_s)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # A step of few blocks (a small round, the warm-up) runs fewer tasks than its cap.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
 
 
 def _collect(ds: Any) -> pa.Table:

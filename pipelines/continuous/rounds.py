@@ -243,11 +243,15 @@ def _run_round(
             cpus=tc.data_cpus,
             resources=tc.worker_resources,
             tasks=tc.data_tasks,
+            timeout_s=tc.data_timeout_s,
         )
+        if data.fallback:
+            progress(f"read the round in process: {data.fallback}")
         ex = data.examples
         n_train = int((~ex.holdout).sum())
         info = {
             "data_engine": data.engine,
+            "data_fallback": data.fallback,
             "data_read_s": round(time.monotonic() - t_read, 4),
             "sessions": len(rows),
             "policy_sessions": len(mine),

@@ -547,6 +547,7 @@ class WarmTrainer:
         self.lake: Any = None  # the lake, kept open: its parsed commit log is reused
         self.sessions: dict[tuple[str, int], list[dict]] = {}  # rows of entries not trained
         self.data_warm = False  # Ray Data's workers started (``warm_data``)
+        self._said_no_room = False
 
     def checkpoint(self, reg: Any, lineage: str, version: str) -> tuple[Any, Path]:
         """(Checkpoint, its directory) of ``lineage/version``, from memory when held.
@@ -592,14 +593,21 @@ class WarmTrainer:
     def warm_data(self, progress: Callable[[str], None] = print) -> None:
         """Start the round's Ray Data workers while the rounds wait for data (once; a
         no-op when rounds read in process)."""
-        from pipelines.continuous.dataset import engine, warm_up
+        from pipelines.continuous.dataset import NoRoom, engine, warm_up
 
         tc = self.cfg.train
         if self.data_warm or self.lake is None or engine(tc.data_engine) != "ray":
             return
         t0 = time.monotonic()
         try:
-            done = warm_up(self.lake, tc.data_cpus, tc.worker_resources, tc.data_tasks)
+            done = warm_up(
+                self.lake, tc.data_cpus, tc.worker_resources, tc.data_tasks, tc.data_timeout_s
+            )
+        except NoRoom as exc:  # tried again at the next poll (the check costs nothing)
+            if not self._said_no_room:
+                progress(f"warm trainer: Ray Data workers wait: {exc}")
+                self._said_no_room = True
+            return
         except Exception as exc:  # the round reads anyway, and says what fails
             progress(f"warm trainer: Ray Data warm-up failed ({type(exc).__name__}: {exc})")
             done = True

@@ -263,7 +263,7 @@ def test_a_rounds_data_through_ray_data_equals_the_in_process_reference(
     slice and policy rows of the in-process reference, for a few commits and for all."""
     import torch
 
-    from pipelines.continuous.dataset import round_data
+    from pipelines.continuous.dataset import NoRoom, round_data
 
     cfg = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "home")
     meta = json.loads((synthetic_checkpoints[0] / "config.json").read_text())
@@ -293,3 +293,10 @@ def test_a_rounds_data_through_ray_data_equals_the_in_process_reference(
     # pooled: every arm's sessions
     both = round_data(lake, entries, **{**kw, "pooled": True}, data_engine="ray")
     assert len(both.policy_rows) == sum(e.counts["sessions"] for e in entries)
+    # No free share of the cluster for a task: "auto" reads in process and says why
+    # (the loop goes on), "ray" refuses.
+    crowded = round_data(lake, entries, **kw, data_engine="auto", cpus=1000.0)
+    assert crowded.engine == "local" and "no free share" in crowded.fallback
+    assert torch.equal(crowded.examples.targets, local.examples.targets)
+    with pytest.raises(NoRoom, match="no free share"):
+        round_data(lake, entries, **kw, data_engine="ray", cpus=1000.0)
