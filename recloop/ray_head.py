@@ -156,6 +156,8 @@ class RayHead:
         # replicas should run at normal priority and background work below them
         # (priority.background_nice), so workers start at ray.worker_niceness.
         env["RAY_worker_niceness"] = str(r.worker_niceness)
+        # Idle task workers live on between training rounds (see ray.idle_worker_keep_s).
+        env["RAY_idle_worker_killing_time_threshold_ms"] = str(int(r.idle_worker_keep_s * 1000))
         # The log file is appended across runs; readiness is judged on new lines only.
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         started = time.monotonic()

@@ -96,7 +96,7 @@ def round_data(
     kind = engine(data_engine)
     fallback = None
     if kind == "ray":
-        remote = {"num_cpus": cpus, "resources": dict(resources or {}), "concurrency": tasks}
+        remote = _remote(cpus, resources, tasks)
         try:
             no_room(cpus, resources)
             return _ray_round_data(
@@ -125,6 +125,17 @@ def round_data(
     build = context(hq) if context is not None else None
     ex = build_examples(hq, item_ids, max_history, session_len, holdout_fraction, build)
     return RoundData(ex, mine if policy_rows else None, "local", fallback)
+
+
+def _remote(cpus: float, resources: dict[str, float] | None, tasks: int) -> dict[str, Any]:
+    """Each Ray Data step's task options: its share, resources and concurrency."""
+    from ray.data import TaskPoolStrategy
+
+    return {
+        "num_cpus": cpus,
+        "resources": dict(resources or {}),
+        "compute": TaskPoolStrategy(size=int(tasks)),
+    }
 
 
 class NoRoom(RuntimeError):
@@ -284,7 +295,7 @@ def warm_up(
     entries = lake.entries()[-1:]
     if not entries:
         return False
-    remote = {"num_cpus": cpus, "resources": dict(resources or {}), "concurrency": tasks}
+    remote = _remote(cpus, resources, tasks)
     no_room(cpus, resources)
     _quiet(ray, timeout_s)
     ds = _sessions(lake, entries, pc.field("event_time_ms") < 0, remote)
