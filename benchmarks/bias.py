@@ -1,0 +1,448 @@
+"""Symbiosis bias of A/B designs under online learning, measured against the simulator's
+ground truth (issue 27).
+
+When both arms of an A/B test learn from logged traffic, what one arm serves can train the
+other, so the test measures a mix of the policies rather than either alone (Brennan et
+al., WWW 2025). In production nobody knows the truth; recloop's simulator does: the effect
+of deploying arm A to everyone is what A achieves serving *every* user, against what B
+achieves serving every user (the global treatment effect). This runs, per traffic seed:
+
+1. **the truth**: A alone on all users, then B alone on the same users (common random
+   numbers per user and step, as in ``benchmarks.loop_offline``); the true lift is A's
+   mean expected session watch time over B's;
+2. **each design**: an A/B on the same users, A serving ``--share`` of them, each learning
+   arm training on the data its design gives it:
+
+   - ``own-arm``: users randomised one by one; each arm learns from its own traffic only
+     (recloop's default ``data_policy``);
+   - ``pooled``: users randomised one by one; every learning arm learns from all traffic;
+   - ``weighted``: pooled, each arm's sessions weighted by the inverse of its traffic share
+     (in whole copies: an arm with a third of the largest arm's share counts three times),
+     so each arm's traffic counts as much in total, as if the split were even (in the
+     spirit of Si 2023);
+   - ``cluster``: users randomised by cluster (the genre their history holds most) and
+     each arm learns from its own traffic: no arm's model sees another arm's users, and
+     users who are alike land on one side.
+
+   The estimated lift is A's users' mean expected watch time over B's users'.
+
+Per design: the estimate, the truth and the bias (estimate − truth) per seed, the mean
+bias with its 95% interval over seeds, the estimate's standard deviation over seeds (the
+design's variance) and its RMSE against the truth. Runs one world after the other on one
+machine (each world is seconds to minutes of the round code, without the stack).
+
+    make bench-bias      # or: .venv/bin/python -m benchmarks.bias --seeds 0,1,2,3,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.loop_offline import HISTORY_LEN, RUN_FILE, T0, Arm, _row, parse_arm
+from recloop.config import PROJECT_ROOT, load_config
+
+RESULTS = PROJECT_ROOT / "benchmarks" / "results"
+DESIGNS = ("own-arm", "pooled", "weighted", "cluster")
+POOLING = {"own-arm": False, "pooled": True, "weighted": True, "cluster": False}
+
+
+def _say(msg: str) -> None:
+    print(f"[bias {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- designs
+def user_clusters(histories: dict[int, list[int]], item_genres: dict[int, list[str]]) -> dict:
+    """Each user's cluster: the genre their history holds most (ties: the first in name
+    order; no known genre: ``"-"``)."""
+    out = {}
+    for u, items in histories.items():
+        counts = Counter(g for i in items for g in item_genres.get(int(i), []))
+        best = max(counts.values(), default=0)
+        out[u] = min((g for g, c in counts.items() if c == best), default="-")
+    return out
+
+
+def assign(
+    users: Sequence[int],
+    design: str,
+    seed: int,
+    share: float,
+    arms: tuple[str, str],
+    clusters: dict[int, str] | None = None,
+) -> dict[int, str]:
+    """Which arm serves each user: ``round(share * n)`` users to ``arms[0]``, chosen one by
+    one at random; for ``cluster``, whole clusters in random order until ``arms[0]`` has
+    its share (the cluster that crosses it goes to whichever side it leaves nearer)."""
+    if design not in DESIGNS:
+        raise ValueError(f"unknown design {design!r}: one of {', '.join(DESIGNS)}")
+    if not 0 < share < 1:
+        raise ValueError(f"share must be within (0, 1): {share}")
+    a, b = arms
+    users = sorted(int(u) for u in users)
+    want = round(share * len(users))
+    rng = np.random.default_rng([seed, 2701])
+    if design != "cluster":
+        chosen = set(rng.permutation(users)[:want].tolist())
+        return {u: a if u in chosen else b for u in users}
+    if clusters is None:
+        raise ValueError("the cluster design needs each user's cluster")
+    members: dict[str, list[int]] = {}
+    for u in users:
+        members.setdefault(clusters[u], []).append(u)
+    out, taken = {}, 0
+    for c in rng.permutation(sorted(members)).tolist():
+        n = len(members[c])
+        side = a if taken < want and abs(taken + n - want) <= abs(want - taken) else b
+        taken += n if side == a else 0
+        out.update(dict.fromkeys(members[c], side))
+    return out
+
+
+def everyone(users: Sequence[int], arm: str) -> dict[int, str]:
+    """The truth's routing: ``arm`` serves every user (the 100% deployment)."""
+    return dict.fromkeys((int(u) for u in users), arm)
+
+
+def copies(shares: dict[str, float]) -> dict[str, int]:
+    """The ``weighted`` design's inverse-share weights in whole copies: the largest arm's
+    sessions count once, an arm with 1/k of its share k times (rounded)."""
+    top = max(shares.values())
+    return {arm: max(1, round(top / s)) for arm, s in shares.items()}
+
+
+def training_rows(
+    rows: dict[str, list[dict]], design: str, arm: str, weights: dict[str, int] | None = None
+) -> list[dict]:
+    """The sessions ``arm``'s lake receives under ``design`` (``rows``: this batch's
+    sessions by the arm that served them): its own (own-arm, cluster), everyone's
+    (pooled), or everyone's in ``weights`` copies each (weighted; a copy's ids carry
+    ``#k``)."""
+    if design not in DESIGNS:
+        raise ValueError(f"unknown design {design!r}: one of {', '.join(DESIGNS)}")
+    if not POOLING[design]:
+        return list(rows.get(arm, []))
+    out = []
+    for served_by in sorted(rows):
+        k = (weights or {}).get(served_by, 1) if design == "weighted" else 1
+        for r in rows[served_by]:
+            out.append(r)
+            out += [
+                {**r, "event_id": f"{r['event_id']}#{j}", "request_id": f"{r['request_id']}#{j}"}
+                for j in range(1, k)
+            ]
+    return out
+
+
+# --------------------------------------------------------------------------- one world
+class PolicyArm(Arm):
+    """An arm of ``benchmarks.loop_offline`` whose rounds learn from every arm's sessions
+    in its lake when ``pooled`` (the lake holds what its design gives it)."""
+
+    def __init__(self, *args: Any, pooled: bool = False, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.pooled = pooled
+
+    def round(self) -> None:
+        from pipelines.continuous import promote_registry, run_round
+
+        if not self.learning:
+            return
+        while True:
+            rec = run_round(
+                self.cfg,
+                lambda m: None,
+                pooled=self.pooled,
+                promote=promote_registry,
+                trainer=self.trainer,
+            )
+            if rec is None:
+                break
+            self.rounds.append({k: rec.get(k) for k in ("round", "status", "hq_sessions")})
+            if not rec.get("capped"):
+                break
+        self.reload()
+
+
+def world(
+    args: Any,
+    seed: int,
+    served_by: dict[int, str],
+    design: str,
+    specs: dict[str, dict],
+    hidden: Any,
+    hist: dict[int, list[int]],
+    seed_dir: Path,
+    weights: dict[str, int] | None = None,
+    label: str | None = None,
+) -> dict[int, np.ndarray]:
+    """Run one world: each user served by ``served_by[user]`` one session per step, each
+    learning arm's lake fed by ``design``. Returns each user's expected session watch
+    time per step. ``label``: what the progress lines call the world."""
+    tmp = Path(tempfile.mkdtemp(prefix="rl-bias-"))
+    try:
+        names = sorted(set(served_by.values()))
+        arms = {
+            name: PolicyArm(
+                name,
+                tmp / name,
+                seed_dir,
+                {"train.min_sessions": args.min_sessions, **specs[name]},
+                hidden,
+                {u: hist[u] for u, a in served_by.items() if a == name},
+                pooled=POOLING[design],
+            )
+            for name in names
+        }
+        beam = load_config(env={}).serve.beam_width
+        gap_ms = int(args.gap_h * 3600 * 1000)
+        value = {u: np.zeros(args.steps) for u in served_by}
+        users = sorted(served_by)
+        for step in range(args.steps):
+            order = np.random.default_rng([seed, step]).permutation(users).tolist()
+            t_step = T0 + step * gap_ms
+            for c, lo in enumerate(range(0, len(order), args.chunk)):
+                part = order[lo : lo + args.chunk]
+                t = t_step + c * 60_000
+                rows: dict[str, list[dict]] = {}
+                for name, arm in arms.items():
+                    mine = [u for u in part if served_by[u] == name]
+                    if not mine:
+                        continue
+                    for u, items in zip(mine, arm.serve(mine, beam), strict=True):
+                        st = arm.states[u]
+                        h = arm.histories[u][-HISTORY_LEN:]
+                        value[u][step] = hidden.expected_value(st, items, t)
+                        r = hidden.session_response(
+                            st, items, t, np.random.default_rng([seed, u, step])
+                        )
+                        arm.histories[u] += [
+                            i for i, cl in zip(items, r.clicked, strict=True) if cl
+                        ]
+                        rows.setdefault(name, []).append(_row(name, arm.version, u, t, h, items, r))
+                for name, arm in arms.items():
+                    if arm.learning:
+                        feed = training_rows(rows, design, name, weights)
+                        if feed:
+                            arm.commit(feed)
+                        arm.round()
+            _say(
+                f"seed {seed} {label or design} step {step + 1}/{args.steps}: "
+                + ", ".join(
+                    f"{n} {np.mean([value[u][step] for u in users if served_by[u] == n]):.1f}"
+                    f" (r{len(a.rounds)})"
+                    for n, a in arms.items()
+                )
+            )
+        return value
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def lift(value: dict[int, np.ndarray], a_users: list[int], b_users: list[int], sl: slice) -> float:
+    """Mean expected watch time of ``a_users`` over ``b_users``' (steps ``sl``), minus one."""
+    a = np.mean([value[u][sl].mean() for u in a_users])
+    b = np.mean([value[u][sl].mean() for u in b_users])
+    return float(a / b - 1)
+
+
+# Student's t, 97.5% quantile by degrees of freedom (1..10); past 10, the value at the
+# smallest df of its band (a slightly wider interval, never a narrower one).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def _t975(df: int) -> float:
+    if df <= len(_T975):
+        return _T975[df - 1]
+    return 2.201 if df <= 20 else 2.080 if df <= 30 else 2.040
+
+
+def interval(values: Sequence[float]) -> dict[str, float]:
+    """Mean and 95% t-interval over seeds."""
+    v = np.asarray(values, dtype=float)
+    n = len(v)
+    mean = float(v.mean())
+    if n < 2:
+        return {"mean": round(mean, 4), "lo": math.nan, "hi": math.nan}
+    half = float(_t975(n - 1) * v.std(ddof=1) / math.sqrt(n))
+    return {"mean": round(mean, 4), "lo": round(mean - half, 4), "hi": round(mean + half, 4)}
+
+
+def summarise(per_seed: dict[str, list[dict]], key: str) -> dict[str, dict[str, Any]]:
+    """Per design, over seeds: estimate, truth, bias (interval), SD and RMSE of ``key``."""
+    out = {}
+    for design, runs in per_seed.items():
+        est = [r["estimate"][key] for r in runs]
+        truth = [r["truth"][key] for r in runs]
+        bias = [e - t for e, t in zip(est, truth, strict=True)]
+        out[design] = {
+            "estimate": interval(est),
+            "truth": interval(truth),
+            "bias": interval(bias),
+            "estimate_sd": round(float(np.std(est, ddof=1)) if len(est) > 1 else math.nan, 4),
+            "rmse": round(float(np.sqrt(np.mean(np.square(bias)))), 4),
+            "unbiased": bool(interval(bias)["lo"] <= 0 <= interval(bias)["hi"]),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="seed checkpoint (default: the newest pre-trained)")
+    ap.add_argument("--a", default="online", help="arm A: online, or NAME:key=value (train.*)")
+    ap.add_argument("--b", default="control", help="arm B: control (frozen) or NAME:key=value")
+    ap.add_argument("--share", type=float, default=0.25, help="A's share of the users")
+    ap.add_argument("--designs", default=",".join(DESIGNS))
+    ap.add_argument("--steps", type=int, default=4, help="sessions per user (one per step)")
+    ap.add_argument("--gap-h", type=float, default=6.0, help="virtual hours between steps")
+    ap.add_argument("--users", type=int, default=472, help="users per run (0: all)")
+    ap.add_argument("--chunk", type=int, default=16, help="users served between round attempts")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="traffic seeds: one set of worlds each")
+    ap.add_argument("--min-sessions", type=int, default=40, help="train.min_sessions")
+    ap.add_argument("--sim-seed", type=int, default=0, help="the hidden user model's fit")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bias.json")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    from actors.sim.runfile import load_run
+    from actors.sim.user_model import HiddenUserModel, ResponseConfig
+    from recloop.data import load
+    from serving.api import latest_seed
+
+    def spec(text: str) -> tuple[str, dict]:
+        return (text, {}) if text in ("online", "control") else parse_arm(text)
+
+    (a, a_over), (b, b_over) = spec(args.a), spec(args.b)
+    if a == b:
+        raise SystemExit("--a and --b must name two arms")
+    specs = {a: a_over, b: b_over}
+    designs = [d.strip() for d in args.designs.split(",") if d.strip()]
+    for d in designs:
+        if d not in DESIGNS:
+            raise SystemExit(f"unknown design {d!r}: one of {', '.join(DESIGNS)}")
+    cfg = load_config(env={})
+    seed_dir = Path(args.checkpoint) if args.checkpoint else latest_seed(cfg)
+    if seed_dir is None:
+        print("no seed checkpoint: run `recloop pretrain` or pass --checkpoint", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    sim = load_run(RUN_FILE).simulation
+    data = load(cfg.data)
+    _say(f"fitting the {sim.user_model_kind} hidden user model on {data.summary()}")
+    hidden = HiddenUserModel.fit(data, seed=args.sim_seed, kind=sim.user_model_kind)
+    hidden = hidden.with_config(ResponseConfig.from_dict(sim.response))
+    ratings = data.ratings.sort_values(["user_id", "timestamp"], kind="mergesort")
+    hist_all = {int(u): [int(i) for i in g["item_id"]] for u, g in ratings.groupby("user_id")}
+    genres = {
+        int(i): list(g) for i, g in zip(data.items["item_id"], data.items["genres"], strict=True)
+    }
+    clusters_all = user_clusters(hist_all, genres)
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    third = max(1, args.steps // 3)
+    cuts = {"all": slice(None), "last": slice(-third, None)}
+    per_seed: dict[str, list[dict]] = {d: [] for d in designs}
+    truths = []
+    for sd in seeds:
+        users = sorted(hist_all)
+        if args.users:
+            rng = np.random.default_rng(sd)
+            users = sorted(rng.choice(users, size=min(args.users, len(users)), replace=False))
+        users = [int(u) for u in users]
+        hist = {u: hist_all[u] for u in users}
+        # The truth: each arm alone, serving every user.
+        alone = {
+            arm: world(
+                args,
+                sd,
+                everyone(users, arm),
+                "own-arm",
+                specs,
+                hidden,
+                hist,
+                seed_dir,
+                label=f"truth ({arm} alone)",
+            )
+            for arm in (a, b)
+        }
+        truth = {}
+        for cut, sl in cuts.items():
+            ta = np.mean([alone[a][u][sl].mean() for u in users])
+            tb = np.mean([alone[b][u][sl].mean() for u in users])
+            truth[cut] = float(ta / tb - 1)
+        truths.append({"seed": sd, **truth})
+        _say(
+            f"seed {sd}: true lift {truth['all'] * 100:+.1f}% "
+            f"(last third {truth['last'] * 100:+.1f}%)"
+        )
+        for design in designs:
+            served_by = assign(users, design, sd, args.share, (a, b), clusters_all)
+            a_users = [u for u in users if served_by[u] == a]
+            b_users = [u for u in users if served_by[u] == b]
+            shares = {a: len(a_users) / len(users), b: len(b_users) / len(users)}
+            weights = copies(shares) if design == "weighted" else None
+            value = world(args, sd, served_by, design, specs, hidden, hist, seed_dir, weights)
+            est = {cut: lift(value, a_users, b_users, sl) for cut, sl in cuts.items()}
+            per_seed[design].append(
+                {
+                    "seed": sd,
+                    "users": {a: len(a_users), b: len(b_users)},
+                    "weights": weights,
+                    "estimate": est,
+                    "truth": truth,
+                }
+            )
+            _say(
+                f"seed {sd} {design}: estimate {est['all'] * 100:+.1f}% vs true "
+                f"{truth['all'] * 100:+.1f}% (bias {(est['all'] - truth['all']) * 100:+.1f} pts)"
+            )
+    result = {
+        "machine": platform.platform(),
+        "checkpoint": str(seed_dir),
+        "data": data.source,
+        "run_file": str(RUN_FILE.relative_to(PROJECT_ROOT)),
+        "arms": {"a": a, "b": b, "overrides": specs},
+        "share": args.share,
+        "users": args.users,
+        "steps": args.steps,
+        "gap_h": args.gap_h,
+        "chunk": args.chunk,
+        "min_sessions": args.min_sessions,
+        "seeds": seeds,
+        "metric": "expected session watch time under the hidden model (mean field)",
+        "designs": summarise(per_seed, "all"),
+        "designs_last_third": summarise(per_seed, "last"),
+        "truth_by_seed": truths,
+        "runs": per_seed,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"{a} vs {b}, {a} on {args.share:.0%} of {len(users)} users, {len(seeds)} seeds")
+    print(f"{'design':>9} {'estimate':>9} {'truth':>8} {'bias [95% CI]':>24} {'SD':>6} {'RMSE':>6}")
+    for design, s in result["designs"].items():
+        e, t, bi = s["estimate"], s["truth"], s["bias"]
+        print(
+            f"{design:>9} {e['mean'] * 100:>+8.1f}% {t['mean'] * 100:>+7.1f}% "
+            f"{bi['mean'] * 100:>+7.1f} [{bi['lo'] * 100:+.1f}, {bi['hi'] * 100:+.1f}] pts "
+            f"{s['estimate_sd'] * 100:>5.1f} {s['rmse'] * 100:>5.1f}"
+        )
+    _say(f"wrote {args.out} in {result['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
