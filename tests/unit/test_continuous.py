@@ -950,3 +950,21 @@ def test_a_round_reads_through_ray_data_only_when_its_process_is_connected(monke
     assert engine("auto") == "local"
     with pytest.raises(ValueError, match="train.data_engine must be one of"):
         engine("spark")
+
+
+def test_a_rounds_read_tasks_each_take_a_share_of_the_files_in_order(tmp_path, monkeypatch):
+    """Hundreds of small files between compactions: a read task per group of at least
+    ``TASK_BYTES``, never more groups than asked for, every file once and in order."""
+    from pipelines.continuous import dataset
+
+    paths = []
+    for i in range(10):
+        (tmp_path / f"f{i}").write_bytes(b"x" * 100)
+        paths.append(str(tmp_path / f"f{i}"))
+    assert dataset.file_groups(paths, 4) == [paths]  # 1 000 bytes: one task
+    assert dataset.file_groups([], 4) == []
+    monkeypatch.setattr(dataset, "TASK_BYTES", 250)
+    groups = dataset.file_groups(paths, 8)
+    assert len(groups) == 4 and [p for g in groups for p in g] == paths
+    assert len(dataset.file_groups(paths, 2)) == 2
+    assert dataset.file_groups(paths, -1) == [paths]  # no hint: one task
