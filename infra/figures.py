@@ -832,18 +832,19 @@ def row_ingest(i: Data, short: bool) -> list[str]:
     kp = ingest_backlog(i, "kafka-python")
     live = i["live", "kafka-python"]
     runs = kp["records_per_s_runs"]
+    raw = kp["raw_consumer_records_per_s_runs"]
     if short:
         return [
             f"Ingestion: Kafka → Feast + lake, exactly once, {count(kp['records'])}-record backlog",
             "`make bench-ingest`",
             f"**{count(kp['records_per_s'])} records/s** (median of {word(len(runs))} drains) "
             f"= **{ratio(kp['ratio_to_raw_consumer'])}** a bare consumer of the same records "
-            f"in the same run; live feature freshness p50 "
+            f"in the same run (pairs {span(kp['ratio_to_raw_consumer_pairs'], ratio)}: the bare "
+            f"reads vary {ratio(max(raw) / min(raw), 1)}); live feature freshness p50 "
             f"**{num(live['freshness_p50_ms'], 0)} ms**, p99 {num(live['freshness_p99_ms'], 0)} ms",
         ]
     cf = ingest_backlog(i, "confluent")
     cl = i["live", "confluent"]
-    raw = kp["raw_consumer_records_per_s_runs"]
     claim(i["clients", 0] == "kafka-python", "kafka-python is the default")
     faster = "its ingestor is the faster of the two"
     if cf["records_per_s"] > kp["records_per_s"]:
