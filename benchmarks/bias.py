@@ -51,7 +51,17 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.loop_offline import HISTORY_LEN, RUN_FILE, T0, Arm, _row, parse_arm
+from benchmarks.loop_offline import (
+    HISTORY_LEN,
+    RUN_FILE,
+    T0,
+    Arm,
+    _row,
+    loop_args,
+    parse_arm,
+    seed_checkpoint,
+    simulated_users,
+)
 from recloop.config import PROJECT_ROOT, load_config
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -301,27 +311,16 @@ def summarise(per_seed: dict[str, list[dict]], key: str) -> dict[str, dict[str, 
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", help="seed checkpoint (default: the newest pre-trained)")
+    loop_args(ap, 472, "users per run (0: all)")
     ap.add_argument("--a", default="online", help="arm A: online, or NAME:key=value (train.*)")
     ap.add_argument("--b", default="control", help="arm B: control (frozen) or NAME:key=value")
     ap.add_argument("--share", type=float, default=0.25, help="A's share of the users")
     ap.add_argument("--designs", default=",".join(DESIGNS))
-    ap.add_argument("--steps", type=int, default=4, help="sessions per user (one per step)")
-    ap.add_argument("--gap-h", type=float, default=6.0, help="virtual hours between steps")
-    ap.add_argument("--users", type=int, default=472, help="users per run (0: all)")
-    ap.add_argument("--chunk", type=int, default=16, help="users served between round attempts")
-    ap.add_argument("--seeds", default="0,1,2,3,4", help="traffic seeds: one set of worlds each")
-    ap.add_argument("--min-sessions", type=int, default=40, help="train.min_sessions")
-    ap.add_argument("--sim-seed", type=int, default=0, help="the hidden user model's fit")
     ap.add_argument("--out", type=Path, default=RESULTS / "bias.json")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    from actors.sim.runfile import load_run
-    from actors.sim.user_model import HiddenUserModel, ResponseConfig
-    from recloop.data import load
-    from serving.api import latest_seed
 
     def spec(text: str) -> tuple[str, dict]:
         return (text, {}) if text in ("online", "control") else parse_arm(text)
@@ -335,18 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         if d not in DESIGNS:
             raise SystemExit(f"unknown design {d!r}: one of {', '.join(DESIGNS)}")
     cfg = load_config(env={})
-    seed_dir = Path(args.checkpoint) if args.checkpoint else latest_seed(cfg)
+    seed_dir = seed_checkpoint(cfg, args.checkpoint)
     if seed_dir is None:
-        print("no seed checkpoint: run `recloop pretrain` or pass --checkpoint", file=sys.stderr)
         return 2
     started = time.monotonic()
-    sim = load_run(RUN_FILE).simulation
-    data = load(cfg.data)
-    _say(f"fitting the {sim.user_model_kind} hidden user model on {data.summary()}")
-    hidden = HiddenUserModel.fit(data, seed=args.sim_seed, kind=sim.user_model_kind)
-    hidden = hidden.with_config(ResponseConfig.from_dict(sim.response))
-    ratings = data.ratings.sort_values(["user_id", "timestamp"], kind="mergesort")
-    hist_all = {int(u): [int(i) for i in g["item_id"]] for u, g in ratings.groupby("user_id")}
+    data, hidden, hist_all, _ = simulated_users(cfg, args.sim_seed)
     genres = {
         int(i): list(g) for i, g in zip(data.items["item_id"], data.items["genres"], strict=True)
     }

@@ -296,32 +296,60 @@ def across(runs: list[dict], key: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def loop_args(ap: argparse.ArgumentParser, users: int, users_help: str) -> None:
+    """The options every offline-loop benchmark takes (this one, ``benchmarks.bias``)."""
     ap.add_argument("--checkpoint", help="seed checkpoint (default: the newest pre-trained)")
     ap.add_argument("--steps", type=int, default=4, help="sessions per user (one per step)")
     ap.add_argument("--gap-h", type=float, default=6.0, help="virtual hours between steps")
-    ap.add_argument("--users", type=int, default=236, help="users per run (0: all); the demo "
-                    "gives each of its four arms a quarter of MovieLens' 943")  # fmt: skip
+    ap.add_argument("--users", type=int, default=users, help=users_help)
     ap.add_argument("--chunk", type=int, default=16, help="users served between round attempts")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="traffic seeds: one run each")
-    ap.add_argument("--arm", action="append", default=[], help="NAME:key=value,... (train.*)")
-    ap.add_argument("--no-online", action="store_true", help="leave out the default online arm")
     ap.add_argument("--min-sessions", type=int, default=40, help="train.min_sessions (the demo's)")
     ap.add_argument("--sim-seed", type=int, default=0, help="the hidden user model's fit")
+
+
+def simulated_users(cfg: Any, sim_seed: int) -> tuple[Any, Any, dict[int, list[int]], Any]:
+    """The demo's simulated users: (the data, the hidden user model fitted on it with the
+    run file's response, each user's history oldest first, the run file's simulation)."""
+    from actors.sim.runfile import load_run
+    from actors.sim.user_model import HiddenUserModel, ResponseConfig
+    from recloop.data import load
+
+    sim = load_run(RUN_FILE).simulation
+    data = load(cfg.data)
+    _say(f"fitting the {sim.user_model_kind} hidden user model on {data.summary()}")
+    hidden = HiddenUserModel.fit(data, seed=sim_seed, kind=sim.user_model_kind)
+    hidden = hidden.with_config(ResponseConfig.from_dict(sim.response))
+    ratings = data.ratings.sort_values(["user_id", "timestamp"], kind="mergesort")
+    hist = {int(u): [int(i) for i in g["item_id"]] for u, g in ratings.groupby("user_id")}
+    return data, hidden, hist, sim
+
+
+def seed_checkpoint(cfg: Any, given: str | None) -> Path | None:
+    """``--checkpoint``, or the newest pre-trained seed (None: none; the caller says so)."""
+    from serving.api import latest_seed
+
+    seed_dir = Path(given) if given else latest_seed(cfg)
+    if seed_dir is None:
+        print("no seed checkpoint: run `recloop pretrain` or pass --checkpoint", file=sys.stderr)
+    return seed_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    loop_args(ap, 236, "users per run (0: all); the demo gives each of its four arms a "
+              "quarter of MovieLens' 943")  # fmt: skip
+    ap.add_argument("--arm", action="append", default=[], help="NAME:key=value,... (train.*)")
+    ap.add_argument("--no-online", action="store_true", help="leave out the default online arm")
     ap.add_argument("--out", type=Path, default=RESULTS / "loop_offline.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    from actors.sim.runfile import load_run
-    from actors.sim.user_model import HiddenUserModel, ResponseConfig
-    from recloop.data import load
-    from serving.api import baseline_checkpoint, latest_seed
+    from serving.api import baseline_checkpoint
 
     cfg = load_config(env={})
-    seed_dir = Path(args.checkpoint) if args.checkpoint else latest_seed(cfg)
+    seed_dir = seed_checkpoint(cfg, args.checkpoint)
     if seed_dir is None:
-        print("no seed checkpoint: run `recloop pretrain` or pass --checkpoint", file=sys.stderr)
         return 2
     arms_spec: list[tuple[str, dict]] = [("control", {}), ("popularity", {})]
     if not args.no_online:
@@ -329,13 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     arms_spec += [parse_arm(s) for s in args.arm]
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     started = time.monotonic()
-    sim = load_run(RUN_FILE).simulation
-    data = load(cfg.data)
-    _say(f"fitting the {sim.user_model_kind} hidden user model on {data.summary()}")
-    hidden = HiddenUserModel.fit(data, seed=args.sim_seed, kind=sim.user_model_kind)
-    hidden = hidden.with_config(ResponseConfig.from_dict(sim.response))
-    ratings = data.ratings.sort_values(["user_id", "timestamp"], kind="mergesort")
-    hist = {int(u): [int(i) for i in g["item_id"]] for u, g in ratings.groupby("user_id")}
+    data, hidden, hist, sim = simulated_users(cfg, args.sim_seed)
     pop = baseline_checkpoint(cfg, "popularity", _say)
     runs = [run(args, sd, arms_spec, hidden, hist, seed_dir, pop, cfg) for sd in seeds]
     result = {
