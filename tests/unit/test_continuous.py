@@ -477,6 +477,7 @@ def _stack(tmp_path: Path, base: Path, **train):
     values = dict(
         min_sessions=20, max_sessions=1000, epochs=2, batch_size=8, workers=1,
         checkpoint_every_steps=3, tolerance=1.0, min_clicks=2,
+        data_engine="local",  # in process even when an earlier test left Ray connected
     )  # fmt: skip
     values.update(train)
     cfg = load_config(
