@@ -144,8 +144,8 @@ bench-ipa-offline: install  ## IPA offline and paired: DPO vs next-token only, h
 bench-loop-offline: install  ## the loop without the stack: how rounds learn vs frozen and popularity, 5 runs (~5 min)
 	$(BIN)/python -m benchmarks.loop_offline --arm online-ntp:reward_weighting=none
 
-bench-bias: install  ## symbiosis bias of A/B designs under online learning vs the simulator's truth, 5 seeds (~25 min)
-	$(BIN)/python -m benchmarks.bias
+bench-bias: install  ## symbiosis bias of A/B designs under online learning vs the simulator's truth, 5 seeds (~7 min; A=, B= arms)
+	$(BIN)/python -m benchmarks.bias $(if $(A),--a $(A)) $(if $(B),--b $(B))
 
 figures: install  ## the README's and docs' figures, rendered from benchmarks/results/ (--check: CHECK=1)
 	$(BIN)/python -m infra.figures $(if $(CHECK),--check)

@@ -311,7 +311,7 @@ def summarise(per_seed: dict[str, list[dict]], key: str) -> dict[str, dict[str, 
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    loop_args(ap, 472, "users per run (0: all)")
+    loop_args(ap, 236, "users per run (0: all); 236: the demo's users per arm")
     ap.add_argument("--a", default="online", help="arm A: online, or NAME:key=value (train.*)")
     ap.add_argument("--b", default="control", help="arm B: control (frozen) or NAME:key=value")
     ap.add_argument("--share", type=float, default=0.25, help="A's share of the users")
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "run_file": str(RUN_FILE.relative_to(PROJECT_ROOT)),
         "arms": {"a": a, "b": b, "overrides": specs},
         "share": args.share,
-        "users": args.users,
+        "users": len(users),  # per seed (each seed draws its own)
         "steps": args.steps,
         "gap_h": args.gap_h,
         "chunk": args.chunk,

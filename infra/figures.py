@@ -40,6 +40,7 @@ WRITERS: dict[str, str] = {
     "ipa_5pct.json": "make bench-ipa",
     "ipa_offline.json": "make bench-ipa-offline",
     "loop_offline.json": "make bench-loop-offline",
+    "bias.json": "make bench-bias",
     "sim_fit_ml100k.json": "make bench-sim-fit",
     "ab_sanity.json": "make bench-ab",
     "serving.json": "make bench-serving",
@@ -1618,6 +1619,76 @@ def demo_findings(s: Data) -> str:
 
 
 # ---------------------------------------------------------------------------- docs/training.md
+
+
+@block("ab-designs", "bias.json")
+def ab_designs(b: Data) -> str:
+    """The symbiosis-bias table: per design, the estimate against the truth over seeds."""
+    a, other = b["arms", "a"], b["arms", "b"]
+    rows, unbiased, biased = [], [], []
+    for design in b["designs"]:
+        d = b["designs", design]
+        bias = d["bias"]
+        rows.append(
+            [
+                f"`{design}`",
+                spct(d["estimate", "mean"]),
+                spct(d["truth", "mean"]),
+                f"{_fixed(100 * bias['mean'], 1, sign=True)} "
+                f"[{_fixed(100 * bias['lo'], 1, sign=True)}, "
+                f"{_fixed(100 * bias['hi'], 1, sign=True)}]",
+                _fixed(100 * d["estimate_sd"], 1),
+                _fixed(100 * d["rmse"], 1),
+            ]
+        )
+        (unbiased if d["unbiased"] else biased).append(f"`{design}`")
+    sd = {design: b["designs", design, "estimate_sd"] for design in b["designs"]}
+    steadiest = min(sd, key=sd.get)
+    noisiest = max(sd, key=sd.get)
+    under = [f"`{x}`" for x in b["designs"] if b["designs", x, "bias", "hi"] < 0]
+    over = [f"`{x}`" for x in b["designs"] if b["designs", x, "bias", "lo"] > 0]
+    rmse = {design: b["designs", design, "rmse"] for design in b["designs"]}
+    closest = min(rmse, key=rmse.get)
+
+    def names(xs: list[str]) -> str:
+        return ", ".join(xs[:-1]) + f" and {xs[-1]}" if len(xs) > 1 else xs[0]
+
+    if not biased:
+        first = "Within their 95% intervals over the seeds, every design is unbiased."
+    elif not unbiased:
+        first = "No design is unbiased: every 95% interval over the seeds excludes zero."
+    else:
+        first = (
+            f"Within their 95% intervals over the seeds, {names(unbiased)} "
+            f"{'is' if len(unbiased) == 1 else 'are'} unbiased; {names(biased)} "
+            f"{'is' if len(biased) == 1 else 'are'} not."
+        )
+    sides = []
+    if under:
+        sides.append(f"{names(under)} underestimate{'s' if len(under) == 1 else ''} the truth")
+    if over:
+        sides.append(f"{names(over)} overestimate{'s' if len(over) == 1 else ''} it")
+    verdict = (
+        first
+        + (f" {'; '.join(sides)}." if sides else "")
+        + f" The closest to the truth is `{closest}` (RMSE {_fixed(100 * rmse[closest], 1)} "
+        f"points). The steadiest estimate is `{steadiest}`'s (SD "
+        f"{_fixed(100 * sd[steadiest], 1)} points over the seeds), the noisiest "
+        f"`{noisiest}`'s ({_fixed(100 * sd[noisiest], 1)})."
+    )
+    return blocks(
+        para(
+            f"**The last run** (`make bench-bias`, `benchmarks/results/bias.json`, "
+            f"{minutes(b['wall_s'])}): `{a}` against `{other}`, `{a}` on "
+            f"{pct(b['share'], 0)} of {b['users']} simulated users ({b['steps']} sessions "
+            f"each, {len(b['seeds'])} traffic seeds); the metric is {b['metric']}. Lifts "
+            "of A over B, mean of the seeds; bias = estimate − truth in percentage points, "
+            "with its 95% interval over the seeds; SD: the estimate's over the seeds; RMSE: "
+            "against the truth, in points:"
+        ),
+        table(["design", "estimate", "truth", "bias, points [95% CI]", "SD", "RMSE"], rows),
+        para(verdict),
+    )
 
 
 @block("loop-offline", "loop_offline.json")
