@@ -16,9 +16,9 @@ achieves serving every user (the global treatment effect). This runs, per traffi
    - ``own-arm``: users randomised one by one; each arm learns from its own traffic only
      (recloop's default ``data_policy``);
    - ``pooled``: users randomised one by one; every learning arm learns from all traffic;
-   - ``weighted``: pooled, each arm's sessions weighted by the inverse of its traffic share
-     (in whole copies: an arm with a third of the largest arm's share counts three times),
-     so each arm's traffic counts as much in total, as if the split were even (in the
+   - ``weighted``: pooled, each arm's sessions weighted by the inverse of its share of the
+     round's sessions (``data_policy: weighted``: ``recloop.examples.arm_weights``), so
+     each arm's traffic counts as much in total, as if the split were even (in the
      spirit of Si 2023);
    - ``cluster``: users randomised by cluster (the genre their history holds most) and
      each arm learns from its own traffic: no arm's model sees another arm's users, and
@@ -66,7 +66,8 @@ from recloop.config import PROJECT_ROOT, load_config
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 DESIGNS = ("own-arm", "pooled", "weighted", "cluster")
-POOLING = {"own-arm": False, "pooled": True, "weighted": True, "cluster": False}
+# The data policy each design's learning arms train with (the stack's ``data_policy``).
+POLICY = {"own-arm": "own-arm", "pooled": "pooled", "weighted": "weighted", "cluster": "own-arm"}
 
 
 def _say(msg: str) -> None:
@@ -126,44 +127,25 @@ def everyone(users: Sequence[int], arm: str) -> dict[int, str]:
     return dict.fromkeys((int(u) for u in users), arm)
 
 
-def copies(shares: dict[str, float]) -> dict[str, int]:
-    """The ``weighted`` design's inverse-share weights in whole copies: the largest arm's
-    sessions count once, an arm with 1/k of its share k times (rounded)."""
-    top = max(shares.values())
-    return {arm: max(1, round(top / s)) for arm, s in shares.items()}
-
-
-def training_rows(
-    rows: dict[str, list[dict]], design: str, arm: str, weights: dict[str, int] | None = None
-) -> list[dict]:
+def training_rows(rows: dict[str, list[dict]], design: str, arm: str) -> list[dict]:
     """The sessions ``arm``'s lake receives under ``design`` (``rows``: this batch's
-    sessions by the arm that served them): its own (own-arm, cluster), everyone's
-    (pooled), or everyone's in ``weights`` copies each (weighted; a copy's ids carry
-    ``#k``)."""
+    sessions by the arm that served them): its own (own-arm, cluster) or everyone's
+    (pooled, weighted: the weighted policy's rounds weigh them by arm)."""
     if design not in DESIGNS:
         raise ValueError(f"unknown design {design!r}: one of {', '.join(DESIGNS)}")
-    if not POOLING[design]:
+    if POLICY[design] == "own-arm":
         return list(rows.get(arm, []))
-    out = []
-    for served_by in sorted(rows):
-        k = (weights or {}).get(served_by, 1) if design == "weighted" else 1
-        for r in rows[served_by]:
-            out.append(r)
-            out += [
-                {**r, "event_id": f"{r['event_id']}#{j}", "request_id": f"{r['request_id']}#{j}"}
-                for j in range(1, k)
-            ]
-    return out
+    return [r for served_by in sorted(rows) for r in rows[served_by]]
 
 
 # --------------------------------------------------------------------------- one world
 class PolicyArm(Arm):
-    """An arm of ``benchmarks.loop_offline`` whose rounds learn from every arm's sessions
-    in its lake when ``pooled`` (the lake holds what its design gives it)."""
+    """An arm of ``benchmarks.loop_offline`` whose rounds learn with a data ``policy`` from
+    its lake (which holds what its design gives it)."""
 
-    def __init__(self, *args: Any, pooled: bool = False, **kw: Any) -> None:
+    def __init__(self, *args: Any, policy: str = "own-arm", **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.pooled = pooled
+        self.policy = policy
 
     def round(self) -> None:
         from pipelines.continuous import promote_registry, run_round
@@ -174,13 +156,14 @@ class PolicyArm(Arm):
             rec = run_round(
                 self.cfg,
                 lambda m: None,
-                pooled=self.pooled,
+                policy=self.policy,
                 promote=promote_registry,
                 trainer=self.trainer,
             )
             if rec is None:
                 break
-            self.rounds.append({k: rec.get(k) for k in ("round", "status", "hq_sessions")})
+            keep = ("round", "status", "hq_sessions", "arm_weights")
+            self.rounds.append({k: rec.get(k) for k in keep})
             if not rec.get("capped"):
                 break
         self.reload()
@@ -195,7 +178,6 @@ def world(
     hidden: Any,
     hist: dict[int, list[int]],
     seed_dir: Path,
-    weights: dict[str, int] | None = None,
     label: str | None = None,
 ) -> dict[int, np.ndarray]:
     """Run one world: each user served by ``served_by[user]`` one session per step, each
@@ -212,7 +194,7 @@ def world(
                 {"train.min_sessions": args.min_sessions, **specs[name]},
                 hidden,
                 {u: hist[u] for u, a in served_by.items() if a == name},
-                pooled=POOLING[design],
+                policy=POLICY[design],
             )
             for name in names
         }
@@ -244,7 +226,7 @@ def world(
                         rows.setdefault(name, []).append(_row(name, arm.version, u, t, h, items, r))
                 for name, arm in arms.items():
                     if arm.learning:
-                        feed = training_rows(rows, design, name, weights)
+                        feed = training_rows(rows, design, name)
                         if feed:
                             arm.commit(feed)
                         arm.round()
@@ -385,14 +367,13 @@ def main(argv: list[str] | None = None) -> int:
             a_users = [u for u in users if served_by[u] == a]
             b_users = [u for u in users if served_by[u] == b]
             shares = {a: len(a_users) / len(users), b: len(b_users) / len(users)}
-            weights = copies(shares) if design == "weighted" else None
-            value = world(args, sd, served_by, design, specs, hidden, hist, seed_dir, weights)
+            value = world(args, sd, served_by, design, specs, hidden, hist, seed_dir)
             est = {cut: lift(value, a_users, b_users, sl) for cut, sl in cuts.items()}
             per_seed[design].append(
                 {
                     "seed": sd,
                     "users": {a: len(a_users), b: len(b_users)},
-                    "weights": weights,
+                    "shares": {k: round(v, 4) for k, v in shares.items()},
                     "estimate": est,
                     "truth": truth,
                 }

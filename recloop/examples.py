@@ -9,9 +9,13 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-# What the examples keep of their session besides the example: the order and a context
-# model's row need them.
-_KEPT = ["event_id", "event_time_ms", "user_id", "context"]
+# A learning arm's data policy: its own arm's sessions, every arm's, or every arm's with
+# each arm's weighted by the inverse of its share of them (see ``arm_weights``).
+DATA_POLICIES = ("own-arm", "pooled", "weighted")
+
+# What the examples keep of their session besides the example: the order, a context
+# model's row and the weighted policy need them.
+_KEPT = ["event_id", "event_time_ms", "user_id", "arm", "context"]
 _EXAMPLE_FIELDS = [
     ("history", pa.list_(pa.int64())),
     ("targets", pa.list_(pa.int64())),
@@ -43,6 +47,25 @@ def session_example(row: dict, to_model: dict[int, int], session_len: int) -> di
     }
 
 
+def check_policy(policy: str) -> str:
+    if policy not in DATA_POLICIES:
+        raise ValueError(f"data policy must be one of {', '.join(DATA_POLICIES)}, not {policy!r}")
+    return policy
+
+
+def arm_weights(arms: Sequence[str | None]) -> dict[str, float]:
+    """The ``weighted`` policy's weight of each arm's sessions, from the arms that served
+    a round's sessions (``arms``, one per session): the inverse of the arm's share, scaled
+    so every arm's sessions weigh as much in total and the mean weight is one
+    (``n / (k * n_arm)`` for ``k`` arms among ``n`` sessions): in the spirit of Si (2023),
+    the data of a 25/75 test counts as if the split were even."""
+    counts: dict[str, int] = {}
+    for a in arms:
+        counts[str(a)] = counts.get(str(a), 0) + 1
+    n, k = sum(counts.values()), len(counts)
+    return {a: n / (k * c) for a, c in sorted(counts.items())}
+
+
 def example_order(row: dict) -> tuple[int, str]:
     """Examples are in event-time order (the newest are held out)."""
     return int(row["event_time_ms"]), str(row.get("event_id") or "")
@@ -54,7 +77,7 @@ def to_examples(batch: pa.Table, item_ids: Sequence[int], session_len: int) -> p
     to_model = {int(d): m for m, d in enumerate(item_ids, start=1)}
     out: dict[str, list] = {name: [] for name in [*_KEPT, *(f for f, _ in _EXAMPLE_FIELDS)]}
     for row in batch.select(
-        ["event_id", "event_time_ms", "user_id", "context", "history", "items", "clicked"]
+        ["event_id", "event_time_ms", "user_id", "arm", "context", "history", "items", "clicked"]
         + ["watch_time_s"]
     ).to_pylist():
         ex = session_example(row, to_model, session_len)
@@ -69,6 +92,7 @@ def to_examples(batch: pa.Table, item_ids: Sequence[int], session_len: int) -> p
             ("event_id", pa.string()),
             ("event_time_ms", pa.int64()),
             ("user_id", pa.int64()),
+            ("arm", pa.string()),
             ("context", pa.string()),
             *_EXAMPLE_FIELDS,
         ]

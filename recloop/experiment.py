@@ -101,10 +101,12 @@ class Experiment(BaseModel):
     name: str = Field(min_length=1)
     salt: str = Field(min_length=1)
     arms: list[ArmSpec] = Field(min_length=1)
-    data_policy: Literal["own-arm", "pooled"] = Field(
+    data_policy: Literal["own-arm", "pooled", "weighted"] = Field(
         default="own-arm",
         description="own-arm: a learning arm trains only on its own arm's traffic, so the "
-        "comparison is fair; pooled: every learning arm trains on all traffic",
+        "comparison is fair; pooled: every learning arm trains on all traffic; weighted: "
+        "pooled, each arm's sessions weighted by the inverse of its share of the traffic "
+        "(docs/ab-designs.md)",
     )
 
     def policy_statement(self) -> str:
@@ -116,6 +118,11 @@ class Experiment(BaseModel):
             return (
                 f"own-arm: each learning arm ({', '.join(learning)}) trains only on its own "
                 "arm's traffic"
+            )
+        if self.data_policy == "weighted":
+            return (
+                f"weighted: the learning arms ({', '.join(learning)}) train on all arms' "
+                "traffic, each arm's weighted by the inverse of its share"
             )
         return f"pooled: the learning arms ({', '.join(learning)}) train on all arms' traffic"
 

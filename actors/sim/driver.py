@@ -316,8 +316,7 @@ def start_learning(cfg: StackConfig, run: RunFile, say: Progress) -> dict[str, A
     procs = {}
     for arm in arms:
         cmd = [sys.executable, "-m", "pipelines.continuous", "--config", str(conf), "--arm", arm]
-        if run.experiment.data_policy == "pooled":
-            cmd.append("--pooled")
+        cmd += ["--data-policy", run.experiment.data_policy]
         if arm in ipa:
             cmd.append("--dpo")
         log = open(tdir / f"{arm}.log", "ab")  # noqa: SIM115 (closed in stop_learning)

@@ -1,6 +1,6 @@
 """Continuous training: the arm's lineage learns from the lake, round after round.
 
-    recloop train [--once] [--arm ARM] [--workers N] [--pooled] [--config FILE]
+    recloop train [--once] [--arm ARM] [--workers N] [--data-policy P] [--config FILE]
     recloop train --detach | --stop      # as a long-lived actor of the stack
 
 A round:
@@ -9,7 +9,9 @@ A round:
    oldest commits first and whole entries only, up to ``train.max_sessions`` sessions
    (a writer's entries are always taken in sequence order, so marks stay a prefix);
 2. keeps the sessions of the data policy (default *own-arm*: sessions served by
-   ``train.arm``; ``pooled``: every arm's) that are high quality in OneRec's sense
+   ``train.arm``; ``pooled``: every arm's; ``weighted``: every arm's, each arm's
+   sessions weighted by the inverse of its share of the round's sessions, so every
+   arm's traffic counts as much in total) that are high quality in OneRec's sense
    (section 3.2 on our signals: ``clicks >= min_clicks``, or ``session_watch_s >=
    min_watch_s``, or a like or a follow). With fewer than ``min_sessions`` of them it
    waits (marks unchanged) — unless the entries already hold ``max_sessions`` sessions:
@@ -71,6 +73,7 @@ from pipelines.continuous.data import (
     build_examples,
     is_high_quality,
     policy_sessions,
+    policy_weights,
     quality_sessions,
     round_context,
     select_entries,
@@ -106,8 +109,10 @@ from pipelines.continuous.trainer import (
     train_worker,
     worker_conf,
 )
+from recloop.examples import DATA_POLICIES
 
 __all__ = [
+    "DATA_POLICIES",
     "FAULT_ENV",
     "SEED",
     "SESSION_COLUMNS",
@@ -128,6 +133,7 @@ __all__ = [
     "local_train",
     "main",
     "policy_sessions",
+    "policy_weights",
     "promote_registry",
     "promote_serving",
     "quality_sessions",

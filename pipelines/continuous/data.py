@@ -13,7 +13,7 @@ import torch
 
 from pipelines.continuous.state import Progress
 from recloop.config import StackConfig
-from recloop.examples import example_order, session_example
+from recloop.examples import arm_weights, check_policy, example_order, session_example
 from recloop.lake import SESSIONS, Entry, Lake, write_atomic, write_with
 from recloop.train_state import plain
 
@@ -83,9 +83,21 @@ def is_high_quality(row: dict[str, Any], min_clicks: int, min_watch_s: float) ->
     )
 
 
-def policy_sessions(rows: Sequence[dict], arm: str, pooled: bool = False) -> list[dict]:
-    """The sessions the data policy learns from: the arm's own (default) or all arms'."""
-    return list(rows) if pooled else [r for r in rows if r.get("arm") == arm]
+def policy_sessions(rows: Sequence[dict], arm: str, policy: str = "own-arm") -> list[dict]:
+    """The sessions the data policy learns from: the arm's own ("own-arm", the default)
+    or all arms' ("pooled", "weighted")."""
+    if check_policy(policy) == "own-arm":
+        return [r for r in rows if r.get("arm") == arm]
+    return list(rows)
+
+
+def policy_weights(rows: Sequence[dict], policy: str) -> dict[str, float] | None:
+    """Each serving arm's example weight under ``policy``: ``arm_weights`` of the round's
+    sessions (every arm's, before the quality bar: the traffic each arm served) for
+    "weighted", None (every example counts once) otherwise."""
+    if check_policy(policy) != "weighted":
+        return None
+    return arm_weights([r.get("arm") for r in rows])
 
 
 def quality_sessions(rows: Sequence[dict], min_clicks: int, min_watch_s: float) -> list[dict]:
@@ -103,6 +115,7 @@ class SessionExamples:
     served: torch.Tensor | None = None  # (N, M) every served item by position (the gate)
     context: torch.Tensor | None = None  # (N, W) context rows, for a model that takes them
     watch: torch.Tensor | None = None  # (N, M) watch seconds of each target (clicked) item
+    weight: torch.Tensor | None = None  # (N,) each example's weight (data policy "weighted")
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -114,19 +127,28 @@ class SessionExamples:
     def target_weights(self, mode: str) -> torch.Tensor | None:
         """(N_train, M) weights of the training targets for ``train.reward_weighting``:
         None for "none"; for "watch" each clicked item's watch time over the mean of the
-        training targets' (so the weights average one; 0 on padding)."""
-        if mode == "none":
-            return None
-        if mode != "watch":
+        training targets' (so the weights average one; 0 on padding). Examples with a
+        ``weight`` (the "weighted" data policy) scale their targets' by it, over the mean
+        of the training examples' weights."""
+        if mode not in ("none", "watch"):
             raise ValueError(f"unknown reward weighting {mode!r}")
-        if self.watch is None:
-            raise ValueError("these examples carry no watch times (built before they were kept)")
         keep = ~self.holdout
-        w, real = self.watch[keep].double().clamp(min=0.0), self.targets[keep] > 0
-        mean = float(w[real].mean()) if bool(real.any()) else 0.0
-        if not mean > 0:  # no watch time at all: every click counts alike
-            return real.float()
-        return (w / mean * real).float()
+        real = self.targets[keep] > 0
+        if mode == "none":
+            per_target = None
+        elif self.watch is None:
+            raise ValueError("these examples carry no watch times (built before they were kept)")
+        else:
+            w = self.watch[keep].double().clamp(min=0.0)
+            mean = float(w[real].mean()) if bool(real.any()) else 0.0
+            # no watch time at all: every click counts alike
+            per_target = (w / mean * real).float() if mean > 0 else real.float()
+        if self.weight is None:
+            return per_target
+        ex = self.weight[keep].double()
+        mean = float(ex.mean()) if len(ex) else 0.0
+        ex = (ex / mean).float() if mean > 0 else torch.ones(len(ex))
+        return (per_target if per_target is not None else real.float()) * ex[:, None]
 
     def holdout_raw(self, item_ids: Sequence[int]) -> list[dict]:
         """The held-out slice in data item ids, as the gate takes it."""
@@ -163,6 +185,8 @@ class SessionExamples:
             tensors["context"] = self.context.contiguous()
         if self.watch is not None:
             tensors["watch"] = self.watch.contiguous()
+        if self.weight is not None:
+            tensors["weight"] = self.weight.contiguous()
         write_with(path, lambda tmp: save_file(tensors, tmp))
         write_atomic(path.with_suffix(".json"), json.dumps(plain(meta), indent=1).encode())
 
@@ -179,6 +203,7 @@ class SessionExamples:
             t.get("served"),
             t.get("context"),
             t.get("watch"),
+            t.get("weight"),
         )
 
 
@@ -189,10 +214,12 @@ def assemble_examples(
     session_len: int,
     holdout_fraction: float,
     context: Callable[[dict, list[int]], list[int]] | None = None,
+    weights: dict[str, float] | None = None,
 ) -> SessionExamples:
     """``SessionExamples`` of ``examples`` (``session_example``'s, in event-time order,
     of the session ``rows`` beside them); the newest ``holdout_fraction`` of them (at
-    least one when there are two or more) are held out."""
+    least one when there are two or more) are held out. ``weights``: each example's
+    weight by the arm that served its session (``policy_weights``)."""
     from models.ranker import pad_histories
 
     n = len(examples)
@@ -210,6 +237,9 @@ def assemble_examples(
         torch.tensor([e["served"] for e in examples], dtype=torch.long).view(n, session_len),
         None if context is None else torch.tensor(ctx, dtype=torch.long).reshape(n, -1 if n else 0),
         torch.tensor([e["watch"] for e in examples], dtype=torch.float32).view(n, session_len),
+        None
+        if weights is None
+        else torch.tensor([weights.get(str(r.get("arm")), 1.0) for r in rows], dtype=torch.float32),
     )
 
 
@@ -220,11 +250,12 @@ def build_examples(
     session_len: int,
     holdout_fraction: float,
     context: Callable[[dict, list[int]], list[int]] | None = None,
+    weights: dict[str, float] | None = None,
 ) -> SessionExamples:
     """One example per session with a known clicked item (see the module docstring),
     in one process: the reference of ``pipelines.continuous.dataset``'s Ray Data path.
     ``context(session row, history in model ids)``: the session's context row, for a
-    model that takes one."""
+    model that takes one; ``weights``: as ``assemble_examples``'."""
     to_model = {int(d): m for m, d in enumerate(item_ids, start=1)}
     rows, examples = [], []
     for r in sorted(sessions, key=example_order):
@@ -232,7 +263,9 @@ def build_examples(
         if ex is not None:
             rows.append(r)
             examples.append(ex)
-    return assemble_examples(rows, examples, max_history, session_len, holdout_fraction, context)
+    return assemble_examples(
+        rows, examples, max_history, session_len, holdout_fraction, context, weights
+    )
 
 
 def _entries_by_key(lake: Lake, keys: Sequence[Sequence]) -> list[Entry]:

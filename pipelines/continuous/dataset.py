@@ -36,7 +36,7 @@ from pipelines.continuous.data import (
     quality_sessions,
 )
 from recloop.config import DATA_ENGINES as ENGINES
-from recloop.examples import example_order, to_examples
+from recloop.examples import check_policy, example_order, to_examples
 from recloop.lake import SESSIONS, Entry, Lake, in_commit_order, table_schema
 
 
@@ -68,7 +68,7 @@ def round_data(
     entries: Sequence[Entry],
     *,
     arm: str,
-    pooled: bool,
+    policy: str,
     min_clicks: int,
     min_watch_s: float,
     item_ids: Sequence[int],
@@ -77,14 +77,16 @@ def round_data(
     holdout_fraction: float,
     context: Callable[[list[dict]], Callable[[dict, list[int]], list[int]]] | None = None,
     policy_rows: bool = False,
+    weights: dict[str, float] | None = None,
     data_engine: str = "auto",
     cpus: float = 0.1,
     resources: dict[str, float] | None = None,
     tasks: int = 2,
     timeout_s: float = 60.0,
 ) -> RoundData:
-    """The examples of ``entries``' sessions that the data policy (``arm``'s own, or
-    every arm's when ``pooled``) and the quality bar keep. ``context(high-quality session
+    """The examples of ``entries``' sessions that the data ``policy`` (``arm``'s own, or
+    every arm's: ``policy_sessions``) and the quality bar keep, weighted by the arm
+    that served them when ``weights`` are given (``policy_weights``). ``context(high-quality session
     rows)`` returns the row builder of a context model; ``policy_rows``: also return the
     policy's sessions (whole rows, in commit order). Ray Data's tasks hold ``cpus`` and
     ``resources`` each (the train workers' custom resources: they run on train nodes),
@@ -103,7 +105,8 @@ def round_data(
                 lake,
                 entries,
                 arm=arm,
-                pooled=pooled,
+                policy=policy,
+                weights=weights,
                 min_clicks=min_clicks,
                 min_watch_s=min_watch_s,
                 item_ids=item_ids,
@@ -120,10 +123,10 @@ def round_data(
                 raise
             fallback = f"Ray Data: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     rows = lake.read(SESSIONS, entries, columns=SESSION_COLUMNS).to_pylist()
-    mine = policy_sessions(rows, arm, pooled)
+    mine = policy_sessions(rows, arm, policy)
     hq = quality_sessions(mine, min_clicks, min_watch_s)
     build = context(hq) if context is not None else None
-    ex = build_examples(hq, item_ids, max_history, session_len, holdout_fraction, build)
+    ex = build_examples(hq, item_ids, max_history, session_len, holdout_fraction, build, weights)
     return RoundData(ex, mine if policy_rows else None, "local", fallback)
 
 
@@ -268,7 +271,7 @@ def _ray_round_data(
     entries: Sequence[Entry],
     *,
     arm: str,
-    pooled: bool,
+    policy: str,
     min_clicks: int,
     min_watch_s: float,
     item_ids: Sequence[int],
@@ -277,21 +280,22 @@ def _ray_round_data(
     holdout_fraction: float,
     context: Callable[[list[dict]], Callable[[dict, list[int]], list[int]]] | None,
     policy_rows: bool,
+    weights: dict[str, float] | None,
     remote: dict[str, Any],
     timeout_s: float,
 ) -> RoundData:
     import ray
 
     _quiet(ray, timeout_s)
-    policy = None if pooled else pc.field("arm") == arm
+    own = None if check_policy(policy) != "own-arm" else pc.field("arm") == arm
     quality = _quality(min_clicks, min_watch_s)
     mine = [] if policy_rows else None
     if policy_rows:  # the policy's sessions whole, in commit order (the reward model's)
-        ds = _sessions(lake, entries, policy, remote)
+        ds = _sessions(lake, entries, own, remote)
         table = _collect(ds) if ds is not None else pa.table({})
         if table.num_rows:
             mine = in_commit_order(table, entries).drop_columns(["writer", "seq"]).to_pylist()
-    where = quality if policy is None else policy & quality
+    where = quality if own is None else own & quality
     ds = _sessions(lake, entries, where, remote)
     rows: list[dict] = []
     if ds is not None:
@@ -303,7 +307,7 @@ def _ray_round_data(
         )
         rows = sorted(_collect(examples).to_pylist(), key=example_order)
     build = context(rows) if context is not None else None
-    ex = assemble_examples(rows, rows, max_history, session_len, holdout_fraction, build)
+    ex = assemble_examples(rows, rows, max_history, session_len, holdout_fraction, build, weights)
     return RoundData(ex, mine, "ray")
 
 

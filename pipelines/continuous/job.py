@@ -14,6 +14,7 @@ from pipelines.continuous.rounds import default_trainer, run_round
 from pipelines.continuous.state import Progress, PromoteFn, _log
 from pipelines.continuous.trainer import Trainer, WarmTrainer
 from recloop.config import StackConfig
+from recloop.examples import DATA_POLICIES, check_policy
 from recloop.train_state import freshness, read_rounds
 
 
@@ -22,7 +23,7 @@ def train_forever(
     cfg: StackConfig,
     stop: threading.Event | None = None,
     progress: Progress = print,
-    pooled: bool = False,
+    policy: str = "own-arm",
     promote: PromoteFn | None = None,
     trainer: Trainer | None = None,
 ) -> None:
@@ -33,7 +34,7 @@ def train_forever(
     trainer = trainer or default_trainer(cfg)
     while not stop.is_set():
         try:
-            record = run_round(cfg, progress, pooled, promote, trainer)
+            record = run_round(cfg, progress, policy, promote, trainer)
         except Exception as exc:  # the state keeps the round in progress: resume it
             progress(
                 f"round failed ({type(exc).__name__}: {exc}); retrying in {cfg.train.poll_s:.0f} s"
@@ -71,20 +72,20 @@ def _actor_class():
 
     @ray.remote(max_concurrency=2)  # CPUs: see start_actor
     class TrainerActor:
-        def __init__(self, cfg: dict, pooled: bool) -> None:
+        def __init__(self, cfg: dict, policy: str) -> None:
             from recloop import priority
 
             self.cfg = StackConfig.from_dict(cfg)
-            self.pooled = pooled
+            self.policy = policy
             self.stop_event = threading.Event()
             self.priority = priority.apply(self.cfg)  # below the serving replicas
             self.trainer = default_trainer(self.cfg)  # warm: kept across rounds
 
         def run(self) -> None:
-            train_forever(self.cfg, self.stop_event, _log, self.pooled, trainer=self.trainer)
+            train_forever(self.cfg, self.stop_event, _log, self.policy, trainer=self.trainer)
 
         def run_once(self) -> dict | None:
-            return run_round(self.cfg, _log, self.pooled, trainer=self.trainer)
+            return run_round(self.cfg, _log, self.policy, trainer=self.trainer)
 
         def status(self) -> dict[str, Any]:
             out = {"rounds": read_rounds(self.cfg)[-5:], "freshness": freshness(self.cfg)}
@@ -101,7 +102,7 @@ def _actor_class():
 
 def start_actor(
     cfg: StackConfig,
-    pooled: bool = False,
+    policy: str = "own-arm",
     progress: Progress = print,
     run: bool = True,
     env: dict[str, str] | None = None,
@@ -133,7 +134,7 @@ def start_actor(
         options["resources"] = dict(cfg.train.worker_resources)
     if env:
         options["runtime_env"] = {"env_vars": dict(env)}
-    actor = _actor_class().options(**options).remote(cfg.to_dict(), pooled)
+    actor = _actor_class().options(**options).remote(cfg.to_dict(), check_policy(policy))
     if run:
         actor.run.remote()
     where = "warm, in the actor" if warm else f"on {cfg.train.workers} Ray Train workers"
@@ -169,7 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="1: the warm in-process trainer; more: Ray Train DDP workers (train.workers)",
     )
-    ap.add_argument("--pooled", action="store_true", help="learn from every arm's sessions")
+    ap.add_argument(
+        "--data-policy",
+        choices=DATA_POLICIES,
+        default=None,
+        help="own-arm (default): the arm's own sessions; pooled: every arm's; weighted: every "
+        "arm's, each arm's weighted by the inverse of its share of them",
+    )
+    ap.add_argument("--pooled", action="store_true", help="the same as --data-policy pooled")
     ap.add_argument(
         "--dpo",
         action="store_true",
@@ -185,7 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from recloop.config import load_config
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.pooled and args.data_policy not in (None, "pooled"):
+        parser.error(f"--pooled contradicts --data-policy {args.data_policy}")
+    policy = args.data_policy or ("pooled" if args.pooled else "own-arm")
     cfg = load_config(
         args.config,
         overrides={
@@ -199,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(freshness(cfg), indent=2))
         return 0
     if args.detach:
-        start_actor(cfg, args.pooled, _log)
+        start_actor(cfg, policy, _log)
         return 0
     if args.stop:
         return 0 if stop_actor(cfg, _log) else 1
@@ -209,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     connect(cfg)
     priority.apply(cfg)  # training is background work beside the serving replicas
     if args.once:
-        record = run_round(cfg, _log, pooled=args.pooled)
+        record = run_round(cfg, _log, policy=policy)
         print(json.dumps(record, indent=2) if record else "no round: not enough new data")
         return 0
     # Ctrl-C (or the simulation driver's SIGINT between rounds) stops the loop, even
@@ -217,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = threading.Event()
     try:
-        train_forever(cfg, stop, _log, pooled=args.pooled)
+        train_forever(cfg, stop, _log, policy=policy)
     except KeyboardInterrupt:
         stop.set()
         return 130

@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from pipelines.continuous.data import _newest, _read_sessions, policy_sessions, session_rows
+from pipelines.continuous.data import (
+    _newest,
+    _read_sessions,
+    policy_sessions,
+    policy_weights,
+    session_rows,
+)
 from pipelines.continuous.state import (
     KEEP_STATE_ROUNDS,
     Progress,
@@ -54,21 +60,25 @@ def serves_popularity(cfg: StackConfig) -> bool:
     return conf.get("format") == BASELINE_FORMAT and conf.get("kind") == "popularity"
 
 
-def click_counts(rows: list[dict], item_ids: list[int]) -> torch.Tensor:
+def click_counts(
+    rows: list[dict], item_ids: list[int], weights: dict[str, float] | None = None
+) -> torch.Tensor:
     """Clicks per item of ``item_ids`` (in that order) over the session rows; clicks on
-    items the baseline does not know are not counted."""
+    items the baseline does not know are not counted. ``weights``: a click counts its
+    session's arm's weight (the "weighted" data policy) instead of one."""
     pos = {int(i): k for k, i in enumerate(item_ids)}
-    counts = torch.zeros(len(item_ids))
+    counts = torch.zeros(len(item_ids), dtype=torch.float64)
     for r in rows:
+        w = 1.0 if weights is None else weights.get(str(r.get("arm")), 1.0)
         for item, clicked in zip(r["items"], r["clicked"] or [], strict=False):
             k = pos.get(int(item))
             if k is not None and clicked:
-                counts[k] += 1.0
-    return counts
+                counts[k] += w
+    return counts.float()
 
 
 def recount_round(
-    cfg: StackConfig, progress: Progress, pooled: bool, promote: PromoteFn
+    cfg: StackConfig, progress: Progress, policy: str, promote: PromoteFn
 ) -> dict[str, Any] | None:
     """One round of the popularity arm; None while fewer than ``train.min_sessions`` new
     sessions of the policy are in the lake."""
@@ -84,13 +94,14 @@ def recount_round(
     if sum(session_rows(e) for e in new) < tc.min_sessions:  # from the commit log alone
         return None
     rows = _read_sessions(lake, new)
-    mine = policy_sessions(rows, arm, pooled)
+    mine = policy_sessions(rows, arm, policy)
     if len(mine) < tc.min_sessions:
         return None
     marks_after = Lake.advance(marks, new)
     with tempfile.TemporaryDirectory(prefix="recloop-pop-") as tmp:
         base = load_baseline(reg.fetch(lineage, base_version, cache_dir=tmp))
-    clicks = click_counts(mine, base.item_ids)
+    weights = policy_weights(rows, policy)
+    clicks = click_counts(mine, base.item_ids, weights)
     state = load_state(cfg)
     # the served version numbers its round too: a state file lost with a crash (or
     # never written) does not make the next round reuse a number
@@ -108,7 +119,7 @@ def recount_round(
         meta={
             **{k: v for k, v in base.meta.items() if k not in _OWN_KEYS},
             "lake_marks": marks_after,
-            "clicks_added": int(clicks.sum()),
+            "clicks_added": round(float(clicks.sum())),
             "round": round_no,
             "base_version": base_version,
             # what freshness reads: the newest feedback these counts include
@@ -121,7 +132,7 @@ def recount_round(
         lineage,
         out,
         version=f"{arm[:40]}-r{round_no:05d}-{stamp}",
-        metrics={"round": round_no, "sessions": len(mine), "clicks": int(clicks.sum())},
+        metrics={"round": round_no, "sessions": len(mine), "clicks": round(float(clicks.sum()))},
     )
     promote(cfg, arm, version, progress)
     record = {
@@ -135,10 +146,12 @@ def recount_round(
         "base_version": base_version,
         "sessions": len(rows),
         "policy_sessions": len(mine),
-        "clicks": int(clicks.sum()),
+        "clicks": round(float(clicks.sum())),
         "most_clicked": top,
         "commits": len(new),
-        "pooled": pooled,
+        "pooled": policy != "own-arm",
+        "data_policy": policy,
+        "arm_weights": weights,
         "newest_event_ms": _newest(mine, "event_time_ms"),
         "newest_feedback_ms": _newest(mine, "last_feedback_ms"),
         "newest_record_ts_ms": _newest(mine, "record_ts_ms"),

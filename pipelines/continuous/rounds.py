@@ -23,6 +23,7 @@ from pipelines.continuous.data import (
     _newest,
     _read_sessions,
     policy_sessions,
+    policy_weights,
     quality_sessions,
     round_context,
     select_entries,
@@ -114,12 +115,13 @@ def _fault_from_env() -> dict | None:
 def run_round(
     cfg: StackConfig,
     progress: Progress = print,
-    pooled: bool = False,
+    policy: str = "own-arm",
     promote: PromoteFn | None = None,
     trainer: Trainer | None = None,
 ) -> dict | None:
     """One round (see the module docstring), or the round in progress resumed. Returns
-    the round's record, or None when there is not enough new data yet.
+    the round's record, or None when there is not enough new data yet. ``policy``: the
+    data policy (``recloop.examples.DATA_POLICIES``).
 
     ``promote(cfg, arm, version, progress)`` defaults to ``promote_serving`` (registry +
     Serve hot swap when the service is deployed); ``trainer(cfg, conf, run_name,
@@ -130,9 +132,9 @@ def run_round(
     torch.set_num_threads(cfg.train.torch_threads)
     with _arm_lock(cfg):
         if recount.serves_popularity(cfg):  # a popularity arm: its counts follow the clicks
-            return recount.recount_round(cfg, progress, pooled, promote or promote_serving)
+            return recount.recount_round(cfg, progress, policy, promote or promote_serving)
         return _run_round(
-            cfg, progress, pooled, promote or promote_serving, trainer or default_trainer(cfg)
+            cfg, progress, policy, promote or promote_serving, trainer or default_trainer(cfg)
         )
 
 
@@ -186,7 +188,7 @@ _waiting: dict[tuple[str, str], tuple[int, float]] = {}
 
 
 def _run_round(
-    cfg: StackConfig, progress: Progress, pooled: bool, promote: PromoteFn, trainer: Trainer
+    cfg: StackConfig, progress: Progress, policy: str, promote: PromoteFn, trainer: Trainer
 ) -> dict | None:
     tc, arm = cfg.train, cfg.train.arm
     warm = trainer if isinstance(trainer, WarmTrainer) else None
@@ -207,7 +209,8 @@ def _run_round(
         entries, capped = select_entries(new, tc.max_sessions)
         cache = warm.sessions if warm is not None else None
         rows = _read_sessions(lake, entries, cache, POLL_COLUMNS)
-        mine = policy_sessions(rows, arm, pooled)
+        mine = policy_sessions(rows, arm, policy)
+        weights = policy_weights(rows, policy)
         hq = quality_sessions(mine, tc.min_clicks, tc.min_watch_s)
         marks_after = Lake.advance(state["marks"], entries)
         if len(hq) < tc.min_sessions and not capped:
@@ -228,7 +231,8 @@ def _run_round(
             lake,
             entries,
             arm=arm,
-            pooled=pooled,
+            policy=policy,
+            weights=weights,
             min_clicks=tc.min_clicks,
             min_watch_s=tc.min_watch_s,
             item_ids=item_ids,
@@ -264,7 +268,9 @@ def _run_round(
             "newest_record_ts_ms": _newest(rows, "record_ts_ms"),
             "commits": len(entries),
             "capped": capped,
-            "pooled": pooled,
+            "pooled": policy != "own-arm",
+            "data_policy": policy,
+            "arm_weights": weights,
         }
         if n_train < 1 or len(ex) - n_train < 1:  # nothing to train on, or to gate with
             progress(
@@ -452,6 +458,8 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             "train_examples": info["train_examples"],
             "holdout_examples": info["holdout_examples"],
             "pooled": info["pooled"],
+            "data_policy": info.get("data_policy", "pooled" if info["pooled"] else "own-arm"),
+            "arm_weights": info.get("arm_weights"),
             "history": st["epochs"],
             "attempts": st["attempts"],
         }

@@ -272,7 +272,7 @@ def test_a_rounds_data_through_ray_data_equals_the_in_process_reference(
     for chosen in (entries[:1], entries[1:], entries):
         kw = dict(
             arm=ARM,
-            pooled=False,
+            policy="own-arm",
             min_clicks=2,
             min_watch_s=600.0,
             item_ids=meta["item_ids"],
@@ -288,11 +288,20 @@ def test_a_rounds_data_through_ray_data_equals_the_in_process_reference(
         assert len(a) == len(b) > 10
         for name in ("histories", "targets", "event_time_ms", "holdout", "served", "watch"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert a.weight is None and b.weight is None
         assert ray_data.policy_rows == local.policy_rows
         assert {r["arm"] for r in ray_data.policy_rows} == {ARM}
-    # pooled: every arm's sessions
-    both = round_data(lake, entries, **{**kw, "pooled": True}, data_engine="ray")
-    assert len(both.policy_rows) == sum(e.counts["sessions"] for e in entries)
+    # pooled and weighted: every arm's sessions; weighted, each example weighs its arm's
+    for policy, w in (("pooled", None), ("weighted", {ARM: 0.5, "control": 2.0})):
+        pkw = {**kw, "policy": policy, "weights": w}
+        both = round_data(lake, entries, **pkw, data_engine="ray")
+        ref = round_data(lake, entries, **pkw, data_engine="local")
+        assert len(both.policy_rows) == sum(e.counts["sessions"] for e in entries)
+        assert both.policy_rows == ref.policy_rows
+        assert torch.equal(both.examples.targets, ref.examples.targets)
+        if w is not None:
+            assert torch.equal(both.examples.weight, ref.examples.weight)
+            assert set(both.examples.weight.tolist()) == {0.5, 2.0}
     # No free share of the cluster for a task: "auto" reads in process and says why
     # (the loop goes on), "ray" refuses.
     crowded = round_data(lake, entries, **kw, data_engine="auto", cpus=1000.0)

@@ -7,14 +7,15 @@ import pytest
 
 from benchmarks.bias import (
     DESIGNS,
+    POLICY,
     assign,
-    copies,
     everyone,
     interval,
     summarise,
     training_rows,
     user_clusters,
 )
+from recloop.examples import DATA_POLICIES
 
 USERS = list(range(1, 201))
 
@@ -67,23 +68,9 @@ def test_each_design_feeds_each_lake_exactly_the_data_it_promises():
         assert training_rows(rows, design, "b") == rows["b"]
     pooled = training_rows(rows, "pooled", "a")
     assert pooled == rows["a"] + rows["b"] == training_rows(rows, "pooled", "b")
-    weights = copies({"a": 0.25, "b": 0.75})
-    assert weights == {"a": 3, "b": 1}
-    fed = training_rows(rows, "weighted", "a", weights)
-    per_arm = {arm: sum(r["arm"] == arm for r in fed) for arm in rows}
-    assert per_arm == {"a": 6, "b": 6}  # each arm's traffic counts as much in total
-    assert len({r["event_id"] for r in fed}) == len(fed)  # copies are distinct sessions
-    assert {r["user_id"] for r in fed if r["arm"] == "a"} == {1, 2}
-    assert training_rows({"a": rows["a"]}, "weighted", "a", weights) == [
-        r for r in fed if r["arm"] == "a"
-    ]
+    assert training_rows(rows, "weighted", "a") == pooled  # weighed in the rounds
+    assert {POLICY[d] for d in DESIGNS} <= set(DATA_POLICIES)
     assert set(DESIGNS) == {"own-arm", "pooled", "weighted", "cluster"}
-
-
-def test_weights_are_inverse_shares_in_whole_copies():
-    assert copies({"a": 0.5, "b": 0.5}) == {"a": 1, "b": 1}  # an even split: pooled
-    assert copies({"a": 0.2, "b": 0.8}) == {"a": 4, "b": 1}
-    assert copies({"a": 0.3, "b": 0.7}) == {"a": 2, "b": 1}  # 2.33 rounds to 2
 
 
 def test_a_users_cluster_is_the_genre_its_history_holds_most():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import pyarrow as pa
@@ -76,7 +77,10 @@ def test_high_quality_sessions_follow_onerec_3_2_on_our_signals():
     assert not ct.is_high_quality({"clicks": 0, "likes": 0, "follows": 0}, **ok)
     rows = [{"arm": "online", "clicks": 3}, {"arm": "control", "clicks": 5}, {"arm": "online"}]
     assert ct.policy_sessions(rows, "online") == [rows[0], rows[2]]
-    assert ct.policy_sessions(rows, "online", pooled=True) == rows
+    assert ct.policy_sessions(rows, "online", "pooled") == rows
+    assert ct.policy_sessions(rows, "online", "weighted") == rows
+    with pytest.raises(ValueError, match="data policy must be one of"):
+        ct.policy_sessions(rows, "online", "mine")
     assert ct.quality_sessions(ct.policy_sessions(rows, "online"), **ok) == [rows[0]]
 
 
@@ -144,6 +148,37 @@ def test_watch_weights_follow_each_clicked_items_watch_time_and_average_one():
         ex.target_weights("likes")
     with pytest.raises(ValueError, match="reward_weighting"):
         load_config(overrides={"train.reward_weighting": "likes"}, env={})
+
+
+def test_the_weighted_policy_weighs_each_arms_sessions_by_its_inverse_share(tmp_path):
+    """``data_policy: weighted``: a 25/75 split's sessions weigh as if it were even (each
+    arm's in total alike, mean one); the examples carry the weight of the arm that served
+    them, scale each target's (with or without watch weighting) and survive a reload."""
+    from recloop.examples import arm_weights
+    from recloop.experiment import Experiment
+
+    w = arm_weights(["a"] * 2 + ["b"] * 6)
+    assert w == {"a": 2.0, "b": pytest.approx(2 / 3)}
+    assert 2 * w["a"] == pytest.approx(6 * w["b"])  # each arm's traffic weighs alike
+    assert arm_weights(["a"] * 5) == {"a": 1.0} and arm_weights([]) == {}
+    rows = [
+        _session(i, arm="a" if i < 2 else "b", items=[RAW[i]], clicked=[True]) for i in range(8)
+    ]
+    assert ct.policy_weights(rows, "own-arm") is None and ct.policy_weights(rows, "pooled") is None
+    assert ct.policy_weights(rows, "weighted") == w
+    ex = ct.build_examples(rows, RAW, 4, 3, holdout_fraction=0.25, weights=w)
+    assert ex.weight.tolist() == pytest.approx([2.0, 2.0] + [2 / 3] * 6)
+    # Six training examples (two of a, four of b); weights over their mean (8/6 + ...).
+    train_w = torch.tensor([2.0, 2.0] + [2 / 3] * 4)
+    want = (train_w / train_w.mean())[:, None] * (ex.train_part()[1] > 0)
+    torch.testing.assert_close(ex.target_weights("none"), want)
+    torch.testing.assert_close(ex.target_weights("watch"), want)  # every click watched 30 s
+    assert ct.build_examples(rows, RAW, 4, 3, 0.25).weight is None
+    ex.save(tmp_path / "ex.safetensors", {})
+    assert torch.equal(ct.SessionExamples.load(tmp_path / "ex.safetensors").weight, ex.weight)
+    # The run file's policies are the rounds'.
+    field = Experiment.model_fields["data_policy"].annotation
+    assert typing.get_args(field) == ct.DATA_POLICIES
 
 
 def test_a_watch_weighted_worker_learns_the_item_watched_longer(base_ckpt, tmp_path):
@@ -931,6 +966,36 @@ def test_a_popularity_arm_follows_its_clicks_and_never_counts_one_twice(tmp_path
     rec2 = ct.run_round(cfg, promote=ct.promote_registry)
     want[N_ITEMS - 1] += 5
     assert torch.equal(load_baseline(reg.fetch("pop", rec2["version"])).scores, want)
+
+
+def test_weighted_rounds_record_their_weights_and_popularity_counts_them(base_ckpt, tmp_path):
+    """``data_policy: weighted`` end to end: a model round trains on every arm's sessions
+    and records each arm's weight (from the round's sessions: 24 online, 6 control); a
+    popularity round counts each click at its arm's weight."""
+    from recloop.checkpoint import load_baseline, save_baseline
+    from recloop.registry import ModelRegistry
+
+    cfg, _ = _stack(tmp_path, base_ckpt, min_sessions=10)
+    _traffic(Lake(cfg.lake_dir), "ing-0", 1, 0, 30)
+    rec = ct.run_round(cfg, promote=ct.promote_registry, policy="weighted")
+    assert rec["data_policy"] == "weighted" and rec["pooled"] and rec["policy_sessions"] == 30
+    assert rec["arm_weights"] == {"control": 2.5, "online": 0.625}  # 30/(2*6), 30/(2*24)
+    assert rec["status"] in ("promoted", "rejected")
+    pcfg = load_config(
+        overrides={"home": str(tmp_path / "pop"), "train.arm": "pop", "train.min_sessions": 5},
+        env={},
+    )
+    reg = ModelRegistry(pcfg.registry_uri)
+    reg.create_arm("pop", "pop")
+    seed = save_baseline(tmp_path / "seed", "popularity", RAW, torch.zeros(N_ITEMS), session_len=4)
+    reg.promote("pop", reg.publish("pop", seed, version="seed"))
+    rows = [_session(i, arm="pop", items=[RAW[1]], clicked=[True]) for i in range(2)]
+    rows += [_session(10 + i, arm="control", items=[RAW[2]], clicked=[True]) for i in range(6)]
+    _commit(Lake(pcfg.lake_dir), rows, "ing-0", 1, at=1)
+    rec = ct.run_round(pcfg, promote=ct.promote_registry, policy="weighted")
+    scores = load_baseline(reg.fetch("pop", rec["version"])).scores
+    assert rec["arm_weights"] == {"control": pytest.approx(2 / 3), "pop": 2.0}
+    assert scores[1].item() == pytest.approx(4.0) and scores[2].item() == pytest.approx(4.0)
 
 
 def test_a_round_reads_through_ray_data_only_when_its_process_is_connected(monkeypatch):
