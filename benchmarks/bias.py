@@ -1,5 +1,5 @@
 """Symbiosis bias of A/B designs under online learning, measured against the simulator's
-ground truth (issue 27).
+ground truth.
 
 When both arms of an A/B test learn from logged traffic, what one arm serves can train the
 other, so the test measures a mix of the policies rather than either alone (Brennan et
@@ -31,7 +31,8 @@ bias with its 95% interval over seeds, the estimate's standard deviation over se
 design's variance) and its RMSE against the truth. Runs one world after the other on one
 machine (each world is seconds to minutes of the round code, without the stack).
 
-    make bench-bias      # or: .venv/bin/python -m benchmarks.bias --seeds 0,1,2,3,4
+    make bench-bias                  # online vs control on the demo's users
+    recloop bias --run FILE          # a run file's two arms, its share and its users
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.sim.runfile import load_run
 from benchmarks.loop_offline import (
     HISTORY_LEN,
     RUN_FILE,
@@ -143,9 +145,13 @@ class PolicyArm(Arm):
     """An arm of ``benchmarks.loop_offline`` whose rounds learn with a data ``policy`` from
     its lake (which holds what its design gives it)."""
 
-    def __init__(self, *args: Any, policy: str = "own-arm", **kw: Any) -> None:
+    def __init__(
+        self, *args: Any, policy: str = "own-arm", learning: bool | None = None, **kw: Any
+    ) -> None:
         super().__init__(*args, **kw)
         self.policy = policy
+        if learning is not None:  # a run file's arm says; otherwise "control" is frozen
+            self.learning = learning
 
     def round(self) -> None:
         from pipelines.continuous import promote_registry, run_round
@@ -179,6 +185,7 @@ def world(
     hist: dict[int, list[int]],
     seed_dir: Path,
     label: str | None = None,
+    learns: dict[str, bool] | None = None,
 ) -> dict[int, np.ndarray]:
     """Run one world: each user served by ``served_by[user]`` one session per step, each
     learning arm's lake fed by ``design``. Returns each user's expected session watch
@@ -195,6 +202,7 @@ def world(
                 hidden,
                 {u: hist[u] for u, a in served_by.items() if a == name},
                 policy=POLICY[design],
+                learning=(learns or {}).get(name),
             )
             for name in names
         }
@@ -290,15 +298,50 @@ def summarise(per_seed: dict[str, list[dict]], key: str) -> dict[str, dict[str, 
     return out
 
 
+def run_arms(path: Path) -> tuple[tuple[str, str], float, dict[str, bool]]:
+    """A run file's two arms for the bias measurement: ((A, B), A's share, whether each
+    learns). Refuses what the offline loop cannot run, saying why."""
+    exp = load_run(path).experiment
+    if len(exp.arms) != 2:
+        raise SystemExit(f"{path}: the bias measurement compares two arms, not {len(exp.arms)}")
+    for arm in exp.arms:
+        if arm.model != "seed" or arm.scoring != "beam" or arm.learning == "online-ipa":
+            raise SystemExit(
+                f"{path}: arm {arm.name!r} ({arm.model}, {arm.scoring}, {arm.learning}): the "
+                "offline loop runs seed-model arms with beam scoring, frozen or online"
+            )
+    if all(arm.learning == "frozen" for arm in exp.arms):
+        raise SystemExit(f"{path}: no arm learns, so no design can bias the test")
+    a, b = exp.arms
+    return (a.name, b.name), a.share, {x.name: x.learning == "online" for x in exp.arms}
+
+
+def _shown(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     loop_args(ap, 236, "users per run (0: all); 236: the demo's users per arm")
+    ap.add_argument(
+        "--run",
+        type=Path,
+        help="a run file of two arms (model: seed; learning: frozen or online): A is its "
+        "first arm, B its second, A's share its share, the users its simulation's "
+        "(default: --a, --b, --share on the demo's users)",
+    )
     ap.add_argument("--a", default="online", help="arm A: online, or NAME:key=value (train.*)")
     ap.add_argument("--b", default="control", help="arm B: control (frozen) or NAME:key=value")
     ap.add_argument("--share", type=float, default=0.25, help="A's share of the users")
     ap.add_argument("--designs", default=",".join(DESIGNS))
-    ap.add_argument("--out", type=Path, default=RESULTS / "bias.json")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="the JSON (default: benchmarks/results/bias.json; with --run, "
+        "<home>/reports/bias-<experiment>.json)",
+    )
     args = ap.parse_args(argv)
     import torch
 
@@ -307,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     def spec(text: str) -> tuple[str, dict]:
         return (text, {}) if text in ("online", "control") else parse_arm(text)
 
-    (a, a_over), (b, b_over) = spec(args.a), spec(args.b)
+    run_file, learns = RUN_FILE, None
+    if args.run is not None:
+        (a, b), args.share, learns = run_arms(args.run)
+        a_over = b_over = {}
+        run_file = args.run
+    else:
+        (a, a_over), (b, b_over) = spec(args.a), spec(args.b)
     if a == b:
         raise SystemExit("--a and --b must name two arms")
     specs = {a: a_over, b: b_over}
@@ -316,11 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         if d not in DESIGNS:
             raise SystemExit(f"unknown design {d!r}: one of {', '.join(DESIGNS)}")
     cfg = load_config(env={})
+    if args.out is None:
+        name = f"bias-{load_run(args.run).experiment.name}.json" if args.run else None
+        args.out = cfg.home / "reports" / name if name else RESULTS / "bias.json"
     seed_dir = seed_checkpoint(cfg, args.checkpoint)
     if seed_dir is None:
         return 2
     started = time.monotonic()
-    data, hidden, hist_all, _ = simulated_users(cfg, args.sim_seed)
+    data, hidden, hist_all, _ = simulated_users(cfg, args.sim_seed, run_file)
     genres = {
         int(i): list(g) for i, g in zip(data.items["item_id"], data.items["genres"], strict=True)
     }
@@ -349,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                 hist,
                 seed_dir,
                 label=f"truth ({arm} alone)",
+                learns=learns,
             )
             for arm in (a, b)
         }
@@ -367,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             a_users = [u for u in users if served_by[u] == a]
             b_users = [u for u in users if served_by[u] == b]
             shares = {a: len(a_users) / len(users), b: len(b_users) / len(users)}
-            value = world(args, sd, served_by, design, specs, hidden, hist, seed_dir)
+            value = world(args, sd, served_by, design, specs, hidden, hist, seed_dir, learns=learns)
             est = {cut: lift(value, a_users, b_users, sl) for cut, sl in cuts.items()}
             per_seed[design].append(
                 {
@@ -386,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.platform(),
         "checkpoint": str(seed_dir),
         "data": data.source,
-        "run_file": str(RUN_FILE.relative_to(PROJECT_ROOT)),
+        "run_file": _shown(run_file),
+        "learning": learns or {a: a != "control", b: b != "control"},
         "arms": {"a": a, "b": b, "overrides": specs},
         "share": args.share,
         "users": len(users),  # per seed (each seed draws its own)

@@ -308,14 +308,17 @@ def loop_args(ap: argparse.ArgumentParser, users: int, users_help: str) -> None:
     ap.add_argument("--sim-seed", type=int, default=0, help="the hidden user model's fit")
 
 
-def simulated_users(cfg: Any, sim_seed: int) -> tuple[Any, Any, dict[int, list[int]], Any]:
-    """The demo's simulated users: (the data, the hidden user model fitted on it with the
-    run file's response, each user's history oldest first, the run file's simulation)."""
+def simulated_users(
+    cfg: Any, sim_seed: int, run_file: Path = RUN_FILE
+) -> tuple[Any, Any, dict[int, list[int]], Any]:
+    """The simulated users of ``run_file`` (the demo's by default): (the data, the hidden
+    user model fitted on it with the run file's response, each user's history oldest
+    first, the run file's simulation)."""
     from actors.sim.runfile import load_run
     from actors.sim.user_model import HiddenUserModel, ResponseConfig
     from recloop.data import load
 
-    sim = load_run(RUN_FILE).simulation
+    sim = load_run(run_file).simulation
     data = load(cfg.data)
     _say(f"fitting the {sim.user_model_kind} hidden user model on {data.summary()}")
     hidden = HiddenUserModel.fit(data, seed=sim_seed, kind=sim.user_model_kind)

@@ -322,6 +322,7 @@ JOBS = {
     "ablate": "pipelines.offline.ablations",
     "scaling": "pipelines.offline.scaling",
     "analyze": "pipelines.analysis.ab_analysis",
+    "bias": "benchmarks.bias",
     "fit-user-model": "actors.sim.fit_user_model",
     "ingest": "actors.ingestor",
     "train": "pipelines.continuous",

@@ -98,3 +98,40 @@ def test_the_summary_reports_bias_against_the_truth_with_its_interval():
     assert s["pooled"]["rmse"] > s["own-arm"]["rmse"]
     ci = interval([1.0, 1.0])
     assert ci["mean"] == 1.0 and ci["lo"] == ci["hi"] == 1.0
+
+
+def _run_file(tmp_path, arms: str) -> object:
+    path = tmp_path / "run.yaml"
+    path.write_text(f"experiment:\n  name: bias-test\n  salt: s\n  arms:\n{arms}")
+    return path
+
+
+def test_a_run_files_two_arms_are_what_the_bias_run_compares(tmp_path):
+    """``recloop bias --run FILE``: A is the first arm, B the second, A's share the run
+    file's, and whether each learns is its ``learning``; what the offline loop cannot run
+    is refused with the reason."""
+    from benchmarks.bias import run_arms
+
+    two = _run_file(
+        tmp_path,
+        "    - {name: frozen, share: 0.2, learning: frozen}\n"
+        "    - {name: learner, share: 0.8, learning: online}\n",
+    )
+    assert run_arms(two) == (("frozen", "learner"), 0.2, {"frozen": False, "learner": True})
+    three = _run_file(
+        tmp_path,
+        "    - {name: a, share: 0.5, learning: online}\n"
+        "    - {name: b, share: 0.25}\n    - {name: c, share: 0.25}\n",
+    )
+    with pytest.raises(SystemExit, match="two arms, not 3"):
+        run_arms(three)
+    pop = _run_file(
+        tmp_path,
+        "    - {name: a, share: 0.5, learning: online}\n"
+        "    - {name: pop, share: 0.5, model: popularity, learning: online}\n",
+    )
+    with pytest.raises(SystemExit, match="seed-model arms with beam scoring"):
+        run_arms(pop)
+    frozen = _run_file(tmp_path, "    - {name: a, share: 0.5}\n    - {name: b, share: 0.5}\n")
+    with pytest.raises(SystemExit, match="no arm learns"):
+        run_arms(frozen)
