@@ -321,6 +321,52 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """The figure of a result: per design, each seed's estimated lift against its true
+    lift (the diagonal: no bias), and the bias with its 95% interval over the seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    designs = list(result["designs"])
+    colours = dict(zip(designs, plt.get_cmap("tab10").colors, strict=False))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    lo, hi = 0.0, 0.0
+    for d in designs:
+        runs = result["runs"][d]
+        t = [100 * r["truth"]["all"] for r in runs]
+        e = [100 * r["estimate"]["all"] for r in runs]
+        left.plot(t, e, "o", color=colours[d], label=d)
+        lo, hi = min(lo, *t, *e), max(hi, *t, *e)
+    pad = 0.05 * (hi - lo or 1.0)
+    left.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "-", color="grey", lw=1)
+    left.axhline(0, color="grey", lw=0.5)
+    left.set_xlabel("true lift, % (A alone vs B alone)")
+    left.set_ylabel("A/B estimate, %")
+    left.set_title("each seed: estimate vs truth (diagonal: unbiased)", fontsize=10)
+    left.legend(fontsize=8)
+    for k, d in enumerate(designs):
+        b = result["designs"][d]["bias"]
+        m, err = 100 * b["mean"], [[100 * (b["mean"] - b["lo"])], [100 * (b["hi"] - b["mean"])]]
+        right.errorbar([k], [m], yerr=err, fmt="o", color=colours[d], capsize=4)
+        seeds = [100 * (r["estimate"]["all"] - r["truth"]["all"]) for r in result["runs"][d]]
+        right.plot([k + 0.15] * len(seeds), seeds, ".", color=colours[d], alpha=0.5)
+    right.axhline(0, color="grey", lw=1)
+    right.set_xticks(range(len(designs)), designs)
+    right.set_ylabel("bias, points (estimate − truth)")
+    right.set_title("bias: mean and 95% interval over seeds", fontsize=10)
+    a, b2 = result["arms"]["a"], result["arms"]["b"]
+    fig.suptitle(
+        f"{a} vs {b2}: {a} on {result['share']:.0%} of {result['users']} users, "
+        f"{len(result['seeds'])} seeds"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -340,9 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         help="the JSON (default: benchmarks/results/bias.json; with --run, "
-        "<home>/reports/bias-<experiment>.json)",
+        "<home>/reports/bias-<experiment>.json); the figure goes beside it (.png)",
     )
+    ap.add_argument("--plot", type=Path, metavar="JSON", help="only draw the figure of a result")
     args = ap.parse_args(argv)
+    if args.plot is not None:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        print(f"wrote {args.plot.with_suffix('.png')}")
+        return 0
     import torch
 
     torch.set_num_threads(1)
@@ -458,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
+    plot(result, args.out.with_suffix(".png"))
     print(f"{a} vs {b}, {a} on {args.share:.0%} of {len(users)} users, {len(seeds)} seeds")
     print(f"{'design':>9} {'estimate':>9} {'truth':>8} {'bias [95% CI]':>24} {'SD':>6} {'RMSE':>6}")
     for design, s in result["designs"].items():
@@ -467,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{bi['mean'] * 100:>+7.1f} [{bi['lo'] * 100:+.1f}, {bi['hi'] * 100:+.1f}] pts "
             f"{s['estimate_sd'] * 100:>5.1f} {s['rmse'] * 100:>5.1f}"
         )
-    _say(f"wrote {args.out} in {result['wall_s']:.0f} s")
+    _say(f"wrote {args.out} and its figure (.png) in {result['wall_s']:.0f} s")
     return 0
 
 

@@ -3,6 +3,8 @@ design routes where, what each learning arm's lake receives, and the weights."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks.bias import (
@@ -11,6 +13,7 @@ from benchmarks.bias import (
     assign,
     everyone,
     interval,
+    main,
     summarise,
     training_rows,
     user_clusters,
@@ -79,7 +82,7 @@ def test_a_users_cluster_is_the_genre_its_history_holds_most():
     assert got == {10: "Drama", 11: "Comedy", 12: "Comedy", 13: "-", 14: "-"}
 
 
-def test_the_summary_reports_bias_against_the_truth_with_its_interval():
+def test_the_summary_reports_bias_against_the_truth_with_its_interval(tmp_path):
     runs = {
         "pooled": [
             {"estimate": {"all": e}, "truth": {"all": t}}
@@ -98,6 +101,14 @@ def test_the_summary_reports_bias_against_the_truth_with_its_interval():
     assert s["pooled"]["rmse"] > s["own-arm"]["rmse"]
     ci = interval([1.0, 1.0])
     assert ci["mean"] == 1.0 and ci["lo"] == ci["hi"] == 1.0
+    # The figure is drawn from the result alone (--plot re-draws it from the JSON).
+    result = {"designs": s, "runs": runs, "arms": {"a": "online", "b": "control"},
+              "share": 0.25, "users": 10, "seeds": [0, 1, 2, 3, 4]}  # fmt: skip
+    path = tmp_path / "bias.json"
+    path.write_text(json.dumps(result))
+    assert main(["--plot", str(path)]) == 0
+    png = path.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
 def _run_file(tmp_path, arms: str) -> object:
