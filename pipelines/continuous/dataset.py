@@ -63,71 +63,66 @@ def engine(name: str) -> str:
     return "ray" if ray is not None and ray.is_initialized() else "local"
 
 
+@dataclass(frozen=True)
+class RoundQuery:
+    """What a round reads of its commits: the sessions that the data ``policy``
+    (``arm``'s own, or every arm's: ``policy_sessions``) and the quality bar keep, as
+    examples for a model of these sizes, weighted by the arm that served them when
+    ``weights`` are given (``policy_weights``). ``context(high-quality session rows)``
+    returns the row builder of a context model; ``policy_rows``: also return the
+    policy's sessions (whole rows, in commit order)."""
+
+    arm: str
+    policy: str
+    min_clicks: int
+    min_watch_s: float
+    item_ids: Sequence[int]
+    max_history: int
+    session_len: int
+    holdout_fraction: float
+    context: Callable[[list[dict]], Callable[[dict, list[int]], list[int]]] | None = None
+    policy_rows: bool = False
+    weights: dict[str, float] | None = None
+
+
 def round_data(
     lake: Lake,
     entries: Sequence[Entry],
+    q: RoundQuery,
     *,
-    arm: str,
-    policy: str,
-    min_clicks: int,
-    min_watch_s: float,
-    item_ids: Sequence[int],
-    max_history: int,
-    session_len: int,
-    holdout_fraction: float,
-    context: Callable[[list[dict]], Callable[[dict, list[int]], list[int]]] | None = None,
-    policy_rows: bool = False,
-    weights: dict[str, float] | None = None,
     data_engine: str = "auto",
     cpus: float = 0.1,
     resources: dict[str, float] | None = None,
     tasks: int = 2,
     timeout_s: float = 60.0,
 ) -> RoundData:
-    """The examples of ``entries``' sessions that the data ``policy`` (``arm``'s own, or
-    every arm's: ``policy_sessions``) and the quality bar keep, weighted by the arm
-    that served them when ``weights`` are given (``policy_weights``). ``context(high-quality session
-    rows)`` returns the row builder of a context model; ``policy_rows``: also return the
-    policy's sessions (whole rows, in commit order). Ray Data's tasks hold ``cpus`` and
-    ``resources`` each (the train workers' custom resources: they run on train nodes),
-    at most ``tasks`` at once per step.
+    """The examples ``q`` asks for of ``entries``' sessions. Ray Data's tasks hold
+    ``cpus`` and ``resources`` each (the train workers' custom resources: they run on
+    train nodes), at most ``tasks`` at once per step.
 
     With ``data_engine`` "auto", a round whose Ray Data tasks cannot run (no free share
     of the cluster for one, or an execution without progress for ``timeout_s``) reads
     in process instead and says why in ``RoundData.fallback``; with "ray" it raises."""
+    check_policy(q.policy)
     kind = engine(data_engine)
     fallback = None
     if kind == "ray":
         remote = _remote(cpus, resources, tasks)
         try:
             no_room(cpus, resources)
-            return _ray_round_data(
-                lake,
-                entries,
-                arm=arm,
-                policy=policy,
-                weights=weights,
-                min_clicks=min_clicks,
-                min_watch_s=min_watch_s,
-                item_ids=item_ids,
-                max_history=max_history,
-                session_len=session_len,
-                holdout_fraction=holdout_fraction,
-                context=context,
-                policy_rows=policy_rows,
-                remote=remote,
-                timeout_s=timeout_s,
-            )
+            return _ray_round_data(lake, entries, q, remote, timeout_s)
         except Exception as exc:  # the loop goes on; the record says how it read
             if data_engine == "ray":
                 raise
             fallback = f"Ray Data: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     rows = lake.read(SESSIONS, entries, columns=SESSION_COLUMNS).to_pylist()
-    mine = policy_sessions(rows, arm, policy)
-    hq = quality_sessions(mine, min_clicks, min_watch_s)
-    build = context(hq) if context is not None else None
-    ex = build_examples(hq, item_ids, max_history, session_len, holdout_fraction, build, weights)
-    return RoundData(ex, mine if policy_rows else None, "local", fallback)
+    mine = policy_sessions(rows, q.arm, q.policy)
+    hq = quality_sessions(mine, q.min_clicks, q.min_watch_s)
+    build = q.context(hq) if q.context is not None else None
+    ex = build_examples(
+        hq, q.item_ids, q.max_history, q.session_len, q.holdout_fraction, build, q.weights
+    )
+    return RoundData(ex, mine if q.policy_rows else None, "local", fallback)
 
 
 def _remote(cpus: float, resources: dict[str, float] | None, tasks: int) -> dict[str, Any]:
@@ -267,30 +262,15 @@ def _sessions(lake: Lake, entries: Sequence[Entry], where: Any, remote: dict[str
 
 
 def _ray_round_data(
-    lake: Lake,
-    entries: Sequence[Entry],
-    *,
-    arm: str,
-    policy: str,
-    min_clicks: int,
-    min_watch_s: float,
-    item_ids: Sequence[int],
-    max_history: int,
-    session_len: int,
-    holdout_fraction: float,
-    context: Callable[[list[dict]], Callable[[dict, list[int]], list[int]]] | None,
-    policy_rows: bool,
-    weights: dict[str, float] | None,
-    remote: dict[str, Any],
-    timeout_s: float,
+    lake: Lake, entries: Sequence[Entry], q: RoundQuery, remote: dict[str, Any], timeout_s: float
 ) -> RoundData:
     import ray
 
     _quiet(ray, timeout_s)
-    own = None if check_policy(policy) != "own-arm" else pc.field("arm") == arm
-    quality = _quality(min_clicks, min_watch_s)
-    mine = [] if policy_rows else None
-    if policy_rows:  # the policy's sessions whole, in commit order (the reward model's)
+    own = None if q.policy != "own-arm" else pc.field("arm") == q.arm
+    quality = _quality(q.min_clicks, q.min_watch_s)
+    mine = [] if q.policy_rows else None
+    if q.policy_rows:  # the policy's sessions whole, in commit order (the reward model's)
         ds = _sessions(lake, entries, own, remote)
         table = _collect(ds) if ds is not None else pa.table({})
         if table.num_rows:
@@ -301,13 +281,15 @@ def _ray_round_data(
     if ds is not None:
         examples = ds.map_batches(
             to_examples,
-            fn_kwargs={"item_ids": [int(i) for i in item_ids], "session_len": session_len},
+            fn_kwargs={"item_ids": [int(i) for i in q.item_ids], "session_len": q.session_len},
             batch_format="pyarrow",
             **remote,
         )
         rows = sorted(_collect(examples).to_pylist(), key=example_order)
-    build = context(rows) if context is not None else None
-    ex = assemble_examples(rows, rows, max_history, session_len, holdout_fraction, build, weights)
+    build = q.context(rows) if q.context is not None else None
+    ex = assemble_examples(
+        rows, rows, q.max_history, q.session_len, q.holdout_fraction, build, q.weights
+    )
     return RoundData(ex, mine, "ray")
 
 

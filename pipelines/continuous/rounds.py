@@ -28,7 +28,7 @@ from pipelines.continuous.data import (
     round_context,
     select_entries,
 )
-from pipelines.continuous.dataset import round_data
+from pipelines.continuous.dataset import RoundQuery, round_data
 from pipelines.continuous.state import (
     FAULT_ENV,
     KEEP_ROUND_DIRS,
@@ -227,12 +227,9 @@ def _run_round(
         item_ids = base.meta.get("item_ids") or list(range(1, base.tokenizer.num_items + 1))
         mc = base.model.cfg
         t_read = time.monotonic()
-        data = round_data(
-            lake,
-            entries,
+        query = RoundQuery(
             arm=arm,
             policy=policy,
-            weights=weights,
             min_clicks=tc.min_clicks,
             min_watch_s=tc.min_watch_s,
             item_ids=item_ids,
@@ -243,6 +240,12 @@ def _run_round(
             if mc.context_width
             else None,
             policy_rows=tc.dpo,
+            weights=weights,
+        )
+        data = round_data(
+            lake,
+            entries,
+            query,
             data_engine=tc.data_engine,
             cpus=tc.data_cpus,
             resources=tc.worker_resources,

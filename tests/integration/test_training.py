@@ -263,14 +263,14 @@ def test_a_rounds_data_through_ray_data_equals_the_in_process_reference(
     slice and policy rows of the in-process reference, for a few commits and for all."""
     import torch
 
-    from pipelines.continuous.dataset import NoRoom, round_data
+    from pipelines.continuous.dataset import NoRoom, RoundQuery, round_data
 
     cfg = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "home")
     meta = json.loads((synthetic_checkpoints[0] / "config.json").read_text())
     lake = Lake(cfg.lake_dir)
     entries = lake.entries()
     for chosen in (entries[:1], entries[1:], entries):
-        kw = dict(
+        q = RoundQuery(
             arm=ARM,
             policy="own-arm",
             min_clicks=2,
@@ -281,8 +281,8 @@ def test_a_rounds_data_through_ray_data_equals_the_in_process_reference(
             holdout_fraction=0.2,
             policy_rows=True,
         )
-        ray_data = round_data(lake, chosen, data_engine="ray", **kw)
-        local = round_data(lake, chosen, data_engine="local", **kw)
+        ray_data = round_data(lake, chosen, q, data_engine="ray")
+        local = round_data(lake, chosen, q, data_engine="local")
         assert ray_data.engine == "ray" and local.engine == "local"
         a, b = ray_data.examples, local.examples
         assert len(a) == len(b) > 10
@@ -293,9 +293,9 @@ def test_a_rounds_data_through_ray_data_equals_the_in_process_reference(
         assert {r["arm"] for r in ray_data.policy_rows} == {ARM}
     # pooled and weighted: every arm's sessions; weighted, each example weighs its arm's
     for policy, w in (("pooled", None), ("weighted", {ARM: 0.5, "control": 2.0})):
-        pkw = {**kw, "policy": policy, "weights": w}
-        both = round_data(lake, entries, **pkw, data_engine="ray")
-        ref = round_data(lake, entries, **pkw, data_engine="local")
+        pq = dataclasses.replace(q, policy=policy, weights=w)
+        both = round_data(lake, entries, pq, data_engine="ray")
+        ref = round_data(lake, entries, pq, data_engine="local")
         assert len(both.policy_rows) == sum(e.counts["sessions"] for e in entries)
         assert both.policy_rows == ref.policy_rows
         assert torch.equal(both.examples.targets, ref.examples.targets)
@@ -304,8 +304,8 @@ def test_a_rounds_data_through_ray_data_equals_the_in_process_reference(
             assert set(both.examples.weight.tolist()) == {0.5, 2.0}
     # No free share of the cluster for a task: "auto" reads in process and says why
     # (the loop goes on), "ray" refuses.
-    crowded = round_data(lake, entries, **kw, data_engine="auto", cpus=1000.0)
+    crowded = round_data(lake, entries, q, data_engine="auto", cpus=1000.0)
     assert crowded.engine == "local" and "no free share" in crowded.fallback
     assert torch.equal(crowded.examples.targets, local.examples.targets)
     with pytest.raises(NoRoom, match="no free share"):
-        round_data(lake, entries, **kw, data_engine="ray", cpus=1000.0)
+        round_data(lake, entries, q, data_engine="ray", cpus=1000.0)
