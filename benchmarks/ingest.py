@@ -313,7 +313,9 @@ def group_lag(admin: Any, bootstrap: str, group: str, topics: list[str]) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sessions", type=int, default=4000, help="backlog sessions")
+    ap.add_argument(
+        "--sessions", type=int, default=20000, help="backlog sessions (11 records each)"
+    )
     ap.add_argument("--rate", type=float, default=60.0, help="live sessions per second")
     ap.add_argument("--live-s", type=float, default=60.0)
     ap.add_argument(
