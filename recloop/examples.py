@@ -5,6 +5,7 @@ module, not the training code."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -59,9 +60,7 @@ def arm_weights(arms: Sequence[str | None]) -> dict[str, float]:
     so every arm's sessions weigh as much in total and the mean weight is one
     (``n / (k * n_arm)`` for ``k`` arms among ``n`` sessions): in the spirit of Si (2023),
     the data of a 25/75 test counts as if the split were even."""
-    counts: dict[str, int] = {}
-    for a in arms:
-        counts[str(a)] = counts.get(str(a), 0) + 1
+    counts = Counter(str(a) for a in arms)
     n, k = sum(counts.values()), len(counts)
     return {a: n / (k * c) for a, c in sorted(counts.items())}
 

@@ -149,7 +149,6 @@ def recount_round(
         "clicks": round(float(clicks.sum())),
         "most_clicked": top,
         "commits": len(new),
-        "pooled": policy != "own-arm",
         "data_policy": policy,
         "arm_weights": weights,
         "newest_event_ms": _newest(mine, "event_time_ms"),

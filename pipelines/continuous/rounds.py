@@ -271,7 +271,6 @@ def _run_round(
             "newest_record_ts_ms": _newest(rows, "record_ts_ms"),
             "commits": len(entries),
             "capped": capped,
-            "pooled": policy != "own-arm",
             "data_policy": policy,
             "arm_weights": weights,
         }
@@ -460,8 +459,9 @@ def _finish_round(cfg, state, ip, ex, base, base_dir, item_ids, progress, promot
             "examples": info["examples"],
             "train_examples": info["train_examples"],
             "holdout_examples": info["holdout_examples"],
-            "pooled": info["pooled"],
-            "data_policy": info.get("data_policy", "pooled" if info["pooled"] else "own-arm"),
+            # a round begun before data policies were named recorded "pooled" instead
+            "data_policy": info.get("data_policy")
+            or ("pooled" if info.get("pooled") else "own-arm"),
             "arm_weights": info.get("arm_weights"),
             "history": st["epochs"],
             "attempts": st["attempts"],

@@ -129,20 +129,13 @@ def test_a_run_files_two_arms_are_what_the_bias_run_compares(tmp_path):
         "    - {name: learner, share: 0.8, learning: online}\n",
     )
     assert run_arms(two) == (("frozen", "learner"), 0.2, {"frozen": False, "learner": True})
-    three = _run_file(
-        tmp_path,
-        "    - {name: a, share: 0.5, learning: online}\n"
+    refused = {
+        "two arms, not 3": "    - {name: a, share: 0.5, learning: online}\n"
         "    - {name: b, share: 0.25}\n    - {name: c, share: 0.25}\n",
-    )
-    with pytest.raises(SystemExit, match="two arms, not 3"):
-        run_arms(three)
-    pop = _run_file(
-        tmp_path,
-        "    - {name: a, share: 0.5, learning: online}\n"
+        "seed-model arms with beam scoring": "    - {name: a, share: 0.5, learning: online}\n"
         "    - {name: pop, share: 0.5, model: popularity, learning: online}\n",
-    )
-    with pytest.raises(SystemExit, match="seed-model arms with beam scoring"):
-        run_arms(pop)
-    frozen = _run_file(tmp_path, "    - {name: a, share: 0.5}\n    - {name: b, share: 0.5}\n")
-    with pytest.raises(SystemExit, match="no arm learns"):
-        run_arms(frozen)
+        "no arm learns": "    - {name: a, share: 0.5}\n    - {name: b, share: 0.5}\n",
+    }
+    for reason, arms in refused.items():
+        with pytest.raises(SystemExit, match=reason):
+            run_arms(_run_file(tmp_path, arms))

@@ -978,7 +978,7 @@ def test_weighted_rounds_record_their_weights_and_popularity_counts_them(base_ck
     cfg, _ = _stack(tmp_path, base_ckpt, min_sessions=10)
     _traffic(Lake(cfg.lake_dir), "ing-0", 1, 0, 30)
     rec = ct.run_round(cfg, promote=ct.promote_registry, policy="weighted")
-    assert rec["data_policy"] == "weighted" and rec["pooled"] and rec["policy_sessions"] == 30
+    assert rec["data_policy"] == "weighted" and rec["policy_sessions"] == rec["sessions"] == 30
     assert rec["arm_weights"] == {"control": 2.5, "online": 0.625}  # 30/(2*6), 30/(2*24)
     assert rec["status"] in ("promoted", "rejected")
     pcfg = load_config(
