@@ -219,8 +219,21 @@ def main(argv: list[str] | None = None) -> int:
         # other member, and come back when it is started again.
         killed: dict[str, Any] = {}
 
+        def consumed() -> int:
+            """Records the ingestors have read so far (0 while they are starting)."""
+            try:
+                actors = ingest_actors.running_actors(cfg).values()
+                return sum(ray.get(a.stats.remote(), timeout=10)["records"] for a in actors)
+            except Exception:
+                return 0
+
         def kill_one() -> None:
-            time.sleep(12.0)
+            # Mid-traffic, not mid-start-up: on a slow machine a fixed delay fell inside
+            # the deployment, before the victim had even been placed on its node.
+            deadline = time.monotonic() + 600
+            while consumed() < 200 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            killed["after_records"] = consumed()
             victim = ray.get_actor(ingest_actors.actor_name(1))
             ray.kill(victim, no_restart=True)
             killed["at"] = time.time()
@@ -234,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = simulate(cfg, cfg.serve.experiment, _say, deploy=True, learn=False)
         killer.join(timeout=60)
         result["killed_ingestor"] = "restarted" in killed
+        result["killed_after_records"] = killed.get("after_records")
         result["simulation"] = {k: manifest["totals"][k] for k in ("sessions", "failed")}
         result["impressions_pending"] = manifest["impressions_pending"]
         result["impressions"] = manifest["service"].get("impressions", {})

@@ -51,6 +51,7 @@ def test_each_part_runs_on_its_own_node_and_nothing_is_lost_or_doubled(
     # the kill of one ingestor and its restart.
     sim = r["simulation"]
     assert sim["failed"] == 0 and r["killed_ingestor"]
+    assert r["killed_after_records"] >= 200, r["killed_after_records"]  # killed mid-traffic
     assert r["impressions_pending"] == 0 and r["impressions"].get("dropped") == 0
     lake = r["lake"]
     assert lake["sessions"] == lake["distinct"] == sim["sessions"], lake
