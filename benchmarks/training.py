@@ -194,6 +194,52 @@ def warm_vs_bare(cfg: Any, round_no: int, repeats: int = 3) -> dict[str, Any] | 
     return out
 
 
+def read_paths(cfg: Any, rounds: list[dict], seed: Path, repeats: int = 5) -> dict[str, Any]:
+    """A round's read by Ray Data and in process, alternately, on the same commits (the
+    last ``repeats`` windows of the rounds' median commit count) on the run's cluster,
+    its serving replicas still up: what ``train.data_engine: auto`` chooses between."""
+    import ray
+
+    from pipelines.continuous.dataset import RoundQuery, round_data
+    from recloop.lake import Lake
+
+    commits = _median([r.get("commits") for r in rounds if r.get("examples")])
+    lake = Lake(cfg.lake_dir)
+    entries = lake.entries()
+    if not commits or len(entries) < commits:
+        return {}
+    n = int(commits)
+    meta = json.loads((seed / "config.json").read_text())
+    tc, mc = cfg.train, meta["model"]
+    q = RoundQuery(
+        arm=tc.arm,
+        policy="own-arm",
+        min_clicks=tc.min_clicks,
+        min_watch_s=tc.min_watch_s,
+        item_ids=meta["item_ids"],
+        max_history=mc["max_history"],
+        session_len=mc["session_len"],
+        holdout_fraction=tc.holdout_fraction,
+    )
+    times: dict[str, list[float]] = {"ray": [], "local": []}
+    for k in range(1, repeats + 1):
+        window = entries[len(entries) - k * n : len(entries) - (k - 1) * n]
+        for eng in times:
+            t0 = time.perf_counter()
+            round_data(lake, window, q, data_engine=eng, cpus=tc.data_cpus, tasks=tc.data_tasks)
+            times[eng].append(round(time.perf_counter() - t0, 4))
+    ray_s, local_s = _median(times["ray"]), _median(times["local"])
+    return {
+        "commits_per_read": n,
+        "ray_s": times["ray"],
+        "local_s": times["local"],
+        "ray_s_median": ray_s,
+        "local_s_median": local_s,
+        "ray_vs_local": round(ray_s / local_s, 2) if ray_s and local_s else None,
+        "nodes": sum(1 for node in ray.nodes() if node.get("Alive")),
+    }
+
+
 def _median(values: list[float]) -> float | None:
     v = sorted(x for x in values if x is not None)
     return v[len(v) // 2] if v else None
@@ -384,6 +430,8 @@ def main() -> int:
             for i in range(cfg.ingest.consumers)
         ]
         stop_actors(cfg, _say)
+        out["read_paths"] = read_paths(cfg, rounds, seed)
+        _say(f"a round's read, Ray Data vs in process: {json.dumps(out['read_paths'])}")
         trained = [r for r in rounds if r.get("examples")]
         if trained and cfg.train.workers <= 1:  # the warm trainer against a bare loop
             out["warm_vs_bare"] = warm_vs_bare(cfg, trained[-1]["round"])
@@ -394,7 +442,7 @@ def main() -> int:
         shutil.rmtree(home, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))
-    keys = ("round_summary_by_arm", "warm_vs_bare", "feedback_to_serving")
+    keys = ("round_summary_by_arm", "warm_vs_bare", "feedback_to_serving", "read_paths")
     print(json.dumps(out.get("oracle_by_tenth", {}).get("last_tenth_swt")))
     print(json.dumps({k: out.get(k) for k in keys}, indent=2, default=str))
     return 0

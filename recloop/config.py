@@ -325,7 +325,8 @@ class TrainLoopConfig:
     reward_weighting: str = "watch"
     # How a round reads its sessions and maps them to examples: "ray", Ray Data tasks
     # over the sessions Delta table (any node of a cluster); "local", in the round's
-    # process; "auto", Ray Data when the process is connected to Ray (the trainer actor).
+    # process; "auto", Ray Data when the process is connected to a Ray cluster of more
+    # than one node (on one node its tasks share the round's cores: start-up, no gain).
     data_engine: str = "auto"
     data_cpus: float = 0.1  # each Ray Data task's CPU share (it only schedules)
     # Ray Data tasks at once per step of a round's dataset: each new one may start a

@@ -131,7 +131,8 @@ def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
     from recloop import train_state as ts
     from recloop.registry import open_registry
 
-    cfg = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "home")
+    # Ray Data forced: on this one-node cluster "auto" reads in process
+    cfg = _setup(ray_driver, synthetic_checkpoints[0], tmp_path / "home", data_engine="ray")
     reg = open_registry(cfg)
     # rank 0 calls os._exit(1) once the checkpoint of step >= 3 is registered
     monkeypatch.setenv(ct.FAULT_ENV, "exit:3")
@@ -165,7 +166,7 @@ def test_a_round_killed_mid_training_resumes_then_publishes_and_promotes(
     # checks the per-example counts): nothing skipped, nothing repeated
     assert rec["trained_examples"] == rec["train_examples"] * cfg.train.epochs
     assert 0 < rec["hq_sessions"] < rec["policy_sessions"] < rec["sessions"]  # policy, quality
-    assert rec["data_engine"] == "ray"  # the driver is connected: Ray Data read the round
+    assert rec["data_engine"] == "ray" and rec["data_fallback"] is None  # Ray Data read it
     # published and promoted; its meta says what it learned from
     assert rec["status"] == "promoted" and rec["promoted"], rec["gate"]
     assert rec["version"] in reg.versions(ARM) and reg.current(ARM) == rec["version"]
@@ -232,7 +233,7 @@ def test_the_warm_trainer_actor_killed_mid_round_resumes_exactly(
         resumed_s = time.monotonic() - started
         assert rec["status"] == "promoted" and rec["run"] == ip["run"], rec.get("gate")
         assert rec["resumed_from_step"] >= 3 and rec["workers"] == 1
-        assert rec["data_engine"] == full["data_engine"] == "ray"
+        assert rec["data_engine"] == full["data_engine"] == "local"  # "auto" on one node
         assert rec["trained_examples"] == full["trained_examples"]
         reg = open_registry(cfg)
         fetched = open_registry(straight).fetch(ARM, full["version"])
@@ -256,7 +257,7 @@ def test_the_warm_trainer_actor_killed_mid_round_resumes_exactly(
 
 
 def test_a_rounds_data_through_ray_data_equals_the_in_process_reference(
-    ray_driver, synthetic_checkpoints, tmp_path
+    ray_driver, synthetic_checkpoints, tmp_path, monkeypatch
 ):
     """Ray Data's path (the sessions Delta table read, filtered by commit, data policy and
     quality, and mapped to examples in Ray tasks) gives exactly the examples, held-out
@@ -302,8 +303,12 @@ def test_a_rounds_data_through_ray_data_equals_the_in_process_reference(
         if w is not None:
             assert torch.equal(both.examples.weight, ref.examples.weight)
             assert set(both.examples.weight.tolist()) == {0.5, 2.0}
-    # No free share of the cluster for a task: "auto" reads in process and says why
-    # (the loop goes on), "ray" refuses.
+    # No free share of the cluster for a task: "auto" (as on a cluster of several nodes,
+    # where it picks Ray Data) reads in process and says why (the loop goes on), "ray"
+    # refuses.
+    from pipelines.continuous import dataset
+
+    monkeypatch.setattr(dataset, "engine", lambda name: "local" if name == "local" else "ray")
     crowded = round_data(lake, entries, q, data_engine="auto", cpus=1000.0)
     assert crowded.engine == "local" and "no free share" in crowded.fallback
     assert torch.equal(crowded.examples.targets, local.examples.targets)

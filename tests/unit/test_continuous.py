@@ -998,18 +998,31 @@ def test_weighted_rounds_record_their_weights_and_popularity_counts_them(base_ck
     assert scores[1].item() == pytest.approx(4.0) and scores[2].item() == pytest.approx(4.0)
 
 
-def test_a_round_reads_through_ray_data_only_when_its_process_is_connected(monkeypatch):
-    """``train.data_engine: auto``: Ray Data in a trainer actor or a connected driver,
-    in process in a plain one (never a Ray started behind the user's back)."""
+def test_a_round_reads_through_ray_data_only_on_a_cluster_of_several_nodes(monkeypatch):
+    """``train.data_engine: auto``: Ray Data in a trainer actor or a connected driver of
+    a cluster of more than one node; in process on one node (its tasks would share the
+    round's cores), when the head does not answer, and in a plain process (never a Ray
+    started behind the user's back)."""
     import sys
     import types
 
     from pipelines.continuous.dataset import engine
 
     assert engine("local") == "local" and engine("ray") == "ray"
-    connected = types.SimpleNamespace(is_initialized=lambda: True)
+    alive, dead = {"Alive": True}, {"Alive": False}
+    connected = types.SimpleNamespace(is_initialized=lambda: True, nodes=lambda: [alive] * 3)
     monkeypatch.setitem(sys.modules, "ray", connected)
     assert engine("auto") == "ray"
+    connected.nodes = lambda: [alive, dead]
+    assert engine("auto") == "local"
+
+    def away() -> list:
+        raise ConnectionError("GCS unreachable")
+
+    connected.nodes = away
+    assert engine("auto") == "local"
+    connected.nodes = lambda: [alive] * 2
+    assert engine("auto") == "ray" and engine("ray") == "ray" and engine("local") == "local"
     connected.is_initialized = lambda: False
     assert engine("auto") == "local"
     monkeypatch.delitem(sys.modules, "ray")
