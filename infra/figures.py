@@ -1868,8 +1868,25 @@ def training(t: Data) -> str:
             f"{hq:.0f} sessions each waits for, so the serving version's newest feedback, "
             f"sampled every 10 s, was p50 {num(t['feedback_to_serving', 'p50_s'], 0)} s old. "
             f"The popularity arm recounted {popularity['decided']} times (median "
-            f"{num(popularity['round_s_median'])} s a round).",
+            f"{num(popularity['round_s_median'])} s a round).{_read_paths(t)}",
         ),
+    )
+
+
+def _read_paths(t: Data) -> str:
+    """The same-run comparison of a round's read by Ray Data and in process (runs
+    before it was measured say nothing)."""
+    rp = t.get("read_paths")
+    if not rp:
+        return ""
+    nodes = "one node" if rp["nodes"] == 1 else f"{rp['nodes']} nodes"
+    return (
+        f" After the traffic, a round's read of {rp['commits_per_read']} commits (the "
+        f"rounds' median) on the run's cluster ({nodes}, serving still up): in process "
+        f"{num(rp['local_s_median'], 2)} s, through Ray Data {num(rp['ray_s_median'], 2)} s "
+        f"(medians of {word(len(rp['ray_s']))}, alternately; the first Ray Data read "
+        f"{num(rp['ray_s'][0], 1)} s, its workers starting), which is why "
+        "`train.data_engine: auto` reads in process on one node."
     )
 
 
