@@ -50,8 +50,9 @@ import os
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -129,6 +130,9 @@ class Ingestor:
         self.on_freshness: Callable[[list[float]], None] | None = None
         self.flush_s: deque[float] = deque(maxlen=1000)
         self.flush_records: deque[int] = deque(maxlen=1000)
+        # Seconds spent in each phase of the work (poll, fold, and the flush's steps):
+        # where an ingestor's time goes, in its stats and the ingest benchmark.
+        self.phase_s: Counter[str] = Counter()
         self.retired = Counters()  # counters of partitions given away
         self.last_lag: dict[str, int] = {}
         self._unpushed: list[int] = []  # newest record time of committed, unpushed sessions
@@ -153,6 +157,14 @@ class Ingestor:
         self._fatal: str | None = None
         self._crash = self._parse_crash(os.environ.get(CRASH_ENV))
         self._crash_seen: dict[str, int] = {}
+
+    @contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_s[phase] += time.perf_counter() - t
 
     def _remove_uncommitted_state(self) -> None:
         """State files of this writer newer than its last commit (a crash before it)."""
@@ -496,6 +508,7 @@ class Ingestor:
         # dead-lettered ones included, so they are not read again).
         consumer = self._consumer
         positions: dict[int, dict[str, int]] = {}
+        t_close = time.perf_counter()
         if consumer is not None:
             for tp in consumer.assignment():
                 if tp.partition in self.states and (pos := consumer.position(tp)) is not None:
@@ -510,6 +523,7 @@ class Ingestor:
             self.orphans.extend(orphans)
             if closed or orphans:
                 self.changed.add(p)
+        self.phase_s["flush:close"] += time.perf_counter() - t_close
         entry = None
         if self.changed or self.outbox or self.orphans:
             entry = self._commit_lake(positions)
@@ -520,7 +534,8 @@ class Ingestor:
             if lagging
             else self.ic.batch_events
         )
-        pushed = self._push_pending(wall, push_stats)
+        with self._timed("flush:push"):
+            pushed = self._push_pending(wall, push_stats)
         t1 = time.monotonic()
         if entry is not None:
             self.flushes += 1
@@ -528,7 +543,8 @@ class Ingestor:
             self.flush_records.append(n)
             self._flush_ewma_s = 0.8 * self._flush_ewma_s + 0.2 * (t1 - t0)
             if consumer is not None:
-                self._commit_kafka(entry.partitions)
+                with self._timed("flush:kafka"):
+                    self._commit_kafka(entry.partitions)
             self.last_commit_at, self.tail_s = time.monotonic(), 0.0
         elif pushed:
             self.tail_s += t1 - t0
@@ -539,25 +555,30 @@ class Ingestor:
         state (a delta, or a snapshot) and the offsets, fsynced, then the commit of the
         sessions table that adds the closed sessions and makes all of it count."""
         users: dict[int, list[int]] = {}
-        for p, c in self.outbox:
-            if c.history is None:
-                users.setdefault(c.session.user_id, []).append(p)
-        self._bootstrap_users(users)
-        for p, c in self.outbox:
-            if c.history is None:
-                self.states[p].apply(c)
+        with self._timed("flush:apply"):
+            for p, c in self.outbox:
+                if c.history is None:
+                    users.setdefault(c.session.user_id, []).append(p)
+            self._bootstrap_users(users)
+            for p, c in self.outbox:
+                if c.history is None:
+                    self.states[p].apply(c)
 
         seq = self.seq + 1
         sync: set[Any] = set()
-        sessions = pa.Table.from_pylist([session_row(c) for _, c in self.outbox], SCHEMAS[SESSIONS])
-        orphans = pa.Table.from_pylist(
-            [orphan_row(f, why) for f, why in self.orphans], SCHEMAS[ORPHANS]
-        )
+        with self._timed("flush:rows"):
+            rows = [session_row(c) for _, c in self.outbox]
+            sessions = pa.Table.from_pylist(rows, SCHEMAS[SESSIONS])
+            orphans = pa.Table.from_pylist(
+                [orphan_row(f, why) for f, why in self.orphans], SCHEMAS[ORPHANS]
+            )
         # Sessions wait for the commit point; orphans are appended to their table now
         # (rolled back at the next start unless the commit point lands).
-        files = self.lake.write_files(SESSIONS, sessions, self.writer, seq)
-        files += self.lake.write_files(ORPHANS, orphans, self.writer, seq)
+        with self._timed("flush:files"):
+            files = self.lake.write_files(SESSIONS, sessions, self.writer, seq)
+            files += self.lake.write_files(ORPHANS, orphans, self.writer, seq)
         self._maybe_crash("after-files", sessions.num_rows)
+        t_state = time.perf_counter()
 
         parts: dict[str, dict[str, Any]] = {}
         docs: dict[str, dict[str, Any]] = {}
@@ -582,6 +603,7 @@ class Ingestor:
             write_atomic(self.lake.root / rel, json.dumps(data).encode(), sync)
         for d in sorted(sync):
             fsync_dir(d)
+        self.phase_s["flush:state"] += time.perf_counter() - t_state
         entry = Entry(
             writer=self.writer,
             seq=seq,
@@ -590,7 +612,8 @@ class Ingestor:
             partitions=parts,
             counts={"sessions": sessions.num_rows, "orphans": orphans.num_rows},
         )
-        self.lake.commit(entry)
+        with self._timed("flush:commit"):
+            self.lake.commit(entry)
         self._maybe_crash("after-commit", sessions.num_rows)
 
         # Committed: the in-memory view moves on (the Feast push follows).
@@ -708,6 +731,7 @@ class Ingestor:
             "freshness_p50_ms": _pct(fresh, 0.5),
             "freshness_p99_ms": _pct(fresh, 0.99),
             "flush_p50_s": _pct(list(self.flush_s), 0.5),
+            "phase_s": {k: round(v, 3) for k, v in sorted(self.phase_s.items())},
             "flush_records_p50": _pct([float(n) for n in self.flush_records], 0.5),
             "flush_records_max": max(self.flush_records, default=None),
             "pushes": dict(self.pushes),
@@ -768,7 +792,13 @@ class Ingestor:
         try:
             while not stop.is_set():
                 try:
+                    t_poll = time.perf_counter()
                     records = self._consumer.poll(timeout_ms=200)
+                    # Polls that returned records (fetch and parse), apart from those that
+                    # waited in vain (the group's join, idle spells)
+                    self.phase_s["poll" if records else "poll:empty"] += (
+                        time.perf_counter() - t_poll
+                    )
                 except poll_errors as exc:  # the broker is away: the client reconnects
                     self.last_error = f"poll: {exc!r}"[:500]
                     self.say(f"{self.writer}: poll failed, retrying in {backoff:.0f} s: {exc!r}")
@@ -778,7 +808,8 @@ class Ingestor:
                     continue
                 if self._fatal:
                     raise RuntimeError(self._fatal)
-                self.handle(records)
+                with self._timed("fold"):
+                    self.handle(records)
                 self.caught_up = not self._lagging(len(records))
                 if records:
                     last_record = time.monotonic()

@@ -29,6 +29,8 @@ records are not the next one's backlog).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import platform
@@ -38,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +177,30 @@ def _client_cfg(cfg: Any, client: str, tag: str) -> Any:
     )
 
 
+@contextlib.contextmanager
+def gc_clock() -> Iterator[dict[str, Any]]:
+    """Seconds the cyclic garbage collector ran while the block ran, per generation, and
+    how many collections (``gc.callbacks``)."""
+    out: dict[str, Any] = {"gen0": 0.0, "gen1": 0.0, "gen2": 0.0, "collections": [0, 0, 0]}
+    began: list[float] = []
+
+    def clock(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began.append(time.perf_counter())
+        elif began:
+            gen = info["generation"]
+            out[f"gen{gen}"] += time.perf_counter() - began.pop()
+            out["collections"][gen] += 1
+
+    gc.callbacks.append(clock)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(clock)
+        for g in range(3):
+            out[f"gen{g}"] = round(out[f"gen{g}"], 3)
+
+
 def backlog_run(cfg: Any, client: str, tag: str) -> dict[str, Any]:
     """One drain of the backlog by the ingestor of ``client`` (a lake and consumer group
     of its own, named by ``tag``)."""
@@ -184,7 +211,8 @@ def backlog_run(cfg: Any, client: str, tag: str) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     ing = Ingestor(cfg, 0, _say)
     started = time.perf_counter()
-    stats = ing.run(until_idle_s=2.0, progress_s=5.0)
+    with gc_clock() as gc_s:
+        stats = ing.run(until_idle_s=2.0, progress_s=5.0)
     wall_s = time.perf_counter() - started
     work_s = stats["work_s"]
     rows = Lake(cfg.lake_dir).read("sessions", columns=["event_id"]).num_rows
@@ -200,6 +228,11 @@ def backlog_run(cfg: Any, client: str, tag: str) -> dict[str, Any]:
         "flush_records_p50": stats["flush_records_p50"],
         "flush_records_max": stats["flush_records_max"],
         "pushes": stats["pushes"],
+        # Where the drain's time went: poll (fetch + parse), fold (sessions assembled),
+        # and each step of the flushes.
+        "phase_s": stats["phase_s"],
+        # The cyclic collector's time during the run (in any phase), per generation.
+        "gc_s": gc_s,
         "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
@@ -317,10 +350,11 @@ def main() -> int:
         "--sessions", type=int, default=20000, help="backlog sessions (11 records each)"
     )
     ap.add_argument("--rate", type=float, default=60.0, help="live sessions per second")
-    ap.add_argument("--live-s", type=float, default=60.0)
+    ap.add_argument("--live-s", type=float, default=60.0, help="0: the backlog alone")
     ap.add_argument(
         "--clients", default="kafka-python,confluent", help="Kafka clients to measure (comma)"
     )
+    ap.add_argument("--runs", type=int, default=RUNS, help="bare reads and drains per client")
     ap.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
     args = ap.parse_args()
 
@@ -358,19 +392,19 @@ def main() -> int:
 
         raws: dict[str, list[float]] = {c: [] for c in clients}
         runs: dict[str, list[dict]] = {c: [] for c in clients}
-        for i in range(RUNS):  # interleaved: each drain right after its bare read
+        for i in range(args.runs):  # interleaved: each drain right after its bare read
             for c in clients:
                 raws[c].append(raw_read(boot, list(TOPICS), records, c))
                 runs[c].append(backlog_run(cfg, c, f"backlog{i}"))
                 _say(
-                    f"backlog ({c}, run {i + 1}/{RUNS}): bare {records / raws[c][-1]:,.0f} "
+                    f"backlog ({c}, run {i + 1}/{args.runs}): bare {records / raws[c][-1]:,.0f} "
                     f"records/s, ingestor {runs[c][-1]['records_per_s']:,.0f} records/s"
                 )
         out["backlog"] = {c: backlog(c, records, raws[c], runs[c]) for c in clients}
         for c in clients:
             _say(f"backlog ({c}): {json.dumps(out['backlog'][c])}")
         out["live"] = {}
-        for k, c in enumerate(clients):
+        for k, c in enumerate(clients if args.live_s > 0 else []):  # 0: backlog only
             out["live"][c] = live(cfg, c, args.rate, args.live_s, seed=1 + k)
             _say(f"live ({c}): {json.dumps(out['live'][c])}")
     finally:

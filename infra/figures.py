@@ -868,7 +868,7 @@ def row_ingest(i: Data, short: bool) -> list[str]:
         f"**confluent-kafka: {count(cf['records_per_s'])} records/s** against "
         f"{count(cf['raw_consumer_records_per_s'])} bare (librdkafka has fetched the whole "
         "backlog before the first record is in hand), "
-        f"{ratio(cf['ratio_to_raw_consumer'], 3)}. The drains vary by "
+        f"{ratio(cf['ratio_to_raw_consumer'], 3)}.{_ingest_phases(kp)} The drains vary by "
         f"{ratio(max(runs) / min(runs), 1)} and the bare reads by "
         f"{ratio(max(raw) / min(raw), 1)} within one run on this machine. kafka-python stays "
         f"the default ({faster}). Live at "
@@ -882,6 +882,30 @@ def row_ingest(i: Data, short: bool) -> list[str]:
         f"(p50); committed-offset lag p50 {live['lag_records_p50']} / {cl['lag_records_p50']} "
         "records",
     ]
+
+
+def _ingest_phases(kp: Data) -> str:
+    """Where the median kafka-python drain's time went (runs before the phases were
+    measured say nothing)."""
+    ph = kp.get("phase_s")
+    if not ph:
+        return ""
+    flush = {k.split(":", 1)[1]: ph[k] for k in ph if k.startswith("flush:")}
+    top = sorted(flush, key=lambda k: -flush[k])[:3]
+    gc_s = kp.get("gc_s")
+    collector = (
+        f"; the cyclic collector {num(gc_s['gen0'] + gc_s['gen1'] + gc_s['gen2'], 2)} s of it all"
+        if gc_s
+        else ""
+    )
+    return (
+        f" Where the median kafka-python drain's time went (`phase_s`): polls that "
+        f"returned records (fetch and parse) {num(ph['poll'], 2)} s, folding the "
+        f"records into sessions {num(ph['fold'], 2)} s, flushes "
+        f"{num(sum(flush.values()), 2)} s (most: "
+        + ", ".join(f"{k} {num(flush[k], 2)} s" for k in top)
+        + f"){collector}."
+    )
 
 
 def row_faults(f: Data, short: bool) -> list[str]:

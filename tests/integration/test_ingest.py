@@ -186,6 +186,10 @@ def test_exactly_once_through_crashes(stack: StackConfig, tmp_path: Path, fault_
     orphans = lake.read(ORPHANS).to_pylist()
     assert [o["event_id"] for o in orphans if o["event_id"].startswith(prefix)] == [late.event_id]
     assert stats["open_sessions"] == 0  # the dead letter is checked on its topic below
+    # Where its time went: this last run waited for records, flushed and committed
+    phases = stats["phase_s"]
+    for phase in ("poll:empty", "flush:close", "flush:commit"):
+        assert phases.get(phase, 0) > 0, phases
 
     # The malformed record is in the dead-letter topic with its reason.
     letters, _ = read_range(
