@@ -508,22 +508,21 @@ class Ingestor:
         # dead-lettered ones included, so they are not read again).
         consumer = self._consumer
         positions: dict[int, dict[str, int]] = {}
-        t_close = time.perf_counter()
-        if consumer is not None:
-            for tp in consumer.assignment():
-                if tp.partition in self.states and (pos := consumer.position(tp)) is not None:
-                    positions.setdefault(tp.partition, {})[tp.topic] = pos
-        for p, pos in positions.items():
-            if any(self.states[p].offsets.get(t) != o for t, o in pos.items()):
-                self.changed.add(p)
-        behind = self._behind(wall)
-        for p, st in self.states.items():
-            closed, orphans = st.close_due(wall, caught_up=p not in behind)
-            self.outbox.extend((p, c) for c in closed)
-            self.orphans.extend(orphans)
-            if closed or orphans:
-                self.changed.add(p)
-        self.phase_s["flush:close"] += time.perf_counter() - t_close
+        with self._timed("flush:close"):
+            if consumer is not None:
+                for tp in consumer.assignment():
+                    if tp.partition in self.states and (pos := consumer.position(tp)) is not None:
+                        positions.setdefault(tp.partition, {})[tp.topic] = pos
+            for p, pos in positions.items():
+                if any(self.states[p].offsets.get(t) != o for t, o in pos.items()):
+                    self.changed.add(p)
+            behind = self._behind(wall)
+            for p, st in self.states.items():
+                closed, orphans = st.close_due(wall, caught_up=p not in behind)
+                self.outbox.extend((p, c) for c in closed)
+                self.orphans.extend(orphans)
+                if closed or orphans:
+                    self.changed.add(p)
         entry = None
         if self.changed or self.outbox or self.orphans:
             entry = self._commit_lake(positions)
@@ -578,32 +577,31 @@ class Ingestor:
             files = self.lake.write_files(SESSIONS, sessions, self.writer, seq)
             files += self.lake.write_files(ORPHANS, orphans, self.writer, seq)
         self._maybe_crash("after-files", sessions.num_rows)
-        t_state = time.perf_counter()
 
-        parts: dict[str, dict[str, Any]] = {}
-        docs: dict[str, dict[str, Any]] = {}
-        rel = f"{self.lake.state_dir.name}/{self.writer}-{seq:08d}.json"
-        for p in sorted(self.changed):
-            st = self.states[p]
-            pseq = st.pseq + 1
-            snapshot = pseq == 1 or pseq % self.ic.snapshot_every == 0 or st.force_snapshot
-            doc = st.encode(full=snapshot)
-            doc["pseq"] = pseq
-            doc["offsets"] = {**st.offsets, **positions.get(p, {})}
-            docs[str(p)] = doc
-            parts[str(p)] = {
-                "pseq": pseq,
-                "offsets": doc["offsets"],
-                "state": rel,
-                "snapshot": snapshot,
-                "watermark_ms": st.watermark_ms,
-            }
-        if docs:
-            data = {"writer": self.writer, "seq": seq, "partitions": docs}
-            write_atomic(self.lake.root / rel, json.dumps(data).encode(), sync)
-        for d in sorted(sync):
-            fsync_dir(d)
-        self.phase_s["flush:state"] += time.perf_counter() - t_state
+        with self._timed("flush:state"):
+            parts: dict[str, dict[str, Any]] = {}
+            docs: dict[str, dict[str, Any]] = {}
+            rel = f"{self.lake.state_dir.name}/{self.writer}-{seq:08d}.json"
+            for p in sorted(self.changed):
+                st = self.states[p]
+                pseq = st.pseq + 1
+                snapshot = pseq == 1 or pseq % self.ic.snapshot_every == 0 or st.force_snapshot
+                doc = st.encode(full=snapshot)
+                doc["pseq"] = pseq
+                doc["offsets"] = {**st.offsets, **positions.get(p, {})}
+                docs[str(p)] = doc
+                parts[str(p)] = {
+                    "pseq": pseq,
+                    "offsets": doc["offsets"],
+                    "state": rel,
+                    "snapshot": snapshot,
+                    "watermark_ms": st.watermark_ms,
+                }
+            if docs:
+                data = {"writer": self.writer, "seq": seq, "partitions": docs}
+                write_atomic(self.lake.root / rel, json.dumps(data).encode(), sync)
+            for d in sorted(sync):
+                fsync_dir(d)
         entry = Entry(
             writer=self.writer,
             seq=seq,

@@ -231,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             # Mid-traffic, not mid-start-up: on a slow machine a fixed delay fell inside
             # the deployment, before the victim had even been placed on its node.
             deadline = time.monotonic() + 600
-            while consumed() < 200 and time.monotonic() < deadline:
+            while (read := consumed()) < 200 and time.monotonic() < deadline:
                 time.sleep(0.5)
-            killed["after_records"] = consumed()
+            killed["after_records"] = read
             victim = ray.get_actor(ingest_actors.actor_name(1))
             ray.kill(victim, no_restart=True)
             killed["at"] = time.time()
