@@ -14,9 +14,11 @@ of the experiment), in small batches, and for each one
 2. scores each candidate with the arm's current session reward model (``models.reward``;
    the combination ``dpo.reward_weights`` of its predicted targets, by default the
    predicted session watch time in seconds);
-3. emits ``Preference(chosen = highest reward, rejected = lowest reward)`` with both
-   rewards, the version that generated them (the DPO reference) and the reward model's
-   version to ``recloop.preferences``.
+3. emits up to ``dpo.pairs_per_request`` pairs ``Preference(chosen, rejected)``: the
+   highest reward against the lowest, the second highest against the second lowest, and
+   so on (disjoint pairs, while the rewards differ), each with both rewards, the version
+   that generated them (the DPO reference) and the reward model's version, to
+   ``recloop.preferences``.
 
 Weights: the arm's policy is the registry's current version of the arm, the reward
 model the current version of the pseudo-arm ``<arm>.reward`` (published by the arm's
@@ -92,16 +94,28 @@ class RewardScorer:
         return combine(rewards, self.weights).tolist()
 
 
+def select_pairs(rewards: Sequence[float], k: int = 1) -> list[tuple[int, int]]:
+    """Up to ``k`` disjoint (chosen, rejected) index pairs: the i-th highest reward
+    against the i-th lowest (the first of equal ones first), for i < k and i < n / 2,
+    while the chosen one's reward is above the rejected one's. Empty when every
+    candidate has the same reward (no preference)."""
+    n = len(rewards)
+    best = sorted(range(n), key=lambda i: (-rewards[i], i))
+    worst = sorted(range(n), key=lambda i: (rewards[i], i))
+    out = []
+    for i in range(min(k, n // 2)):
+        hi, lo = best[i], worst[i]
+        if rewards[hi] <= rewards[lo]:
+            break
+        out.append((hi, lo))
+    return out
+
+
 def select_pair(rewards: Sequence[float]) -> tuple[int, int] | None:
     """(chosen, rejected) = indices of the highest and the lowest reward (the first of
     equal ones); None when every candidate has the same reward (no preference)."""
-    if len(rewards) < 2:
-        return None
-    hi = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
-    lo = min(range(len(rewards)), key=lambda i: (rewards[i], i))
-    if rewards[hi] <= rewards[lo]:
-        return None
-    return hi, lo
+    pairs = select_pairs(rewards, 1)
+    return pairs[0] if pairs else None
 
 
 class PreferenceMiner:
@@ -249,20 +263,21 @@ class PreferenceMiner:
                     if items:
                         sessions.append(items)
                 rewards = scorer.score(p["history"], sessions) if len(sessions) >= 2 else []
-                pick = select_pair(rewards)
-                if pick is None:
+                picks = select_pairs(rewards, self.cfg.dpo.pairs_per_request)
+                if not picks:
                     self.counts["no_preference"] += 1
                     continue
-                hi, lo = pick
-                out.append(
+                history = [int(i) for i in p["history"]][-4096:]
+                event_time_ms = int(p.get("event_time_ms") or time.time() * 1000)
+                out.extend(
                     (
                         t,
                         Preference(
-                            event_time_ms=int(p.get("event_time_ms") or time.time() * 1000),
+                            event_time_ms=event_time_ms,
                             request_id=p["request_id"],
                             user_id=int(p["user_id"]),
                             model_version=policy.version,
-                            history=[int(i) for i in p["history"]][-4096:],
+                            history=history,
                             chosen=sessions[hi],
                             rejected=sessions[lo],
                             chosen_reward=float(rewards[hi]),
@@ -272,6 +287,7 @@ class PreferenceMiner:
                             candidates=len(sessions),
                         ),
                     )
+                    for hi, lo in picks
                 )
         return out
 

@@ -9,18 +9,23 @@ for every variant, without the stack:
    history excluded); the hidden user model (``actors/sim``, fitted on MovieLens) answers
    them, and the users' states move on (watched items count as history);
 2. a session reward model (``pipelines/alignment/reward``) is fitted on those logged sessions;
-3. DPO pairs: ``ratio`` × the logged sessions, drawn from the training users at their final
-   state; ``dpo.candidates`` sessions from beam search, ranked by the reward model, best
-   vs worst; reference log p from the seed (the generating version);
+3. DPO pairs: ``ratio`` × the logged sessions are mirrored requests, drawn from the
+   training users at their final state; ``dpo.candidates`` sessions from beam search,
+   ranked by the reward model, give up to ``dpo.pairs_per_request`` pairs each as the
+   sampler mines them (``actors.dpo_sampler.select_pairs``); reference log p from the
+   seed (the generating version). How often a pair's chosen session is the better one
+   by the hidden model's expected watch time (the truth) is reported per rank;
 4. each variant fine-tunes the seed exactly like a training round (``train_worker``, one
    worker, the round's epochs, batch, lr and reward weighting): next-token on the
    high-quality logged sessions, plus the DPO term on the pairs of its ratio (0 = no
-   DPO: the baseline);
+   DPO: the baseline; ``<ratio>/1`` = only the first pair of each request, as the
+   sampler mined before ``pairs_per_request``);
 5. on held-out users (never logged), each variant's top session is scored by the
    reward model and by the hidden model's expected watch time (the ground truth the
    reward model only estimates). Differences to the baseline are paired over users.
 
     .venv/bin/python -m benchmarks.ipa_offline [--ratios 0.01,0.05,0.2] [--steps 4]
+        [--pairs-per-request K] [--candidates N] [--dpo-weight W] [--beta B]
 """
 
 from __future__ import annotations
@@ -64,11 +69,14 @@ def main() -> int:
     ap.add_argument("--beta", type=float)
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pairs-per-request", type=int, help="default: dpo.pairs_per_request")
+    ap.add_argument("--candidates", type=int, help="default: dpo.candidates")
+    ap.add_argument("--dpo-weight", type=float, help="default: dpo.weight")
     ap.add_argument("--out", type=Path, default=RESULTS / "ipa_offline.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from actors.dpo_sampler import RewardScorer, select_pair
+    from actors.dpo_sampler import RewardScorer, select_pairs
     from actors.sim.runfile import SimulationConfig
     from actors.sim.user_model import HiddenUserModel
     from models.reward import RewardConfig
@@ -93,6 +101,9 @@ def main() -> int:
         print("no seed checkpoint: run `recloop pretrain` or pass --checkpoint", file=sys.stderr)
         return 2
     beta = args.beta if args.beta is not None else cfg.dpo.beta
+    per_request = args.pairs_per_request or cfg.dpo.pairs_per_request
+    n_cand = args.candidates or cfg.dpo.candidates
+    dpo_weight = args.dpo_weight if args.dpo_weight is not None else cfg.dpo.weight
     epochs = args.epochs or cfg.train.epochs
     started = time.monotonic()
     data = load(cfg.data)
@@ -162,7 +173,9 @@ def main() -> int:
     from models.beam_search import beam_search
     from recloop.events import Preference
 
-    events = []
+    t_eval = T0 + args.steps * SESSION_GAP_MS
+    requests: list[list[Preference]] = []  # each mirrored request's pairs, best first
+    truth_gaps: dict[int, list[float]] = {}  # by rank: E[watch](chosen) - E[watch](rejected)
     for lo in range(0, n_max, 32):
         part = pair_users[lo : lo + 32]
         h_model = [
@@ -171,39 +184,61 @@ def main() -> int:
         with torch.no_grad():
             enc = policy.ranker.encode(h_model)
             beams = beam_search(
-                policy.ranker.model, enc, policy.ranker.trie, cfg.dpo.beam_width, exclude=h_model
-            )
+                policy.ranker.model, enc, policy.ranker.trie, max(cfg.dpo.beam_width, n_cand),
+                exclude=h_model,
+            )  # fmt: skip
         for b, u in enumerate(part):
             cands = [
                 [policy.to_data[i] for i in beams.items[b, w].tolist() if i > 0]
-                for w in range(cfg.dpo.candidates)
+                for w in range(n_cand)
             ]
             rewards = scorer.score(histories[u][-mh:], cands)
-            pick = select_pair(rewards)
-            if pick is not None:
-                events.append(
+            mined = []
+            for rank, (hi, lo_) in enumerate(select_pairs(rewards, per_request)):
+                truth_gaps.setdefault(rank, []).append(
+                    hidden.expected_value(states[u], cands[hi], t_eval)
+                    - hidden.expected_value(states[u], cands[lo_], t_eval)
+                )
+                mined.append(
                     Preference(
-                        event_time_ms=T0, request_id=f"p{len(events)}", user_id=u,
-                        model_version="seed", history=histories[u][-mh:], chosen=cands[pick[0]],
-                        rejected=cands[pick[1]], chosen_reward=rewards[pick[0]],
-                        rejected_reward=rewards[pick[1]], arm="offline",
+                        event_time_ms=T0, request_id=f"p{len(requests)}", user_id=u,
+                        model_version="seed", history=histories[u][-mh:], chosen=cands[hi],
+                        rejected=cands[lo_], chosen_reward=rewards[hi],
+                        rejected_reward=rewards[lo_], arm="offline",
                     )
                 )  # fmt: skip
-    _say(f"{len(events)} preference pairs (ratio {max(ratios)})")
+            requests.append(mined)
+    pair_truth = {
+        str(rank): {
+            "pairs": len(g),
+            "chosen_better": round(float(np.mean(np.array(g) > 0)), 4),
+            "expected_watch_gap_s": round(float(np.mean(g)), 2),
+        }
+        for rank, g in sorted(truth_gaps.items())
+    }
+    _say(
+        f"{sum(map(len, requests))} preference pairs from {len(requests)} requests "
+        f"(ratio {max(ratios)}); the chosen one better by the truth: "
+        + ", ".join(f"rank {r} {v['chosen_better']:.0%}" for r, v in pair_truth.items())
+    )
     seed_ck = load_checkpoint(seed_dir)
 
     # 4. Fine-tune the seed per variant, exactly like a round's worker.
     hq = [r for r in rows if is_high_quality(r, cfg.train.min_clicks, cfg.train.min_watch_s)]
     ex = build_examples(hq, item_ids, mh, policy.session_len, 0.0)
     variants: dict[str, dict] = {
-        "seed": {"pairs": 0, "train_s": 0.0, "losses": [], "model": policy}
+        "seed": {"pairs": 0, "requests": 0, "train_s": 0.0, "losses": [], "model": policy}
     }
     # "0" is the baseline; "0/seed+1" the same training under another seed: the noise
     # floor of one training run, which the paired SE over users does not include.
-    runs = [("0", 0.0, args.seed), ("0/seed+1", 0.0, args.seed + 1)]
-    runs += [(f"{r:g}", r, args.seed) for r in ratios]
-    for name, ratio, train_seed in runs:
-        n = int(round(ratio * len(rows)))
+    runs = [("0", 0.0, args.seed, per_request), ("0/seed+1", 0.0, args.seed + 1, per_request)]
+    for r in ratios:
+        runs.append((f"{r:g}", r, args.seed, per_request))
+        if per_request > 1:
+            runs.append((f"{r:g}/1", r, args.seed, 1))
+    for name, ratio, train_seed, k in runs:
+        events = [p for mined in requests[: int(round(ratio * len(rows)))] for p in mined[:k]]
+        n = len(events)
         plan = {
             "seed": train_seed, "epochs": epochs, "batch_size": cfg.train.batch_size,
             "lr": cfg.train.lr, "checkpoint_every_steps": 10**9,
@@ -215,9 +250,9 @@ def main() -> int:
         conf.update(model_dir=str(seed_dir), torch_threads=1)  # the seed from disk
         if n:
             pairs = build_pairs(
-                events[:n], "offline", item_ids, mh, policy.session_len, lambda v: seed_ck
+                events, "offline", item_ids, mh, policy.session_len, lambda v: seed_ck
             )
-            conf.update(pairs=pairs.tensors(), dpo_beta=beta, dpo_weight=cfg.dpo.weight)
+            conf.update(pairs=pairs.tensors(), dpo_beta=beta, dpo_weight=dpo_weight)
             n = len(pairs)
         io = LocalIO(tmp / f"run-{name.replace('/', '-')}")
         io.root.mkdir(parents=True)
@@ -229,6 +264,7 @@ def main() -> int:
         model.ranker.model.eval()
         variants[name] = {
             "pairs": n,
+            "requests": int(round(ratio * len(rows))),
             "train_s": time.monotonic() - t0,
             "losses": out["state"]["epochs"],
             "model": model,
@@ -236,7 +272,6 @@ def main() -> int:
         _say(f"{name}: {n} pairs, losses {out['state']['epochs']}")
 
     # 5. Held-out users: reward-model score and the hidden model's expected watch time.
-    t_eval = T0 + args.steps * SESSION_GAP_MS
     for v in variants.values():
         sessions = _top_sessions(v.pop("model"), [histories[u][-mh:] for u in held], 32)
         v["reward"] = [
@@ -248,7 +283,7 @@ def main() -> int:
     base = variants["0"]
     summary = {}
     for name, v in variants.items():
-        row = {"pairs": v["pairs"], "train_s": round(v["train_s"], 1)}
+        row = {"pairs": v["pairs"], "requests": v["requests"], "train_s": round(v["train_s"], 1)}
         for key in ("reward", "expected_watch_s"):
             x, b = np.array(v[key]), np.array(base[key])
             d = x - b
@@ -267,10 +302,16 @@ def main() -> int:
         "train_users": len(train_users),
         "heldout_users": len(held),
         "beta": beta,
+        "dpo_weight": dpo_weight,
+        "candidates": n_cand,
+        "pairs_per_request": per_request,
+        "pair_truth_by_rank": pair_truth,
         "epochs": epochs,
         "reward_weighting": cfg.train.reward_weighting,
         "reward_model": report["holdout"],
-        "variants": {k: {x: v[x] for x in ("pairs", "losses")} for k, v in variants.items()},
+        "variants": {
+            k: {x: v[x] for x in ("pairs", "requests", "losses")} for k, v in variants.items()
+        },
         "summary": summary,
         "wall_s": round(time.monotonic() - started, 1),
     }  # fmt: skip

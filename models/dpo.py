@@ -92,13 +92,22 @@ class NtpDpoObjective(nn.Module):
             p = pairs
             n = len(p["history"])
             # Chosen and rejected share one encoder/decoder pass: stack them as 2P rows.
-            logp = session_logprob(
-                self.model,
-                p["history"].repeat(2, 1),
-                p["history_codes"].repeat(2, 1, 1),
-                torch.cat([p["chosen_codes"], p["rejected_codes"]]),
-                torch.cat([p["chosen_mask"], p["rejected_mask"]]),
-            )
+            # Without dropout, as the reference's log-probabilities were taken: a pair's
+            # log-ratio then starts at 0 and its gradient is the preference's, not the
+            # dropout masks' (offline, with dropout on, DPO cost watch time whichever
+            # way the pairs pointed: docs/preference-alignment.md).
+            was_training = self.model.training
+            self.model.train(False)
+            try:
+                logp = session_logprob(
+                    self.model,
+                    p["history"].repeat(2, 1),
+                    p["history_codes"].repeat(2, 1, 1),
+                    torch.cat([p["chosen_codes"], p["rejected_codes"]]),
+                    torch.cat([p["chosen_mask"], p["rejected_mask"]]),
+                )
+            finally:
+                self.model.train(was_training)
             dpo, stats = dpo_loss(logp[:n], logp[n:], p["ref_chosen"], p["ref_rejected"], self.beta)
             loss = loss + self.dpo_weight * dpo
             parts = {**parts, "dpo": dpo.detach(), **stats}

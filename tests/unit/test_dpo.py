@@ -108,3 +108,51 @@ def test_training_on_pairs_raises_chosen_over_rejected():
     # Without pairs the objective is the plain next-token loss.
     loss_ntp, parts_ntp = obj(ntp, None)
     assert "dpo" not in parts_ntp and torch.isfinite(loss_ntp)
+
+
+def test_pairs_are_scored_without_dropout_and_the_training_mode_is_restored():
+    """The policy's log-probabilities of the pairs are taken as the reference's were (no
+    dropout): before any step the DPO loss is exactly log 2 even with dropout on, and
+    its gradient still reaches the weights."""
+    torch.manual_seed(0)
+    model = OneRec(tiny_config(dropout=0.5))
+    codes = random_codes(120)
+    table = torch.cat([torch.zeros(1, L, dtype=torch.long), codes])
+    g = torch.Generator().manual_seed(7)
+    hist = torch.randint(1, 121, (6, 10), generator=g)
+    chosen, rejected = (torch.randint(1, 121, (6, 3), generator=g) for _ in range(2))
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    model.eval()
+    with torch.no_grad():
+        ref_c = session_logprob(model, hist, table[hist], table[chosen], mask)
+        ref_r = session_logprob(model, hist, table[hist], table[rejected], mask)
+    pairs = {
+        "history": hist,
+        "history_codes": table[hist],
+        "chosen_codes": table[chosen],
+        "chosen_mask": mask,
+        "rejected_codes": table[rejected],
+        "rejected_mask": mask,
+        "ref_chosen": ref_c,
+        "ref_rejected": ref_r,
+    }
+    ntp = {
+        "history": table[hist],
+        "history_mask": hist > 0,
+        "target": table[chosen],
+        "target_mask": mask,
+        "history_items": hist,
+    }
+    model.train()
+    obj = NtpDpoObjective(model, beta=0.1, dpo_weight=1.0)
+    for _ in range(3):  # dropout draws new masks each call: the pairs' loss stays put
+        loss, parts = obj(ntp, pairs)
+        assert abs(float(parts["dpo"]) - math.log(2)) < 1e-5
+        assert model.training  # back in training mode for the next-token loss
+    grads = []
+    for with_pairs in (None, pairs):  # the same dropout masks: only the pairs differ
+        model.zero_grad()
+        torch.manual_seed(1)
+        obj(ntp, with_pairs)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.dec_layers.parameters()]))
+    assert torch.isfinite(grads[1]).all() and (grads[1] - grads[0]).abs().max() > 1e-6

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.dpo_sampler import PreferenceMiner, select_pair
+from actors.dpo_sampler import PreferenceMiner, select_pair, select_pairs
 from recloop.config import load_config
 from recloop.events import Preference, decode, encode
 from recloop.registry import reward_arm
@@ -22,6 +22,17 @@ def test_chosen_is_the_highest_reward_and_rejected_the_lowest():
     assert select_pair([1.0, 3.0, 3.0, 0.0, 0.0]) == (1, 3)  # first of equal ones
     assert select_pair([0.4, 0.4, 0.4]) is None  # no preference among equals
     assert select_pair([0.4]) is None and select_pair([]) is None
+
+
+def test_several_pairs_pair_the_ith_best_with_the_ith_worst():
+    r = [0.5, 0.9, 0.1, 0.7, 0.3, 0.0]
+    assert select_pairs(r, 1) == [(1, 5)]
+    assert select_pairs(r, 2) == [(1, 5), (3, 2)]
+    assert select_pairs(r, 9) == [(1, 5), (3, 2), (0, 4)]  # at most n / 2, disjoint
+    # Equal rewards in the middle end the pairs; ties go to the first index.
+    assert select_pairs([2.0, 1.0, 1.0, 1.0, 0.0], 3) == [(0, 4)]
+    assert select_pairs([1.0, 3.0, 3.0, 0.0, 0.0], 2) == [(1, 3), (2, 4)]
+    assert select_pairs([0.4, 0.4], 4) == [] and select_pairs([], 4) == []
 
 
 class Recorder:
@@ -56,6 +67,7 @@ def miner(tmp_path):
             "home": str(tmp_path / "home"),
             "dpo.candidates": 4,
             "dpo.beam_width": 8,
+            "dpo.pairs_per_request": 1,
             "dpo.queue_size": 5,
         },
         env={},
@@ -117,6 +129,29 @@ def test_pairs_come_from_the_current_policy_and_reward_model(miner):
     m.offer(_payload(5))
     m.step(timeout_s=0.1)
     assert producer.sent[-1].model_version == "v2" and m.counts["reloads"] == 3
+
+
+def test_a_request_gives_disjoint_pairs_from_the_ends_of_the_ranking_inwards(miner):
+    m, reg, producer, tmp = miner
+    m.cfg.dpo.pairs_per_request = 2
+    name = reward_arm(ARM)
+    reg.create_arm(name, name)
+    reg.promote(name, reg.publish(name, _reward_ckpt(tmp / "rm"), version="rm1"))
+    m.refresh(force=True)
+    m.offer(_payload(2))
+    assert m.step(timeout_s=0.1) == 2 == m.counts["emitted"] and m.counts["processed"] == 1
+    outer, inner = producer.sent
+    assert outer.request_id == inner.request_id == "rq-2" and outer.history == inner.history
+    sessions = [outer.chosen, outer.rejected, inner.chosen, inner.rejected]
+    assert len({tuple(x) for x in sessions}) == 4  # four different candidates
+    # best > second best > second worst > worst, by the reward model
+    assert outer.chosen_reward >= inner.chosen_reward > inner.rejected_reward
+    assert inner.rejected_reward >= outer.rejected_reward
+    scores = m.rewards[ARM].score(outer.history, sessions)
+    assert scores == pytest.approx(
+        [outer.chosen_reward, outer.rejected_reward, inner.chosen_reward, inner.rejected_reward],
+        abs=1e-5,
+    )
 
 
 def test_a_full_queue_drops_instead_of_blocking_and_bad_weights_are_never_loaded(miner):
