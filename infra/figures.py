@@ -220,6 +220,12 @@ def word(n: int) -> str:
     return WORDS.get(n, str(n))
 
 
+def ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``8th``, ``11th``, ``22nd``."""
+    end = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{end}"
+
+
 def minutes(seconds: float) -> str:
     return f"~{max(1, round(seconds / 60))} min"
 
@@ -504,10 +510,28 @@ def ipa_offline_best(o: Data) -> str:
     return max(dpo, key=lambda k: o["summary", k, "expected_watch_s_lift"])
 
 
-def ipa_offline_dpo(o: Data) -> list[str]:
+def ipa_offline_dpo(o: Data, one_per_request: bool = False) -> list[str]:
+    """The DPO variants by mirrored share: with the sampler's pairs per request, or (the
+    ``<ratio>/1`` variants) only the first pair of each request."""
     return sorted(
-        (k for k in o["summary"] if o["summary", k, "pairs"] > 0),
-        key=lambda k: o["summary", k, "pairs"],
+        (
+            k
+            for k in o["summary"]
+            if o["summary", k, "pairs"] > 0 and k.endswith("/1") == one_per_request
+        ),
+        key=lambda k: o["summary", k, "requests"],
+    )
+
+
+def ipa_offline_truth(o: Data) -> str:
+    """How often the chosen session is the better one by the hidden model, per rank."""
+    ranks = o["pair_truth_by_rank"]
+    first, last = ranks[min(ranks, key=int)], ranks[max(ranks, key=int)]
+    return (
+        f"{pct(first['chosen_better'], 0)} of the first pairs (best vs worst; "
+        f"{num(first['expected_watch_gap_s'], 1)} s apart in expected watch time) to "
+        f"{pct(last['chosen_better'], 0)} of the {ordinal(len(ranks))} "
+        f"({num(last['expected_watch_gap_s'], 1)} s)"
     )
 
 
@@ -666,13 +690,15 @@ def row_ipa_offline(o: Data, short: bool) -> list[str]:
     ses = [su[k, "expected_watch_s_lift_se"] for k in dpo]
     second = abs(su["0/seed+1", "expected_watch_s_lift"])
     pairs = " / ".join(str(su[k, "pairs"]) for k in dpo)
+    shares = " / ".join(pct(su[k, "requests"] / o["logged_sessions"], 0) for k in dpo)
     if short:
         return [
             "Preference alignment offline, paired, hidden-model ground truth",
             f"`make bench-ipa-offline` ({minutes(o['wall_s'])})",
             f"a round ({weighting(o)}) **{spct(round_gain)}** expected watch time over the "
-            f"seed; DPO on top of it {' / '.join(lifts)} ({pairs} pairs; a second training "
-            f"seed moves the round by {pct(second)})",
+            f"seed; DPO on top of it {' / '.join(lifts)} with {shares} of the sessions "
+            f"mirrored ({pairs} pairs; a second training seed moves the round by "
+            f"{pct(second)})",
         ]
     return [
         "IPA offline and paired: rounds with DPO vs the same round without, on the same "
@@ -1917,8 +1943,8 @@ def _read_paths(t: Data) -> str:
 # ------------------------------------------------------------------ docs/preference-alignment.md
 
 
-@block("ipa", "ipa_1pct.json", "ipa_5pct.json", "loop_offline.json")
-def ipa(one: Data, five: Data, lo: Data) -> str:
+@block("ipa", "ipa_1pct.json", "ipa_5pct.json", "loop_offline.json", "ipa_offline.json")
+def ipa(one: Data, five: Data, lo: Data, o: Data) -> str:
     runs = (one, five)
     rows = []
     for d, name in zip(runs, ("ipa_1pct.json", "ipa_5pct.json"), strict=True):
@@ -1996,6 +2022,25 @@ def ipa(one: Data, five: Data, lo: Data) -> str:
         f"{spct(c['rel_lift'])} at {ipa_fraction(d)} ({pval(c['p_value'])})"
         for c, d in zip(vs_online, runs, strict=True)
     )
+    near_log2 = all(0.6 <= x <= 0.8 for x in losses)
+    loss_text = (
+        f"The DPO loss stayed near log 2 ({span(losses, lambda x: num(x, 2))})"
+        if near_log2
+        else f"The DPO loss per round ranged {span(losses, lambda x: num(x, 2))} (log 2 = 0.69)"
+    )
+    second = abs(o["summary", "0/seed+1", "expected_watch_s_lift"])
+    off_lifts = [o["summary", k, "expected_watch_s_lift"] for k in ipa_offline_dpo(o)]
+    offline_text = (
+        "the pairs add a gain beyond a second training seed's noise floor at "
+        + ", ".join(
+            pct(o["summary", k, "requests"] / o["logged_sessions"], 0)
+            for k, x in zip(ipa_offline_dpo(o), off_lifts, strict=True)
+            if x > second
+        )
+        + " of the sessions mirrored"
+        if any(x > second for x in off_lifts)
+        else "the pairs add no gain beyond a second training seed's noise floor either"
+    )
     return blocks(
         table(header, rows),
         para(
@@ -2003,8 +2048,8 @@ def ipa(one: Data, five: Data, lo: Data) -> str:
             f"online {verdicts} (the A/B resolves about ±{pct(half, 0)}). "
             f"{overall(vs_control, 'Online learning').capitalize()}: online vs the frozen "
             f"seed {pspan([c['rel_lift'] for c in vs_control], 0)} at "
-            f"{' / '.join(sorted(ps))}. The DPO data are thin: {'; '.join(mirrored)}. The "
-            f"DPO loss stayed near log 2 ({span(losses, lambda x: num(x, 2))}). The gate "
+            f"{' / '.join(sorted(ps))}. The DPO data: {'; '.join(mirrored)}. "
+            f"{loss_text}. The gate "
             f"rejected {span(rejected, str)} of online-ipa's "
             f"{'/'.join(map(str, sorted(decided)))} rounds and {online_rejected} of online's "
             f"{'/'.join(map(str, sorted(online_decided)))} over both runs. In the last tenth "
@@ -2020,10 +2065,10 @@ def ipa(one: Data, five: Data, lo: Data) -> str:
             "learning loop is path-dependent, and `make bench-loop-offline` finds the same "
             f"recipe ending anywhere from {spct(min(spread), 0)} to {spct(max(spread), 0)} "
             "over the frozen seed across traffic seeds. Offline and paired on the same "
-            "logged sessions (below), the pairs add no gain either. The sampler processed "
+            f"logged sessions (below), {offline_text}. The sampler processed "
             f"every request that arrived after the first reward model and dropped {dropped}; "
             f"its CPU cost is {span(cpu, lambda x: num(x, 2))} s per mirrored request (beam "
-            "search over 8 candidates plus the reward model).",
+            "search over the candidates plus the reward model).",
         ),
     )
 
@@ -2045,16 +2090,23 @@ IPA_OFFLINE = {
 def ipa_offline(o: Data) -> str:
     rm = o["reward_model", "auc"]
     rows = []
-    first_dpo = True
-    for k in o["summary"]:
+    keys = [k for k in o["summary"] if k in IPA_OFFLINE]
+    for ratio in ipa_offline_dpo(o):
+        keys += [ratio] + [k for k in ipa_offline_dpo(o, True) if k == f"{ratio}/1"]
+    per = o["pairs_per_request"]
+    for n, k in enumerate(keys):
         s = o["summary", k]
         if k in IPA_OFFLINE:
             label = IPA_OFFLINE[k]
+        elif k.endswith("/1"):
+            label = f"+ DPO, {pct(float(k[:-2]), 0)}, one pair per request"
         else:
             label = f"+ DPO, {pct(float(k), 0)}"
-            if first_dpo:
-                label += " of the logged sessions"
-                first_dpo = False
+            label += (
+                f" of the logged sessions mirrored, up to {per} pairs per request"
+                if n == len(IPA_OFFLINE)
+                else f", up to {per} pairs per request"
+            )
         base = k == "0"
         rows.append(
             [
@@ -2077,7 +2129,10 @@ def ipa_offline(o: Data) -> str:
             f"({o['logged_sessions']} logged sessions), a reward model is fitted on them "
             f"(held-out AUC view {num(rm['vtr'], 2)}, like {num(rm['ltr'], 2)}, follow "
             f"{num(rm['wtr'], 2)}), and pairs are mined from the training users as the "
-            "sampler does (8 candidates, best vs worst). Each variant fine-tunes the seed with "
+            f"sampler does ({o['candidates']} candidates; the best against the worst, the "
+            f"second best against the second worst, and so on, up to {o['pairs_per_request']} "
+            "pairs per mirrored request). By the hidden model the chosen session is the "
+            f"better one for {ipa_offline_truth(o)}. Each variant fine-tunes the seed with "
             f"the round's worker (the rounds' defaults: {word(o['epochs'])} epoch, batch 64, "
             f"lr 5e-4, {weighting(o)}) on the same high-quality sessions; only the pairs "
             "differ. Scored on "
@@ -2102,36 +2157,34 @@ def ipa_offline(o: Data) -> str:
 def ipa_offline_epochs(o: Data) -> str:
     su = o["summary"]
     round_gain = su["0", "expected_watch_s"] / su["seed", "expected_watch_s"] - 1
-    dpo = ipa_offline_dpo(o)
     second = abs(su["0/seed+1", "expected_watch_s_lift"])
-    lifts = [su[k, "expected_watch_s_lift"] for k in dpo]
-    beyond = [x for x in lifts if abs(x) > second]
     claim(round_gain > 0.1, "the round itself lifts the seed")
-    claim(all(x <= second for x in lifts), "DPO adds no gain beyond the noise floor")
-    if beyond:
-        dpo_text = (
-            "DPO on top of it moves expected watch time by "
-            + ", ".join(spct(x) for x in lifts)
-            + f" ({' / '.join(str(su[k, 'pairs']) for k in dpo)} pairs); only "
-            + " and ".join(spct(x) for x in beyond)
-            + f", a loss, is beyond the {pct(second)} a second training seed moves the "
-            "round (the noise floor the paired SE does not include)"
+
+    def moves(keys: list[str]) -> str:
+        lifts = [su[k, "expected_watch_s_lift"] for k in keys]
+        beyond = [spct(x) for x in lifts if abs(x) > second]
+        shares = " / ".join(pct(su[k, "requests"] / o["logged_sessions"], 0) for k in keys)
+        text = (
+            ", ".join(spct(x) for x in lifts)
+            + f" with {shares} of the sessions mirrored "
+            + f"({' / '.join(str(su[k, 'pairs']) for k in keys)} pairs)"
         )
-    else:
-        dpo_text = (
-            "DPO on top of it moves expected watch time by "
-            + ", ".join(spct(x) for x in lifts)
-            + f" ({' / '.join(str(su[k, 'pairs']) for k in dpo)} pairs), none of it beyond "
-            f"the {pct(second)} a second training seed moves the round (the noise floor "
-            "the paired SE does not include)"
-        )
+        if not beyond:
+            return text + ", none of it beyond the noise floor"
+        return text + f"; beyond the noise floor: {', '.join(beyond)}"
+
+    one = ipa_offline_dpo(o, True)
+    one_text = f"; with one pair per request (as the sampler mined before): {moves(one)}"
     return para(
         f"The round itself ({word(o['epochs'])} epoch, {weighting(o)}) lifts the seed's "
-        f"expected watch time by {spct(round_gain)} on the held-out users; {dpo_text}. "
-        "OneRec reports +4.04% max session watch time offline for IPA over its base model "
-        "and +1.68% watch time online; here, once the rounds weigh what users watch, the "
-        "preference pairs mined by the reward model add no gain the offline bench can "
-        "tell from noise.",
+        f"expected watch time by {spct(round_gain)} on the held-out users. DPO on top of "
+        f"it, up to {o['pairs_per_request']} pairs per mirrored request, moves expected "
+        f"watch time by {moves(ipa_offline_dpo(o))}{one_text if one else ''}. The noise "
+        f"floor is the {pct(second)} a second training seed moves the round (the paired SE "
+        "does not include it). The pairs' log-probabilities are taken without dropout, as "
+        "the reference's are, so a pair's log-ratio starts at 0. OneRec reports +4.04% max "
+        "session watch time offline for IPA over its base model and +1.68% watch time "
+        "online.",
     )
 
 
