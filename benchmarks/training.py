@@ -352,6 +352,13 @@ def main() -> int:
         "checkpoint": str(seed),
         "run_file": str(args.run_file),
         "dpo_fraction": cfg.serve.dpo_fraction if ipa else None,
+        # How the sampler mines and the rounds weigh the pairs (the run's dpo section).
+        "dpo": {
+            k: getattr(cfg.dpo, k)
+            for k in ("candidates", "beam_width", "pairs_per_request", "beta", "weight")
+        }
+        if ipa
+        else None,
         "train_workers": cfg.train.workers,
     }
     stack = Stack(cfg)

@@ -2030,13 +2030,14 @@ def ipa(one: Data, five: Data, lo: Data, o: Data) -> str:
     )
     second = abs(o["summary", "0/seed+1", "expected_watch_s_lift"])
     off_lifts = [o["summary", k, "expected_watch_s_lift"] for k in ipa_offline_dpo(o)]
+    paying = [
+        pct(o["summary", k, "requests"] / o["logged_sessions"], 0)
+        for k, x in zip(ipa_offline_dpo(o), off_lifts, strict=True)
+        if x > second
+    ]
     offline_text = (
-        "the pairs add a gain beyond a second training seed's noise floor at "
-        + ", ".join(
-            pct(o["summary", k, "requests"] / o["logged_sessions"], 0)
-            for k, x in zip(ipa_offline_dpo(o), off_lifts, strict=True)
-            if x > second
-        )
+        "the pairs add a gain beyond a second training seed's noise floor with "
+        + " and ".join([", ".join(paying[:-1]), paying[-1]] if len(paying) > 1 else paying)
         + " of the sessions mirrored"
         if any(x > second for x in off_lifts)
         else "the pairs add no gain beyond a second training seed's noise floor either"
