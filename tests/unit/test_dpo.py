@@ -56,6 +56,23 @@ def test_session_logprob_is_the_beam_score_of_the_session():
     torch.testing.assert_close(first, beams.item_scores[:, 1, 0], rtol=1e-4, atol=1e-4)
 
 
+def _pairs(ref: OneRec, table, hist, chosen, rejected, mask) -> dict:
+    """``NtpDpoObjective``'s pair inputs, with ``ref``'s log-probabilities as the reference."""
+    with torch.no_grad():
+        ref_c = session_logprob(ref, hist, table[hist], table[chosen], mask)
+        ref_r = session_logprob(ref, hist, table[hist], table[rejected], mask)
+    return {
+        "history": hist,
+        "history_codes": table[hist],
+        "chosen_codes": table[chosen],
+        "chosen_mask": mask,
+        "rejected_codes": table[rejected],
+        "rejected_mask": mask,
+        "ref_chosen": ref_c,
+        "ref_rejected": ref_r,
+    }
+
+
 def test_training_on_pairs_raises_chosen_over_rejected():
     model, table, _ = _model_and_trie()
     ref = OneRec(model.cfg)
@@ -66,19 +83,8 @@ def test_training_on_pairs_raises_chosen_over_rejected():
     chosen = torch.randint(1, 121, (16, 3), generator=g)
     rejected = torch.randint(1, 121, (16, 3), generator=g)
     mask = torch.ones(16, 3, dtype=torch.bool)
-    with torch.no_grad():
-        ref_c = session_logprob(ref, hist, table[hist], table[chosen], mask)
-        ref_r = session_logprob(ref, hist, table[hist], table[rejected], mask)
-    pairs = {
-        "history": hist,
-        "history_codes": table[hist],
-        "chosen_codes": table[chosen],
-        "chosen_mask": mask,
-        "rejected_codes": table[rejected],
-        "rejected_mask": mask,
-        "ref_chosen": ref_c,
-        "ref_rejected": ref_r,
-    }
+    pairs = _pairs(ref, table, hist, chosen, rejected, mask)
+    ref_c, ref_r = pairs["ref_chosen"], pairs["ref_rejected"]
     ntp_hist = torch.randint(1, 121, (8, 10), generator=g)
     ntp_tgt = torch.randint(1, 121, (8, 3), generator=g)
     ntp = {
@@ -122,20 +128,7 @@ def test_pairs_are_scored_without_dropout_and_the_training_mode_is_restored():
     hist = torch.randint(1, 121, (6, 10), generator=g)
     chosen, rejected = (torch.randint(1, 121, (6, 3), generator=g) for _ in range(2))
     mask = torch.ones(6, 3, dtype=torch.bool)
-    model.eval()
-    with torch.no_grad():
-        ref_c = session_logprob(model, hist, table[hist], table[chosen], mask)
-        ref_r = session_logprob(model, hist, table[hist], table[rejected], mask)
-    pairs = {
-        "history": hist,
-        "history_codes": table[hist],
-        "chosen_codes": table[chosen],
-        "chosen_mask": mask,
-        "rejected_codes": table[rejected],
-        "rejected_mask": mask,
-        "ref_chosen": ref_c,
-        "ref_rejected": ref_r,
-    }
+    pairs = _pairs(model.eval(), table, hist, chosen, rejected, mask)
     ntp = {
         "history": table[hist],
         "history_mask": hist > 0,
