@@ -41,6 +41,10 @@ NEG_INF = float("-inf")
 # From this many decoder rows on, the step's k and v are computed straight into the KV
 # cache (two more matmuls) instead of one fused q/k/v matmul and a strided copy.
 SPLIT_QKV_ROWS = 256
+# From this many decoder rows on, self-attention over the cache is elementwise (products
+# and sums over a position's slab of every row) instead of one tiny matmul per row and
+# head, whose per-call overhead dominates when rows are many and positions few.
+ELEMENTWISE_ATTN_ROWS = 256
 
 
 class CompiledTrie:
@@ -337,10 +341,15 @@ def decode_step(
         else:  # q is pre-scaled
             # A position's keys (values) of all rows are one contiguous slab: both
             # products are batched matmuls over (row, head), no copies.
-            k = kv[: t + 1, 2 * i, :n].reshape(t + 1, n * heads, hd).permute(1, 2, 0)
-            v = kv[: t + 1, 2 * i + 1, :n].reshape(t + 1, n * heads, hd).transpose(0, 1)
-            p = torch.bmm(q.reshape(n * heads, 1, hd), k).softmax(dim=-1)  # (N*H, 1, t+1)
-            y = torch.bmm(p, v)
+            k = kv[: t + 1, 2 * i, :n].reshape(t + 1, n * heads, hd)
+            v = kv[: t + 1, 2 * i + 1, :n].reshape(t + 1, n * heads, hd)
+            if n >= ELEMENTWISE_ATTN_ROWS:  # softmax over positions, each a wide row
+                s = (k * q.reshape(n * heads, hd)).sum(-1)  # (t+1, N*H)
+                s = s.sub_(s.amax(0)).exp_()
+                y = (s.div_(s.sum(0))[..., None] * v).sum(0)  # (N*H, hd)
+            else:
+                p = torch.bmm(q.reshape(n * heads, 1, hd), k.permute(1, 2, 0)).softmax(-1)
+                y = torch.bmm(p, v.transpose(0, 1))  # (N*H, 1, hd)
         x = torch.addmm(x, y.reshape(n, d), w["so_w"]).add_(w["so_b"])
         h = F.layer_norm(x, (d,), w["ln2_w"], w["ln2_b"])
         q = torch.addmm(w["cq_b"], h, w["cq_w"]).view(b, c, heads, hd).transpose(1, 2)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from models.beam_search import (
+    ELEMENTWISE_ATTN_ROWS,
     SPLIT_QKV_ROWS,
     CompiledTrie,
     beam_search,
@@ -139,12 +140,13 @@ def test_shorter_sessions_and_beams_that_die_match_the_reference(kind):
 def test_the_moe_paths_of_a_batch_agree_on_both_sides_of_the_dense_gate_threshold():
     """Batch sizes whose tokens fall under and over DENSE_GATE_MAX take the dense-gate and
     the sort-and-split MoE (and, with this many rows, k and v computed straight into the
-    cache); both equal the reference search. No padding: cross-attention without a mask."""
+    cache and elementwise self-attention); both equal the reference search. No padding:
+    cross-attention without a mask."""
     model, codes = build("moe", trained=True)
     trie = CompiledTrie(codes, torch.arange(1, N_ITEMS + 1), K)
     width = 16
     big = DENSE_GATE_MAX // (4 * width) + 1  # rows × experts over the threshold
-    assert big * width >= SPLIT_QKV_ROWS
+    assert big * width >= max(SPLIT_QKV_ROWS, ELEMENTWISE_ATTN_ROWS)
     enc, hist = requests(model, codes, big, pad=False)
     exclude = [h.tolist() for h in hist]
     fast = beam_search(model, enc, trie, width, exclude=exclude)
