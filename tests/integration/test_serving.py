@@ -367,7 +367,10 @@ def test_the_feature_store_away_degrades_serving_without_errors(service, fault_r
     before = feats()
     with _Load(base, users) as load:
         time.sleep(2)
-        lock = sqlite3.connect(online, timeout=0, isolation_level=None)
+        # Waits (SQLite's busy handler) for the lookups reading at this instant: with
+        # no wait the lock failed whenever one was (the pending lock it takes first
+        # keeps new readers out, so the wait ends).
+        lock = sqlite3.connect(online, timeout=10, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")
         t_lock = time.monotonic()
         health: list[float] = []  # the router's own latency while the store is away
