@@ -111,13 +111,6 @@ def select_pairs(rewards: Sequence[float], k: int = 1) -> list[tuple[int, int]]:
     return out
 
 
-def select_pair(rewards: Sequence[float]) -> tuple[int, int] | None:
-    """(chosen, rejected) = indices of the highest and the lowest reward (the first of
-    equal ones); None when every candidate has the same reward (no preference)."""
-    pairs = select_pairs(rewards, 1)
-    return pairs[0] if pairs else None
-
-
 class PreferenceMiner:
     """The sampler's logic, without Ray: ``offer`` enqueues, ``run`` mines until stopped.
 

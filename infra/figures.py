@@ -503,13 +503,6 @@ def ingest_backlog(i: Data, client: str) -> Data:
     return i["backlog", client]
 
 
-def ipa_offline_best(o: Data) -> str:
-    """The DPO variant with the largest expected-watch-time lift."""
-    dpo = [k for k in o["summary"] if o["summary", k, "pairs"] > 0]
-    claim(bool(dpo), "a DPO variant ran")
-    return max(dpo, key=lambda k: o["summary", k, "expected_watch_s_lift"])
-
-
 def ipa_offline_dpo(o: Data, one_per_request: bool = False) -> list[str]:
     """The DPO variants by mirrored share: with the sampler's pairs per request, or (the
     ``<ratio>/1`` variants) only the first pair of each request."""
@@ -2037,9 +2030,8 @@ def ipa(one: Data, five: Data, lo: Data, o: Data) -> str:
     ]
     offline_text = (
         "the pairs add a gain beyond a second training seed's noise floor with "
-        + " and ".join([", ".join(paying[:-1]), paying[-1]] if len(paying) > 1 else paying)
-        + " of the sessions mirrored"
-        if any(x > second for x in off_lifts)
+        f"{' and '.join(paying)} of the sessions mirrored"
+        if paying
         else "the pairs add no gain beyond a second training seed's noise floor either"
     )
     return blocks(

@@ -94,8 +94,8 @@ class NtpDpoObjective(nn.Module):
             # Chosen and rejected share one encoder/decoder pass: stack them as 2P rows.
             # Without dropout, as the reference's log-probabilities were taken: a pair's
             # log-ratio then starts at 0 and its gradient is the preference's, not the
-            # dropout masks' (offline, with dropout on, DPO cost watch time whichever
-            # way the pairs pointed: docs/preference-alignment.md).
+            # dropout masks' (with dropout on, make bench-ipa-offline found DPO costing
+            # watch time whichever way the pairs pointed).
             was_training = self.model.training
             self.model.train(False)
             try:

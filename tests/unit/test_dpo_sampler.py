@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.dpo_sampler import PreferenceMiner, select_pair, select_pairs
+from actors.dpo_sampler import PreferenceMiner, select_pairs
 from recloop.config import load_config
 from recloop.events import Preference, decode, encode
 from recloop.registry import reward_arm
@@ -18,10 +18,10 @@ ARM = "ipa"
 
 
 def test_chosen_is_the_highest_reward_and_rejected_the_lowest():
-    assert select_pair([0.2, 0.9, -0.1, 0.5]) == (1, 2)
-    assert select_pair([1.0, 3.0, 3.0, 0.0, 0.0]) == (1, 3)  # first of equal ones
-    assert select_pair([0.4, 0.4, 0.4]) is None  # no preference among equals
-    assert select_pair([0.4]) is None and select_pair([]) is None
+    assert select_pairs([0.2, 0.9, -0.1, 0.5]) == [(1, 2)]
+    assert select_pairs([1.0, 3.0, 3.0, 0.0, 0.0]) == [(1, 3)]  # first of equal ones
+    assert select_pairs([0.4, 0.4, 0.4]) == []  # no preference among equals
+    assert select_pairs([0.4]) == [] and select_pairs([]) == []
 
 
 def test_several_pairs_pair_the_ith_best_with_the_ith_worst():
