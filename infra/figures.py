@@ -563,12 +563,14 @@ def row_training(t: Data, short: bool) -> list[str]:
     times = [r["round_s"] for r in rounds]
     sessions = sum(t["ab", "arms", a, "sessions"] for a in t["ab", "arms"])
     warm = t["warm_vs_bare", "warm_vs_bare"]
+    lift = spct(swt["rel_lift"])
+    lift = f"**{lift}**" if swt["verdict"] == "win" else lift  # bold: significant only
     if short:
         return [
             "Online learning through the whole loop: online vs frozen vs popularity, "
             f"{sessions} sessions, sequential users with taste drift",
             "`make bench-training`",
-            f"online **{spct(swt['rel_lift'])}** session watch time vs the frozen seed "
+            f"online {lift} session watch time vs the frozen seed "
             f"{ci(swt['ci_delta'])}, {pval(swt['p_value'])}; popularity "
             f"{spct(pop['rel_lift'])}; last tenth online {last['online']:.1f} s vs popularity "
             f"{last['popularity']:.1f} s per session; rounds of {span(times, num)} s; warm "
@@ -582,7 +584,7 @@ def row_training(t: Data, short: bool) -> list[str]:
         "whole loop (ingestor actor, warm trainer, Serve hot swaps), "
         f"{sessions} sessions",
         "`make bench-training`",
-        f"online **{spct(swt['rel_lift'])}** swt {ci(swt['ci_delta'])}, "
+        f"online {lift} swt {ci(swt['ci_delta'])}, "
         f"{pval(swt['p_value'])}; popularity {spct(pop['rel_lift'])} ({pval(pop['p_value'])}); "
         f"last tenth online {last['online']:.1f} s vs popularity {last['popularity']:.1f} s; "
         f"{summary['decided']} {word(epochs)}-epoch rounds of ~{hq:.0f} sessions, "
