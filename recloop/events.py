@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
+import msgspec
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -211,6 +213,101 @@ def _reason(model: type[BaseModel], value: bytes, exc: ValidationError) -> str:
     if not isinstance(data, dict):
         return f"expected a JSON object, got {type(data).__name__}"
     return f"invalid {model.__name__}: {_describe(exc)}"
+
+
+# ---------------------------------------------------------------- the consumers' fast path
+# The ingestor parses every impression and interaction it reads: with pydantic that was
+# the biggest single cost of a drain (a fifth of its time, bench-ingest's profile). These
+# msgspec structs are the same contracts, field for field, and parse ~5x faster; they
+# only ever say yes. A record they refuse goes to the pydantic models above, which
+# decide and give the reason, so the contract and its words stay in one place;
+# tests/unit/test_events_fast.py checks that whatever the twins accept, the models accept
+# with the same values.
+
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+_NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+_EventTime = Annotated[int, msgspec.Meta(ge=0, le=MAX_EVENT_TIME_MS)]
+
+
+class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """Frozen, no unknown fields (extra="forbid"); out of the cyclic collector's walks
+    (a drain makes hundreds of thousands, none in a reference cycle)."""
+
+
+class FastServedItem(_Struct, kw_only=True):
+    item_id: _NonNeg
+    position: _NonNeg
+    score: float
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.score):
+            raise ValueError("score must be finite")
+
+
+class FastImpression(_Struct, kw_only=True):
+    """:class:`Impression`'s twin."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: _Id = msgspec.field(default_factory=new_event_id)
+    event_time_ms: _EventTime
+    request_id: _Id
+    user_id: _NonNeg
+    arm: _Id
+    model_version: _Id
+    items: Annotated[list[FastServedItem], msgspec.Meta(min_length=1, max_length=256)]
+    context: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        n = len(self.items)
+        if sorted(it.position for it in self.items) != list(range(n)):
+            raise ValueError("item positions are not a ranking")
+        if len({it.item_id for it in self.items}) != n:
+            raise ValueError("an item appears twice in one session")
+
+
+class FastInteraction(_Struct, kw_only=True):
+    """:class:`Interaction`'s twin."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: _Id = msgspec.field(default_factory=new_event_id)
+    event_time_ms: _EventTime
+    request_id: _Id
+    user_id: _NonNeg
+    item_id: _NonNeg
+    position: _NonNeg
+    arm: _Id
+    model_version: _Id
+    clicked: bool
+    watch_time_s: Annotated[float, msgspec.Meta(ge=0.0, le=24 * 3600.0)]
+    liked: bool = False
+    followed: bool = False
+    context: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        if not self.clicked and (self.watch_time_s > 0 or self.liked or self.followed):
+            raise ValueError("watch time, like and follow require clicked=true")
+
+
+FAST_TWINS: dict[type[BaseModel], type[msgspec.Struct]] = {
+    Impression: FastImpression,
+    Interaction: FastInteraction,
+}
+_FAST_DECODERS = {model: msgspec.json.Decoder(twin) for model, twin in FAST_TWINS.items()}
+
+
+def decode_fast(model: type[BaseModel], value: bytes | None) -> Any:
+    """:func:`decode` for the consumers' hot path: the model's msgspec twin when it has
+    one (same fields, read the same way), else the model itself. Anything the twin
+    refuses is decoded by :func:`decode`, so an invalid record fails with the model's
+    reason and a valid one the twin cannot read (an integer beyond 64 bits, say) still
+    passes."""
+    fast = _FAST_DECODERS.get(model)
+    if fast is not None and value is not None:
+        try:
+            return fast.decode(value)
+        except msgspec.DecodeError:  # and its ValidationError: the model decides
+            pass
+    return decode(model, value)
 
 
 def encode(event: BaseModel) -> bytes:

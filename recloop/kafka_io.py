@@ -31,7 +31,7 @@ from typing import Any, NamedTuple, Protocol
 from kafka import KafkaConsumer, KafkaProducer
 from pydantic import BaseModel
 
-from recloop.events import EVENT_TYPES, DeadLetter, EventError, decode, encode
+from recloop.events import EVENT_TYPES, DeadLetter, EventError, decode, decode_fast, encode
 from recloop.topics import DLQ
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ class EventConsumer:
         on_assigned: OnAssigned | None = None,
         on_revoked: Callable[[list[TP]], None] | None = None,
         range_assignment: bool = False,  # partition p of every topic to the same member
+        fast: bool = False,  # events as recloop.events' msgspec twins where a topic has one
         **overrides: Any,
     ) -> None:
         if isinstance(topics, list):
@@ -176,6 +177,9 @@ class EventConsumer:
         self._on_assigned = on_assigned
         self._on_revoked = on_revoked
         self.range_assignment = range_assignment
+        # Impressions and interactions as read-only structs with the models' fields (the
+        # ingestor's hot path); records they refuse still fail with the model's reason.
+        self._decode = decode_fast if fast else decode
         self._consumer: Any = None
         self._uncommitted = False
         self.stats = ConsumerStats()
@@ -271,12 +275,13 @@ class EventConsumer:
         records: list[Record] = []
         pending = []
         append = records.append
+        decode_ = self._decode
         for tp, raws in polled.items():
             model = self.models[tp.topic]
             topic, partition = tp.topic, tp.partition
             for raw in raws:
                 try:
-                    event = decode(model, raw.value)  # parsed once
+                    event = decode_(model, raw.value)  # parsed once
                 except EventError as exc:
                     pending.append(self._dead_letter(raw, exc.reason))
                     continue
@@ -514,7 +519,7 @@ class ConfluentEventConsumer(EventConsumer):
             handed = True
             value = m.value()
             try:
-                event = decode(models[topic], value)  # parsed once
+                event = self._decode(models[topic], value)  # parsed once
             except EventError as exc:
                 pending.append(
                     self._send_dead_letter(topic, partition, offset, m.key(), value, exc.reason)

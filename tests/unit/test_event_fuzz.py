@@ -115,6 +115,7 @@ class _FakeDlq:
         return _Sent()
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["models", "twins"])
 @settings(max_examples=60, deadline=None)
 @given(
     values=st.lists(
@@ -127,14 +128,14 @@ class _FakeDlq:
         max_size=30,
     )
 )
-def test_the_consumer_dead_letters_each_bad_record_with_its_reason_and_keeps_the_rest(values):
+def test_the_consumer_dead_letters_each_bad_record_with_its_reason_and_keeps_the_rest(values, fast):
     topic = Interaction.topic
     raws = [
         SimpleNamespace(topic=topic, partition=0, offset=i, key=b"1", value=v, timestamp=i)
         for i, v in enumerate(values)
     ]
     dlq = _FakeDlq()
-    consumer = EventConsumer("unused:9092", [topic], group_id="fuzz", dlq_producer=dlq)
+    consumer = EventConsumer("unused:9092", [topic], group_id="fuzz", dlq_producer=dlq, fast=fast)
     consumer._consumer = SimpleNamespace(poll=lambda timeout_ms: {TopicPartition(topic, 0): raws})
     records = consumer.poll()
     good = {r.offset for r in records}

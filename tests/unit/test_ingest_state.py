@@ -6,7 +6,13 @@ import json
 
 import pyarrow as pa
 
-from actors.ingest_state import PartitionState, UserState, orphan_row, session_row
+from actors.ingest_state import (
+    PartitionState,
+    UserState,
+    orphan_row,
+    session_row,
+    state_bytes,
+)
 from recloop.events import Impression, Interaction, ServedItem
 from recloop.lake import ORPHANS, SCHEMAS, Entry, Lake
 
@@ -179,7 +185,16 @@ def test_pushed_base_is_not_counted_twice():
 
 def _round_trip(doc: dict) -> dict:
     """What a commit writes and a restore reads: JSON bytes, no Python objects."""
-    return json.loads(json.dumps(doc))
+    return json.loads(state_bytes(doc))
+
+
+def test_state_files_are_what_json_dumps_would_write():
+    st = state()
+    _events(st)
+    st.on_interaction(feedback("z", 9, 5000, 0, 11), 1)  # held: no impression yet
+    for full in (True, False):
+        doc = {"writer": "w", "seq": 3, "partitions": {"0": st.encode(full=full)}}
+        assert json.loads(state_bytes(doc)) == json.loads(json.dumps(doc))
 
 
 def _events(st: PartitionState) -> None:
