@@ -782,6 +782,7 @@ class Ingestor:
             range_assignment=True,
             fast=True,  # msgspec twins of the contracts: parsing was a fifth of a drain
             max_poll_records=self.ic.batch_events,
+            max_partition_fetch_bytes=self.ic.fetch_partition_bytes,
             session_timeout_ms=6000,  # a crashed member is noticed in seconds
             heartbeat_interval_ms=1000,
         )
@@ -795,10 +796,10 @@ class Ingestor:
                     t_poll = time.perf_counter()
                     records = self._consumer.poll(timeout_ms=200)
                     # Polls that returned records (fetch and parse), apart from those that
-                    # waited in vain (the group's join, idle spells)
-                    self.phase_s["poll" if records else "poll:empty"] += (
-                        time.perf_counter() - t_poll
-                    )
+                    # waited in vain: with records left behind the last poll (starved:
+                    # the fetch had not come back) or not (the group's join, idle spells)
+                    empty = "poll:empty" if self.caught_up else "poll:starved"
+                    self.phase_s["poll" if records else empty] += time.perf_counter() - t_poll
                 except poll_errors as exc:  # the broker is away: the client reconnects
                     self.last_error = f"poll: {exc!r}"[:500]
                     self.say(f"{self.writer}: poll failed, retrying in {backoff:.0f} s: {exc!r}")

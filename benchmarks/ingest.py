@@ -5,7 +5,8 @@ Starts its own stack (temporary home, free ports, the shared jar cache), then:
 1. backlog: produces S sessions (one impression + one interaction per shown item) for
    943 users and 1682 items, then times the ingestor draining them into Feast + the lake
    (sustained records/s), beside a bare consumer of the same client reading the same
-   records with no processing in the same run (the ratio is the figure to compare across
+   records with no processing in the same run, polling and fetching as the ingestor
+   does (``ingest.batch_events`` records per poll, ``ingest.fetch_partition_bytes``) (the ratio is the figure to compare across
    machines). Both clocks start at the same point, the first record in hand (the group
    join and the opening of the Feast store come before it), and stop when the last
    record is read (bare) or committed with its features pushed, counters included
@@ -93,11 +94,12 @@ def sessions(n: int, seed: int, t0_ms: int, prefix: str):
 RUNS = 5  # bare reads and ingestor drains of the backlog, per client
 
 
-def raw_read(bootstrap: str, topics: list[str], expected: int, client: str) -> float:
+def raw_read(bootstrap: str, topics: list[str], expected: int, client: str, ingest: Any) -> float:
     """Seconds for a bare consumer of ``client`` to read ``expected`` records of
-    ``topics``, from the first record in hand to the last."""
+    ``topics``, from the first record in hand to the last; it polls and fetches as the
+    ingestor does (``ingest``: batch_events records per poll, fetch_partition_bytes)."""
     if client == "confluent":
-        return _raw_read_confluent(bootstrap, topics, expected)
+        return _raw_read_confluent(bootstrap, topics, expected, ingest)
     from kafka import KafkaConsumer
 
     c = KafkaConsumer(
@@ -106,7 +108,8 @@ def raw_read(bootstrap: str, topics: list[str], expected: int, client: str) -> f
         group_id=f"raw-{time.time_ns()}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        max_poll_records=2000,
+        max_poll_records=ingest.batch_events,
+        max_partition_fetch_bytes=ingest.fetch_partition_bytes,
     )
     n, started, ended = 0, None, None
     deadline = time.monotonic() + 300
@@ -120,7 +123,7 @@ def raw_read(bootstrap: str, topics: list[str], expected: int, client: str) -> f
     return (ended or 0.0) - (started or 0.0)
 
 
-def _raw_read_confluent(bootstrap: str, topics: list[str], expected: int) -> float:
+def _raw_read_confluent(bootstrap: str, topics: list[str], expected: int, ingest: Any) -> float:
     from confluent_kafka import Consumer
 
     c = Consumer(
@@ -129,13 +132,14 @@ def _raw_read_confluent(bootstrap: str, topics: list[str], expected: int) -> flo
             "group.id": f"raw-{time.time_ns()}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
+            "max.partition.fetch.bytes": ingest.fetch_partition_bytes,
         }
     )
     c.subscribe(topics)
     n, started, ended = 0, None, None
     deadline = time.monotonic() + 300
     while n < expected and time.monotonic() < deadline:
-        got = c.consume(2000, 0.5)
+        got = c.consume(ingest.batch_events, 0.5)
         if got and started is None:
             started = time.perf_counter()
         n += sum(1 for m in got if m.error() is None)
@@ -373,6 +377,11 @@ def main() -> int:
         "machine": platform.platform(),
         "session_len": SESSION,
         "clients": clients,
+        # What both the ingestor and the bare consumer poll and fetch
+        "consumer": {
+            "max_poll_records": cfg.ingest.batch_events,
+            "fetch_partition_bytes": cfg.ingest.fetch_partition_bytes,
+        },
     }
     try:
         stack.up(_say)
@@ -394,7 +403,7 @@ def main() -> int:
         runs: dict[str, list[dict]] = {c: [] for c in clients}
         for i in range(args.runs):  # interleaved: each drain right after its bare read
             for c in clients:
-                raws[c].append(raw_read(boot, list(TOPICS), records, c))
+                raws[c].append(raw_read(boot, list(TOPICS), records, c, cfg.ingest))
                 runs[c].append(backlog_run(cfg, c, f"backlog{i}"))
                 _say(
                     f"backlog ({c}, run {i + 1}/{args.runs}): bare {records / raws[c][-1]:,.0f} "

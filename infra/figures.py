@@ -861,7 +861,7 @@ def row_ingest(i: Data, short: bool) -> list[str]:
             "`make bench-ingest`",
             f"**{count(kp['records_per_s'])} records/s** (median of {word(len(runs))} drains) "
             f"= **{ratio(kp['ratio_to_raw_consumer'])}** a bare consumer of the same records "
-            f"in the same run (pairs {span(kp['ratio_to_raw_consumer_pairs'], ratio)}: the bare "
+            f"with the same fetch settings in the same run (pairs {span(kp['ratio_to_raw_consumer_pairs'], ratio)}: the bare "
             f"reads vary {ratio(max(raw) / min(raw), 1)}); live feature freshness p50 "
             f"**{num(live['freshness_p50_ms'], 0)} ms**, p99 {num(live['freshness_p99_ms'], 0)} ms",
         ]
@@ -876,7 +876,8 @@ def row_ingest(i: Data, short: bool) -> list[str]:
         f"{i['session_len']} items",
         "`make bench-ingest`",
         f"backlog of {count(kp['records'])} records ({count(kp['sessions_in_lake'])} sessions), "
-        "each Kafka client (`ingest.client`) against a bare consumer of the same client, "
+        "each Kafka client (`ingest.client`) against a bare consumer of the same client "
+        f"polling and fetching as the ingestor does ({_consumer(i)}), "
         f"{word(len(runs))} drains each right after its bare read (own lake and consumer group "
         "each time), both clocks from the first record in hand to the last record read / "
         "committed with its features pushed: **kafka-python (the default): "
@@ -905,6 +906,15 @@ def row_ingest(i: Data, short: bool) -> list[str]:
     ]
 
 
+def _consumer(i: Data) -> str:
+    """The poll and fetch settings the ingestor and the bare consumers shared."""
+    c = i["consumer"]
+    return (
+        f"{count(c['max_poll_records'])} records per poll, "
+        f"{num(c['fetch_partition_bytes'] / 2**20, 0)} MB per partition per fetch"
+    )
+
+
 def _ingest_phases(kp: Data) -> str:
     """Where the median kafka-python drain's time went (runs before the phases were
     measured say nothing)."""
@@ -921,7 +931,9 @@ def _ingest_phases(kp: Data) -> str:
     )
     return (
         f" Where the median kafka-python drain's time went (`phase_s`): polls that "
-        f"returned records (fetch and parse) {num(ph['poll'], 2)} s, folding the "
+        f"returned records (fetch and parse) {num(ph['poll'], 2)} s, "
+        + (f"waits for a fetch {num(ph['poll:starved'], 2)} s, " if ph.get("poll:starved") else "")
+        + f"folding the "
         f"records into sessions {num(ph['fold'], 2)} s, flushes "
         f"{num(sum(flush.values()), 2)} s (most: "
         + ", ".join(f"{k} {num(flush[k], 2)} s" for k in top)
