@@ -2,18 +2,18 @@
 
 Starts its own stack (temporary home, free ports, the shared jar cache), then:
 
-1. backlog: produces S sessions (one impression + one interaction per shown item) for
-   943 users and 1682 items, then times the ingestor draining them into Feast + the lake
-   (sustained records/s), beside a bare consumer of the same client reading the same
-   records with no processing in the same run, polling and fetching as the ingestor
-   does (``ingest.batch_events`` records per poll, ``ingest.fetch_partition_bytes``) (the ratio is the figure to compare across
-   machines). Both clocks start at the same point, the first record in hand (the group
-   join and the opening of the Feast store come before it), and stop when the last
-   record is read (bare) or committed with its features pushed, counters included
-   (ingestor). Both are timed five times, each drain right after its bare read (a lake
-   and consumer group of its own each time), and the medians compared: a run lasts a
-   second or two, so one run is at the mercy of whatever else the machine does (bare
-   reads of the same records have differed by 2x within one run);
+1. backlog: produces S sessions (one impression + one interaction per shown item) for 943
+   users and 1682 items, then times the ingestor draining them into Feast + the lake
+   (sustained records/s), beside a bare consumer of the same client reading the same records
+   with no processing in the same run, polling and fetching as the ingestor does
+   (``ingest.batch_events`` records per poll, ``ingest.fetch_partition_bytes``; the ratio is
+   the figure to compare across machines). Both clocks start at the same point, the first
+   record in hand (the group join and the opening of the Feast store come before it), and
+   stop when the last record is read (bare) or committed with its features pushed, counters
+   included (ingestor). Both are timed five times, each drain right after its bare read (a
+   lake and consumer group of its own each time), and the medians compared: a run lasts a
+   second or two, so one run is at the mercy of whatever else the machine does (bare reads
+   of the same records have differed by 2x within one run);
 2. live: a producer sends sessions at a fixed rate while the ingestor runs; the group's
    lag (end offsets minus committed offsets, sampled each second) and the freshness of
    the features (Kafka timestamp of the newest record of a session → its user's history
