@@ -23,7 +23,7 @@ TEST_WORKERS ?= 0
 export UV_LINK_MODE ?= copy
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help uv install system-deps demo demo-quick test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-sim-fit bench-ab bench-ingest bench-training bench-ipa bench-ipa-offline bench-loop-offline simulate analyze ingest train serve pretrain eval clean docs figures
+.PHONY: help uv install system-deps demo demo-quick test test-unit test-integration lint fmt up status smoke down purge bench-kafka bench-beam bench-serving bench-simulator bench-sim-fit bench-ab bench-ingest bench-training bench-ipa bench-ipa-offline bench-loop-offline bench-scale simulate analyze ingest train serve pretrain eval clean docs figures
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -140,6 +140,9 @@ bench-ipa: install  ## online-ipa vs online vs frozen through the whole loop, 1%
 
 bench-ipa-offline: install  ## IPA offline and paired: DPO vs next-token only, hidden-model ground truth (~3 min)
 	$(BIN)/python -m benchmarks.ipa_offline --steps 4 --ratios 0.01,0.05,0.2 --holdout-users 0.3
+
+bench-scale: install  ## OneRec vs SASRec as the catalogue grows (2 k-100 k items): epoch time, peak memory, eval time
+	$(BIN)/python -m benchmarks.scale
 
 bench-loop-offline: install  ## the loop without the stack: how rounds learn vs frozen and popularity, 5 runs (~5 min)
 	$(BIN)/python -m benchmarks.loop_offline --arm online-ntp:reward_weighting=none

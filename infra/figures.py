@@ -53,6 +53,7 @@ WRITERS: dict[str, str] = {
     "onepiece_ml100k.json": "recloop eval (the command in docs/benchmarks.md)",
     "ablations_ml100k.json": "recloop ablate",
     "scaling_ml100k.json": "recloop scaling --out benchmarks/results/scaling_ml100k.json",
+    "scale.json": "make bench-scale",
 }
 
 MARKER = re.compile(
@@ -861,7 +862,8 @@ def row_ingest(i: Data, short: bool) -> list[str]:
             "`make bench-ingest`",
             f"**{count(kp['records_per_s'])} records/s** (median of {word(len(runs))} drains) "
             f"= **{ratio(kp['ratio_to_raw_consumer'])}** a bare consumer of the same records "
-            f"with the same fetch settings in the same run (pairs {span(kp['ratio_to_raw_consumer_pairs'], ratio)}: the bare "
+            "with the same fetch settings in the same run (pairs "
+            f"{span(kp['ratio_to_raw_consumer_pairs'], ratio)}: the bare "
             f"reads vary {ratio(max(raw) / min(raw), 1)}); live feature freshness p50 "
             f"**{num(live['freshness_p50_ms'], 0)} ms**, p99 {num(live['freshness_p99_ms'], 0)} ms",
         ]
@@ -1493,6 +1495,48 @@ def ablations(a: Data) -> str:
             f"{v['moe_session5', 'test_full', 'HR@10']:.2f} for full ranking).",
         ),
     )
+
+
+@block("catalogue-scale", "scale.json")
+def catalogue_scale(sc: Data) -> str:
+    """OneRec / SASRec per catalogue size: training, peak memory, evaluation."""
+    st = sc["settings"]
+    by = {(r["model"], r["items"]): r for r in sc["runs"]}
+    sizes = sorted({r["items"] for r in sc["runs"]})
+
+    def cell(r: Any, key: str, unit: str, d: int = 1) -> str:
+        if r is None:
+            return "not run"
+        if r.get("timed_out"):
+            return f"stopped at {num(st['timeout_min'], 0)} min"
+        if r.get("failed") is not None:
+            return f"failed (exit {r['failed']})"
+        return f"{num(r[key], d)}{unit}"
+
+    def rel(size: int, key: str) -> str:
+        x = sc["onerec_over_sasrec", str(size)].get(key)
+        return f"**{ratio(x, 1)}**" if x is not None else "–"
+
+    lines = [
+        f"`make bench-scale` (synthetic catalogues; {count(st['users'])} users × "
+        f"{st['per_user']} interactions, {word(st['epochs'])} epoch, {st['threads']} thread, "
+        f"{st['eval_users']} test users ranked against the whole catalogue; each run in its "
+        "own process; OneRec's codebook sized to the catalogue; this run's sizes "
+        f"{', '.join(count(x) for x in sizes)}):",
+        "",
+        "| items | OneRec train (s) | SASRec train (s) | OneRec / SASRec | peak RSS OneRec / "
+        "SASRec (MB) | ratio above the imports | eval per user OneRec / SASRec (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for size in sizes:
+        a, b = by.get(("onerec", size)), by.get(("sasrec", size))
+        lines.append(
+            f"| {count(size)} | {cell(a, 'train_s', '')} | {cell(b, 'train_s', '')} | "
+            f"{rel(size, 'train_s')} | {cell(a, 'peak_rss_mb', '', 0)} / "
+            f"{cell(b, 'peak_rss_mb', '', 0)} | {rel(size, 'peak_above_imports_mb')} | "
+            f"{cell(a, 'eval_ms_per_user', '', 1)} / {cell(b, 'eval_ms_per_user', '', 1)} |"
+        )
+    return "\n".join(lines)
 
 
 @block("scaling", "scaling_ml100k.json")
