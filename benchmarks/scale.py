@@ -100,6 +100,7 @@ def child(model: str, num_items: int, args: argparse.Namespace) -> dict[str, Any
     t = time.perf_counter()
     ranker = BUILDERS[model](split, 0, options)
     train_s = time.perf_counter() - t
+    train_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = getattr(ranker, "train_info", {}) or {}
     history = info.get("history") or []
     n = min(args.eval_users, len(split.users))
@@ -123,6 +124,7 @@ def child(model: str, num_items: int, args: argparse.Namespace) -> dict[str, Any
         "ndcg@10": round(float(metrics["NDCG@10"]), 4),
         "peak_rss_mb": round(peak_mb, 1),
         "imports_rss_mb": round(base_mb, 1),
+        "peak_rss_training_mb": round(train_peak_mb, 1),  # before the ranking
         "peak_above_imports_mb": round(peak_mb - base_mb, 1),
         "codebook_size": (info.get("config") or {}).get("model", {}).get("codebook_size"),
     }

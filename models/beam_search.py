@@ -530,14 +530,54 @@ def score_items(model: OneRec, enc: Encoded, codes: Tensor) -> Tensor:
     return logp.gather(-1, codes[..., None]).squeeze(-1).sum(dim=-1)
 
 
+# Rows (requests x SID prefixes of one trie level) decoded at once by score_all_items. A
+# large catalogue's widest level has thousands of prefixes (K^(L-1): 4096 at K = 64), and
+# each row carries its activations, keys and values: 256 requests at once held ~11 GB at
+# 50 k items (make bench-scale). Requests go in groups that keep to this many rows.
+SCORE_ALL_ROWS = 32_768
+
+
+def trie_widths(trie: CompiledTrie) -> list[int]:
+    """The number of SID prefixes at each depth 0..levels-1 (the rows per request that
+    each level of ``score_all_items`` decodes)."""
+    child = trie.child
+    nodes = torch.zeros(1, dtype=torch.long, device=child.device)
+    widths = []
+    for _ in range(trie.levels):
+        widths.append(len(nodes))
+        nxt = child[nodes]
+        nodes = nxt[nxt >= 0]
+    return widths
+
+
 @torch.no_grad()
-def score_all_items(model: OneRec, enc: Encoded, trie: CompiledTrie) -> Tensor:
+def score_all_items(
+    model: OneRec, enc: Encoded, trie: CompiledTrie, max_rows: int = SCORE_ALL_ROWS
+) -> Tensor:
     """log p(SID(item) as the first item | history) for every item of the trie at once.
 
     Walks the trie level by level with the KV cache: each distinct SID prefix is decoded
     once per request, one token per trie node, its parent's keys and values reused. The
-    cost is the number of trie nodes, not items × L. Returns (B, max_item + 1); ids not in
-    the trie score -inf."""
+    cost is the number of trie nodes, not items × L. Requests go in groups of at most
+    ``max_rows`` decoded rows at the widest level (each request's scores are its own, so
+    the grouping changes no score). Returns (B, max_item + 1); ids not in the trie score
+    -inf."""
+    B = enc.memory.shape[0]
+    group = max(1, max_rows // max(trie_widths(trie)))
+    if B <= group:
+        return _score_all_items(model, enc, trie)
+    dev = enc.memory.device
+    return torch.cat(
+        [
+            _score_all_items(
+                model, enc.index_select(torch.arange(s, min(B, s + group), device=dev)), trie
+            )
+            for s in range(0, B, group)
+        ]
+    )
+
+
+def _score_all_items(model: OneRec, enc: Encoded, trie: CompiledTrie) -> Tensor:
     B = enc.memory.shape[0]
     dev = enc.memory.device
     K = model.cfg.codebook_size
@@ -559,11 +599,13 @@ def score_all_items(model: OneRec, enc: Encoded, trie: CompiledTrie) -> Tensor:
         nxt = child[nodes]  # (P, K)
         p_idx, code = (nxt >= 0).nonzero(as_tuple=True)
         acc = total[:, p_idx, code]  # (B, P')
+        nodes = nxt[p_idx, code]
+        if d == trie.levels - 1:
+            break  # the leaves: no level decodes after them, their caches are not needed
         for c in caches:  # children inherit their parent prefix's keys and values
             for kv in ("k", "v"):
                 x = c[kv]  # (B*P, H, d+1, hd)
                 c[kv] = x.view(B, P, *x.shape[1:])[:, p_idx].reshape(-1, *x.shape[1:])
-        nodes = nxt[p_idx, code]
         path = torch.cat([path[p_idx], (1 + d * K + code)[:, None]], dim=1)
     out = torch.full((B, trie.max_item + 1), NEG_INF, device=dev)
     out[:, leaf[nodes]] = acc

@@ -13,6 +13,7 @@ from models.beam_search import (
     beam_search_reference,
     score_all_items,
     score_items,
+    trie_widths,
 )
 from models.onerec import MoEFFN, OneRec, OneRecConfig
 from pipelines.offline.train_onerec import TrainConfig, make_examples, train_onerec
@@ -308,6 +309,19 @@ def test_trie_walk_scores_every_item_like_teacher_forcing(setup):
     forced = score_items(model, enc, codes[None].expand(4, -1, -1))
     assert torch.isinf(walk[:, 0]).all()
     torch.testing.assert_close(walk[:, 1:], forced, rtol=1e-4, atol=1e-4)
+
+
+def test_trie_walk_in_groups_of_requests_scores_as_in_one(setup):
+    """A large catalogue's walk goes a few requests at a time (bounded rows per level):
+    the grouping changes no score."""
+    model, _, trie, enc, _ = setup
+    widths = trie_widths(trie)
+    assert widths[0] == 1 and len(widths) == trie.levels and widths == sorted(widths)
+    whole = score_all_items(model, enc, trie)
+    for rows in (1, max(widths), 3 * max(widths)):  # groups of 1, 1 and 3 requests
+        torch.testing.assert_close(
+            score_all_items(model, enc, trie, max_rows=rows), whole, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_cold_start_item_inserted_in_the_trie_is_decodable_at_once(setup):
