@@ -244,14 +244,19 @@ class FastServedItem(_Struct, kw_only=True):
             raise ValueError("score must be finite")
 
 
-class FastImpression(_Struct, kw_only=True):
-    """:class:`Impression`'s twin."""
+class _FastEvent(_Struct, kw_only=True):
+    """:class:`Event`'s fields."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: _Id = msgspec.field(default_factory=new_event_id)
     event_time_ms: _EventTime
     request_id: _Id
     user_id: _NonNeg
+
+
+class FastImpression(_FastEvent, kw_only=True):
+    """:class:`Impression`'s twin."""
+
     arm: _Id
     model_version: _Id
     items: Annotated[list[FastServedItem], msgspec.Meta(min_length=1, max_length=256)]
@@ -265,14 +270,9 @@ class FastImpression(_Struct, kw_only=True):
             raise ValueError("an item appears twice in one session")
 
 
-class FastInteraction(_Struct, kw_only=True):
+class FastInteraction(_FastEvent, kw_only=True):
     """:class:`Interaction`'s twin."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
-    event_id: _Id = msgspec.field(default_factory=new_event_id)
-    event_time_ms: _EventTime
-    request_id: _Id
-    user_id: _NonNeg
     item_id: _NonNeg
     position: _NonNeg
     arm: _Id
