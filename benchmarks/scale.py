@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]  # where ``-m benchmarks.scale`` resolves
+RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("onerec", "sasrec")
 MARK = "SCALE_RESULT "
 
@@ -139,7 +140,7 @@ def run(model: str, num_items: int, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=args.timeout_min * 60, cwd=os.getcwd()
+            cmd, capture_output=True, text=True, timeout=args.timeout_min * 60, cwd=ROOT
         )
     except subprocess.TimeoutExpired:
         return {
