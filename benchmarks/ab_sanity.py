@@ -48,6 +48,15 @@ def _brief(result: dict) -> dict[str, Any]:
             "ci_boot": [round(x, 4) for x in c["ci_boot"]],
             "p_value": c["p_value"],
             "verdict": c["verdict"],
+            # CUPED (the run file's analysis.covariates): the plain test beside it
+            **(
+                {
+                    "unadjusted_p_value": c["unadjusted"]["p_value"],
+                    "variance_reduction": c["variance_reduction"],
+                }
+                if "unadjusted" in c
+                else {}
+            ),
         }
     arms = {
         a: {k: v for k, v in info.items() if k in ("users", "sessions", "oracle_gap")}

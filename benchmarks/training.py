@@ -397,6 +397,7 @@ def main() -> int:
             },
             "over_time": result.get("over_time"),
             "throughput": result["meta"]["throughput"],
+            "adjustment": result.get("adjustment"),  # CUPED's covariates, when the run names any
         }
         out["oracle_by_tenth"] = by_tenth(result.get("over_time"))
         keep = (

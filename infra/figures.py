@@ -424,12 +424,35 @@ def demo_verdict(s: Data, arm: str, metric: str = "swt") -> Data:
 
 def demo_quote(s: Data, verdicts: bool) -> str:
     parts = []
-    for c in s["verdict"]:
-        if c["metric"] != "swt":
-            continue
+    swt = [c for c in s["verdict"] if c["metric"] == "swt"]
+    for c in swt:
         words = f" ({c['verdict']})" if verdicts else ""
         parts.append(f"{c['arm']} {spct(c['rel_lift'])} {ci(c['ci'])}, {pval(c['p_value'])}{words}")
-    return quote("session watch time against control: " + "; ".join(parts))
+    text = quote("session watch time against control: " + "; ".join(parts))
+    note = cuped_note([(c["arm"], c) for c in swt])
+    return blocks(text, para(note)) if note else text
+
+
+def cuped_note(labelled: list[tuple[str, Data]]) -> str:
+    """A sentence on the CUPED adjustment of these (label, comparison) pairs, with the
+    plain figures beside the adjusted ones, or "" when they were not adjusted. A
+    comparison holds them flat (the demo's ``unadjusted_*``) or under ``unadjusted``."""
+    cs = [(a, c) for a, c in labelled if c.get("variance_reduction") is not None]
+    if not cs:
+        return ""
+    cut = [c["variance_reduction"] for _, c in cs]
+
+    def plain(c: Data, key: str) -> float:
+        return c[f"unadjusted_{key}"] if f"unadjusted_{key}" in c.keys() else c["unadjusted", key]
+
+    plain_text = "; ".join(
+        f"{a} {spct(plain(c, 'rel_lift'))} ({pval(plain(c, 'p_value'))})" for a, c in cs
+    )
+    return (
+        "Adjusted by CUPED for how much history each user came with (named in the run "
+        f"file before the run; it took {pspan(cut, 0)} of the variance out). Unadjusted: "
+        f"{plain_text}."
+    )
 
 
 def demo_last_tenth(s: Data) -> dict[str, float]:
@@ -2121,6 +2144,22 @@ def ipa(one: Data, five: Data, lo: Data, o: Data) -> str:
             f"its CPU cost is {span(cpu, lambda x: num(x, 2))} s per mirrored request (beam "
             "search over the candidates plus the reward model).",
         ),
+        *[
+            para(n)
+            for n in [
+                cuped_note(
+                    [
+                        (f"online-ipa vs online at {ipa_fraction(d)}", c)
+                        for c, d in zip(vs_online, runs, strict=True)
+                    ]
+                    + [
+                        (f"online vs control at {ipa_fraction(d)}", c)
+                        for c, d in zip(vs_control, runs, strict=True)
+                    ]
+                )
+            ]
+            if n
+        ],
     )
 
 

@@ -194,6 +194,16 @@ def build_summary(
             "ci": c["ci_boot"] if c["ci_boot"][0] is not None else c["ci_delta"],
             "p_value": c["p_value"],
             "verdict": c["verdict"],
+            # CUPED (the run file's analysis.covariates): the plain test beside it
+            **(
+                {
+                    "unadjusted_rel_lift": c["unadjusted"]["rel_lift"],
+                    "unadjusted_p_value": c["unadjusted"]["p_value"],
+                    "variance_reduction": c["variance_reduction"],
+                }
+                if "unadjusted" in c
+                else {}
+            ),
         }
         for c in analysis["comparisons"]
     ]
@@ -401,7 +411,18 @@ def headline(verdict: list[dict], control: str) -> str:
         parts.append(f"{v['arm']} {v['rel_lift']:+.1%}{ci_s}{p} ({v['verdict']})")
     if not parts:
         return "no comparison of session watch time could be made"
-    return f"session watch time against {control}: " + "; ".join(parts)
+    cut = [
+        v["variance_reduction"]
+        for v in verdict
+        if v["metric"] == "swt" and v.get("variance_reduction") is not None
+    ]
+    how = (
+        f" (CUPED on the users' pre-run history: {min(cut):.0%}-{max(cut):.0%} of the "
+        "variance taken out)"
+        if cut
+        else ""
+    )
+    return f"session watch time against {control}{how}: " + "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- main

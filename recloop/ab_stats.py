@@ -50,6 +50,23 @@ ratio of means over users. Per metric and non-control arm vs control:
 - verdict: ``"win"`` / ``"loss"`` (significant at ``alpha``, by the sign of the
   difference) or ``"no significant difference"``.
 
+Variance reduction (CUPED, Deng et al. WSDM 2013; for ratio metrics through the delta
+method, Deng, Knoblich & Lu KDD 2018). ``covariates`` names columns of ``sessions``
+that hold what was known of each user *before* the experiment (constant per user, e.g.
+``pre_log_history``: how much history the user came with). Users differ far more from
+each other than arms do, and what a user brought explains part of that spread; the
+adjustment takes that part out of every comparison without moving its expectation.
+Per metric, each user's linearised contribution ``L_u = (N_u - R D_u) / mean(D)`` is
+regressed on the centred covariates within arms (one pooled ``theta`` per metric, arm
+fixed effects), and each arm's value becomes ``R - theta . (mean_arm(X) - mean_all(X))``
+with variance ``Var_u(L_u - theta . X_u) / n``. Randomisation makes the covariates'
+arm means differ by chance only, so the adjusted difference has the same expectation
+and a smaller variance (by ``1 - corr(L, X)^2`` with one covariate). Tests, intervals
+(the bootstrap with ``theta`` held fixed) and sequential looks (``theta`` refitted on
+each look's data) use the adjusted values; each comparison also carries the
+``unadjusted`` figures and its ``variance_reduction``, and ``arms`` keeps the plain
+metric values.
+
 Result of :func:`analyze` (JSON-able: no NaN/inf, those become ``None``)::
 
     {
@@ -65,7 +82,9 @@ Result of :func:`analyze` (JSON-able: no NaN/inf, those become ``None``)::
       "comparisons": [{"arm", "control", "metric", "control_value", "arm_value",
                        "abs_lift", "rel_lift", "ci_boot": [lo, hi], "ci_delta": [lo, hi],
                        "p_value", "p_always_valid"?, "p_fixed_looks"?, "tau2"?,
-                       "verdict", "interim": bool}],
+                       "verdict", "interim": bool,
+                       "unadjusted"?: {...}, "variance_reduction"?: float}],
+      "adjustment"?: {"method": "cuped", "covariates": [...], "theta": {metric: [...]}},
       "over_time": {arm: [{"t_ms_start", "t_ms_end", "sessions", "swt", "vtr", "ltr",
                            "wtr", "expected_swt"?, "oracle_swt"?, "oracle_gap"?,
                            "<metric>_ci": [lo, hi] | None (95%, sessions as units)}]},
@@ -120,6 +139,13 @@ class AnalysisConfig:
     tau2_rel: float = 0.01  # mSPRT mixing variance relative to control value squared
     buckets: int = 10  # over_time: range split into this many buckets ...
     bucket_ms: int | None = None  # ... unless a bucket width is given
+    # Pre-experiment columns of ``sessions`` (constant per user) for CUPED; () = none.
+    covariates: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.covariates, str):
+            self.covariates = (self.covariates,)
+        self.covariates = tuple(self.covariates)
 
 
 @dataclass
@@ -130,6 +156,7 @@ class _ArmData:
     num: np.ndarray  # (sessions, k) per-session numerators
     den: np.ndarray  # (sessions, k) per-session denominators
     n_users: int
+    cov: np.ndarray  # (sessions, p) pre-experiment covariates (p = 0: none)
 
 
 def _clean(x: Any) -> float | None:
@@ -170,6 +197,22 @@ def _validate(sessions: pd.DataFrame, config: AnalysisConfig) -> None:
             f"no control arm {config.control!r} in sessions (arms present: "
             f"{', '.join(sorted(arms)) or 'none'})"
         )
+    for c in config.covariates:
+        if c not in sessions.columns:
+            raise ValueError(
+                f"covariate {c!r} is not a column of sessions (columns: "
+                f"{', '.join(map(str, sessions.columns))})"
+            )
+        x = pd.to_numeric(sessions[c], errors="coerce")
+        if not np.isfinite(x.to_numpy(dtype=float)).all():
+            raise ValueError(f"covariate {c!r} has missing or non-numeric values")
+        spread = x.groupby(sessions["user_id"]).nunique()
+        if (spread > 1).any():
+            u = spread.index[spread > 1][0]
+            raise ValueError(
+                f"covariate {c!r} varies within user {u!r}: a covariate must be known "
+                "before the experiment (one value per user), or the adjustment is biased"
+            )
     users = sessions.groupby(sessions["arm"].astype(str))["user_id"].nunique()
     few = sorted(a for a, n in users.items() if n < 2)
     if few:
@@ -240,11 +283,14 @@ def _ratio_stats(N: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return R, var
 
 
-def _boot_ratios(N: np.ndarray, D: np.ndarray, n_boot: int, rng: np.random.Generator):
-    """(n_boot, k) bootstrap replicates of the ratios, resampling users (multinomial)."""
+def _boot_ratios(
+    N: np.ndarray, D: np.ndarray, n_boot: int, rng: np.random.Generator, X: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n_boot, k) bootstrap replicates of the ratios, resampling users (multinomial),
+    and (n_boot, p) of the covariates' means in the same replicates."""
     n, k = N.shape
-    ND = np.hstack([N, D])
-    out = np.empty((n_boot, 2 * k))
+    ND = np.hstack([N, D, X])
+    out = np.empty((n_boot, ND.shape[1]))
     chunk = max(1, 2_000_000 // max(n, 1))
     for s in range(0, n_boot, chunk):
         b = min(chunk, n_boot - s)
@@ -252,7 +298,50 @@ def _boot_ratios(N: np.ndarray, D: np.ndarray, n_boot: int, rng: np.random.Gener
         W = np.bincount(idx.ravel(), minlength=b * n).reshape(b, n)
         out[s : s + b] = W @ ND
     with np.errstate(divide="ignore", invalid="ignore"):
-        return out[:, :k] / out[:, k:]
+        return out[:, :k] / out[:, k : 2 * k], out[:, 2 * k :] / n
+
+
+def _user_covariates(arm: _ArmData, mask: np.ndarray | None = None) -> np.ndarray:
+    """(users, p) each user's covariates, users in ``_user_sums``' order."""
+    codes, cov = arm.codes, arm.cov
+    if mask is not None:
+        codes, cov = codes[mask], cov[mask]
+    out = np.zeros((arm.n_users, cov.shape[1]))
+    out[codes] = cov  # one value per user (checked): any of its sessions will do
+    return out[np.bincount(codes, minlength=arm.n_users) > 0]
+
+
+def _cuped(
+    per_arm: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+    """CUPED for ratio metrics: ``per_arm`` maps an arm to its users' (N, D, X). Returns
+    per arm (adjusted ratios, their variance, the arm's covariate means), ``theta``
+    (p, k) and the pooled covariate means ``mu`` (p,)."""
+    lin: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for a, (N, D, X) in per_arm.items():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            R = N.sum(axis=0) / D.sum(axis=0)
+            L = (N - R * D) / D.mean(axis=0)
+        lin[a] = (R, L, X - X.mean(axis=0))
+    Xc = np.vstack([x for _, _, x in lin.values()])
+    Ls = np.vstack([L for _, L, _ in lin.values()])
+    p, k = Xc.shape[1], Ls.shape[1]
+    theta = np.zeros((p, k))
+    for j in range(k):
+        ok = np.isfinite(Ls[:, j])
+        if ok.sum() > p + len(per_arm) and np.any(Xc[ok]):
+            theta[:, j] = np.linalg.lstsq(Xc[ok], Ls[ok, j], rcond=None)[0]
+    mu = np.vstack([X for _, _, X in per_arm.values()]).mean(axis=0)
+    out = {}
+    for a, (N, _, X) in per_arm.items():
+        R, L, xc = lin[a]
+        xbar = X.mean(axis=0)
+        n = N.shape[0]
+        with np.errstate(invalid="ignore"):
+            adj = R - (xbar - mu) @ theta
+            V = (L - xc @ theta).var(axis=0, ddof=1) / n if n >= 2 else np.full_like(R, np.nan)
+        out[a] = (adj, V, xbar)
+    return out, theta, mu
 
 
 def _arm_rng(seed: int, arm: str) -> np.random.Generator:
@@ -284,6 +373,12 @@ def analyze(
     arm_col = sessions["arm"].astype(str).to_numpy()
     t_all = sessions["t_ms"].to_numpy(dtype=np.int64)
     uid = sessions["user_id"].to_numpy()
+    cov_all = (
+        sessions[list(config.covariates)].apply(pd.to_numeric).to_numpy(dtype=float)
+        if config.covariates
+        else np.zeros((len(sessions), 0))
+    )
+    adjust = bool(config.covariates)
     others = sorted(set(arm_col) - {config.control})
     order = [config.control, *others]
 
@@ -291,7 +386,9 @@ def analyze(
     for a in order:
         sel = arm_col == a
         codes, uniq = pd.factorize(uid[sel], sort=True)
-        arms[a] = _ArmData(a, codes.astype(np.int64), t_all[sel], num[sel], den[sel], len(uniq))
+        arms[a] = _ArmData(
+            a, codes.astype(np.int64), t_all[sel], num[sel], den[sel], len(uniq), cov_all[sel]
+        )
 
     t0, t1 = int(t_all.min()), int(t_all.max())
     reached = True
@@ -302,15 +399,22 @@ def analyze(
     reached = bool(reached)
 
     # Full-data statistics and bootstrap replicates per arm.
+    # ``stats``: what the comparisons test (adjusted under CUPED); ``plain``: unadjusted.
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    plain: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     boots: dict[str, np.ndarray] = {}
+    boot_x: dict[str, np.ndarray] = {}
+    users: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     arms_out: dict[str, dict] = {}
     for a, d in arms.items():
         N, D = _user_sums(d)
+        users[a] = (N, D, _user_covariates(d))
         R, V = _ratio_stats(N, D)
-        stats[a] = (R, V)
+        stats[a] = plain[a] = (R, V)
         if config.n_boot > 0:
-            boots[a] = _boot_ratios(N, D, config.n_boot, _arm_rng(config.seed, a))
+            boots[a], boot_x[a] = _boot_ratios(
+                N, D, config.n_boot, _arm_rng(config.seed, a), users[a][2]
+            )
         entry: dict[str, Any] = {
             "users": int(d.n_users),
             "sessions": int(len(d.t)),
@@ -322,6 +426,21 @@ def analyze(
         if _GAP in col:
             entry["oracle_gap"] = _clean(1.0 - R[col[_GAP]])
         arms_out[a] = entry
+    adjustment: dict[str, Any] | None = None
+    if adjust:
+        adjusted, theta, mu = _cuped(users)
+        stats = {a: (R, V) for a, (R, V, _) in adjusted.items()}
+        if config.n_boot > 0:
+            boots = {a: boots[a] - (boot_x[a] - mu) @ theta for a in boots}
+        adjustment = {
+            "method": "cuped",
+            "covariates": list(config.covariates),
+            "covariate_means": {
+                "all": [_clean(x) for x in mu],
+                **{a: [_clean(x) for x in xb] for a, (_, _, xb) in adjusted.items()},
+            },
+            "theta": {m: [_clean(x) for x in theta[:, col[m]]] for m in tested},
+        }
 
     # Sequential looks: per-arm statistics on cumulative prefixes in time order.
     look_cuts: list[int] = []
@@ -331,10 +450,15 @@ def analyze(
             cut = t1 if k == config.looks else t0 + (t1 - t0) * k // config.looks
             look_cuts.append(int(cut))
             per_arm = {}
+            look_users = {}
             for a, d in arms.items():
                 N, D = _user_sums(d, d.t <= cut)
                 R, V = _ratio_stats(N, D)
                 per_arm[a] = (R, V, N.shape[0])
+                look_users[a] = (N, D, _user_covariates(d, d.t <= cut))
+            if adjust and all(N.shape[0] >= 2 for N, _, _ in look_users.values()):
+                adj_k, _, _ = _cuped(look_users)  # theta from this look's data only
+                per_arm = {a: (R, V, per_arm[a][2]) for a, (R, V, _) in adj_k.items()}
             look_stats.append(per_arm)
 
     comparisons = []
@@ -378,6 +502,10 @@ def analyze(
                 "ci_delta": ci_delta,
                 "p_value": _clean(p),
             }
+            if adjust:
+                row["unadjusted"] = _plain_comparison(plain[c], plain[a], j, zq)
+                v0 = float(plain[a][1][j] + plain[c][1][j])
+                row["variance_reduction"] = _clean(1.0 - (va + vc) / v0) if v0 > 0 else None
             p_decide = p
             if config.design == "sequential":
                 scale = abs(rc) if rc != 0 and math.isfinite(rc) else abs(ra)
@@ -461,7 +589,7 @@ def analyze(
         over_time[a] = rows
 
     result: dict[str, Any] = {
-        "config": asdict(config),
+        "config": {**asdict(config), "covariates": list(config.covariates)},
         "policy": policy,
         "meta": meta if meta is not None else {},
         "horizon_reached": reached,
@@ -470,9 +598,35 @@ def analyze(
         "comparisons": comparisons,
         "over_time": over_time,
     }
+    if adjustment is not None:
+        result["adjustment"] = adjustment
     if config.design == "sequential":
         result["looks_t_ms"] = look_cuts
     return result
+
+
+def _plain_comparison(
+    ctrl: tuple[np.ndarray, np.ndarray], arm: tuple[np.ndarray, np.ndarray], j: int, zq: float
+) -> dict[str, Any]:
+    """The comparison of metric ``j`` without the covariate adjustment (values, relative
+    lift, its delta-method CI and the z-test's p-value)."""
+    rc, vc, ra, va = float(ctrl[0][j]), float(ctrl[1][j]), float(arm[0][j]), float(arm[1][j])
+    diff, var = ra - rc, va + vc
+    p = None
+    if math.isfinite(diff) and math.isfinite(var):
+        p = _p_two_sided(diff / math.sqrt(var)) if var > 0 else (1.0 if diff == 0 else 0.0)
+    rel = ra / rc - 1.0 if rc != 0 and math.isfinite(rc) else float("nan")
+    ci: list[float | None] = [None, None]
+    if math.isfinite(rel):
+        se_rel = math.sqrt(va / rc**2 + ra**2 * vc / rc**4)
+        ci = [_clean(rel - zq * se_rel), _clean(rel + zq * se_rel)]
+    return {
+        "control_value": _clean(rc),
+        "arm_value": _clean(ra),
+        "rel_lift": _clean(rel),
+        "ci_delta": ci,
+        "p_value": _clean(p),
+    }
 
 
 def _fmt(x: float | None, spec: str = ".4g") -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -211,6 +212,9 @@ class Simulator:
             "follows": 0,
             "expected_watch_s": None,
             "oracle_watch_s": None,
+            # What the platform knew of the user before the run (a CUPED covariate:
+            # recloop.ab_stats): how much history they came with, log(1 + items).
+            "pre_log_history": math.log1p(len(self.population.histories.get(user_id, []))),
             "latency_ms": None,
             "wall_ms": int(time.time() * 1000),  # when the request left (wall clock)
         }

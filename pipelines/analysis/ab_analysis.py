@@ -84,8 +84,10 @@ def sessions_from_events(events: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataF
             "follows": g["followed"].sum().astype(int),
         }
     ).reset_index()
+    # The ledger's pre-experiment columns (``pre_*``, per user) go along: covariates.
+    pre = [c for c in ledger.columns if str(c).startswith("pre_")]
     side = ledger.dropna(subset=["request_id"])[
-        ["request_id", "t_ms", "session", "expected_watch_s", "oracle_watch_s"]
+        ["request_id", "t_ms", "session", "expected_watch_s", "oracle_watch_s", *pre]
     ]
     sessions = sessions.merge(side, on="request_id", how="left")
     return sessions.sort_values(["t_ms", "user_id"], kind="stable").reset_index(drop=True)

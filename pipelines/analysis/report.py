@@ -500,24 +500,35 @@ def _value(metric: str, x: float | None) -> str:
 
 
 def _verdict_table(summary: dict) -> str:
+    verdicts = summary.get("verdict") or []
+    # CUPED-adjusted comparisons (the run file's analysis.covariates) show the plain test
+    adjusted = any(v.get("variance_reduction") is not None for v in verdicts)
     rows = []
-    for v in summary.get("verdict") or []:
+    for v in verdicts:
         m, ci, p = v.get("metric", ""), v.get("ci"), v.get("p_value")
-        rows.append(
-            [
-                v.get("arm", ""),
-                METRIC_NAMES.get(m, m),
-                _value(m, v.get("control_value")),
-                _value(m, v.get("arm_value")),
-                _pct(v.get("rel_lift")),
-                f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "—",
-                "—" if p is None else f"{p:.3f}",
-                v.get("verdict", ""),
+        row = [
+            v.get("arm", ""),
+            METRIC_NAMES.get(m, m),
+            _value(m, v.get("control_value")),
+            _value(m, v.get("arm_value")),
+            _pct(v.get("rel_lift")),
+            f"[{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "—",
+            "—" if p is None else f"{p:.3f}",
+            v.get("verdict", ""),
+        ]
+        if adjusted:
+            p0, cut = v.get("unadjusted_p_value"), v.get("variance_reduction")
+            row += [
+                _pct(v.get("unadjusted_rel_lift")),
+                "—" if p0 is None else f"{p0:.3f}",
+                "—" if cut is None else _pct(cut, signed=False),
             ]
-        )
+        rows.append(row)
     if not rows:
         return '<p class="nodata">no data: no verdicts were computed</p>'
     head = ["arm", "metric", "control value", "arm value", "lift", "95% CI", "p-value", "verdict"]
+    if adjusted:
+        head += ["unadjusted lift", "unadjusted p", "variance taken out (CUPED)"]
     return _table(head, rows)
 
 

@@ -53,3 +53,10 @@ def test_headline_reads_each_arms_session_watch_time_against_control():
         "(no significant difference); ipa -1.0% (no verdict)"
     )
     assert headline([], "control").startswith("no comparison")
+    adjusted = [
+        {**r, "variance_reduction": cut} for r, cut in zip(rows, (0.31, 0.9, 0.12), strict=True)
+    ]
+    assert headline(adjusted, "control").startswith(
+        "session watch time against control (CUPED on the users' pre-run history: 12%-31% of "
+        "the variance taken out): online +6.4%"
+    )
