@@ -251,6 +251,110 @@ def world(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- many worlds
+def _files(path: Path) -> dict[str, bytes]:
+    """A flat model directory's files (safetensors weights, JSON metadata) as bytes."""
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.is_file()}
+
+
+_LOADED: dict[str, tuple[Any, Path]] = {}  # per worker process: the payload's models, once
+
+
+def _remote_world(shared: dict[str, Any], job: dict[str, Any]) -> dict[str, list[float]]:
+    """One world in a Ray task: the hidden user model and the seed checkpoint arrive as
+    their files' bytes (safetensors and JSON, written to this node's disk once per worker
+    process), the rest as plain data. Returns each user's values (JSON-able keys)."""
+    import torch
+
+    from actors.sim.user_model import HiddenUserModel
+
+    torch.set_num_threads(1)
+    key = shared["key"]
+    if key not in _LOADED:
+        root = Path(tempfile.mkdtemp(prefix="rl-bias-models-"))
+        for sub in ("hidden", "seed"):
+            (root / sub).mkdir()
+            for name, data in shared[sub].items():
+                (root / sub / name).write_bytes(data)
+        _LOADED[key] = (HiddenUserModel.load(root / "hidden"), root / "seed")
+    hidden, seed_dir = _LOADED[key]
+    value = world(
+        argparse.Namespace(**shared["args"]),
+        job["seed"],
+        {int(u): a for u, a in job["served_by"].items()},
+        job["design"],
+        shared["specs"],
+        hidden,
+        {int(u): h for u, h in shared["hist"].items()},
+        seed_dir,
+        label=job["label"],
+        learns=shared["learns"],
+    )
+    return {str(u): v.tolist() for u, v in value.items()}
+
+
+def run_worlds(
+    jobs: list[dict[str, Any]],
+    args: Any,
+    specs: dict[str, dict],
+    hidden: Any,
+    hist: dict[int, list[int]],
+    seed_dir: Path,
+    learns: dict[str, bool] | None,
+) -> list[dict[int, np.ndarray]]:
+    """Every world of ``jobs`` (seed, served_by, design, label): one after the other in
+    this process (``args.workers`` 1), or as Ray tasks of one CPU each, as many at once
+    as the cluster has room for (on ``args.address``, or on a Ray of ``args.workers``
+    CPUs started for the run). The worlds are independent, so both give the same values."""
+    if args.workers <= 1:
+        return [
+            world(args, j["seed"], j["served_by"], j["design"], specs, hidden, hist, seed_dir,
+                  label=j["label"], learns=learns)
+            for j in jobs
+        ]  # fmt: skip
+    import ray
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        if args.address:
+            ray.init(address=args.address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=True)
+    tmp = Path(tempfile.mkdtemp(prefix="rl-bias-hidden-"))
+    try:
+        hidden.save(tmp / "hidden")
+        shared = {
+            "key": f"{time.time_ns()}",
+            "hidden": _files(tmp / "hidden"),
+            "seed": _files(seed_dir),
+            "args": {k: getattr(args, k) for k in ("steps", "gap_h", "chunk", "min_sessions")},
+            "specs": specs,
+            "hist": {str(u): h for u, h in hist.items()},
+            "learns": learns,
+        }
+        ref = ray.put(shared)
+        task = ray.remote(num_cpus=1, max_retries=0)(_remote_world)
+        pending = {
+            task.remote(ref, {**j, "served_by": {str(u): a for u, a in j["served_by"].items()}}): i
+            for i, j in enumerate(jobs)
+        }
+        out: list[dict[int, np.ndarray] | None] = [None] * len(jobs)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        _say(f"{len(jobs)} worlds as Ray tasks, up to {min(cpus, len(jobs))} at once")
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done[0])
+            out[i] = {int(u): np.asarray(v) for u, v in ray.get(done[0]).items()}
+            j = jobs[i]
+            _say(f"world {len(jobs) - len(pending)}/{len(jobs)} done: seed {j['seed']} "
+                 f"{j['label'] or j['design']}")  # fmt: skip
+        return [v for v in out if v is not None]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if started_ray:
+            ray.shutdown()
+
+
 def lift(value: dict[int, np.ndarray], a_users: list[int], b_users: list[int], sl: slice) -> float:
     """Mean expected watch time of ``a_users`` over ``b_users``' (steps ``sl``), minus one."""
     a = np.mean([value[u][sl].mean() for u in a_users])
@@ -389,6 +493,19 @@ def main(argv: list[str] | None = None) -> int:
         "<home>/reports/bias-<experiment>.json); the figure goes beside it (.png)",
     )
     ap.add_argument("--plot", type=Path, metavar="JSON", help="only draw the figure of a result")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worlds run at once as Ray tasks of one CPU (on --address, or on a Ray of that "
+        "many CPUs started for the run); 1 (default): one after the other in this process",
+    )
+    ap.add_argument(
+        "--address",
+        default=None,
+        help="a Ray cluster to run the worlds on (with --workers > 1; default: the stack's "
+        "ray.address when set)",
+    )
     args = ap.parse_args(argv)
     if args.plot is not None:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
@@ -416,6 +533,10 @@ def main(argv: list[str] | None = None) -> int:
         if d not in DESIGNS:
             raise SystemExit(f"unknown design {d!r}: one of {', '.join(DESIGNS)}")
     cfg = load_config(env={})
+    if args.workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    if args.address is None and args.workers > 1 and not cfg.ray.provisioned:
+        args.address = cfg.ray.address  # the stack runs on a cluster: use it
     if args.out is None:
         name = f"bias-{load_run(args.run).experiment.name}.json" if args.run else None
         args.out = cfg.home / "reports" / name if name else RESULTS / "bias.json"
@@ -433,29 +554,28 @@ def main(argv: list[str] | None = None) -> int:
     cuts = {"all": slice(None), "last": slice(-third, None)}
     per_seed: dict[str, list[dict]] = {d: [] for d in designs}
     truths = []
+    # Every world of every seed first (they are independent: in parallel on a cluster),
+    # then the lifts. Per seed: the truth (each arm alone, serving every user), then each
+    # design's A/B on the same users.
+    jobs: list[dict[str, Any]] = []
+    seed_users: dict[int, list[int]] = {}
     for sd in seeds:
         users = sorted(hist_all)
         if args.users:
             rng = np.random.default_rng(sd)
             users = sorted(rng.choice(users, size=min(args.users, len(users)), replace=False))
-        users = [int(u) for u in users]
-        hist = {u: hist_all[u] for u in users}
-        # The truth: each arm alone, serving every user.
-        alone = {
-            arm: world(
-                args,
-                sd,
-                everyone(users, arm),
-                "own-arm",
-                specs,
-                hidden,
-                hist,
-                seed_dir,
-                label=f"truth ({arm} alone)",
-                learns=learns,
-            )
-            for arm in (a, b)
-        }
+        users = seed_users[sd] = [int(u) for u in users]
+        for arm in (a, b):
+            jobs.append(dict(seed=sd, served_by=everyone(users, arm), design="own-arm",
+                             label=f"truth ({arm} alone)"))  # fmt: skip
+        for design in designs:
+            served_by = assign(users, design, sd, args.share, (a, b), clusters_all)
+            jobs.append(dict(seed=sd, served_by=served_by, design=design, label=None))
+    hist = {u: hist_all[u] for us in seed_users.values() for u in us}
+    values = iter(run_worlds(jobs, args, specs, hidden, hist, seed_dir, learns))
+    for sd in seeds:
+        users = seed_users[sd]
+        alone = {arm: next(values) for arm in (a, b)}
         truth = {}
         for cut, sl in cuts.items():
             ta = np.mean([alone[a][u][sl].mean() for u in users])
@@ -471,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             a_users = [u for u in users if served_by[u] == a]
             b_users = [u for u in users if served_by[u] == b]
             shares = {a: len(a_users) / len(users), b: len(b_users) / len(users)}
-            value = world(args, sd, served_by, design, specs, hidden, hist, seed_dir, learns=learns)
+            value = next(values)
             est = {cut: lift(value, a_users, b_users, sl) for cut, sl in cuts.items()}
             per_seed[design].append(
                 {
@@ -506,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         "truth_by_seed": truths,
         "runs": per_seed,
         "wall_s": round(time.monotonic() - started, 1),
+        "workers": args.workers,  # worlds at once (Ray tasks when > 1)
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
