@@ -35,7 +35,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]  # where ``-m benchmarks.scale`` resolves
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = ("onerec", "sasrec")
+# ``onerec`` trains as ``recloop eval`` does: a session starts after every item (stride
+# 1), so one epoch holds ~session_len times as many next-item targets as there are
+# interactions. ``onerec-disjoint`` cuts each sequence into disjoint sessions (stride =
+# session_len): every interaction is a target once per epoch, as in SASRec's epoch.
+MODELS = ("onerec", "onerec-disjoint", "sasrec")
 MARK = "SCALE_RESULT "
 
 
@@ -93,13 +97,17 @@ def child(model: str, num_items: int, args: argparse.Namespace) -> dict[str, Any
     t = time.perf_counter()
     split = leave_one_out(dataset(num_items, args.users, args.per_user))
     data_s = time.perf_counter() - t
+    from models.onerec import OneRecConfig
+
     options: dict[str, Any] = {"epochs": args.epochs}
-    if model == "onerec":
+    if model.startswith("onerec"):
         options["val_users"] = args.eval_users
     else:
         options["patience"] = args.epochs
+    if model == "onerec-disjoint":
+        options["stride"] = OneRecConfig().session_len
     t = time.perf_counter()
-    ranker = BUILDERS[model](split, 0, options)
+    ranker = BUILDERS[model.split("-")[0]](split, 0, options)
     train_s = time.perf_counter() - t
     train_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = getattr(ranker, "train_info", {}) or {}
@@ -128,6 +136,7 @@ def child(model: str, num_items: int, args: argparse.Namespace) -> dict[str, Any
         "peak_rss_training_mb": round(train_peak_mb, 1),  # before the ranking
         "peak_above_imports_mb": round(peak_mb - base_mb, 1),
         "codebook_size": (info.get("config") or {}).get("model", {}).get("codebook_size"),
+        "stride": options.get("stride", 1) if model.startswith("onerec") else None,
     }
 
 
@@ -160,12 +169,12 @@ def run(model: str, num_items: int, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """OneRec / SASRec per catalogue size, for each measured figure."""
+def ratios(rows: list[dict[str, Any]], model: str = "onerec") -> dict[str, dict[str, float | None]]:
+    """``model`` (a OneRec variant) / SASRec per catalogue size, for each figure."""
     out: dict[str, dict[str, float | None]] = {}
     by = {(r["model"], r["items"]): r for r in rows}
     for size in sorted({r["items"] for r in rows}):
-        a, b = by.get(("onerec", size), {}), by.get(("sasrec", size), {})
+        a, b = by.get((model, size), {}), by.get(("sasrec", size), {})
         out[str(size)] = {
             k: (round(a[k] / b[k], 2) if a.get(k) and b.get(k) else None)
             for k in ("train_s", "eval_s", "peak_rss_mb", "peak_above_imports_mb")
@@ -208,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "child")},
         "runs": rows,
         "onerec_over_sasrec": ratios(rows),
+        "onerec_disjoint_over_sasrec": ratios(rows, "onerec-disjoint"),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

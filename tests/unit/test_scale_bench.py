@@ -68,10 +68,13 @@ def test_a_tiny_sweep_trains_and_ranks_both_models(tmp_path):
     assert scale.main([*args, "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     runs = {r["model"]: r for r in res["runs"]}
-    assert set(runs) == {"onerec", "sasrec"}
+    assert set(runs) == {"onerec", "onerec-disjoint", "sasrec"}
+    # stride 1 (recloop eval's), and disjoint sessions: each interaction a target once
+    assert runs["onerec"]["stride"] == 1 and runs["onerec-disjoint"]["stride"] == 5
     for r in runs.values():
         assert r["items"] == 120 and r["train_s"] > 0 and r["eval_users"] == 20
         assert r["peak_rss_mb"] >= r["imports_rss_mb"] > 0
         assert 0.0 <= r["ndcg@10"] <= 1.0
     assert runs["onerec"]["codebook_size"] >= 2
     assert res["onerec_over_sasrec"]["120"]["train_s"] > 0
+    assert res["onerec_disjoint_over_sasrec"]["120"]["train_s"] > 0
