@@ -45,7 +45,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,7 @@ from benchmarks.loop_offline import (
     simulated_users,
 )
 from recloop.config import PROJECT_ROOT, load_config
+from recloop.experiment import genre_clusters
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 DESIGNS = ("own-arm", "pooled", "weighted", "cluster")
@@ -77,15 +77,8 @@ def _say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- designs
-def user_clusters(histories: dict[int, list[int]], item_genres: dict[int, list[str]]) -> dict:
-    """Each user's cluster: the genre their history holds most (ties: the first in name
-    order; no known genre: ``"-"``)."""
-    out = {}
-    for u, items in histories.items():
-        counts = Counter(g for i in items for g in item_genres.get(int(i), []))
-        best = max(counts.values(), default=0)
-        out[u] = min((g for g, c in counts.items() if c == best), default="-")
-    return out
+# Each user's cluster: the genre their history holds most (what `unit: cluster` serves).
+user_clusters = genre_clusters
 
 
 def assign(

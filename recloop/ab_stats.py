@@ -22,7 +22,10 @@ is better for all of them:
 
 Inference. The router randomizes USERS, so users are the independent units: every
 metric is aggregated per user (numerator and denominator sums) and treated as a
-ratio of means over users. Per metric and non-control arm vs control:
+ratio of means over users. A cluster-randomised experiment assigns whole clusters, so
+its clusters are the units (``unit``: the column that names each session's cluster; the
+same formulas with clusters in place of users). Per metric and non-control arm vs
+control:
 
 - absolute lift ``arm - control`` and relative lift ``arm / control - 1``;
 - ``p_value``: two-sided z-test of the difference, each arm's variance by the delta
@@ -141,6 +144,9 @@ class AnalysisConfig:
     bucket_ms: int | None = None  # ... unless a bucket width is given
     # Pre-experiment columns of ``sessions`` (constant per user) for CUPED; () = none.
     covariates: tuple[str, ...] = ()
+    # The column of the randomisation unit: users, or the clusters a cluster-randomised
+    # experiment assigns (``recloop.experiment``, ``unit: cluster``).
+    unit: str = "user_id"
 
     def __post_init__(self) -> None:
         if isinstance(self.covariates, str):
@@ -197,6 +203,10 @@ def _validate(sessions: pd.DataFrame, config: AnalysisConfig) -> None:
             f"no control arm {config.control!r} in sessions (arms present: "
             f"{', '.join(sorted(arms)) or 'none'})"
         )
+    if config.unit not in sessions.columns or sessions[config.unit].isna().any():
+        raise ValueError(
+            f"the randomisation unit's column {config.unit!r} is missing or has missing values"
+        )
     for c in config.covariates:
         if c not in sessions.columns:
             raise ValueError(
@@ -206,18 +216,24 @@ def _validate(sessions: pd.DataFrame, config: AnalysisConfig) -> None:
         x = pd.to_numeric(sessions[c], errors="coerce")
         if not np.isfinite(x.to_numpy(dtype=float)).all():
             raise ValueError(f"covariate {c!r} has missing or non-numeric values")
-        spread = x.groupby(sessions["user_id"]).nunique()
+        spread = x.groupby(sessions[config.unit]).nunique()
         if (spread > 1).any():
             u = spread.index[spread > 1][0]
             raise ValueError(
-                f"covariate {c!r} varies within user {u!r}: a covariate must be known "
-                "before the experiment (one value per user), or the adjustment is biased"
+                f"covariate {c!r} varies within unit {u!r}: a covariate must be known "
+                "before the experiment (one value per user or cluster), or the adjustment "
+                "is biased"
             )
-    users = sessions.groupby(sessions["arm"].astype(str))["user_id"].nunique()
+    users = sessions.groupby(sessions["arm"].astype(str))[config.unit].nunique()
     few = sorted(a for a, n in users.items() if n < 2)
     if few:
+        what = (
+            "users (users are the randomization unit)"
+            if config.unit == "user_id"
+            else f"units (the randomization unit: {config.unit})"
+        )
         raise ValueError(
-            "every arm needs at least 2 users (users are the randomization unit); "
+            f"every arm needs at least 2 {what}; "
             + ", ".join(f"arm {a!r} has {int(users[a])}" for a in few)
         )
 
@@ -372,7 +388,7 @@ def analyze(
     tested = [m for m in (*METRICS, "expected_swt") if m in col]
     arm_col = sessions["arm"].astype(str).to_numpy()
     t_all = sessions["t_ms"].to_numpy(dtype=np.int64)
-    uid = sessions["user_id"].to_numpy()
+    uid = sessions[config.unit].to_numpy()  # the units: users, or clusters of them
     cov_all = (
         sessions[list(config.covariates)].apply(pd.to_numeric).to_numpy(dtype=float)
         if config.covariates

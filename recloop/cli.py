@@ -323,6 +323,7 @@ JOBS = {
     "scaling": "pipelines.offline.scaling",
     "analyze": "pipelines.analysis.ab_analysis",
     "bias": "benchmarks.bias",
+    "clusters": "pipelines.analysis.clusters",
     "fit-user-model": "actors.sim.fit_user_model",
     "ingest": "actors.ingestor",
     "train": "pipelines.continuous",

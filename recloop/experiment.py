@@ -5,11 +5,19 @@ and taking a share of users. Assignment hashes ``"<salt>:<user_id>"`` with SHA-2
 stable across processes, machines and restarts (no Python ``hash()`` randomisation), and a new
 salt reshuffles users for a fresh experiment. The config lives in YAML
 (``infra/serve/experiment.yaml``) under a top-level ``experiment:`` key.
+
+Cluster randomisation (``unit: cluster``): users are assigned by their cluster instead,
+hashing ``"<salt>:cluster:<label>"``, so every user of a cluster sees one arm and alike
+users do not straddle the arms (no arm's model learns from users much like another arm's).
+``clusters`` maps user ids to labels; in YAML it is the path of a JSON object (relative
+to the experiment file), e.g. written by ``recloop clusters``. A user the map does not
+name is a cluster of their own. The analysis then takes clusters as its units.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 import os
@@ -108,9 +116,45 @@ class Experiment(BaseModel):
         "pooled, each arm's sessions weighted by the inverse of its share of the traffic "
         "(docs/ab-designs.md)",
     )
+    unit: Literal["user", "cluster"] = Field(
+        default="user",
+        description="what the assignment randomises: each user, or each cluster of users "
+        "(``clusters``), so alike users land on one side (docs/ab-designs.md)",
+    )
+    clusters: dict[str, str] = Field(
+        default_factory=dict,
+        description="user id -> cluster label (unit: cluster); in YAML, the path of a JSON "
+        "object, relative to the experiment file",
+    )
+
+    @model_validator(mode="after")
+    def _clusters_go_with_the_cluster_unit(self) -> Experiment:
+        if self.unit == "cluster" and not self.clusters:
+            raise ValueError(
+                "unit: cluster needs 'clusters' (the path of a JSON object mapping user ids "
+                "to cluster labels; `recloop clusters --out FILE` writes one)"
+            )
+        if self.unit == "user" and self.clusters:
+            raise ValueError("'clusters' is only read with unit: cluster (set it, or drop them)")
+        return self
+
+    def cluster_of(self, user_id: int | str) -> str:
+        """The randomisation unit of ``user_id``: ``user:<id>`` when users are the unit or
+        the map does not name the user, otherwise ``cluster:<label>``."""
+        uid = str(int(user_id)) if not isinstance(user_id, str) else user_id
+        label = self.clusters.get(uid) if self.unit == "cluster" else None
+        return f"cluster:{label}" if label is not None else f"user:{uid}"
 
     def policy_statement(self) -> str:
-        """The data policy in words, stated beside every result."""
+        """The data policy (and the randomisation unit) in words, stated beside every
+        result."""
+        said = self._data_policy_statement()
+        if self.unit == "cluster":
+            n = len(set(self.clusters.values()))
+            said += f"; users randomised by cluster ({n} clusters, the analysis' units)"
+        return said
+
+    def _data_policy_statement(self) -> str:
         learning = [a.name for a in self.arms if a.learning != "frozen"]
         if not learning:
             return "no learning arms: every arm serves a fixed model"
@@ -153,7 +197,10 @@ class Experiment(BaseModel):
             raise TypeError(f"user_id must be an int or str, got {type(user_id).__name__}")
         if not isinstance(user_id, str):
             user_id = int(user_id)  # numpy integers hash like the plain int
-        digest = hashlib.sha256(f"{self.salt}:{user_id}".encode()).digest()
+        key: int | str = user_id
+        if self.unit == "cluster" and (label := self.clusters.get(str(user_id))) is not None:
+            key = f"cluster:{label}"  # every user of the cluster draws the same u
+        digest = hashlib.sha256(f"{self.salt}:{key}".encode()).digest()
         u = int.from_bytes(digest[:8], "big") / 2**64
         cum = 0.0
         for arm in self.arms[:-1]:
@@ -200,7 +247,44 @@ def load_experiment(path: str | os.PathLike[str] = DEFAULT_EXPERIMENT_PATH) -> E
             f"{p}: expected a top-level 'experiment:' mapping (name, salt, arms), "
             f"got {type(doc.get('experiment') if isinstance(doc, dict) else doc).__name__}"
         )
+    spec = dict(doc["experiment"])
+    if isinstance(spec.get("clusters"), str):
+        spec["clusters"] = read_clusters(p.parent / spec["clusters"], p)
     try:
-        return Experiment.model_validate(doc["experiment"])
+        return Experiment.model_validate(spec)
     except ValidationError as exc:
         raise ValueError(f"{p}: invalid experiment: {exc}") from exc
+
+
+def read_clusters(path: Path, named_by: Path) -> dict[str, str]:
+    """A clusters file: a JSON object of user id -> cluster label (strings or numbers)."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{named_by}: clusters file {path} not found (write one with `recloop clusters "
+            f"--out {path}`)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, str | int) and not isinstance(v, bool) for v in raw.values()
+    ):
+        raise ValueError(f"{path}: expected a JSON object of user id -> cluster label")
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def genre_clusters(
+    histories: dict[int, list[int]], item_genres: dict[int, list[str]]
+) -> dict[int, str]:
+    """Each user's cluster: the genre their history holds most (ties: the first in name
+    order; no known genre: ``"-"``)."""
+    out = {}
+    for u, items in histories.items():
+        counts: dict[str, int] = {}
+        for i in items:
+            for g in item_genres.get(int(i), []):
+                counts[g] = counts.get(g, 0) + 1
+        best = max(counts.values(), default=0)
+        out[u] = min((g for g, c in counts.items() if c == best), default="-")
+    return out

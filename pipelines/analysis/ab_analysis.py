@@ -93,6 +93,27 @@ def sessions_from_events(events: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataF
     return sessions.sort_values(["t_ms", "user_id"], kind="stable").reset_index(drop=True)
 
 
+def randomisation_units(
+    sessions: pd.DataFrame, experiment: dict[str, Any], settings: dict[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The sessions and analysis settings for the experiment's randomisation unit: as
+    they are when users were assigned; when clusters were (``unit: cluster``), a
+    ``cluster`` column that becomes the analysis' unit, and each covariate replaced by
+    its cluster's mean over the cluster's users (each user once)."""
+    if experiment.get("unit") != "cluster":
+        return sessions, settings
+    from recloop.experiment import Experiment
+
+    exp = Experiment.model_validate(experiment)
+    sessions = sessions.copy()
+    sessions["cluster"] = [exp.cluster_of(u) for u in sessions["user_id"]]
+    for c in settings.get("covariates") or ():
+        if c in sessions.columns:
+            per_cluster = sessions.drop_duplicates("user_id").groupby("cluster")[c].mean()
+            sessions[c] = sessions["cluster"].map(per_cluster)
+    return sessions, {**settings, "unit": "cluster"}
+
+
 def first_vs_returning(sessions: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """Per arm, session watch time of users' first sessions of the run against their later
     ones: a model that keeps serving what the user already saw falls off on return."""
@@ -128,7 +149,9 @@ def analyze_run(cfg: Any, run_dir: Path, overrides: dict | None = None) -> dict[
             f"(sessions by status: {statuses})"
         )
     sessions = sessions_from_events(events, ledger)
-    acfg = AnalysisConfig(**{**manifest.get("analysis", {}), **(overrides or {})})
+    settings = {**manifest.get("analysis", {}), **(overrides or {})}
+    sessions, settings = randomisation_units(sessions, manifest.get("experiment") or {}, settings)
+    acfg = AnalysisConfig(**settings)
     failed = ledger[ledger["status"] != "ok"]
     result = analyze(
         sessions,

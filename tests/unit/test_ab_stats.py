@@ -378,8 +378,79 @@ def test_cuped_refuses_covariates_that_are_not_pre_experiment():
     with pytest.raises(ValueError, match="not a column"):
         analyze(df, AnalysisConfig(covariates=("nope",)))
     moving = df.assign(pre_x=np.arange(len(df), dtype=float))  # differs per session
-    with pytest.raises(ValueError, match="varies within user"):
+    with pytest.raises(ValueError, match="varies within unit"):
         analyze(moving, AnalysisConfig(covariates=("pre_x",)))
     holes = df.assign(pre_x=df["pre_x"].where(df.index > 0))
     with pytest.raises(ValueError, match="missing or non-numeric"):
         analyze(holes, AnalysisConfig(covariates=("pre_x",)))
+
+
+# --- cluster randomisation -----------------------------------------------------------
+
+
+def _clustered_aa(rng: np.random.Generator, clusters: int = 40, per: int = 15) -> pd.DataFrame:
+    """A/A where whole clusters were assigned and users of a cluster share a level."""
+    rows = []
+    for c in range(clusters):
+        arm = "control" if c % 2 == 0 else "treatment"
+        level = rng.lognormal(3.0, 0.5)
+        for k in range(per):
+            u = c * per + k
+            for s in range(4):
+                rows.append(
+                    {
+                        "user_id": u,
+                        "cluster": f"cluster:{c}",
+                        "arm": arm,
+                        "request_id": f"{u}-{s}",
+                        "t_ms": int(rng.integers(0, T_MS)),
+                        "n_items": 6,
+                        "views": int(rng.binomial(6, 0.5)),
+                        "watch_s": level * rng.lognormal(0.0, 0.3) * rng.gamma(2.0, 0.5),
+                        "likes": 0,
+                        "follows": 0,
+                        "pre_x": float(u % 7),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_clusters_are_the_units_when_clusters_were_assigned():
+    """Users of a cluster alike and the cluster assigned whole: a test with users as units
+    rejects a true null far too often; with clusters as units it stays near alpha."""
+    rng = np.random.default_rng(77)
+    runs = 150
+    user_rej = cluster_rej = 0
+    for _ in range(runs):
+        df = _clustered_aa(rng)
+        user_rej += comparison(analyze(df, AnalysisConfig(n_boot=0)), "swt")["p_value"] < 0.05
+        r = analyze(df, AnalysisConfig(n_boot=0, unit="cluster"))
+        cluster_rej += comparison(r, "swt")["p_value"] < 0.05
+    print(f"A/A x{runs}, clusters assigned: users as units reject {user_rej / runs:.1%}, "
+          f"clusters {cluster_rej / runs:.1%}")  # fmt: skip
+    assert user_rej / runs >= 0.25
+    assert cluster_rej / runs <= 0.10
+    assert r["arms"]["control"]["users"] == 20  # units: 20 clusters a side
+
+
+def test_a_cluster_run_is_analysed_by_cluster_with_cluster_covariates():
+    from pipelines.analysis.ab_analysis import randomisation_units
+
+    df = _clustered_aa(np.random.default_rng(1), clusters=4, per=3).drop(columns="cluster")
+    experiment = {
+        "name": "e",
+        "salt": "s",
+        "unit": "cluster",
+        "clusters": {str(u): f"g{u // 3}" for u in range(9)},  # users 9-11: no cluster
+        "arms": [{"name": "control", "share": 0.5}, {"name": "treatment", "share": 0.5}],
+    }
+    out, settings = randomisation_units(df, experiment, {"covariates": ["pre_x"]})
+    assert settings == {"covariates": ["pre_x"], "unit": "cluster"}
+    assert out.loc[out["user_id"] == 4, "cluster"].unique().tolist() == ["cluster:g1"]
+    assert out.loc[out["user_id"] == 10, "cluster"].unique().tolist() == ["user:10"]
+    # each cluster's covariate: the mean of its users' (users 3, 4, 5: 3, 4, 5 -> 4)
+    assert out.loc[out["cluster"] == "cluster:g1", "pre_x"].unique().tolist() == [4.0]
+    same, kept = randomisation_units(df, {**experiment, "unit": "user", "clusters": {}}, {})
+    assert same is df and kept == {}
+    with pytest.raises(ValueError, match="column 'cluster' is missing"):
+        analyze(df, AnalysisConfig(unit="cluster"))

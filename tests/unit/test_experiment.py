@@ -142,3 +142,79 @@ def test_load_experiment_errors_name_the_file(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_experiment(tmp_path / "missing.yaml")
+
+
+# --- cluster randomisation ---------------------------------------------------------------
+
+
+def test_cluster_randomisation_gives_every_user_of_a_cluster_one_arm():
+    clusters = {str(u): f"g{u % 40}" for u in range(2000)}  # 40 clusters of 50 users
+    exp = _exp(shares=(0.5, 0.5), unit="cluster", clusters=clusters)
+    arms_of: dict[str, set[str]] = {}
+    for u in range(2000):
+        arms_of.setdefault(clusters[str(u)], set()).add(exp.assign(u))
+        assert exp.cluster_of(u) == f"cluster:{clusters[str(u)]}"
+    assert all(len(a) == 1 for a in arms_of.values())
+    sides = Counter(next(iter(a)) for a in arms_of.values())
+    assert set(sides) == {"control", "treatment"}  # the clusters spread over both arms
+    # a cluster hashes as one key, the same for the same salt everywhere
+    import hashlib
+
+    h = hashlib.sha256(b"s1:cluster:g7").digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    assert exp.assign(7) == ("control" if u < 0.5 else "treatment")
+    # a user the map does not name is a cluster of their own (their own hash)
+    assert exp.assign(99_999) == _exp().assign(99_999)
+    assert exp.cluster_of(99_999) == "user:99999"
+    assert "randomised by cluster (40 clusters" in exp.policy_statement()
+    # users as the unit: assignments as before
+    assert [_exp().assign(u) for u in range(50)] == [_exp(unit="user").assign(u) for u in range(50)]
+
+
+def test_cluster_randomisation_needs_its_map_and_only_then(tmp_path):
+    with pytest.raises(ValidationError, match="unit: cluster needs 'clusters'"):
+        _exp(unit="cluster")
+    with pytest.raises(ValidationError, match="only read with unit: cluster"):
+        _exp(clusters={"1": "a"})
+    spec = (
+        "experiment:\n  name: x\n  salt: s\n  unit: cluster\n  clusters: {path}\n  arms:\n"
+        "    - {{name: a, share: 0.5}}\n    - {{name: b, share: 0.5}}\n"
+    )
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "c.json").write_text('{"1": "drama", "2": "drama", "3": 7}')
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(spec.format(path="maps/c.json"))  # relative to the experiment file
+    exp = load_experiment(ok)
+    assert exp.clusters == {"1": "drama", "2": "drama", "3": "7"}
+    assert exp.assign(1) == exp.assign(2)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(spec.format(path="nope.json"))
+    with pytest.raises(FileNotFoundError, match="missing.yaml: clusters file .*nope.json"):
+        load_experiment(missing)
+    (tmp_path / "bad.json").write_text('["not", "a", "map"]')
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec.format(path="bad.json"))
+    with pytest.raises(ValueError, match="a JSON object of user id -> cluster label"):
+        load_experiment(bad)
+
+
+def test_recloop_clusters_writes_each_users_plurality_genre(tmp_path):
+    import json
+
+    from pipelines.analysis.clusters import clusters_of, main
+    from recloop.data import synthetic
+    from recloop.experiment import genre_clusters
+
+    data = synthetic(n_users=40, n_items=60, n_ratings=600, seed=1)
+    got = clusters_of(data)
+    assert sorted(got) == sorted(int(u) for u in data.ratings["user_id"].unique())
+    genres = set(g for gs in data.items["genres"] for g in gs)
+    assert set(got.values()) <= genres
+    assert genre_clusters({1: [10, 11, 12]}, {10: ["b"], 11: ["a", "b"], 12: ["a"]}) == {1: "a"}
+    assert genre_clusters({2: [99]}, {}) == {2: "-"}
+    out = tmp_path / "c.json"
+    cfg = tmp_path / "stack.yaml"
+    cfg.write_text(f"home: {tmp_path / 'home'}\ndata:\n  synthetic: true\n")
+    assert main(["--out", str(out), "--config", str(cfg)]) == 0
+    written = json.loads(out.read_text())
+    assert written and all(isinstance(v, str) for v in written.values())
