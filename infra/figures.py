@@ -643,10 +643,19 @@ def row_ipa(one: Data, five: Data, short: bool) -> list[str]:
             for c, d in zip(vs_online, runs, strict=True)
         )
         p = ps[0] if len(set(ps)) == 1 else " / ".join(ps)
+        plain = ""
+        if all(c.get("variance_reduction") is not None for c in vs_online):
+            plain = (
+                " (CUPED-adjusted for the users' pre-run history; unadjusted "
+                + " / ".join(spct(c["unadjusted", "rel_lift"]) for c in vs_online)
+                + ", "
+                + " / ".join(pval(c["unadjusted", "p_value"]) for c in vs_online)
+                + ")"
+            )
         return [
             f"Preference alignment online: {what}",
             "`make bench-ipa`",
-            f"online-ipa vs online {each}; online vs frozen **{lifts}**, {p}",
+            f"online-ipa vs online {each}{plain}; online vs frozen **{lifts}**, {p}",
         ]
     each = " and ".join(
         f"{spct(c['rel_lift'])} {ci(c['ci_delta'])} ({ipa_fraction(d)}, {sum(ipa_pairs(d))} "
