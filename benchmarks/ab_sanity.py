@@ -51,6 +51,7 @@ def _brief(result: dict) -> dict[str, Any]:
             # CUPED (the run file's analysis.covariates): the plain test beside it
             **(
                 {
+                    "unadjusted_rel_lift": c["unadjusted"]["rel_lift"],
                     "unadjusted_p_value": c["unadjusted"]["p_value"],
                     "variance_reduction": c["variance_reduction"],
                 }

@@ -442,11 +442,16 @@ def cuped_note(labelled: list[tuple[str, Data]]) -> str:
         return ""
     cut = [c["variance_reduction"] for _, c in cs]
 
-    def plain(c: Data, key: str) -> float:
-        return c[f"unadjusted_{key}"] if f"unadjusted_{key}" in c.keys() else c["unadjusted", key]
+    def plain(c: Data, key: str) -> float | None:
+        if f"unadjusted_{key}" in c.keys():
+            return c[f"unadjusted_{key}"]
+        return c["unadjusted", key] if "unadjusted" in c.keys() else None
 
     plain_text = "; ".join(
-        f"{a} {spct(plain(c, 'rel_lift'))} ({pval(plain(c, 'p_value'))})" for a, c in cs
+        f"{a} {spct(lift)} ({pval(plain(c, 'p_value'))})"
+        if (lift := plain(c, "rel_lift")) is not None
+        else f"{a} {pval(plain(c, 'p_value'))}"
+        for a, c in cs
     )
     return (
         "Adjusted by CUPED for how much history each user came with (named in the run "
@@ -2387,7 +2392,8 @@ def ab_sanity(ab: Data) -> str:
             span(swts, num),
             f"swt lifts {spct(min(lifts))} … {spct(max(lifts))}, p = {ps}; every swt CI covers 0",
             f"no difference in {no_diff} of {len(seeds)} on swt; "
-            f"{summary[alpha_key]} of the {summary['cells']} seed × metric cells reaches "
+            f"{summary[alpha_key]} of the {summary['cells']} seed × metric cells "
+            f"{'reaches' if summary[alpha_key] == 1 else 'reach'} "
             f"p < {alpha:g} ({summary['cells'] * alpha:.0f} expected), "
             f"{summary['ci_covers_zero']} of {summary['cells']} CIs cover 0",
         ]
@@ -2437,7 +2443,8 @@ def ab_sanity(ab: Data) -> str:
                 if wins:
                     parts.append(f"{arm} wins on {_and([METRIC_WORDS[m] for m in wins])}")
                 if lost:
-                    parts.append(f"the model on {_and([METRIC_WORDS[m] for m in lost])}")
+                    said = "on" if wins else "wins on"
+                    parts.append(f"the model {said} {_and([METRIC_WORDS[m] for m in lost])}")
                 verdict = "; ".join(parts) or "no difference"
             rows.append(["", arm, num(swt["arm"]), cell, verdict])
         throughput.append(run["throughput", "requests_per_s"])
@@ -2457,8 +2464,14 @@ def ab_sanity(ab: Data) -> str:
         < fvr["control", "first_swt"] / fvr["popularity", "first_swt"],
         "the gap is mostly on returning users",
     )
+    aa_note = cuped_note([(f"seed {s}", aa[s, "comparisons", "b.swt"]) for s in seeds])
     return blocks(
         table(["run", "arms", "swt (s/session)", "lift vs control [95% CI], p", "verdict"], rows),
+        *(
+            [para(f"The A/A runs' comparisons: {aa_note[0].lower()}{aa_note[1:]}")]
+            if aa_note
+            else []
+        ),
         para(
             "Every run read all its events back from Kafka "
             f"({span(sorted(produced), count)} per run, {missing} missing, {dups} "
