@@ -530,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--workers must be at least 1")
     if args.address is None and args.workers > 1 and not cfg.ray.provisioned:
         args.address = cfg.ray.address  # the stack runs on a cluster: use it
+    if args.address and args.workers > 1:
+        from recloop.ray_head import auth_env
+
+        auth_env(cfg)  # the cluster's auth mode and token, as every recloop driver
     if args.out is None:
         name = f"bias-{load_run(args.run).experiment.name}.json" if args.run else None
         args.out = cfg.home / "reports" / name if name else RESULTS / "bias.json"
