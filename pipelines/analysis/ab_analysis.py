@@ -202,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in {"design": args.design, "alpha": args.alpha, "control": args.control}.items()
         if v is not None
     }
-    result = analyze_run(cfg, run_dir, overrides)
+    try:
+        result = analyze_run(cfg, run_dir, overrides)
+    except ValueError as exc:  # a run the statistics cannot take: say why, no traceback
+        print(f"recloop analyze: {run_dir.name}: {exc}", file=sys.stderr)
+        return 2
     print(format_table(result))
     d = result["meta"]["delivery"]
     print(
