@@ -485,19 +485,7 @@ def analyze(
         for m in tested:
             j = col[m]
             rc, ra, vc, va = float(Rc[j]), float(Ra[j]), float(Vc[j]), float(Va[j])
-            diff = ra - rc
-            se = math.sqrt(va + vc) if math.isfinite(va + vc) else float("nan")
-            if not math.isfinite(diff) or not math.isfinite(se):
-                p = None
-            elif se > 0:
-                p = _p_two_sided(diff / se)
-            else:
-                p = 1.0 if diff == 0 else 0.0
-            rel = ra / rc - 1.0 if rc != 0 and math.isfinite(rc) else float("nan")
-            ci_delta: list[float | None] = [None, None]
-            if math.isfinite(rel):
-                se_rel = math.sqrt(va / rc**2 + ra**2 * vc / rc**4)
-                ci_delta = [_clean(rel - zq * se_rel), _clean(rel + zq * se_rel)]
+            diff, p, rel, ci_delta = _z_test(rc, vc, ra, va, zq)
             ci_boot: list[float | None] = [None, None]
             if config.n_boot > 0:
                 with np.errstate(divide="ignore", invalid="ignore"):
@@ -519,8 +507,17 @@ def analyze(
                 "p_value": _clean(p),
             }
             if adjust:
-                row["unadjusted"] = _plain_comparison(plain[c], plain[a], j, zq)
-                v0 = float(plain[a][1][j] + plain[c][1][j])
+                (Rc0, Vc0), (Ra0, Va0) = plain[c], plain[a]
+                rc0, vc0, ra0, va0 = float(Rc0[j]), float(Vc0[j]), float(Ra0[j]), float(Va0[j])
+                _, p0, rel0, ci0 = _z_test(rc0, vc0, ra0, va0, zq)
+                row["unadjusted"] = {
+                    "control_value": _clean(rc0),
+                    "arm_value": _clean(ra0),
+                    "rel_lift": _clean(rel0),
+                    "ci_delta": ci0,
+                    "p_value": _clean(p0),
+                }
+                v0 = va0 + vc0
                 row["variance_reduction"] = _clean(1.0 - (va + vc) / v0) if v0 > 0 else None
             p_decide = p
             if config.design == "sequential":
@@ -621,28 +618,25 @@ def analyze(
     return result
 
 
-def _plain_comparison(
-    ctrl: tuple[np.ndarray, np.ndarray], arm: tuple[np.ndarray, np.ndarray], j: int, zq: float
-) -> dict[str, Any]:
-    """The comparison of metric ``j`` without the covariate adjustment (values, relative
-    lift, its delta-method CI and the z-test's p-value)."""
-    rc, vc, ra, va = float(ctrl[0][j]), float(ctrl[1][j]), float(arm[0][j]), float(arm[1][j])
-    diff, var = ra - rc, va + vc
-    p = None
-    if math.isfinite(diff) and math.isfinite(var):
-        p = _p_two_sided(diff / math.sqrt(var)) if var > 0 else (1.0 if diff == 0 else 0.0)
+def _z_test(
+    rc: float, vc: float, ra: float, va: float, zq: float
+) -> tuple[float, float | None, float, list[float | None]]:
+    """Arm value ``ra`` (variance ``va``) against control ``rc`` (``vc``): the difference,
+    the two-sided z-test's p-value, the relative lift and its delta-method CI."""
+    diff = ra - rc
+    se = math.sqrt(va + vc) if math.isfinite(va + vc) else float("nan")
+    if not math.isfinite(diff) or not math.isfinite(se):
+        p = None
+    elif se > 0:
+        p = _p_two_sided(diff / se)
+    else:
+        p = 1.0 if diff == 0 else 0.0
     rel = ra / rc - 1.0 if rc != 0 and math.isfinite(rc) else float("nan")
     ci: list[float | None] = [None, None]
     if math.isfinite(rel):
         se_rel = math.sqrt(va / rc**2 + ra**2 * vc / rc**4)
         ci = [_clean(rel - zq * se_rel), _clean(rel + zq * se_rel)]
-    return {
-        "control_value": _clean(rc),
-        "arm_value": _clean(ra),
-        "rel_lift": _clean(rel),
-        "ci_delta": ci,
-        "p_value": _clean(p),
-    }
+    return diff, p, rel, ci
 
 
 def _fmt(x: float | None, spec: str = ".4g") -> str:
