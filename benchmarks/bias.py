@@ -63,8 +63,8 @@ from benchmarks.loop_offline import (
     seed_checkpoint,
     simulated_users,
 )
+from pipelines.analysis.clusters import clusters_of
 from recloop.config import PROJECT_ROOT, load_config
-from recloop.experiment import genre_clusters
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 DESIGNS = ("own-arm", "pooled", "weighted", "cluster")
@@ -77,10 +77,6 @@ def _say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- designs
-# Each user's cluster: the genre their history holds most (what `unit: cluster` serves).
-user_clusters = genre_clusters
-
-
 def assign(
     users: Sequence[int],
     design: str,
@@ -542,10 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     data, hidden, hist_all, _ = simulated_users(cfg, args.sim_seed, run_file)
-    genres = {
-        int(i): list(g) for i, g in zip(data.items["item_id"], data.items["genres"], strict=True)
-    }
-    clusters_all = user_clusters(hist_all, genres)
+    clusters_all = clusters_of(data)  # what `recloop clusters` writes for unit: cluster
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     third = max(1, args.steps // 3)
     cuts = {"all": slice(None), "last": slice(-third, None)}

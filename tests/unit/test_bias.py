@@ -16,9 +16,9 @@ from benchmarks.bias import (
     main,
     summarise,
     training_rows,
-    user_clusters,
 )
 from recloop.examples import DATA_POLICIES
+from recloop.experiment import genre_clusters
 
 USERS = list(range(1, 201))
 
@@ -78,7 +78,7 @@ def test_each_design_feeds_each_lake_exactly_the_data_it_promises():
 
 def test_a_users_cluster_is_the_genre_its_history_holds_most():
     genres = {1: ["Drama"], 2: ["Comedy"], 3: ["Comedy", "Drama"], 4: []}
-    got = user_clusters({10: [1, 1, 3], 11: [2, 3], 12: [1, 2], 13: [4], 14: []}, genres)
+    got = genre_clusters({10: [1, 1, 3], 11: [2, 3], 12: [1, 2], 13: [4], 14: []}, genres)
     assert got == {10: "Drama", 11: "Comedy", 12: "Comedy", 13: "-", 14: "-"}
 
 
