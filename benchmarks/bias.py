@@ -246,40 +246,34 @@ def _files(path: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.is_file()}
 
 
-_LOADED: dict[str, tuple[Any, Path]] = {}  # per worker process: the payload's models, once
-
-
-def _remote_world(shared: dict[str, Any], job: dict[str, Any]) -> dict[str, list[float]]:
+def _remote_world(shared: dict[str, Any], job: dict[str, Any]) -> dict[int, list[float]]:
     """One world in a Ray task: the hidden user model and the seed checkpoint arrive as
-    their files' bytes (safetensors and JSON, written to this node's disk once per worker
-    process), the rest as plain data. Returns each user's values (JSON-able keys)."""
+    their files' bytes (safetensors and JSON, written to a folder of the task's own on
+    its node and removed with it), the rest as plain data. Returns each user's values."""
     import torch
 
     from actors.sim.user_model import HiddenUserModel
 
     torch.set_num_threads(1)
-    key = shared["key"]
-    if key not in _LOADED:
-        root = Path(tempfile.mkdtemp(prefix="rl-bias-models-"))
+    with tempfile.TemporaryDirectory(prefix="rl-bias-models-") as tmp:
+        root = Path(tmp)
         for sub in ("hidden", "seed"):
             (root / sub).mkdir()
             for name, data in shared[sub].items():
                 (root / sub / name).write_bytes(data)
-        _LOADED[key] = (HiddenUserModel.load(root / "hidden"), root / "seed")
-    hidden, seed_dir = _LOADED[key]
-    value = world(
-        argparse.Namespace(**shared["args"]),
-        job["seed"],
-        {int(u): a for u, a in job["served_by"].items()},
-        job["design"],
-        shared["specs"],
-        hidden,
-        {int(u): h for u, h in shared["hist"].items()},
-        seed_dir,
-        label=job["label"],
-        learns=shared["learns"],
-    )
-    return {str(u): v.tolist() for u, v in value.items()}
+        value = world(
+            argparse.Namespace(**shared["args"]),
+            job["seed"],
+            job["served_by"],
+            job["design"],
+            shared["specs"],
+            HiddenUserModel.load(root / "hidden"),
+            shared["hist"],
+            root / "seed",
+            label=job["label"],
+            learns=shared["learns"],
+        )
+    return {u: v.tolist() for u, v in value.items()}
 
 
 def run_worlds(
@@ -313,27 +307,23 @@ def run_worlds(
     try:
         hidden.save(tmp / "hidden")
         shared = {
-            "key": f"{time.time_ns()}",
             "hidden": _files(tmp / "hidden"),
             "seed": _files(seed_dir),
             "args": {k: getattr(args, k) for k in ("steps", "gap_h", "chunk", "min_sessions")},
             "specs": specs,
-            "hist": {str(u): h for u, h in hist.items()},
+            "hist": hist,
             "learns": learns,
         }
         ref = ray.put(shared)
         task = ray.remote(num_cpus=1, max_retries=0)(_remote_world)
-        pending = {
-            task.remote(ref, {**j, "served_by": {str(u): a for u, a in j["served_by"].items()}}): i
-            for i, j in enumerate(jobs)
-        }
+        pending = {task.remote(ref, j): i for i, j in enumerate(jobs)}
         out: list[dict[int, np.ndarray] | None] = [None] * len(jobs)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         _say(f"{len(jobs)} worlds as Ray tasks, up to {min(cpus, len(jobs))} at once")
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(done[0])
-            out[i] = {int(u): np.asarray(v) for u, v in ray.get(done[0]).items()}
+            out[i] = {u: np.asarray(v) for u, v in ray.get(done[0]).items()}
             j = jobs[i]
             _say(f"world {len(jobs) - len(pending)}/{len(jobs)} done: seed {j['seed']} "
                  f"{j['label'] or j['design']}")  # fmt: skip
