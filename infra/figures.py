@@ -429,8 +429,7 @@ def demo_quote(s: Data, verdicts: bool) -> str:
         words = f" ({c['verdict']})" if verdicts else ""
         parts.append(f"{c['arm']} {spct(c['rel_lift'])} {ci(c['ci'])}, {pval(c['p_value'])}{words}")
     text = quote("session watch time against control: " + "; ".join(parts))
-    note = cuped_note([(c["arm"], c) for c in swt])
-    return blocks(text, para(note)) if note else text
+    return blocks(text, para(cuped_note([(c["arm"], c) for c in swt])))
 
 
 def cuped_note(labelled: list[tuple[str, Data]]) -> str:
@@ -2183,22 +2182,18 @@ def ipa(one: Data, five: Data, lo: Data, o: Data) -> str:
             f"its CPU cost is {span(cpu, lambda x: num(x, 2))} s per mirrored request (beam "
             "search over the candidates plus the reward model).",
         ),
-        *[
-            para(n)
-            for n in [
-                cuped_note(
-                    [
-                        (f"online-ipa vs online at {ipa_fraction(d)}", c)
-                        for c, d in zip(vs_online, runs, strict=True)
-                    ]
-                    + [
-                        (f"online vs control at {ipa_fraction(d)}", c)
-                        for c, d in zip(vs_control, runs, strict=True)
-                    ]
-                )
-            ]
-            if n
-        ],
+        para(
+            cuped_note(
+                [
+                    (f"online-ipa vs online at {ipa_fraction(d)}", c)
+                    for c, d in zip(vs_online, runs, strict=True)
+                ]
+                + [
+                    (f"online vs control at {ipa_fraction(d)}", c)
+                    for c, d in zip(vs_control, runs, strict=True)
+                ]
+            )
+        ),
     )
 
 
@@ -2467,11 +2462,7 @@ def ab_sanity(ab: Data) -> str:
     aa_note = cuped_note([(f"seed {s}", aa[s, "comparisons", "b.swt"]) for s in seeds])
     return blocks(
         table(["run", "arms", "swt (s/session)", "lift vs control [95% CI], p", "verdict"], rows),
-        *(
-            [para(f"The A/A runs' comparisons: {aa_note[0].lower()}{aa_note[1:]}")]
-            if aa_note
-            else []
-        ),
+        para(f"The A/A runs' comparisons: {aa_note[0].lower()}{aa_note[1:]}") if aa_note else "",
         para(
             "Every run read all its events back from Kafka "
             f"({span(sorted(produced), count)} per run, {missing} missing, {dups} "
