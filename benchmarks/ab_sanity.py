@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recloop.ab_stats import unadjusted_fields
 from recloop.config import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -48,16 +49,7 @@ def _brief(result: dict) -> dict[str, Any]:
             "ci_boot": [round(x, 4) for x in c["ci_boot"]],
             "p_value": c["p_value"],
             "verdict": c["verdict"],
-            # CUPED (the run file's analysis.covariates): the plain test beside it
-            **(
-                {
-                    "unadjusted_rel_lift": c["unadjusted"]["rel_lift"],
-                    "unadjusted_p_value": c["unadjusted"]["p_value"],
-                    "variance_reduction": c["variance_reduction"],
-                }
-                if "unadjusted" in c
-                else {}
-            ),
+            **unadjusted_fields(c),  # CUPED: the plain test beside the adjusted one
         }
     arms = {
         a: {k: v for k, v in info.items() if k in ("users", "sessions", "oracle_gap")}

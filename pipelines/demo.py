@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recloop.ab_stats import unadjusted_fields
 from recloop.config import PROJECT_ROOT, StackConfig
 
 RUN_FILE = PROJECT_ROOT / "infra" / "experiments" / "demo.yaml"
@@ -194,16 +195,7 @@ def build_summary(
             "ci": c["ci_boot"] if c["ci_boot"][0] is not None else c["ci_delta"],
             "p_value": c["p_value"],
             "verdict": c["verdict"],
-            # CUPED (the run file's analysis.covariates): the plain test beside it
-            **(
-                {
-                    "unadjusted_rel_lift": c["unadjusted"]["rel_lift"],
-                    "unadjusted_p_value": c["unadjusted"]["p_value"],
-                    "variance_reduction": c["variance_reduction"],
-                }
-                if "unadjusted" in c
-                else {}
-            ),
+            **unadjusted_fields(c),  # CUPED: the plain test beside the adjusted one
         }
         for c in analysis["comparisons"]
     ]

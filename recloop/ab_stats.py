@@ -639,6 +639,19 @@ def _z_test(
     return diff, p, rel, ci
 
 
+def unadjusted_fields(comparison: dict) -> dict[str, Any]:
+    """A CUPED-adjusted comparison's plain figures as flat keys (``unadjusted_rel_lift``,
+    ``unadjusted_p_value``, ``variance_reduction``) for a summary row; {} when the
+    comparison was not adjusted."""
+    if "unadjusted" not in comparison:
+        return {}
+    return {
+        "unadjusted_rel_lift": comparison["unadjusted"]["rel_lift"],
+        "unadjusted_p_value": comparison["unadjusted"]["p_value"],
+        "variance_reduction": comparison["variance_reduction"],
+    }
+
+
 def _fmt(x: float | None, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
 

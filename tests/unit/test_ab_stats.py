@@ -354,6 +354,14 @@ def test_cuped_recovers_a_planted_lift_with_a_tighter_interval():
     adj = r["adjustment"]
     assert adj["method"] == "cuped" and adj["covariates"] == ["pre_x"]
     assert adj["theta"]["swt"][0] > 0  # more history-level, more watch time
+    from recloop.ab_stats import unadjusted_fields
+
+    assert unadjusted_fields(row) == {
+        "unadjusted_rel_lift": row["unadjusted"]["rel_lift"],
+        "unadjusted_p_value": row["unadjusted"]["p_value"],
+        "variance_reduction": row["variance_reduction"],
+    }
+    assert unadjusted_fields(plain) == {}
     # the arms keep their plain values; the sequential design adjusts each look
     assert r["arms"]["treatment"]["metrics"]["swt"] == pytest.approx(plain["arm_value"])
     seq = comparison(
